@@ -1,0 +1,191 @@
+//! The one place errors become HTTP responses. Every error body is RFC 9457
+//! `application/problem+json` with a stable `type`, the status, and a `detail` that names
+//! the problem. Internal errors are logged here, in the request's span, and the client
+//! gets a generic detail: nothing about files, the database or stack traces leaks out.
+
+use axum::Json;
+use axum::extract::FromRequest;
+use axum::extract::FromRequestParts;
+use axum::extract::rejection::{BytesRejection, JsonRejection, PathRejection, QueryRejection};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::policy::PolicyError;
+use crate::runner::RunnerError;
+use crate::store::StoreError;
+
+/// One problem with one field of the input, for validation errors.
+#[derive(Debug, Clone, Serialize)]
+pub struct FieldError {
+    /// Where the problem is, e.g. `email` or `[3].email`.
+    pub field: String,
+    pub message: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    #[error("{detail}")]
+    Invalid { detail: String, errors: Vec<FieldError> },
+    #[error("{0}")]
+    Unavailable(String),
+    /// Logged with its cause; the client sees a generic message.
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn invalid(detail: impl Into<String>) -> Self {
+        ApiError::Invalid {
+            detail: detail.into(),
+            errors: Vec::new(),
+        }
+    }
+
+    fn parts(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad-request"),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not-found"),
+            ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload-too-large"),
+            ApiError::UnsupportedMediaType(_) => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported-media-type")
+            }
+            ApiError::Invalid { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "validation-failed"),
+            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Problem<'a> {
+    #[serde(rename = "type")]
+    kind: String,
+    title: &'a str,
+    status: u16,
+    detail: String,
+    #[serde(skip_serializing_if = "<[FieldError]>::is_empty")]
+    errors: &'a [FieldError],
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, slug) = self.parts();
+        if let ApiError::Internal(cause) = &self {
+            tracing::error!(cause, "internal error");
+        }
+        let errors = match &self {
+            ApiError::Invalid { errors, .. } => errors.as_slice(),
+            _ => &[],
+        };
+        let problem = Problem {
+            kind: format!("https://letterbox.invalid/problems/{slug}"),
+            title: status.canonical_reason().unwrap_or("error"),
+            status: status.as_u16(),
+            detail: self.to_string(),
+            errors,
+        };
+        let mut response = (status, Json(problem)).into_response();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("application/problem+json"),
+        );
+        response
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound { .. } => ApiError::NotFound(e.to_string()),
+            StoreError::Conflict(detail) => ApiError::Conflict(detail),
+            StoreError::Closed => ApiError::Unavailable("the server is shutting down".into()),
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<PolicyError> for ApiError {
+    fn from(e: PolicyError) -> Self {
+        match e {
+            PolicyError::InvalidComponent(_) | PolicyError::WrongWorld { .. } => {
+                ApiError::invalid(e.to_string())
+            }
+            // A failed run of a stored policy is not the client's input being wrong.
+            PolicyError::Trap { .. } | PolicyError::Rejected { .. } => ApiError::invalid(e.to_string()),
+        }
+    }
+}
+
+impl From<RunnerError> for ApiError {
+    fn from(e: RunnerError) -> Self {
+        match e {
+            RunnerError::Store(e) => e.into(),
+            RunnerError::Policy(e) => e.into(),
+            RunnerError::Invalid(detail) => ApiError::invalid(detail),
+            RunnerError::ShuttingDown => ApiError::Unavailable(e.to_string()),
+        }
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        let detail = rejection.body_text();
+        match rejection {
+            JsonRejection::JsonDataError(_) => ApiError::invalid(detail),
+            JsonRejection::MissingJsonContentType(_) => ApiError::UnsupportedMediaType(
+                "expected a JSON body with `Content-Type: application/json`".into(),
+            ),
+            JsonRejection::BytesRejection(b) => b.into(),
+            _ => ApiError::BadRequest(detail),
+        }
+    }
+}
+
+impl From<BytesRejection> for ApiError {
+    fn from(rejection: BytesRejection) -> Self {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge(format!("request body too large: {}", rejection.body_text()))
+        } else {
+            ApiError::BadRequest(rejection.body_text())
+        }
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(rejection: PathRejection) -> Self {
+        ApiError::BadRequest(rejection.body_text())
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> Self {
+        ApiError::BadRequest(rejection.body_text())
+    }
+}
+
+/// `axum::Json` with our error body on rejection.
+#[derive(FromRequest)]
+#[from_request(via(axum::Json), rejection(ApiError))]
+pub struct ApiJson<T>(pub T);
+
+/// `axum::extract::Path` with our error body on rejection.
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiError))]
+pub struct ApiPath<T>(pub T);
+
+/// `axum::extract::Query` with our error body on rejection.
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(ApiError))]
+pub struct ApiQuery<T>(pub T);

@@ -1,0 +1,128 @@
+//! letterbox: a self-hosted newsletter delivery runner.
+//!
+//! `run` is the whole server: it opens the store, installs the built-in policies,
+//! resumes unfinished jobs and serves the HTTP API until `shutdown` completes, then
+//! drains in-flight deliveries. `main.rs` only turns flags into a `Config`; the tests
+//! call `run` on port 0. See ARCHITECTURE.md for the module map and invariants.
+
+pub mod config;
+pub mod domain;
+pub mod http;
+pub mod mail;
+pub mod policy;
+pub mod runner;
+pub mod store;
+pub mod tokens;
+
+use std::future::Future;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+
+use crate::domain::PluginKind;
+use crate::mail::Mailer;
+use crate::policy::PolicyHost;
+use crate::policy::builtin;
+use crate::runner::{Runner, RunnerConfig};
+use crate::store::Store;
+use crate::tokens::UnsubscribeKey;
+
+/// Why the server could not start or stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("data directory {path}: {source}")]
+    DataDir { path: String, source: std::io::Error },
+    #[error("opening the store: {0}")]
+    Store(#[from] store::StoreError),
+    #[error("policy engine: {0}")]
+    Policy(#[from] policy::PolicyError),
+    #[error("mail transport: {0}")]
+    Mail(#[from] mail::MailError),
+    #[error("starting the runner: {0}")]
+    Runner(#[from] runner::RunnerError),
+    #[error("HTTP server: {0}")]
+    Serve(std::io::Error),
+}
+
+/// Runs letterbox on `listener` until `shutdown` resolves. On shutdown the HTTP server
+/// stops accepting, jobs stop claiming recipients, and in-flight deliveries finish and
+/// are recorded before this returns.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let data_dir = &config.data_dir;
+    let io_error = |source| Error::DataDir {
+        path: data_dir.display().to_string(),
+        source,
+    };
+    std::fs::create_dir_all(data_dir).map_err(io_error)?;
+    let store = Store::open(&data_dir.join("letterbox.redb"))?;
+    let unsubscribe = UnsubscribeKey::load_or_create(&data_dir.join("unsubscribe.key")).map_err(io_error)?;
+    let policies = PolicyHost::new(config.policy_limits.clone())?;
+    let mailer = match &config.smtp {
+        Some(smtp) => Mailer::smtp(smtp)?,
+        None => Mailer::outbox(data_dir.join("outbox"))?,
+    };
+    tracing::info!(transport = %mailer.describe(), data = %data_dir.display(), "starting");
+
+    let local_addr = listener.local_addr().map_err(Error::Serve)?;
+    let public_url = config
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{local_addr}"));
+    let runner = Runner::new(
+        store.clone(),
+        policies,
+        mailer,
+        RunnerConfig {
+            default_concurrency: config.concurrency,
+            public_url,
+        },
+        unsubscribe,
+    );
+    for (name, kind, bytes) in [
+        (
+            builtin::DEFAULT_FILTER_NAME,
+            PluginKind::Filter,
+            builtin::DEFAULT_FILTER,
+        ),
+        (
+            builtin::DEFAULT_TEMPLATE_NAME,
+            PluginKind::Template,
+            builtin::DEFAULT_TEMPLATE,
+        ),
+    ] {
+        runner
+            .install_plugin(name.to_string(), kind, bytes.to_vec())
+            .await?;
+    }
+    let resumed = runner.resume_unfinished().await?;
+    if resumed > 0 {
+        tracing::info!(jobs = resumed, "resumed unfinished jobs");
+    }
+
+    let stop = CancellationToken::new();
+    let trigger = stop.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        trigger.cancel();
+    });
+
+    tracing::info!("listening on http://{local_addr}");
+    let app = http::router(http::AppState {
+        store,
+        runner: runner.clone(),
+    });
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(stop.clone().cancelled_owned())
+        .await;
+    // Whether the server ended by request or by error, let deliveries finish cleanly.
+    tracing::info!("shutting down: draining in-flight deliveries");
+    runner.shutdown().await;
+    tracing::info!("stopped");
+    served.map_err(Error::Serve)
+}

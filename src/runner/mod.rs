@@ -1,0 +1,495 @@
+//! Send jobs: the only module that drives deliveries.
+//!
+//! A job is one tokio task (its supervisor) that keeps at most `concurrency` deliveries
+//! in flight. It *claims* recipients (pending → sending, durable) only as slots free up,
+//! runs each delivery as its own task (filter → template → send), and each delivery
+//! records its outcome (sending → delivered | skipped | failed, durable) before its slot
+//! is reused. Hence, at any moment, at most `concurrency` recipients of a job are in
+//! `sending`, and those are the only ones that can receive a second copy after a crash.
+//!
+//! On start-up every unfinished job is resumed: its in-flight recipients go back to
+//! pending (counted in `resent_after_crash`) and the job carries on. A panic in one
+//! delivery fails that recipient only; a policy trap or error likewise.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::domain::*;
+use crate::mail::{self, Mailer, Outgoing};
+use crate::policy::{LetterInput, Policy, PolicyError, PolicyHost, Verdict};
+use crate::store::{Store, StoreError};
+use crate::tokens::UnsubscribeKey;
+
+/// Subscribers read from the store per page when a job snapshots its list.
+const SNAPSHOT_PAGE: usize = 1000;
+pub const MAX_CONCURRENCY: u32 = 1000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    /// The request cannot be carried out as asked (names what is wrong).
+    #[error("{0}")]
+    Invalid(String),
+    #[error("the runner is shutting down")]
+    ShuttingDown,
+}
+
+#[derive(Debug, Clone)]
+pub struct RunnerConfig {
+    pub default_concurrency: u32,
+    /// Base URL under which `/u/{token}` is reachable, for unsubscribe links.
+    pub public_url: String,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct SendOptions {
+    pub concurrency: Option<u32>,
+}
+
+/// Handle on the job runner. Cheap to clone.
+#[derive(Clone)]
+pub struct Runner {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    policies: PolicyHost,
+    mailer: Mailer,
+    config: RunnerConfig,
+    unsubscribe: UnsubscribeKey,
+    /// Tells job supervisors to stop claiming and drain.
+    shutdown: CancellationToken,
+    /// Every job supervisor, so shutdown can wait for all of them.
+    tracker: TaskTracker,
+}
+
+/// What a job needs for every delivery, resolved once when it starts.
+struct JobContext {
+    job_id: u64,
+    newsletter: Newsletter,
+    letter: LetterInput,
+    filter: Arc<Policy>,
+    template: Arc<Policy>,
+    message_domain: String,
+}
+
+enum JobEnd {
+    Completed,
+    /// Shutdown interrupted the job; it resumes at the next start.
+    Interrupted,
+}
+
+impl Runner {
+    pub fn new(
+        store: Store,
+        policies: PolicyHost,
+        mailer: Mailer,
+        config: RunnerConfig,
+        unsubscribe: UnsubscribeKey,
+    ) -> Runner {
+        Runner {
+            inner: Arc::new(Inner {
+                store,
+                policies,
+                mailer,
+                config,
+                unsubscribe,
+                shutdown: CancellationToken::new(),
+                tracker: TaskTracker::new(),
+            }),
+        }
+    }
+
+    pub fn unsubscribe_key(&self) -> &UnsubscribeKey {
+        &self.inner.unsubscribe
+    }
+
+    /// Resumes every job left queued or running by the previous process.
+    pub async fn resume_unfinished(&self) -> Result<usize, RunnerError> {
+        let jobs = self.inner.store.unfinished_jobs().await?;
+        for job in &jobs {
+            let requeued = self.inner.store.requeue_inflight(job.id).await?;
+            tracing::info!(job = job.id, requeued, "resuming job");
+            self.spawn(job.id);
+        }
+        Ok(jobs.len())
+    }
+
+    /// Creates a send job for a letter and starts it.
+    pub async fn submit(&self, letter_id: u64, options: SendOptions) -> Result<Job, RunnerError> {
+        if self.inner.shutdown.is_cancelled() {
+            return Err(RunnerError::ShuttingDown);
+        }
+        let concurrency = options
+            .concurrency
+            .unwrap_or(self.inner.config.default_concurrency);
+        if concurrency == 0 || concurrency > MAX_CONCURRENCY {
+            return Err(RunnerError::Invalid(format!(
+                "concurrency must be between 1 and {MAX_CONCURRENCY}, got {concurrency}"
+            )));
+        }
+        let store = &self.inner.store;
+        let letter = store.letter(letter_id).await?;
+        let filter = self.resolve(&letter.filter, PluginKind::Filter).await?;
+        let template = self.resolve(&letter.template, PluginKind::Template).await?;
+        // Compile now, so a broken policy is refused before a job exists.
+        self.load_policy(&filter, PluginKind::Filter).await?;
+        self.load_policy(&template, PluginKind::Template).await?;
+        let job = store
+            .create_job(Job {
+                id: 0,
+                letter_id,
+                newsletter_id: letter.newsletter_id,
+                state: JobState::Queued,
+                filter,
+                template,
+                concurrency,
+                counts: Counts::default(),
+                prepared: false,
+                resent_after_crash: 0,
+                error: None,
+                created_at: now(),
+                started_at: None,
+                finished_at: None,
+            })
+            .await?;
+        self.spawn(job.id);
+        Ok(job)
+    }
+
+    /// Compiles (or finds compiled) the policy version a job uses. Compilation runs on
+    /// the blocking pool.
+    pub async fn load_policy(
+        &self,
+        version: &PolicyVersion,
+        kind: PluginKind,
+    ) -> Result<Arc<Policy>, RunnerError> {
+        if let Some(policy) = self.inner.policies.cached(&version.id) {
+            return Ok(policy);
+        }
+        let bytes = self.inner.store.plugin_bytes(version.id.clone()).await?;
+        let host = self.inner.policies.clone();
+        let version = version.clone();
+        let policy =
+            tokio::task::spawn_blocking(move || host.prepare(&version.id, &version.name, kind, &bytes))
+                .await
+                .map_err(|e| RunnerError::Invalid(format!("policy compilation task failed: {e}")))??;
+        Ok(policy)
+    }
+
+    /// Checks a component compiles and implements `kind`'s world, then stores it as the
+    /// latest version of `name`. Returns the plugin and whether these bytes were new.
+    pub async fn install_plugin(
+        &self,
+        name: String,
+        kind: PluginKind,
+        bytes: Vec<u8>,
+    ) -> Result<(Plugin, bool), RunnerError> {
+        use sha2::Digest;
+        let id = hex::encode(sha2::Sha256::digest(&bytes));
+        let host = self.inner.policies.clone();
+        let (check_id, check_name) = (id.clone(), name.clone());
+        let bytes = tokio::task::spawn_blocking(move || {
+            host.prepare(&check_id, &check_name, kind, &bytes).map(|_| bytes)
+        })
+        .await
+        .map_err(|e| RunnerError::Invalid(format!("policy compilation task failed: {e}")))??;
+        let plugin = Plugin {
+            id,
+            name,
+            kind,
+            size: bytes.len() as u64,
+            created_at: now(),
+        };
+        Ok(self.inner.store.put_plugin(plugin, bytes).await?)
+    }
+
+    /// The latest version of the policy `name`, which must be of `kind`.
+    pub async fn resolve(&self, name: &str, kind: PluginKind) -> Result<PolicyVersion, RunnerError> {
+        let plugin = self
+            .inner
+            .store
+            .plugin_by_name(name.to_string())
+            .await?
+            .ok_or_else(|| {
+                RunnerError::Invalid(format!(
+                    "the letter's {kind} policy {name:?} is not an uploaded plugin"
+                ))
+            })?;
+        if plugin.kind != kind {
+            return Err(RunnerError::Invalid(format!(
+                "the letter's {kind} policy {name:?} is a {} plugin",
+                plugin.kind
+            )));
+        }
+        Ok(PolicyVersion {
+            name: plugin.name,
+            id: plugin.id,
+        })
+    }
+
+    fn spawn(&self, job_id: u64) {
+        let runner = self.clone();
+        let span = tracing::info_span!("job", id = job_id);
+        self.inner.tracker.spawn(
+            async move {
+                match runner.drive(job_id).await {
+                    Ok(JobEnd::Completed) => {
+                        let result = runner
+                            .inner
+                            .store
+                            .update_job(job_id, |job| {
+                                job.state = JobState::Completed;
+                                job.finished_at = Some(now());
+                            })
+                            .await;
+                        match result {
+                            Ok(job) => tracing::info!(counts = ?job.counts, "job completed"),
+                            Err(e) => tracing::error!(error = %e, "cannot record job completion"),
+                        }
+                    }
+                    Ok(JobEnd::Interrupted) => {
+                        tracing::info!("job interrupted by shutdown; it resumes at next start")
+                    }
+                    Err(e) => runner.fail_job(job_id, e).await,
+                }
+            }
+            .instrument(span),
+        );
+    }
+
+    async fn fail_job(&self, job_id: u64, error: RunnerError) {
+        tracing::error!(error = %error, "job stopped");
+        let message = error.to_string();
+        // A store failure leaves recipients pending: keep the job resumable (a restart
+        // picks it up) and only note the error. Anything else ends the job.
+        let resumable = matches!(error, RunnerError::Store(_));
+        let result = self
+            .inner
+            .store
+            .update_job(job_id, move |job| {
+                job.error = Some(message);
+                if !resumable {
+                    job.state = JobState::Failed;
+                    job.finished_at = Some(now());
+                }
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "cannot record job failure");
+        }
+    }
+
+    /// The job supervisor: snapshot the list if not done yet, then keep up to
+    /// `concurrency` deliveries in flight until the queue is empty.
+    async fn drive(&self, job_id: u64) -> Result<JobEnd, RunnerError> {
+        let inner = &self.inner;
+        let store = &inner.store;
+        let job = store.job(job_id).await?;
+        let letter = store.letter(job.letter_id).await?;
+        let newsletter = store.newsletter(job.newsletter_id).await?;
+        let ctx = Arc::new(JobContext {
+            job_id,
+            filter: self.load_policy(&job.filter, PluginKind::Filter).await?,
+            template: self.load_policy(&job.template, PluginKind::Template).await?,
+            letter: LetterInput::new(&letter, &newsletter),
+            message_domain: mail::mailbox_domain(&newsletter.from),
+            newsletter,
+        });
+
+        if !job.prepared {
+            let mut after = 0;
+            loop {
+                if inner.shutdown.is_cancelled() {
+                    return Ok(JobEnd::Interrupted);
+                }
+                let page = store
+                    .subscribers_after(job.newsletter_id, after, SNAPSHOT_PAGE)
+                    .await?;
+                let Some(last) = page.last() else { break };
+                after = last.id;
+                let recipients = page
+                    .into_iter()
+                    .filter(|s| s.status == SubscriberStatus::Active)
+                    .map(|s| (s.id, s.email))
+                    .collect();
+                store.add_recipients(job_id, recipients).await?;
+            }
+            let job = store
+                .update_job(job_id, |job| {
+                    job.prepared = true;
+                    job.state = JobState::Running;
+                    job.started_at = Some(now());
+                })
+                .await?;
+            tracing::info!(recipients = job.counts.total(), "job started");
+        }
+
+        let concurrency = job.concurrency as usize;
+        let mut running = JoinSet::new();
+        let mut in_flight: HashMap<tokio::task::Id, u64> = HashMap::new();
+        // Only this task adds to the queue after the snapshot, so once a claim comes
+        // back short the queue is empty for good.
+        let mut queue_empty = false;
+        loop {
+            let stopping = inner.shutdown.is_cancelled();
+            if !stopping && !queue_empty && running.len() < concurrency {
+                let free = concurrency - running.len();
+                let claimed = store.claim(job_id, free).await?;
+                queue_empty = claimed.len() < free;
+                for delivery in claimed {
+                    let subscriber_id = delivery.subscriber_id;
+                    let runner = self.clone();
+                    let ctx = ctx.clone();
+                    let span = tracing::info_span!("delivery", subscriber = subscriber_id);
+                    let handle =
+                        running.spawn(async move { runner.deliver(&ctx, delivery).await }.instrument(span));
+                    in_flight.insert(handle.id(), subscriber_id);
+                }
+            }
+            if running.is_empty() {
+                return Ok(if stopping {
+                    JobEnd::Interrupted
+                } else {
+                    JobEnd::Completed
+                });
+            }
+            let joined = tokio::select! {
+                joined = running.join_next_with_id() => joined,
+                // Wake up to stop claiming; in-flight deliveries still finish.
+                _ = inner.shutdown.cancelled(), if !stopping => continue,
+            };
+            match joined {
+                Some(Ok((id, result))) => {
+                    in_flight.remove(&id);
+                    result?;
+                }
+                Some(Err(join_error)) => {
+                    let Some(subscriber_id) = in_flight.remove(&join_error.id()) else {
+                        continue;
+                    };
+                    tracing::error!(subscriber = subscriber_id, error = %join_error, "delivery task panicked");
+                    let reason = "internal error: the delivery task panicked".to_string();
+                    store
+                        .record(job_id, subscriber_id, Outcome::Failed { reason })
+                        .await?;
+                }
+                None => {}
+            }
+        }
+    }
+
+    /// One recipient: filter → template → send → record. Expected failures become the
+    /// recipient's `failed` state; only a store failure is returned.
+    async fn deliver(&self, ctx: &Arc<JobContext>, delivery: Delivery) -> Result<(), StoreError> {
+        let outcome = self.attempt(ctx, &delivery).await;
+        match &outcome {
+            Outcome::Delivered { .. } => tracing::debug!("delivered"),
+            Outcome::Skipped { reason } => tracing::debug!(reason, "skipped"),
+            Outcome::Failed { reason } => tracing::warn!(reason, "delivery failed"),
+        }
+        self.inner
+            .store
+            .record(ctx.job_id, delivery.subscriber_id, outcome)
+            .await
+    }
+
+    async fn attempt(&self, ctx: &Arc<JobContext>, delivery: &Delivery) -> Outcome {
+        let inner = &self.inner;
+        let subscriber = match inner
+            .store
+            .subscriber(ctx.newsletter.id, delivery.subscriber_id)
+            .await
+        {
+            Ok(s) => s,
+            Err(StoreError::NotFound { .. }) => {
+                return Outcome::Skipped {
+                    reason: "subscriber was deleted".into(),
+                };
+            }
+            Err(e) => {
+                return Outcome::Failed {
+                    reason: e.to_string(),
+                };
+            }
+        };
+        // Re-checked at send time: an unsubscribe wins over a snapshot taken earlier.
+        if subscriber.status != SubscriberStatus::Active {
+            return Outcome::Skipped {
+                reason: "subscriber is no longer active".into(),
+            };
+        }
+        let token = inner.unsubscribe.token(ctx.newsletter.id, subscriber.id);
+        let unsubscribe_url = format!("{}/u/{token}", inner.config.public_url.trim_end_matches('/'));
+
+        let host = inner.policies.clone();
+        let policy_ctx = ctx.clone();
+        let url = unsubscribe_url.clone();
+        let evaluated = tokio::task::spawn_blocking(move || {
+            let subscriber = subscriber;
+            let verdict = host.evaluate(
+                &policy_ctx.filter,
+                &policy_ctx.template,
+                &subscriber,
+                url,
+                &policy_ctx.letter,
+            );
+            (subscriber, verdict)
+        })
+        .await;
+        let (subscriber, verdict) = match evaluated {
+            Ok(pair) => pair,
+            Err(e) => {
+                return Outcome::Failed {
+                    reason: format!("policy evaluation panicked: {e}"),
+                };
+            }
+        };
+        let rendered = match verdict {
+            Ok(Verdict::Send(rendered)) => rendered,
+            Ok(Verdict::Skip(reason)) => return Outcome::Skipped { reason },
+            Err(e) => {
+                return Outcome::Failed {
+                    reason: e.to_string(),
+                };
+            }
+        };
+
+        let outgoing = Outgoing {
+            from: ctx.newsletter.from.clone(),
+            to: subscriber.email,
+            to_name: subscriber.name,
+            subject: rendered.subject,
+            text: rendered.text,
+            html: rendered.html,
+            headers: rendered.headers,
+            message_id: format!(
+                "letterbox.{}.{}@{}",
+                ctx.job_id, delivery.subscriber_id, ctx.message_domain
+            ),
+            unsubscribe_url: Some(unsubscribe_url),
+        };
+        match inner.mailer.send(&outgoing).await {
+            Ok(reply) => Outcome::Delivered { reply },
+            Err(e) => Outcome::Failed {
+                reason: e.to_string(),
+            },
+        }
+    }
+
+    /// Stops claiming in every job and waits until in-flight deliveries are recorded.
+    pub async fn shutdown(&self) {
+        self.inner.shutdown.cancel();
+        self.inner.tracker.close();
+        self.inner.tracker.wait().await;
+    }
+}

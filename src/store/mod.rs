@@ -1,0 +1,223 @@
+//! Durable state: the only module that knows redb.
+//!
+//! Reads run on the blocking pool in short read transactions. Every write goes through
+//! one writer thread that groups the operations waiting for it into a single redb
+//! transaction and commits it with `Durability::Immediate` before answering any of them
+//! (group commit). A caller that got `Ok` knows its change is on disk; many concurrent
+//! deliveries share one fsync instead of paying one each (≈4 ms per commit here).
+//!
+//! Invariant for every write operation: it validates before it writes, so an operation
+//! that returns a logical error (not found, conflict) has changed nothing and the other
+//! operations of its batch still commit. A database error aborts the whole batch.
+
+mod ops;
+pub mod tables;
+
+use std::panic::AssertUnwindSafe;
+use std::path::Path;
+use std::sync::Arc;
+
+use redb::{Database, ReadTransaction, ReadableDatabase, WriteTransaction};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::{mpsc, oneshot};
+
+/// Most operations committed in one transaction. Bounds the latency one commit adds to
+/// the first operation of a batch.
+const MAX_BATCH: usize = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{kind} {id} not found")]
+    NotFound { kind: &'static str, id: String },
+    #[error("{0}")]
+    Conflict(String),
+    #[error("database error: {0}")]
+    Db(#[from] redb::Error),
+    #[error("corrupt record: {0}")]
+    Corrupt(#[from] serde_json::Error),
+    /// The tables disagree with each other (an index names a missing row).
+    #[error("inconsistent store: {0}")]
+    Inconsistent(String),
+    #[error("commit failed: {0}")]
+    BatchFailed(String),
+    #[error("the store is closed")]
+    Closed,
+}
+
+impl StoreError {
+    pub(crate) fn not_found(kind: &'static str, id: impl ToString) -> Self {
+        StoreError::NotFound {
+            kind,
+            id: id.to_string(),
+        }
+    }
+
+    /// Errors after which the transaction may hold a half-applied operation.
+    fn aborts_batch(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Db(_) | StoreError::Corrupt(_) | StoreError::Inconsistent(_)
+        )
+    }
+}
+
+// redb has one error type per step; fold them all into `redb::Error` so `?` works.
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                StoreError::Db(e.into())
+            }
+        }
+    )*};
+}
+from_redb!(
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError,
+    redb::DatabaseError
+);
+
+type Completion = Box<dyn FnOnce(Result<(), &str>) + Send>;
+type Op = Box<dyn FnOnce(&WriteTransaction) -> (bool, Completion) + Send>;
+
+/// A cheap, cloneable handle on the database.
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<Database>,
+    writer: mpsc::Sender<Op>,
+}
+
+impl Store {
+    /// Opens (or creates) the database file and starts its writer thread. The thread
+    /// ends when the last `Store` handle is dropped.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let db = Arc::new(Database::create(path)?);
+        // Create every table up front so readers never meet a missing table.
+        let txn = db.begin_write()?;
+        {
+            use tables::*;
+            txn.open_table(SEQUENCES)?;
+            txn.open_table(NEWSLETTERS)?;
+            txn.open_table(SUBSCRIBERS)?;
+            txn.open_table(SUBSCRIBER_EMAILS)?;
+            txn.open_table(LETTERS)?;
+            txn.open_table(PLUGINS)?;
+            txn.open_table(PLUGIN_BLOBS)?;
+            txn.open_table(PLUGIN_NAMES)?;
+            txn.open_table(JOBS)?;
+            txn.open_table(DELIVERIES)?;
+            txn.open_table(QUEUE)?;
+            txn.open_table(INFLIGHT)?;
+        }
+        txn.commit()?;
+
+        let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
+        let writer_db = db.clone();
+        std::thread::Builder::new()
+            .name("letterbox-store-writer".into())
+            .spawn(move || writer_loop(writer_db, rx))
+            .map_err(|e| StoreError::BatchFailed(format!("cannot start writer thread: {e}")))?;
+        Ok(Store { db, writer: tx })
+    }
+
+    /// Runs `f` in a read transaction on the blocking pool.
+    async fn read<R, F>(&self, f: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&ReadTransaction) -> Result<R, StoreError> + Send + 'static,
+    {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || f(&db.begin_read()?))
+            .await
+            .map_err(|e| StoreError::BatchFailed(format!("read task failed: {e}")))?
+    }
+
+    /// Queues `f` for the writer and waits until the transaction holding it is durable.
+    async fn write<R, F>(&self, f: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&WriteTransaction) -> Result<R, StoreError> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let op: Op = Box::new(move |txn| {
+            let result = f(txn);
+            let aborts = result.as_ref().is_err_and(StoreError::aborts_batch);
+            let complete: Completion = Box::new(move |commit| {
+                let out = match (result, commit) {
+                    (Err(e), _) => Err(e),
+                    (Ok(_), Err(why)) => Err(StoreError::BatchFailed(why.to_string())),
+                    (Ok(r), Ok(())) => Ok(r),
+                };
+                let _ = tx.send(out);
+            });
+            (aborts, complete)
+        });
+        self.writer.send(op).await.map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+fn writer_loop(db: Arc<Database>, mut rx: mpsc::Receiver<Op>) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        let txn = match db.begin_write() {
+            Ok(txn) => txn,
+            Err(e) => {
+                // Nothing was applied. Dropping the operations drops their reply
+                // channels, so every caller gets `StoreError::Closed` at once.
+                tracing::error!(error = %e, "cannot begin a write transaction");
+                batch.clear();
+                continue;
+            }
+        };
+        let mut completions = Vec::with_capacity(batch.len());
+        let mut abort: Option<String> = None;
+        for op in batch.drain(..) {
+            // A panic inside one operation must not kill the writer (and with it every
+            // later write): treat it like a database error and abort the batch.
+            match std::panic::catch_unwind(AssertUnwindSafe(|| op(&txn))) {
+                Ok((aborts, complete)) => {
+                    if aborts && abort.is_none() {
+                        abort = Some("another operation in the same commit failed".into());
+                    }
+                    completions.push(complete);
+                }
+                Err(_) => abort = Some("a store operation panicked".into()),
+            }
+        }
+        let outcome = match abort {
+            Some(why) => {
+                let _ = txn.abort();
+                Err(why)
+            }
+            None => txn.commit().map_err(|e| {
+                tracing::error!(error = %e, "store commit failed");
+                e.to_string()
+            }),
+        };
+        for complete in completions {
+            complete(outcome.as_ref().map(|_| ()).map_err(String::as_str));
+        }
+    }
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // Serialising our own plain data types to JSON cannot fail.
+    serde_json::to_vec(value).expect("domain types serialise to JSON")
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
+    Ok(serde_json::from_slice(bytes)?)
+}
+
+pub use ops::normalise_email;

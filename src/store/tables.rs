@@ -1,0 +1,43 @@
+//! Every redb table letterbox uses, in one place. Values are JSON-encoded domain types
+//! unless said otherwise; keys are chosen so the scans the runner needs are range scans.
+
+use redb::TableDefinition;
+
+/// Id sequences: name → last id handed out.
+pub const SEQUENCES: TableDefinition<&str, u64> = TableDefinition::new("sequences");
+
+/// Newsletter id → `Newsletter`.
+pub const NEWSLETTERS: TableDefinition<u64, &[u8]> = TableDefinition::new("newsletters");
+
+/// (newsletter id, subscriber id) → `Subscriber`. Keyed by newsletter first so a job can
+/// walk one newsletter's list in id order, in batches.
+pub const SUBSCRIBERS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("subscribers");
+
+/// (newsletter id, normalised email) → subscriber id: the upsert-by-email index.
+pub const SUBSCRIBER_EMAILS: TableDefinition<(u64, &str), u64> = TableDefinition::new("subscriber_emails");
+
+/// Letter id → `Letter`.
+pub const LETTERS: TableDefinition<u64, &[u8]> = TableDefinition::new("letters");
+
+/// Plugin id (sha256 hex) → `Plugin` metadata.
+pub const PLUGINS: TableDefinition<&str, &[u8]> = TableDefinition::new("plugins");
+
+/// Plugin id (sha256 hex) → the raw component bytes (not JSON).
+pub const PLUGIN_BLOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("plugin_blobs");
+
+/// Plugin name → id of its latest version.
+pub const PLUGIN_NAMES: TableDefinition<&str, &str> = TableDefinition::new("plugin_names");
+
+/// Job id → `Job` (including its per-state counts).
+pub const JOBS: TableDefinition<u64, &[u8]> = TableDefinition::new("jobs");
+
+/// (job id, subscriber id) → `Delivery`: the durable per-recipient state of a send.
+pub const DELIVERIES: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("deliveries");
+
+/// (job id, subscriber id) for every delivery in state `pending`: the job's work queue,
+/// so claiming the next batch is a range scan, not a walk over finished recipients.
+pub const QUEUE: TableDefinition<(u64, u64), ()> = TableDefinition::new("queue");
+
+/// (job id, subscriber id) for every delivery in state `sending`: what was in flight,
+/// the only recipients that can be sent twice after a crash.
+pub const INFLIGHT: TableDefinition<(u64, u64), ()> = TableDefinition::new("inflight");

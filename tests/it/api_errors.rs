@@ -1,0 +1,112 @@
+//! Bad input gets a 4xx with an `application/problem+json` body naming the problem.
+
+use serde_json::{Value, json};
+
+use crate::support::TestServer;
+
+fn detail(body: &Value) -> &str {
+    body["detail"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no detail in {body}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_with_a_named_problem() {
+    let server = TestServer::start(None).await;
+    let api = &server.api;
+
+    // Bad emails: the whole batch is refused, and each bad row is named.
+    let newsletter = api.newsletter().await;
+    let rows = json!([{ "email": "ok@example.org" }, { "email": "nope" }, { "email": "a@@b" }]);
+    let (status, body) = api
+        .post(&format!("/v1/newsletters/{newsletter}/subscribers"), rows)
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["status"], 422);
+    assert_eq!(body["errors"][0]["field"], "[1].email", "{body}");
+    assert_eq!(body["errors"][1]["field"], "[2].email", "{body}");
+
+    let (status, body) = api
+        .post(
+            "/v1/newsletters",
+            json!({ "name": "N", "from": "not-an-address" }),
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["errors"][0]["field"], "from", "{body}");
+
+    // Unknown ids.
+    for (path, what) in [
+        ("/v1/newsletters/999/subscribers", "newsletter 999"),
+        ("/v1/newsletters/999/letters", "newsletter 999"),
+        ("/v1/letters/999/send", "letter 999"),
+    ] {
+        let body = if path.ends_with("letters") {
+            json!({ "subject": "s", "text": "t" })
+        } else {
+            json!([])
+        };
+        let body = if path.ends_with("send") { json!({}) } else { body };
+        let (status, body) = api.post(path, body).await;
+        assert_eq!(status, 404, "{path}: {body}");
+        assert!(detail(&body).contains(what), "{path}: {body}");
+    }
+    for path in [
+        "/v1/jobs/999",
+        "/v1/letters/999",
+        "/v1/newsletters/999",
+        "/v1/nothing",
+    ] {
+        let (status, body) = api.get(path).await;
+        assert_eq!(status, 404, "{path}: {body}");
+    }
+    let (status, body) = api.get("/v1/jobs/abc").await;
+    assert_eq!(status, 400, "{body}");
+
+    // Malformed JSON, wrong shapes, missing content type.
+    let (status, body) = api
+        .post_raw("/v1/newsletters", "application/json", b"{\"name\":".to_vec())
+        .await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = api
+        .post("/v1/newsletters", json!({ "name": 5, "from": "a@b.example" }))
+        .await;
+    assert_eq!(status, 422, "{body}");
+    let (status, body) = api.post("/v1/newsletters", json!({ "name": "x" })).await;
+    assert_eq!(status, 422, "{body}");
+    assert!(detail(&body).contains("from"), "{body}");
+    let (status, body) = api
+        .post_raw("/v1/newsletters", "text/plain", b"{}".to_vec())
+        .await;
+    assert_eq!(status, 415, "{body}");
+
+    // A letter naming a policy that does not exist, or one of the wrong kind.
+    let letters = format!("/v1/newsletters/{newsletter}/letters");
+    let (status, body) = api
+        .post(
+            &letters,
+            json!({ "subject": "s", "text": "t", "filter": "ghost" }),
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert!(detail(&body).contains("ghost"), "{body}");
+    let wrong = json!({ "subject": "s", "text": "t", "filter": "default-template" });
+    let (status, body) = api.post(&letters, wrong).await;
+    assert_eq!(status, 422, "{body}");
+
+    // A bad send request.
+    let letter = api
+        .post_ok(&letters, json!({ "subject": "s", "text": "t" }), 201)
+        .await["id"]
+        .as_u64()
+        .unwrap();
+    let (status, body) = api
+        .post(&format!("/v1/letters/{letter}/send"), json!({ "concurrency": 0 }))
+        .await;
+    assert_eq!(status, 422, "{body}");
+
+    // Error bodies are problem+json.
+    let response = reqwest::get(format!("{}/v1/jobs/999", api.base)).await.unwrap();
+    assert_eq!(response.headers()["content-type"], "application/problem+json");
+    server.stop().await;
+}

@@ -1,0 +1,135 @@
+//! kill -9 in the middle of a send: the real `letterbox` binary is killed while it
+//! delivers to a slow SMTP server, started again on the same data directory, and must
+//! finish the job with every recipient served and at most `concurrency` duplicates.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::support::{Api, SmtpServer};
+
+const RECIPIENTS: usize = 600;
+const CONCURRENCY: usize = 8;
+
+/// Starts `letterbox serve` on port 0 and returns it with the API it listens on.
+fn spawn_letterbox(data: &Path, smtp: &SmtpServer) -> (Child, Api) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_letterbox"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--concurrency",
+            &CONCURRENCY.to_string(),
+        ])
+        .arg("--data")
+        .arg(data)
+        .args(["--smtp", &smtp.url()])
+        .env("NO_COLOR", "1")
+        .env("LETTERBOX_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn letterbox");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Keep draining stdout so the child never blocks on a full pipe.
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if let Some(rest) = line.split("listening on http://").nth(1) {
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(rest.split_whitespace().next().unwrap_or_default().to_string());
+                }
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(120))
+        .expect("letterbox printed its listen address");
+    (child, Api::new(format!("http://{addr}")))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_send_loses_nobody_and_duplicates_at_most_concurrency() {
+    // ~5 ms per message on top of SMTP round trips: the send takes seconds, so the kill
+    // lands mid-send.
+    let smtp = SmtpServer::start_with_delay(Duration::from_millis(5)).await;
+    let data = tempfile::tempdir().unwrap();
+
+    let (mut child, api) = spawn_letterbox(data.path(), &smtp);
+    api.wait_healthy().await;
+    let newsletter = api.newsletter().await;
+    let people: Vec<_> = (0..RECIPIENTS)
+        .map(|i| json!({ "email": format!("r{i}@example.org") }))
+        .collect();
+    api.post_ok(
+        &format!("/v1/newsletters/{newsletter}/subscribers"),
+        json!(people),
+        201,
+    )
+    .await;
+    let letter = json!({ "subject": "Crash test", "text": "Hello {{ email }}\r\n" });
+    let letter = api
+        .post_ok(&format!("/v1/newsletters/{newsletter}/letters"), letter, 201)
+        .await["id"]
+        .as_u64()
+        .unwrap();
+    let job = api
+        .post_ok(&format!("/v1/letters/{letter}/send"), json!({}), 202)
+        .await["job_id"]
+        .as_u64()
+        .unwrap();
+
+    // Kill once a fifth of the list has arrived.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while smtp.count() < RECIPIENTS / 5 {
+        assert!(Instant::now() < deadline, "send never got going");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let at_kill = smtp.count();
+    assert!(
+        at_kill < RECIPIENTS,
+        "the kill came after the send finished ({at_kill})"
+    );
+
+    let (mut child, api) = spawn_letterbox(data.path(), &smtp);
+    let done = api.wait_job(job, Duration::from_secs(180)).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    assert_eq!(done["state"], "completed", "{done}");
+    assert_eq!(done["counts"]["delivered"], RECIPIENTS, "{done}");
+    let mut copies: HashMap<String, usize> = HashMap::new();
+    for message in smtp.received() {
+        *copies.entry(message.recipients[0].clone()).or_default() += 1;
+    }
+    for i in 0..RECIPIENTS {
+        assert!(
+            copies.contains_key(&format!("r{i}@example.org")),
+            "r{i} never got the letter"
+        );
+    }
+    assert_eq!(copies.len(), RECIPIENTS);
+    let duplicates: usize = copies.values().map(|n| n - 1).sum();
+    let resent = done["resent_after_crash"].as_u64().unwrap() as usize;
+    eprintln!("crash: killed at {at_kill}/{RECIPIENTS} received; {duplicates} duplicates, {resent} re-sent");
+    assert!(
+        duplicates <= CONCURRENCY,
+        "{duplicates} duplicates > concurrency {CONCURRENCY}"
+    );
+    assert!(
+        resent <= CONCURRENCY,
+        "{resent} re-sent > concurrency {CONCURRENCY}"
+    );
+    assert!(
+        duplicates <= resent,
+        "every duplicate is one of the re-sent recipients"
+    );
+}

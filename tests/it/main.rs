@@ -1,0 +1,9 @@
+//! Integration tests. Everything here is real: the server runs via `letterbox::run` on
+//! port 0 (or as the built binary), mail goes over TCP to a real SMTP server in the test,
+//! policies are the Wasm components built by build.rs, state lives in a redb file.
+
+mod api_errors;
+mod crash;
+mod e2e;
+mod policies;
+mod support;

@@ -1,0 +1,180 @@
+//! Shared test fixtures: the real server on port 0, a real SMTP server, an HTTP client
+//! and the test policies built by build.rs.
+
+pub mod smtp;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+
+pub use smtp::SmtpServer;
+
+/// The directory build.rs put the compiled policies in.
+pub fn wasm(name: &str) -> Vec<u8> {
+    let path = Path::new(env!("LETTERBOX_WASM_DIR")).join(format!("{name}.wasm"));
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// letterbox running in-process on 127.0.0.1:0 over a temporary data directory.
+pub struct TestServer {
+    pub api: Api,
+    pub data: tempfile::TempDir,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), letterbox::Error>>>,
+}
+
+impl TestServer {
+    /// Delivers to `smtp`, or to the outbox when `None`.
+    pub async fn start(smtp: Option<&SmtpServer>) -> TestServer {
+        let data = tempfile::tempdir().unwrap();
+        let mut config = letterbox::Config::new(data.path());
+        config.smtp = smtp.map(|s| letterbox::Config::smtp_url(s.url()));
+        Self::start_with(config, data).await
+    }
+
+    pub async fn start_with(config: letterbox::Config, data: tempfile::TempDir) -> TestServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(letterbox::run(listener, config, async {
+            let _ = stopped.await;
+        }));
+        let api = Api::new(base);
+        // `run` installs the built-in policies before it accepts connections; the
+        // listener is already bound, so requests simply wait until then.
+        api.wait_healthy().await;
+        TestServer {
+            api,
+            data,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub fn outbox(&self) -> PathBuf {
+        self.data.path().join("outbox")
+    }
+
+    /// Graceful shutdown; returns once `run` has returned.
+    pub async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.take().unwrap().await.unwrap().unwrap();
+    }
+}
+
+#[derive(Clone)]
+pub struct Api {
+    pub base: String,
+    client: reqwest::Client,
+}
+
+impl Api {
+    pub fn new(base: String) -> Api {
+        Api {
+            base,
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .unwrap(),
+        }
+    }
+
+    pub async fn wait_healthy(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(r) = self.client.get(format!("{}/healthz", self.base)).send().await {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server at {} never became healthy",
+                self.base
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn finish(response: reqwest::Response) -> (u16, Value) {
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, body)
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        Self::finish(
+            self.client
+                .get(format!("{}{path}", self.base))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        Self::finish(
+            self.client
+                .post(format!("{}{path}", self.base))
+                .json(&body)
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await
+    }
+
+    pub async fn post_raw(&self, path: &str, content_type: &str, body: Vec<u8>) -> (u16, Value) {
+        Self::finish(
+            self.client
+                .post(format!("{}{path}", self.base))
+                .header("content-type", content_type)
+                .body(body)
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await
+    }
+
+    /// POST expecting `status`; returns the JSON body.
+    pub async fn post_ok(&self, path: &str, body: Value, status: u16) -> Value {
+        let (got, body) = self.post(path, body).await;
+        assert_eq!(got, status, "POST {path}: {body}");
+        body
+    }
+
+    pub async fn newsletter(&self) -> u64 {
+        let body = json!({ "name": "Weekly", "from": "Weekly <news@example.com>" });
+        self.post_ok("/v1/newsletters", body, 201).await["id"]
+            .as_u64()
+            .unwrap()
+    }
+
+    pub async fn upload(&self, kind: &str, name: &str, bytes: Vec<u8>) -> (u16, Value) {
+        self.post_raw(
+            &format!("/v1/plugins?kind={kind}&name={name}"),
+            "application/wasm",
+            bytes,
+        )
+        .await
+    }
+
+    /// Polls a job until it is no longer queued or running.
+    pub async fn wait_job(&self, job: u64, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (status, body) = self.get(&format!("/v1/jobs/{job}")).await;
+            assert_eq!(status, 200, "{body}");
+            if !matches!(body["state"].as_str(), Some("queued" | "running")) {
+                return body;
+            }
+            assert!(Instant::now() < deadline, "job {job} did not finish: {body}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}

@@ -205,10 +205,10 @@ impl PolicyHost {
         kind: PluginKind,
         bytes: &[u8],
     ) -> Result<Arc<Policy>, PolicyError> {
-        if let Some(policy) = self.cached(id) {
-            if policy.kind() == kind {
-                return Ok(policy);
-            }
+        if let Some(policy) = self.cached(id)
+            && policy.kind() == kind
+        {
+            return Ok(policy);
         }
         let component = Component::new(&self.engine, bytes)
             .map_err(|e| PolicyError::InvalidComponent(format!("{e:#}")))?;

@@ -197,38 +197,49 @@ impl Store {
     pub async fn put_plugin(&self, plugin: Plugin, bytes: Vec<u8>) -> Result<(Plugin, bool), StoreError> {
         self.write(move |txn| {
             let mut metas = txn.open_table(PLUGINS)?;
-            let existing = metas
-                .get(plugin.id.as_str())?
-                .map(|v| decode::<Plugin>(v.value()));
-            if let Some(existing) = existing {
-                let existing = existing?;
-                if existing.kind != plugin.kind {
-                    return Err(StoreError::Conflict(format!(
-                        "these bytes are already stored as {} plugin {:?}",
-                        existing.kind, existing.name
-                    )));
-                }
-            }
             let mut names = txn.open_table(PLUGIN_NAMES)?;
-            if let Some(latest) = names.get(plugin.name.as_str())?.map(|v| v.value().to_string()) {
-                if let Some(row) = metas.get(latest.as_str())? {
-                    let latest: Plugin = decode(row.value())?;
-                    if latest.kind != plugin.kind {
-                        return Err(StoreError::Conflict(format!(
-                            "plugin name {:?} belongs to a {} policy",
-                            plugin.name, latest.kind
-                        )));
-                    }
-                }
+            let stored: Option<Plugin> = metas
+                .get(plugin.id.as_str())?
+                .map(|v| decode(v.value()))
+                .transpose()?;
+            if let Some(stored) = &stored
+                && stored.kind != plugin.kind
+            {
+                return Err(StoreError::Conflict(format!(
+                    "these bytes are already stored as {} plugin {:?}",
+                    stored.kind, stored.name
+                )));
             }
-            let created = metas.get(plugin.id.as_str())?.is_none();
-            if created {
-                metas.insert(plugin.id.as_str(), encode(&plugin).as_slice())?;
-                txn.open_table(PLUGIN_BLOBS)?
-                    .insert(plugin.id.as_str(), bytes.as_slice())?;
+            let latest_id = names.get(plugin.name.as_str())?.map(|v| v.value().to_string());
+            let latest: Option<Plugin> = match latest_id {
+                Some(id) => metas.get(id.as_str())?.map(|v| decode(v.value())).transpose()?,
+                None => None,
+            };
+            if let Some(latest) = latest
+                && latest.kind != plugin.kind
+            {
+                return Err(StoreError::Conflict(format!(
+                    "plugin name {:?} belongs to a {} policy",
+                    plugin.name, latest.kind
+                )));
             }
             names.insert(plugin.name.as_str(), plugin.id.as_str())?;
-            Ok((plugin, created))
+            match stored {
+                // Same bytes again: keep the first upload's record, under the name asked for.
+                Some(stored) => Ok((
+                    Plugin {
+                        name: plugin.name,
+                        ..stored
+                    },
+                    false,
+                )),
+                None => {
+                    metas.insert(plugin.id.as_str(), encode(&plugin).as_slice())?;
+                    txn.open_table(PLUGIN_BLOBS)?
+                        .insert(plugin.id.as_str(), bytes.as_slice())?;
+                    Ok((plugin, true))
+                }
+            }
         })
         .await
     }

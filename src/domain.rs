@@ -111,8 +111,8 @@ pub enum JobState {
     Queued,
     Running,
     Completed,
+    /// Stopped for good with `error` set (e.g. its policy no longer compiles).
     Failed,
-    Cancelled,
 }
 
 impl JobState {

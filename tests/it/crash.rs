@@ -133,3 +133,55 @@ async fn kill_9_mid_send_loses_nobody_and_duplicates_at_most_concurrency() {
         "every duplicate is one of the re-sent recipients"
     );
 }
+
+/// A graceful stop (what SIGTERM does) in the middle of a send: in-flight deliveries
+/// finish and are recorded, so after a restart the job completes with no re-sends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_stop_mid_send_resumes_without_resending() {
+    const N: usize = 200;
+    let smtp = SmtpServer::start_with_delay(Duration::from_millis(20)).await;
+    let server = crate::support::TestServer::start(Some(&smtp)).await;
+    let api = &server.api;
+    let newsletter = api.newsletter().await;
+    let people: Vec<_> = (0..N)
+        .map(|i| json!({ "email": format!("g{i}@example.org") }))
+        .collect();
+    api.post_ok(
+        &format!("/v1/newsletters/{newsletter}/subscribers"),
+        json!(people),
+        201,
+    )
+    .await;
+    let letter = json!({ "subject": "Graceful", "text": "Hi\r\n" });
+    let letter = api
+        .post_ok(&format!("/v1/newsletters/{newsletter}/letters"), letter, 201)
+        .await["id"]
+        .as_u64()
+        .unwrap();
+    let send = json!({ "concurrency": 4 });
+    let job = api
+        .post_ok(&format!("/v1/letters/{letter}/send"), send, 202)
+        .await["job_id"]
+        .as_u64()
+        .unwrap();
+    while smtp.count() < N / 5 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    let server = server.restart().await;
+    let at_stop = smtp.count();
+    assert!(at_stop < N, "the stop came after the send finished");
+    let done = server.api.wait_job(job, Duration::from_secs(120)).await;
+    assert_eq!(done["state"], "completed", "{done}");
+    assert_eq!(done["counts"]["delivered"], N, "{done}");
+    assert_eq!(done["resent_after_crash"], 0, "{done}");
+    let received = smtp.received();
+    assert_eq!(
+        received.len(),
+        N,
+        "every recipient exactly once (stopped at {at_stop})"
+    );
+    let unique: std::collections::HashSet<_> = received.iter().map(|m| m.recipients[0].clone()).collect();
+    assert_eq!(unique.len(), N);
+    server.stop().await;
+}

@@ -21,6 +21,7 @@ pub fn wasm(name: &str) -> Vec<u8> {
 pub struct TestServer {
     pub api: Api,
     pub data: tempfile::TempDir,
+    config: letterbox::Config,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), letterbox::Error>>>,
 }
@@ -38,7 +39,7 @@ impl TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(letterbox::run(listener, config, async {
+        let task = tokio::spawn(letterbox::run(listener, config.clone(), async {
             let _ = stopped.await;
         }));
         let api = Api::new(base);
@@ -48,6 +49,7 @@ impl TestServer {
         TestServer {
             api,
             data,
+            config,
             stop: Some(stop),
             task: Some(task),
         }
@@ -59,6 +61,17 @@ impl TestServer {
 
     /// Graceful shutdown; returns once `run` has returned.
     pub async fn stop(mut self) {
+        self.shut_down().await;
+    }
+
+    /// Graceful shutdown, then a new server on the same data directory and config.
+    pub async fn restart(mut self) -> TestServer {
+        self.shut_down().await;
+        let TestServer { data, config, .. } = self;
+        Self::start_with(config, data).await
+    }
+
+    async fn shut_down(&mut self) {
         let _ = self.stop.take().unwrap().send(());
         self.task.take().unwrap().await.unwrap().unwrap();
     }

@@ -90,7 +90,7 @@ pub struct Outgoing {
     pub unsubscribe_url: Option<String>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct SmtpSettings {
     /// lettre's URL syntax: `smtp://host:port` (plain), `smtp://host:587?tls=required`
     /// (STARTTLS), `smtps://host:465` (TLS), each with optional `user:password@`.
@@ -102,10 +102,37 @@ pub struct SmtpSettings {
     pub timeout: Duration,
 }
 
+/// Never prints the password, nor credentials embedded in the URL.
+impl std::fmt::Debug for SmtpSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SmtpSettings")
+            .field("url", &redact_url(&self.url))
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("pool_size", &self.pool_size)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+/// `smtps://user:secret@host` → `smtps://<redacted>@host`.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            format!("{}<redacted>{}", &url[..scheme_end + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
 #[derive(Clone)]
 pub enum Mailer {
     Outbox(PathBuf),
-    Smtp(AsyncSmtpTransport<Tokio1Executor>),
+    Smtp {
+        transport: AsyncSmtpTransport<Tokio1Executor>,
+        /// The server's URL without credentials, for logs.
+        label: String,
+    },
 }
 
 impl Mailer {
@@ -122,14 +149,17 @@ impl Mailer {
         if let (Some(user), Some(password)) = (&settings.username, &settings.password) {
             builder = builder.credentials(Credentials::new(user.clone(), password.clone()));
         }
-        Ok(Mailer::Smtp(builder.build()))
+        Ok(Mailer::Smtp {
+            transport: builder.build(),
+            label: redact_url(&settings.url),
+        })
     }
 
     /// Describes the transport without secrets, for logs.
     pub fn describe(&self) -> String {
         match self {
             Mailer::Outbox(dir) => format!("outbox directory {}", dir.display()),
-            Mailer::Smtp(_) => "SMTP".to_string(),
+            Mailer::Smtp { label, .. } => format!("SMTP {label}"),
         }
     }
 
@@ -156,7 +186,7 @@ impl Mailer {
                 tokio::fs::rename(&tmp, &path).await.map_err(io)?;
                 Ok(format!("written to {}", path.display()))
             }
-            Mailer::Smtp(transport) => match transport.send(message).await {
+            Mailer::Smtp { transport, .. } => match transport.send(message).await {
                 Ok(response) => Ok(format!(
                     "{} {}",
                     response.code(),
@@ -272,6 +302,27 @@ mod tests {
         assert!(matches!(build(&o), Err(MailError::InvalidHeader(_))));
         o.headers = vec![("Bad Name".into(), "x".into())];
         assert!(matches!(build(&o), Err(MailError::InvalidHeader(_))));
+    }
+
+    #[test]
+    fn settings_never_print_secrets() {
+        let settings = SmtpSettings {
+            url: "smtps://me:hunter2@mail.example.com:465".into(),
+            username: Some("me".into()),
+            password: Some("swordfish".into()),
+            pool_size: 1,
+            timeout: Duration::from_secs(1),
+        };
+        let printed = format!("{settings:?}");
+        assert!(
+            !printed.contains("hunter2") && !printed.contains("swordfish"),
+            "{printed}"
+        );
+        assert!(
+            printed.contains("smtps://<redacted>@mail.example.com:465"),
+            "{printed}"
+        );
+        assert_eq!(redact_url("smtp://localhost:25"), "smtp://localhost:25");
     }
 
     #[test]

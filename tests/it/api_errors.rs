@@ -105,6 +105,11 @@ async fn bad_input_is_refused_with_a_named_problem() {
         .await;
     assert_eq!(status, 422, "{body}");
 
+    // Oversized uploads.
+    let (status, body) = api.upload("filter", "huge", vec![0u8; 11 << 20]).await;
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(body["status"], 413, "{body}");
+
     // Error bodies are problem+json.
     let response = reqwest::get(format!("{}/v1/jobs/999", api.base)).await.unwrap();
     assert_eq!(response.headers()["content-type"], "application/problem+json");

@@ -119,3 +119,61 @@ async fn a_trapping_template_fails_only_its_recipient() {
     assert_eq!(status, 200);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn time_and_memory_limits_fail_only_the_offending_recipient() {
+    let smtp = SmtpServer::start().await;
+    let server = TestServer::start(Some(&smtp)).await;
+    let api = &server.api;
+    let (status, body) = api.upload("filter", "hostile", wasm("test_hostile_filter")).await;
+    assert_eq!(status, 201, "{body}");
+
+    let newsletter = api.newsletter().await;
+    let people = json!([
+        { "email": "loop@example.org" },
+        { "email": "bomb@example.org" },
+        { "email": "fine@example.org" },
+    ]);
+    api.post_ok(&format!("/v1/newsletters/{newsletter}/subscribers"), people, 201)
+        .await;
+    let letter = json!({ "subject": "S", "text": "T", "filter": "hostile" });
+    let letter = api
+        .post_ok(&format!("/v1/newsletters/{newsletter}/letters"), letter, 201)
+        .await["id"]
+        .as_u64()
+        .unwrap();
+    let job = api
+        .post_ok(&format!("/v1/letters/{letter}/send"), json!({}), 202)
+        .await["job_id"]
+        .as_u64()
+        .unwrap();
+    let done = api.wait_job(job, Duration::from_secs(60)).await;
+    assert_eq!(done["state"], "completed", "{done}");
+    assert_eq!(done["counts"]["delivered"], 1, "{done}");
+    assert_eq!(done["counts"]["failed"], 2, "{done}");
+    assert_eq!(smtp.received()[0].recipients, ["fine@example.org"]);
+
+    let (_, page) = api.get(&format!("/v1/jobs/{job}/deliveries")).await;
+    let reason = |email: &str| {
+        page["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["email"] == email)
+            .unwrap()["reason"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let looped = reason("loop@example.org");
+    assert!(
+        looped.contains("hostile@") && looped.contains("timed out"),
+        "{looped}"
+    );
+    let bombed = reason("bomb@example.org");
+    assert!(
+        bombed.contains("hostile@") && bombed.contains("crashed"),
+        "{bombed}"
+    );
+    server.stop().await;
+}

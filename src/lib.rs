@@ -62,7 +62,7 @@ pub async fn run(
     std::fs::create_dir_all(data_dir).map_err(io_error)?;
     let store = Store::open(&data_dir.join("letterbox.redb"))?;
     let unsubscribe = UnsubscribeKey::load_or_create(&data_dir.join("unsubscribe.key")).map_err(io_error)?;
-    let policies = PolicyHost::new(config.policy_limits.clone())?;
+    let policies = PolicyHost::new(config.policy_limits.clone(), Some(data_dir.join("compiled")))?;
     let mailer = match &config.smtp {
         Some(smtp) => Mailer::smtp(smtp)?,
         None => Mailer::outbox(data_dir.join("outbox"))?,

@@ -119,11 +119,14 @@ impl From<StoreError> for ApiError {
 impl From<PolicyError> for ApiError {
     fn from(e: PolicyError) -> Self {
         match e {
-            PolicyError::InvalidComponent(_) | PolicyError::WrongWorld { .. } => {
+            PolicyError::InvalidComponent(_)
+            | PolicyError::RefusedImport { .. }
+            | PolicyError::WrongWorld { .. } => ApiError::invalid(e.to_string()),
+            // A stored policy failing when run for a request (e.g. a preview).
+            PolicyError::Trap { .. } | PolicyError::Rejected { .. } | PolicyError::OutputTooLarge { .. } => {
                 ApiError::invalid(e.to_string())
             }
-            // A failed run of a stored policy is not the client's input being wrong.
-            PolicyError::Trap { .. } | PolicyError::Rejected { .. } => ApiError::invalid(e.to_string()),
+            PolicyError::Engine(_) => ApiError::Internal(e.to_string()),
         }
     }
 }

@@ -32,7 +32,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .merge(newsletters::router())
         .merge(letters::router())
-        .merge(plugins::router())
+        .merge(plugins::router(state.runner.policy_limits().max_upload_bytes))
         .merge(jobs::router())
         .merge(unsubscribe::router())
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })

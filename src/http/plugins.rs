@@ -12,13 +12,12 @@ use super::{ApiError, AppState};
 use crate::domain::{Plugin, PluginKind};
 use crate::policy::builtin::{DEFAULT_FILTER_NAME, DEFAULT_TEMPLATE_NAME};
 
-/// Largest component accepted. The default template (minijinja) is ~0.8 MiB.
-const MAX_PLUGIN_BYTES: usize = 10 << 20;
-
-pub fn router() -> Router<AppState> {
+/// `max_upload` is the configured largest component (default 10 MiB; the default
+/// template, with minijinja, is ~0.8 MiB).
+pub fn router(max_upload: usize) -> Router<AppState> {
     Router::new().route(
         "/v1/plugins",
-        post(upload).layer(DefaultBodyLimit::max(MAX_PLUGIN_BYTES)),
+        post(upload).layer(DefaultBodyLimit::max(max_upload)),
     )
 }
 

@@ -1,26 +1,43 @@
 //! Policy host: the only module that knows wasmtime.
 //!
 //! Policies are WebAssembly components built against `wit/policy.wit`. A component is
-//! compiled once (at upload, or on first use after a restart) and kept as an
-//! `InstancePre`, so a call only instantiates. Every call gets a fresh `Store` and
-//! instance: nothing a policy does for one recipient can leak into the next, and a trap
-//! leaves nothing behind to clean up. Each store has a memory limit and an epoch
-//! deadline, and a WASI context that grants nothing (no files, network, environment,
-//! arguments; stdio discarded).
+//! checked and compiled once per upload: it must be a component (not a core module),
+//! import nothing outside `ALLOWED_IMPORTS`, and export the function of its kind's world
+//! with the right types. The compiled code is cached on disk (keyed by the component's
+//! sha256 and the engine's compatibility hash) and in memory as an `InstancePre`.
 //!
-//! Calls are synchronous and CPU-bound: callers run them on the blocking pool.
+//! Instances are reused: an `Evaluator` (one per job) keeps warm filter and template
+//! instances and runs up to `RECYCLE_AFTER` recipients through each before replacing it,
+//! because instantiation costs ~8x a call. An instance that traps is dropped at once and
+//! never called again. So a policy's memory lives across recipients of one job, never
+//! across jobs or policies; the policy's author owns the list it reads, so this is not a
+//! confidentiality boundary. The sandbox protects the server: every call gets an epoch
+//! deadline, the store a memory limit and instance/table limits, and WASI grants nothing
+//! (no files, network, environment or arguments; stdout/stderr are captured, capped and
+//! logged).
+//!
+//! Calls are synchronous and CPU-bound; `Evaluator::evaluate_async` runs them on the
+//! blocking pool under a process-wide limit of concurrent evaluations.
 
 pub mod builtin;
+mod output;
 
 use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::sync::Semaphore;
 use wasmtime::component::{Component, Linker, ResourceTable};
-use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimits,
+    StoreLimitsBuilder,
+};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::domain::{Letter, Newsletter, PluginKind, Subscriber};
+use output::CappedOutput;
 
 mod bindings {
     pub mod filter {
@@ -36,20 +53,51 @@ mod bindings {
     pub use filter::letterbox::policy::types;
 }
 
-use bindings::filter::FilterPre;
-use bindings::template::TemplatePre;
+use bindings::filter::{Filter, FilterPre};
+use bindings::template::{Template, TemplatePre};
 use bindings::types;
 
 /// How often the epoch advances; deadlines are counted in these ticks.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+/// Calls one instance serves before it is replaced by a fresh one. Bounds how long any
+/// state a policy accumulates (fragmentation, caches, counters) can live.
+const RECYCLE_AFTER: u32 = 1000;
+
+/// Bytes of guest stdout and of stderr kept per call for the log.
+const OUTPUT_LOG_CAP: usize = 4096;
+
+/// Longest reason (from `skip` or `err`) kept in a recipient's state.
+const MAX_REASON: usize = 1000;
+
+/// Interfaces a policy may import (prefixes of import names). Rust's std for
+/// wasm32-wasip2 links cli, io, clocks, random and filesystem even when a policy does not
+/// use them; the sandbox grants none of their capabilities (no preopened directories, no
+/// environment, captured stdio), so importing them is harmless. Anything else (sockets,
+/// HTTP, other hosts' interfaces) is refused at upload.
+const ALLOWED_IMPORTS: &[&str] = &[
+    "wasi:cli/",
+    "wasi:io/",
+    "wasi:clocks/",
+    "wasi:random/",
+    "wasi:filesystem/",
+    "letterbox:policy/",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
     /// The bytes are not a component wasmtime can compile.
     #[error("not a valid WebAssembly component: {0}")]
     InvalidComponent(String),
+    /// The component imports an interface the host refuses to provide.
+    #[error(
+        "the component imports {name}, which policies may not use \
+         (allowed: wasi:cli, wasi:io, wasi:clocks, wasi:random, wasi:filesystem; \
+         none of them grants files, network or environment)"
+    )]
+    RefusedImport { name: String },
     /// A valid component that does not fit the world its kind requires.
-    #[error("component does not implement the letterbox:policy/{kind} world: {detail}")]
+    #[error("the component does not implement the letterbox:policy/{kind} world: {detail}")]
     WrongWorld { kind: PluginKind, detail: String },
     /// The policy trapped, ran out of time or memory, or broke the interface.
     #[error("policy {policy} crashed: {detail}")]
@@ -57,13 +105,28 @@ pub enum PolicyError {
     /// The policy returned `err(reason)`.
     #[error("policy {policy} returned an error: {reason}")]
     Rejected { policy: String, reason: String },
+    /// The policy returned more data than a call may.
+    #[error("policy {policy} returned {size} bytes, more than the limit of {limit}")]
+    OutputTooLarge {
+        policy: String,
+        size: usize,
+        limit: usize,
+    },
+    #[error("policy engine: {0}")]
+    Engine(String),
 }
 
-/// Limits applied to every policy call.
+/// Limits applied to policies.
 #[derive(Debug, Clone)]
 pub struct PolicyLimits {
+    /// Linear memory per instance.
     pub memory_bytes: usize,
+    /// Wall-clock budget per call (enforced by epoch interruption).
     pub timeout: Duration,
+    /// Largest component accepted at upload.
+    pub max_upload_bytes: usize,
+    /// Most bytes a template may return (subject + text + html + headers).
+    pub max_output_bytes: usize,
 }
 
 impl Default for PolicyLimits {
@@ -71,15 +134,19 @@ impl Default for PolicyLimits {
         PolicyLimits {
             memory_bytes: 64 << 20,
             timeout: Duration::from_millis(100),
+            max_upload_bytes: 10 << 20,
+            max_output_bytes: 1 << 20,
         }
     }
 }
 
-/// Per-store data: the (empty) WASI context and the limiter.
+/// Per-store data: the WASI context (which grants nothing) and the limiter.
 struct HostState {
     wasi: WasiCtx,
     table: ResourceTable,
     limits: StoreLimits,
+    stdout: CappedOutput,
+    stderr: CappedOutput,
 }
 
 impl WasiView for HostState {
@@ -91,9 +158,9 @@ impl WasiView for HostState {
     }
 }
 
-/// A compiled, linked policy ready to be instantiated.
+/// A compiled, checked and linked policy, ready to be instantiated.
 pub struct Policy {
-    /// `name@sha256-prefix`, used in failure reasons.
+    /// `name@sha256-prefix`, used in failure reasons and logs.
     label: String,
     pre: Prepared,
 }
@@ -110,6 +177,10 @@ impl Policy {
             Prepared::Template(_) => PluginKind::Template,
         }
     }
+
+    pub fn label(&self) -> &str {
+        &self.label
+    }
 }
 
 /// The policy engine. Cheap to clone.
@@ -117,11 +188,18 @@ impl Policy {
 pub struct PolicyHost {
     engine: Engine,
     linker: Arc<Linker<HostState>>,
-    limits: PolicyLimits,
-    /// Compiled policies by plugin id. Compiling takes hundreds of milliseconds, a call
-    /// tens of microseconds, so compilation happens once per process per plugin.
-    /// A std mutex: it is held only for a map lookup or insert, never across compilation.
+    limits: Arc<PolicyLimits>,
+    /// Compiled policies by plugin id. A std mutex: held only for a lookup or an insert,
+    /// never across compilation.
     compiled: Arc<Mutex<HashMap<String, Arc<Policy>>>>,
+    /// Where serialized compiled components are kept across restarts.
+    cache_dir: Option<PathBuf>,
+    /// The engine's compatibility hash: part of cache file names, so a new wasmtime or
+    /// different settings never load stale code.
+    compat: String,
+    /// Concurrent evaluations in the process: policy calls are CPU-bound, so more than
+    /// a few per core only adds live instances and latency.
+    evaluations: Arc<Semaphore>,
 }
 
 /// What the filter and template decided for one recipient.
@@ -167,13 +245,37 @@ fn recipient_input(subscriber: &Subscriber, unsubscribe_url: String) -> types::R
 }
 
 impl PolicyHost {
-    pub fn new(limits: PolicyLimits) -> Result<Self, PolicyError> {
+    /// Creates the engine (pooling allocator where the address space can be reserved),
+    /// the linker and the epoch ticker. `cache_dir` keeps compiled code across restarts.
+    pub fn new(limits: PolicyLimits, cache_dir: Option<PathBuf>) -> Result<Self, PolicyError> {
+        let engine_error = |e: wasmtime::Error| PolicyError::Engine(format!("{e:#}"));
         let mut config = Config::new();
         config.epoch_interruption(true);
-        let engine = Engine::new(&config).map_err(|e| PolicyError::InvalidComponent(format!("{e:#}")))?;
+        let mut pool = PoolingAllocationConfig::default();
+        pool.max_memory_size(limits.memory_bytes);
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = match Engine::new(&config) {
+            Ok(engine) => engine,
+            Err(e) => {
+                tracing::warn!(
+                    error = %format!("{e:#}"),
+                    "cannot reserve address space for the pooling allocator; \
+                     falling back to on-demand instance allocation (slower instantiation)"
+                );
+                config.allocation_strategy(InstanceAllocationStrategy::OnDemand);
+                Engine::new(&config).map_err(engine_error)?
+            }
+        };
         let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
-            .map_err(|e| PolicyError::InvalidComponent(format!("{e:#}")))?;
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(engine_error)?;
+
+        let mut hasher = std::hash::DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut hasher);
+        let compat = format!("{:016x}", hasher.finish());
+        if let Some(dir) = &cache_dir {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| PolicyError::Engine(format!("{}: {e}", dir.display())))?;
+        }
 
         // The epoch ticker: ends by itself when the engine is dropped.
         let weak = engine.weak();
@@ -186,18 +288,27 @@ impl PolicyHost {
                     std::thread::sleep(EPOCH_TICK);
                 }
             })
-            .map_err(|e| PolicyError::InvalidComponent(format!("cannot start epoch thread: {e}")))?;
+            .map_err(|e| PolicyError::Engine(format!("cannot start the epoch thread: {e}")))?;
 
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
         Ok(PolicyHost {
             engine,
             linker: Arc::new(linker),
-            limits,
+            limits: Arc::new(limits),
             compiled: Arc::new(Mutex::new(HashMap::new())),
+            cache_dir,
+            compat,
+            evaluations: Arc::new(Semaphore::new(cores * 2)),
         })
     }
 
-    /// Compiles `bytes` and checks they implement `kind`'s world. On success the compiled
-    /// policy is cached under `id`. Blocking (compilation takes up to a second).
+    pub fn limits(&self) -> &PolicyLimits {
+        &self.limits
+    }
+
+    /// Checks `bytes` are a component implementing `kind`'s world with acceptable
+    /// imports, compiles them (or loads the cached compilation) and caches the result
+    /// under `id` (the bytes' sha256). Blocking: compiling can take a second.
     pub fn prepare(
         &self,
         id: &str,
@@ -210,17 +321,37 @@ impl PolicyHost {
         {
             return Ok(policy);
         }
-        let component = Component::new(&self.engine, bytes)
-            .map_err(|e| PolicyError::InvalidComponent(format!("{e:#}")))?;
-        let wrong_world = |e: wasmtime::Error| PolicyError::WrongWorld {
-            kind,
-            detail: format!("{e:#}"),
+        let cache_file = self
+            .cache_dir
+            .as_ref()
+            .map(|dir| dir.join(format!("{id}-{}.cwasm", self.compat)));
+        let cached = cache_file.as_ref().filter(|f| f.exists()).and_then(|file| {
+            // SAFETY: the file was written below by `Component::serialize` with this
+            // engine configuration (its compatibility hash is in the name) into
+            // letterbox's own data directory, and wasmtime checks its header. Whoever
+            // can write that directory can already rewrite the database; the file is
+            // trusted exactly as much.
+            match unsafe { Component::deserialize_file(&self.engine, file) } {
+                Ok(component) => Some(component),
+                Err(e) => {
+                    tracing::warn!(file = %file.display(), error = %e, "ignoring unusable compiled policy");
+                    None
+                }
+            }
+        });
+        let fresh = cached.is_none();
+        let component = match cached {
+            Some(component) => component,
+            None => Component::new(&self.engine, bytes)
+                .map_err(|e| PolicyError::InvalidComponent(format!("{e:#}")))?,
         };
-        let instance_pre = self.linker.instantiate_pre(&component).map_err(wrong_world)?;
-        let pre = match kind {
-            PluginKind::Filter => Prepared::Filter(FilterPre::new(instance_pre).map_err(wrong_world)?),
-            PluginKind::Template => Prepared::Template(TemplatePre::new(instance_pre).map_err(wrong_world)?),
-        };
+        let pre = self.check(&component, kind)?;
+        if fresh
+            && let Some(file) = &cache_file
+            && let Err(e) = write_cache(file, &component)
+        {
+            tracing::warn!(file = %file.display(), error = %e, "cannot cache compiled policy");
+        }
         let policy = Arc::new(Policy {
             label: format!("{name}@{}", &id[..id.len().min(12)]),
             pre,
@@ -232,78 +363,224 @@ impl PolicyHost {
         Ok(policy)
     }
 
-    /// The compiled policy for `id`, if this process has compiled it.
+    /// Checks imports against the allowlist and exports against the world, and links.
+    fn check(&self, component: &Component, kind: PluginKind) -> Result<Prepared, PolicyError> {
+        let ty = component.component_type();
+        for (name, _) in ty.imports(&self.engine) {
+            if !ALLOWED_IMPORTS.iter().any(|prefix| name.starts_with(prefix)) {
+                return Err(PolicyError::RefusedImport {
+                    name: name.to_string(),
+                });
+            }
+        }
+        let exports: Vec<String> = ty
+            .exports(&self.engine)
+            .map(|(name, _)| name.to_string())
+            .collect();
+        let (wanted, other, other_kind) = match kind {
+            PluginKind::Filter => ("filter", "render", PluginKind::Template),
+            PluginKind::Template => ("render", "filter", PluginKind::Filter),
+        };
+        if !exports.iter().any(|e| e == wanted) {
+            let detail = if exports.iter().any(|e| e == other) {
+                format!(
+                    "it exports `{other}`, the {other_kind} world's function; upload it with kind={other_kind}"
+                )
+            } else {
+                format!(
+                    "the {kind} world expects an exported function `{wanted}`, the component exports {exports:?}"
+                )
+            };
+            return Err(PolicyError::WrongWorld { kind, detail });
+        }
+        let wrong_world = |e: wasmtime::Error| PolicyError::WrongWorld {
+            kind,
+            detail: format!("{e:#}"),
+        };
+        let instance_pre = self.linker.instantiate_pre(component).map_err(wrong_world)?;
+        Ok(match kind {
+            PluginKind::Filter => Prepared::Filter(FilterPre::new(instance_pre).map_err(wrong_world)?),
+            PluginKind::Template => Prepared::Template(TemplatePre::new(instance_pre).map_err(wrong_world)?),
+        })
+    }
+
+    /// The compiled policy for `id`, if this process has prepared it.
     pub fn cached(&self, id: &str) -> Option<Arc<Policy>> {
         self.compiled.lock().expect("policy cache lock").get(id).cloned()
     }
 
-    fn store(&self) -> Store<HostState> {
+    fn new_store(&self) -> Store<HostState> {
         let limits = StoreLimitsBuilder::new()
             .memory_size(self.limits.memory_bytes)
             .instances(16)
             .tables(16)
             .memories(4)
+            .table_elements(100_000)
+            .build();
+        let stdout = CappedOutput::new(OUTPUT_LOG_CAP);
+        let stderr = CappedOutput::new(OUTPUT_LOG_CAP);
+        let wasi = WasiCtx::builder()
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
             .build();
         let mut store = Store::new(
             &self.engine,
             HostState {
-                wasi: WasiCtx::builder().build(),
+                wasi,
                 table: ResourceTable::new(),
                 limits,
+                stdout,
+                stderr,
             },
         );
         store.limiter(|state| &mut state.limits);
-        let ticks = (self.limits.timeout.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64;
-        store.set_epoch_deadline(ticks);
+        // A new store's deadline is epoch 0, already past: instantiation (which runs the
+        // component's start code) needs a budget too.
+        store.set_epoch_deadline(self.deadline_ticks());
         store
     }
 
-    /// Runs `filter` then, if it says send, `template` for one recipient. Blocking.
-    pub fn evaluate(
+    fn deadline_ticks(&self) -> u64 {
+        (self.limits.timeout.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64
+    }
+
+    /// An evaluator for one job's filter and template.
+    pub fn evaluator(
         &self,
-        filter: &Policy,
-        template: &Policy,
+        filter: Arc<Policy>,
+        template: Arc<Policy>,
+        letter: LetterInput,
+    ) -> Result<Evaluator, PolicyError> {
+        if filter.kind() != PluginKind::Filter || template.kind() != PluginKind::Template {
+            return Err(PolicyError::Engine(format!(
+                "{} / {} given in the wrong roles",
+                filter.label, template.label
+            )));
+        }
+        let max_idle = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2) * 2;
+        Ok(Evaluator {
+            host: self.clone(),
+            filter,
+            template,
+            letter,
+            idle: Mutex::new(Vec::new()),
+            max_idle,
+        })
+    }
+}
+
+fn write_cache(file: &std::path::Path, component: &Component) -> std::io::Result<()> {
+    let bytes = component
+        .serialize()
+        .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
+    let tmp = file.with_extension("tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, file)
+}
+
+/// A job's filter and template with warm instances to reuse across recipients.
+pub struct Evaluator {
+    host: PolicyHost,
+    filter: Arc<Policy>,
+    template: Arc<Policy>,
+    letter: LetterInput,
+    /// Warm instance pairs not in use. A std mutex: held for a push or a pop only.
+    idle: Mutex<Vec<Warm>>,
+    max_idle: usize,
+}
+
+#[derive(Default)]
+struct Warm {
+    filter: Option<Live<Filter>>,
+    template: Option<Live<Template>>,
+}
+
+struct Live<T> {
+    store: Store<HostState>,
+    bindings: T,
+    calls: u32,
+}
+
+impl Evaluator {
+    /// Runs `filter` then, if it says send, `template` for one recipient. Blocking.
+    pub fn evaluate(&self, subscriber: &Subscriber, unsubscribe_url: String) -> Result<Verdict, PolicyError> {
+        let mut warm = self.idle.lock().expect("idle lock").pop().unwrap_or_default();
+        let result = self.evaluate_with(&mut warm, subscriber, unsubscribe_url);
+        let mut idle = self.idle.lock().expect("idle lock");
+        if idle.len() < self.max_idle {
+            idle.push(warm);
+        }
+        result
+    }
+
+    /// `evaluate` on the blocking pool, within the process-wide evaluation limit.
+    pub async fn evaluate_async(
+        self: &Arc<Self>,
+        subscriber: Subscriber,
+        unsubscribe_url: String,
+    ) -> Result<(Subscriber, Verdict), PolicyError> {
+        let _permit = self
+            .host
+            .evaluations
+            .acquire()
+            .await
+            .map_err(|_| PolicyError::Engine("the policy engine is shut down".into()))?;
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let verdict = this.evaluate(&subscriber, unsubscribe_url)?;
+            Ok((subscriber, verdict))
+        })
+        .await
+        .map_err(|e| PolicyError::Engine(format!("policy evaluation panicked: {e}")))?
+    }
+
+    fn evaluate_with(
+        &self,
+        warm: &mut Warm,
         subscriber: &Subscriber,
         unsubscribe_url: String,
-        letter: &LetterInput,
     ) -> Result<Verdict, PolicyError> {
         let recipient = recipient_input(subscriber, unsubscribe_url);
-        let (Prepared::Filter(filter_pre), Prepared::Template(template_pre)) = (&filter.pre, &template.pre)
-        else {
-            return Err(PolicyError::Trap {
-                policy: format!("{} / {}", filter.label, template.label),
-                detail: "filter and template given in the wrong roles".into(),
-            });
+        let letter = &self.letter.0;
+        let Prepared::Filter(filter_pre) = &self.filter.pre else {
+            unreachable!("checked in PolicyHost::evaluator")
+        };
+        let Prepared::Template(template_pre) = &self.template.pre else {
+            unreachable!("checked in PolicyHost::evaluator")
         };
 
-        let trap = |policy: &Policy| {
-            let policy = policy.label.clone();
-            move |e: wasmtime::Error| PolicyError::Trap {
-                policy,
-                detail: describe_trap(&e),
-            }
-        };
-        let rejected = |policy: &Policy| {
-            let policy = policy.label.clone();
-            move |reason: String| PolicyError::Rejected { policy, reason }
-        };
-
-        let mut store = self.store();
-        let instance = filter_pre.instantiate(&mut store).map_err(trap(filter))?;
-        let decision = instance
-            .call_filter(&mut store, &recipient, &letter.0)
-            .map_err(trap(filter))?
-            .map_err(rejected(filter))?;
+        let decision = self.call(
+            &self.filter,
+            &mut warm.filter,
+            |store| filter_pre.instantiate(store),
+            |bindings, store| bindings.call_filter(store, &recipient, letter),
+        )?;
         if let types::Decision::Skip(reason) = decision {
-            return Ok(Verdict::Skip(reason));
+            return Ok(Verdict::Skip(truncate(reason)));
         }
 
-        let mut store = self.store();
-        let instance = template_pre.instantiate(&mut store).map_err(trap(template))?;
-        let rendered = instance
-            .call_render(&mut store, &recipient, &letter.0)
-            .map_err(trap(template))?
-            .map_err(rejected(template))?;
+        let rendered = self.call(
+            &self.template,
+            &mut warm.template,
+            |store| template_pre.instantiate(store),
+            |bindings, store| bindings.call_render(store, &recipient, letter),
+        )?;
+        let size = rendered.subject.len()
+            + rendered.text.len()
+            + rendered.html.as_ref().map_or(0, String::len)
+            + rendered
+                .headers
+                .iter()
+                .map(|h| h.name.len() + h.value.len())
+                .sum::<usize>();
+        let limit = self.host.limits.max_output_bytes;
+        if size > limit {
+            return Err(PolicyError::OutputTooLarge {
+                policy: self.template.label.clone(),
+                size,
+                limit,
+            });
+        }
         Ok(Verdict::Send(Rendered {
             subject: rendered.subject,
             text: rendered.text,
@@ -311,10 +588,69 @@ impl PolicyHost {
             headers: rendered.headers.into_iter().map(|h| (h.name, h.value)).collect(),
         }))
     }
+
+    /// One call on a warm (or new) instance in `slot`. The instance goes back into the
+    /// slot only if the call returned normally.
+    fn call<T, R>(
+        &self,
+        policy: &Policy,
+        slot: &mut Option<Live<T>>,
+        instantiate: impl FnOnce(&mut Store<HostState>) -> wasmtime::Result<T>,
+        call: impl FnOnce(&T, &mut Store<HostState>) -> wasmtime::Result<Result<R, String>>,
+    ) -> Result<R, PolicyError> {
+        let trap = |e: wasmtime::Error| PolicyError::Trap {
+            policy: policy.label.clone(),
+            detail: describe_trap(&e),
+        };
+        let mut live = match slot.take() {
+            Some(live) if live.calls < RECYCLE_AFTER => live,
+            _ => {
+                let mut store = self.host.new_store();
+                let bindings = instantiate(&mut store).map_err(trap)?;
+                Live {
+                    store,
+                    bindings,
+                    calls: 0,
+                }
+            }
+        };
+        live.store.set_epoch_deadline(self.host.deadline_ticks());
+        let result = call(&live.bindings, &mut live.store);
+        log_output(policy, &live.store);
+        let returned = result.map_err(trap)?;
+        live.calls += 1;
+        *slot = Some(live);
+        returned.map_err(|reason| PolicyError::Rejected {
+            policy: policy.label.clone(),
+            reason: truncate(reason),
+        })
+    }
 }
 
-/// A one-line reason for a failed call: the trap code when there is one (out of fuel,
-/// unreachable, ...), else the error chain.
+/// Sends what a call printed to the log, noting how much was cut.
+fn log_output(policy: &Policy, store: &Store<HostState>) {
+    for (stream, output) in [("stdout", &store.data().stdout), ("stderr", &store.data().stderr)] {
+        let (text, dropped) = output.take();
+        if !text.is_empty() || dropped > 0 {
+            tracing::info!(policy = %policy.label, stream, dropped, "{}", text.trim_end());
+        }
+    }
+}
+
+fn truncate(mut reason: String) -> String {
+    if reason.len() > MAX_REASON {
+        let mut cut = MAX_REASON;
+        while !reason.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        reason.truncate(cut);
+        reason.push('…');
+    }
+    reason
+}
+
+/// A one-line reason for a failed call: the trap code when there is one, else the
+/// first line of the error chain.
 fn describe_trap(e: &wasmtime::Error) -> String {
     match e.downcast_ref::<wasmtime::Trap>() {
         Some(wasmtime::Trap::Interrupt) => "timed out (epoch deadline reached)".to_string(),

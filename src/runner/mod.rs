@@ -21,7 +21,7 @@ use tracing::Instrument;
 
 use crate::domain::*;
 use crate::mail::{self, Mailer, Outgoing};
-use crate::policy::{LetterInput, Policy, PolicyError, PolicyHost, Verdict};
+use crate::policy::{Evaluator, LetterInput, Policy, PolicyError, PolicyHost, Verdict};
 use crate::store::{Store, StoreError};
 use crate::tokens::UnsubscribeKey;
 
@@ -76,9 +76,7 @@ struct Inner {
 struct JobContext {
     job_id: u64,
     newsletter: Newsletter,
-    letter: LetterInput,
-    filter: Arc<Policy>,
-    template: Arc<Policy>,
+    evaluator: Arc<Evaluator>,
     message_domain: String,
 }
 
@@ -107,6 +105,10 @@ impl Runner {
                 tracker: TaskTracker::new(),
             }),
         }
+    }
+
+    pub fn policy_limits(&self) -> &crate::policy::PolicyLimits {
+        self.inner.policies.limits()
     }
 
     pub fn unsubscribe_key(&self) -> &UnsubscribeKey {
@@ -297,11 +299,14 @@ impl Runner {
         let job = store.job(job_id).await?;
         let letter = store.letter(job.letter_id).await?;
         let newsletter = store.newsletter(job.newsletter_id).await?;
+        let evaluator = inner.policies.evaluator(
+            self.load_policy(&job.filter, PluginKind::Filter).await?,
+            self.load_policy(&job.template, PluginKind::Template).await?,
+            LetterInput::new(&letter, &newsletter),
+        )?;
         let ctx = Arc::new(JobContext {
             job_id,
-            filter: self.load_policy(&job.filter, PluginKind::Filter).await?,
-            template: self.load_policy(&job.template, PluginKind::Template).await?,
-            letter: LetterInput::new(&letter, &newsletter),
+            evaluator: Arc::new(evaluator),
             message_domain: mail::mailbox_domain(&newsletter.from),
             newsletter,
         });
@@ -431,37 +436,21 @@ impl Runner {
         let token = inner.unsubscribe.token(ctx.newsletter.id, subscriber.id);
         let unsubscribe_url = format!("{}/u/{token}", inner.config.public_url.trim_end_matches('/'));
 
-        let host = inner.policies.clone();
-        let policy_ctx = ctx.clone();
-        let url = unsubscribe_url.clone();
-        let evaluated = tokio::task::spawn_blocking(move || {
-            let subscriber = subscriber;
-            let verdict = host.evaluate(
-                &policy_ctx.filter,
-                &policy_ctx.template,
-                &subscriber,
-                url,
-                &policy_ctx.letter,
-            );
-            (subscriber, verdict)
-        })
-        .await;
-        let (subscriber, verdict) = match evaluated {
+        let (subscriber, verdict) = match ctx
+            .evaluator
+            .evaluate_async(subscriber, unsubscribe_url.clone())
+            .await
+        {
             Ok(pair) => pair,
-            Err(e) => {
-                return Outcome::Failed {
-                    reason: format!("policy evaluation panicked: {e}"),
-                };
-            }
-        };
-        let rendered = match verdict {
-            Ok(Verdict::Send(rendered)) => rendered,
-            Ok(Verdict::Skip(reason)) => return Outcome::Skipped { reason },
             Err(e) => {
                 return Outcome::Failed {
                     reason: e.to_string(),
                 };
             }
+        };
+        let rendered = match verdict {
+            Verdict::Send(rendered) => rendered,
+            Verdict::Skip(reason) => return Outcome::Skipped { reason },
         };
 
         let outgoing = Outgoing {

@@ -86,13 +86,31 @@ type Op = Box<dyn FnOnce(&WriteTransaction) -> (bool, Completion) + Send>;
 /// A cheap, cloneable handle on the database.
 #[derive(Clone)]
 pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     db: Arc<Database>,
-    writer: mpsc::Sender<Op>,
+    /// `None` only while dropping.
+    writer: Option<mpsc::Sender<Op>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// When the last handle goes, close the writer's queue and wait for it to finish its
+/// batch and drop its database handle: the file is released when this returns, so the
+/// same process can open it again at once (a restart in tests, for instance).
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.writer.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 impl Store {
     /// Opens (or creates) the database file and starts its writer thread. The thread
-    /// ends when the last `Store` handle is dropped.
+    /// ends, and the file is closed, when the last `Store` handle is dropped.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let db = Arc::new(Database::create(path)?);
         // Create every table up front so readers never meet a missing table.
@@ -116,11 +134,17 @@ impl Store {
 
         let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
         let writer_db = db.clone();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("letterbox-store-writer".into())
             .spawn(move || writer_loop(writer_db, rx))
             .map_err(|e| StoreError::BatchFailed(format!("cannot start writer thread: {e}")))?;
-        Ok(Store { db, writer: tx })
+        Ok(Store {
+            inner: Arc::new(Inner {
+                db,
+                writer: Some(tx),
+                thread: Some(thread),
+            }),
+        })
     }
 
     /// Runs `f` in a read transaction on the blocking pool.
@@ -129,7 +153,7 @@ impl Store {
         R: Send + 'static,
         F: FnOnce(&ReadTransaction) -> Result<R, StoreError> + Send + 'static,
     {
-        let db = self.db.clone();
+        let db = self.inner.db.clone();
         tokio::task::spawn_blocking(move || f(&db.begin_read()?))
             .await
             .map_err(|e| StoreError::BatchFailed(format!("read task failed: {e}")))?
@@ -155,7 +179,8 @@ impl Store {
             });
             (aborts, complete)
         });
-        self.writer.send(op).await.map_err(|_| StoreError::Closed)?;
+        let writer = self.inner.writer.as_ref().ok_or(StoreError::Closed)?;
+        writer.send(op).await.map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 }

@@ -15,8 +15,24 @@ use crate::support::{Api, SmtpServer};
 const RECIPIENTS: usize = 600;
 const CONCURRENCY: usize = 8;
 
+/// A child process killed (SIGKILL) when dropped, so a failing test leaves none behind.
+struct Server(Child);
+
+impl Server {
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 /// Starts `letterbox serve` on port 0 and returns it with the API it listens on.
-fn spawn_letterbox(data: &Path, smtp: &SmtpServer) -> (Child, Api) {
+fn spawn_letterbox(data: &Path, smtp: &SmtpServer) -> (Server, Api) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_letterbox"))
         .args([
             "serve",
@@ -35,6 +51,7 @@ fn spawn_letterbox(data: &Path, smtp: &SmtpServer) -> (Child, Api) {
         .spawn()
         .expect("spawn letterbox");
     let stdout = child.stdout.take().unwrap();
+    let child = Server(child);
     let (tx, rx) = std::sync::mpsc::channel();
     // Keep draining stdout so the child never blocks on a full pipe.
     std::thread::spawn(move || {
@@ -91,18 +108,15 @@ async fn kill_9_mid_send_loses_nobody_and_duplicates_at_most_concurrency() {
         assert!(Instant::now() < deadline, "send never got going");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    child.kill(); // SIGKILL
     let at_kill = smtp.count();
     assert!(
         at_kill < RECIPIENTS,
         "the kill came after the send finished ({at_kill})"
     );
 
-    let (mut child, api) = spawn_letterbox(data.path(), &smtp);
+    let (_child, api) = spawn_letterbox(data.path(), &smtp);
     let done = api.wait_job(job, Duration::from_secs(180)).await;
-    child.kill().unwrap();
-    child.wait().unwrap();
 
     assert_eq!(done["state"], "completed", "{done}");
     assert_eq!(done["counts"]["delivered"], RECIPIENTS, "{done}");

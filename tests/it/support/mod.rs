@@ -44,8 +44,14 @@ impl TestServer {
         }));
         let api = Api::new(base);
         // `run` installs the built-in policies before it accepts connections; the
-        // listener is already bound, so requests simply wait until then.
-        api.wait_healthy().await;
+        // listener is already bound, so requests simply wait until then. If `run` fails
+        // instead, say why rather than time out.
+        tokio::select! {
+            _ = api.wait_healthy() => {}
+            _ = async { while !task.is_finished() { tokio::time::sleep(Duration::from_millis(20)).await } } => {
+                panic!("letterbox::run ended before serving: {:?}", task.await)
+            }
+        }
         TestServer {
             api,
             data,

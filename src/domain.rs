@@ -104,6 +104,25 @@ pub struct Plugin {
     pub created_at: u64,
 }
 
+/// One upload in a plugin name's history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PluginVersion {
+    /// 1 for the first upload under this name, then 2, 3, ...
+    pub version: u64,
+    pub id: String,
+    pub size: u64,
+    pub uploaded_at: u64,
+}
+
+/// A plugin name with its latest version, for listings.
+#[derive(Debug, Clone, Serialize)]
+pub struct PluginSummary {
+    pub name: String,
+    pub kind: PluginKind,
+    pub latest: PluginVersion,
+    pub versions: u64,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {

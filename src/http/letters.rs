@@ -11,14 +11,16 @@ use serde_json::{Map, Value, json};
 use super::error::{ApiJson, ApiPath};
 use super::{ApiError, AppState};
 use crate::domain::{Letter, PluginKind, now};
+use crate::policy::Verdict;
 use crate::policy::builtin::{DEFAULT_FILTER_NAME, DEFAULT_TEMPLATE_NAME};
-use crate::runner::SendOptions;
+use crate::runner::{PreviewTarget, SendOptions};
 
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/v1/newsletters/{id}/letters", post(create))
         .route("/v1/letters/{id}", get(show))
         .route("/v1/letters/{id}/send", post(send))
+        .route("/v1/letters/{id}/preview", post(preview))
 }
 
 #[derive(Deserialize)]
@@ -103,4 +105,58 @@ async fn send(
         StatusCode::ACCEPTED,
         Json(json!({ "job_id": job.id, "job": job })),
     ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PreviewRequest {
+    #[serde(default)]
+    subscriber_id: Option<u64>,
+    #[serde(default)]
+    recipient: Option<super::newsletters::SubscriberInput>,
+}
+
+/// Runs the letter's policies for one subscriber (`subscriber_id`) or an inline
+/// `recipient` and shows the decision and the message. Sends nothing.
+async fn preview(
+    State(state): State<AppState>,
+    ApiPath(letter_id): ApiPath<u64>,
+    ApiJson(body): ApiJson<PreviewRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let target = match (body.subscriber_id, body.recipient) {
+        (Some(id), None) => PreviewTarget::Subscriber(id),
+        (None, Some(recipient)) => {
+            PreviewTarget::Inline(recipient.validate().map_err(|e| ApiError::Invalid {
+                detail: "invalid recipient".into(),
+                errors: vec![super::FieldError {
+                    field: "recipient.email".into(),
+                    message: e,
+                }],
+            })?)
+        }
+        _ => {
+            return Err(ApiError::invalid(
+                "give exactly one of subscriber_id and recipient",
+            ));
+        }
+    };
+    let preview = state.runner.preview(letter_id, target).await?;
+    let mut out = json!({ "filter": preview.filter, "template": preview.template });
+    match preview.verdict {
+        Verdict::Skip(reason) => {
+            out["decision"] = json!("skip");
+            out["reason"] = json!(reason);
+        }
+        Verdict::Send(rendered) => {
+            out["decision"] = json!("send");
+            out["rendered"] = json!({
+                "subject": rendered.subject,
+                "text": rendered.text,
+                "html": rendered.html,
+                "headers": rendered.headers.into_iter().map(|(n, v)| json!({ "name": n, "value": v })).collect::<Vec<_>>(),
+            });
+            out["message"] = json!(preview.message);
+        }
+    }
+    Ok(Json(out))
 }

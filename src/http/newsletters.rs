@@ -69,12 +69,24 @@ async fn show(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct SubscriberInput {
+pub(super) struct SubscriberInput {
     email: String,
     #[serde(default)]
     name: Option<String>,
     #[serde(default)]
     attributes: Option<Map<String, Value>>,
+}
+
+impl SubscriberInput {
+    /// Checks the email; returns the subscriber to store or why the email is invalid.
+    pub(super) fn validate(self) -> Result<NewSubscriber, String> {
+        let email = mail::parse_address(&self.email).map_err(|e| e.to_string())?;
+        Ok(NewSubscriber {
+            email,
+            name: self.name.map(|n| n.trim().to_string()).filter(|n| !n.is_empty()),
+            attributes: self.attributes.unwrap_or_default(),
+        })
+    }
 }
 
 /// Adds or updates (by email) a batch of subscribers. The batch is all or nothing: any
@@ -87,15 +99,11 @@ async fn add_subscribers(
     let mut errors = Vec::new();
     let mut subscribers = Vec::with_capacity(rows.len());
     for (i, row) in rows.into_iter().enumerate() {
-        match mail::parse_address(&row.email) {
-            Ok(email) => subscribers.push(NewSubscriber {
-                email,
-                name: row.name.map(|n| n.trim().to_string()).filter(|n| !n.is_empty()),
-                attributes: row.attributes.unwrap_or_default(),
-            }),
-            Err(e) => errors.push(FieldError {
+        match row.validate() {
+            Ok(subscriber) => subscribers.push(subscriber),
+            Err(message) => errors.push(FieldError {
                 field: format!("[{i}].email"),
-                message: e.to_string(),
+                message,
             }),
         }
     }

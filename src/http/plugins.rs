@@ -3,22 +3,57 @@
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode, header};
-use axum::routing::post;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 
-use super::error::ApiQuery;
+use serde_json::{Value, json};
+
+use super::error::{ApiPath, ApiQuery};
 use super::{ApiError, AppState};
-use crate::domain::{Plugin, PluginKind};
+use crate::domain::{Plugin, PluginKind, PluginSummary};
 use crate::policy::builtin::{DEFAULT_FILTER_NAME, DEFAULT_TEMPLATE_NAME};
 
 /// `max_upload` is the configured largest component (default 10 MiB; the default
 /// template, with minijinja, is ~0.8 MiB).
 pub fn router(max_upload: usize) -> Router<AppState> {
-    Router::new().route(
-        "/v1/plugins",
-        post(upload).layer(DefaultBodyLimit::max(max_upload)),
-    )
+    Router::new()
+        .route(
+            "/v1/plugins",
+            post(upload).layer(DefaultBodyLimit::max(max_upload)).get(list),
+        )
+        .route("/v1/plugins/{name}", get(show).delete(remove))
+}
+
+async fn list(State(state): State<AppState>) -> Result<Json<Vec<PluginSummary>>, ApiError> {
+    Ok(Json(state.store.list_plugins().await?))
+}
+
+/// A plugin name's versions, oldest first.
+async fn show(
+    State(state): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+) -> Result<Json<Value>, ApiError> {
+    let (kind, versions) = state
+        .store
+        .plugin_versions(name.clone())
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("plugin {name} not found")))?;
+    Ok(Json(json!({ "name": name, "kind": kind, "versions": versions })))
+}
+
+/// Deletes a plugin name with all its versions; 409 while an unfinished job uses it.
+async fn remove(
+    State(state): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+) -> Result<StatusCode, ApiError> {
+    if [DEFAULT_FILTER_NAME, DEFAULT_TEMPLATE_NAME].contains(&name.as_str()) {
+        return Err(ApiError::invalid(format!(
+            "{name} is built in and cannot be deleted"
+        )));
+    }
+    state.store.delete_plugin(name).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[derive(Deserialize)]

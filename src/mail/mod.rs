@@ -199,6 +199,11 @@ impl Mailer {
     }
 }
 
+/// The message exactly as it would be sent (RFC 5322 text), e.g. for a preview.
+pub fn format(outgoing: &Outgoing) -> Result<String, MailError> {
+    Ok(String::from_utf8_lossy(&build(outgoing)?.formatted()).into_owned())
+}
+
 fn smtp_error(e: &lettre::transport::smtp::Error) -> String {
     use std::error::Error;
     let mut out = e.to_string();

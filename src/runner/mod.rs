@@ -21,7 +21,7 @@ use tracing::Instrument;
 
 use crate::domain::*;
 use crate::mail::{self, Mailer, Outgoing};
-use crate::policy::{Evaluator, LetterInput, Policy, PolicyError, PolicyHost, Verdict};
+use crate::policy::{Evaluator, LetterInput, Policy, PolicyError, PolicyHost, Rendered, Verdict};
 use crate::store::{Store, StoreError};
 use crate::tokens::UnsubscribeKey;
 
@@ -215,21 +215,30 @@ impl Runner {
         Ok(self.inner.store.put_plugin(plugin, bytes).await?)
     }
 
-    /// The latest version of the policy `name`, which must be of `kind`.
-    pub async fn resolve(&self, name: &str, kind: PluginKind) -> Result<PolicyVersion, RunnerError> {
-        let plugin = self
-            .inner
-            .store
-            .plugin_by_name(name.to_string())
-            .await?
-            .ok_or_else(|| {
-                RunnerError::Invalid(format!(
-                    "the letter's {kind} policy {name:?} is not an uploaded plugin"
-                ))
-            })?;
+    /// The policy version a letter's reference names: `NAME` is the latest version of
+    /// NAME (at the moment this is called), `NAME@ID` pins version ID of NAME. It must be
+    /// of `kind`.
+    pub async fn resolve(&self, reference: &str, kind: PluginKind) -> Result<PolicyVersion, RunnerError> {
+        let store = &self.inner.store;
+        let plugin = match reference.split_once('@') {
+            Some((name, id)) => store
+                .plugin_version(name.to_string(), id.to_string())
+                .await?
+                .ok_or_else(|| {
+                    RunnerError::Invalid(format!("the {kind} policy {name:?} has no version {id:?}"))
+                })?,
+            None => store
+                .plugin_by_name(reference.to_string())
+                .await?
+                .ok_or_else(|| {
+                    RunnerError::Invalid(format!(
+                        "the {kind} policy {reference:?} is not an uploaded plugin"
+                    ))
+                })?,
+        };
         if plugin.kind != kind {
             return Err(RunnerError::Invalid(format!(
-                "the letter's {kind} policy {name:?} is a {} plugin",
+                "{reference:?} is a {} policy, not a {kind} policy",
                 plugin.kind
             )));
         }
@@ -433,8 +442,7 @@ impl Runner {
                 reason: "subscriber is no longer active".into(),
             };
         }
-        let token = inner.unsubscribe.token(ctx.newsletter.id, subscriber.id);
-        let unsubscribe_url = format!("{}/u/{token}", inner.config.public_url.trim_end_matches('/'));
+        let unsubscribe_url = self.unsubscribe_url(ctx.newsletter.id, subscriber.id);
 
         let (subscriber, verdict) = match ctx
             .evaluator
@@ -453,20 +461,11 @@ impl Runner {
             Verdict::Skip(reason) => return Outcome::Skipped { reason },
         };
 
-        let outgoing = Outgoing {
-            from: ctx.newsletter.from.clone(),
-            to: subscriber.email,
-            to_name: subscriber.name,
-            subject: rendered.subject,
-            text: rendered.text,
-            html: rendered.html,
-            headers: rendered.headers,
-            message_id: format!(
-                "letterbox.{}.{}@{}",
-                ctx.job_id, delivery.subscriber_id, ctx.message_domain
-            ),
-            unsubscribe_url: Some(unsubscribe_url),
-        };
+        let message_id = format!(
+            "letterbox.{}.{}@{}",
+            ctx.job_id, delivery.subscriber_id, ctx.message_domain
+        );
+        let outgoing = outgoing(&ctx.newsletter, subscriber, rendered, message_id, unsubscribe_url);
         match inner.mailer.send(&outgoing).await {
             Ok(reply) => Outcome::Delivered { reply },
             Err(e) => Outcome::Failed {
@@ -475,10 +474,97 @@ impl Runner {
         }
     }
 
+    fn unsubscribe_url(&self, newsletter_id: u64, subscriber_id: u64) -> String {
+        let token = self.inner.unsubscribe.token(newsletter_id, subscriber_id);
+        format!("{}/u/{token}", self.inner.config.public_url.trim_end_matches('/'))
+    }
+
+    /// Runs a letter's filter and template (the versions a send would use now) for one
+    /// recipient, stored or given inline, and builds the message. Sends nothing.
+    pub async fn preview(&self, letter_id: u64, target: PreviewTarget) -> Result<Preview, RunnerError> {
+        let store = &self.inner.store;
+        let letter = store.letter(letter_id).await?;
+        let newsletter = store.newsletter(letter.newsletter_id).await?;
+        let filter = self.resolve(&letter.filter, PluginKind::Filter).await?;
+        let template = self.resolve(&letter.template, PluginKind::Template).await?;
+        let evaluator = Arc::new(self.inner.policies.evaluator(
+            self.load_policy(&filter, PluginKind::Filter).await?,
+            self.load_policy(&template, PluginKind::Template).await?,
+            LetterInput::new(&letter, &newsletter),
+        )?);
+        let subscriber = match target {
+            PreviewTarget::Subscriber(id) => store.subscriber(newsletter.id, id).await?,
+            PreviewTarget::Inline(new) => Subscriber {
+                id: 0,
+                newsletter_id: newsletter.id,
+                email: new.email,
+                name: new.name,
+                attributes: new.attributes,
+                status: SubscriberStatus::Active,
+                created_at: now(),
+            },
+        };
+        let url = self.unsubscribe_url(newsletter.id, subscriber.id);
+        let (subscriber, verdict) = evaluator.evaluate_async(subscriber, url.clone()).await?;
+        let message = match &verdict {
+            Verdict::Skip(_) => None,
+            Verdict::Send(rendered) => {
+                let message_id = format!(
+                    "letterbox.preview.{}@{}",
+                    subscriber.id,
+                    mail::mailbox_domain(&newsletter.from)
+                );
+                let outgoing = outgoing(&newsletter, subscriber, rendered.clone(), message_id, url);
+                Some(mail::format(&outgoing).map_err(|e| RunnerError::Invalid(e.to_string()))?)
+            }
+        };
+        Ok(Preview {
+            filter,
+            template,
+            verdict,
+            message,
+        })
+    }
+
     /// Stops claiming in every job and waits until in-flight deliveries are recorded.
     pub async fn shutdown(&self) {
         self.inner.shutdown.cancel();
         self.inner.tracker.close();
         self.inner.tracker.wait().await;
     }
+}
+
+fn outgoing(
+    newsletter: &Newsletter,
+    subscriber: Subscriber,
+    rendered: Rendered,
+    message_id: String,
+    unsubscribe_url: String,
+) -> Outgoing {
+    Outgoing {
+        from: newsletter.from.clone(),
+        to: subscriber.email,
+        to_name: subscriber.name,
+        subject: rendered.subject,
+        text: rendered.text,
+        html: rendered.html,
+        headers: rendered.headers,
+        message_id,
+        unsubscribe_url: Some(unsubscribe_url),
+    }
+}
+
+/// Whom a preview renders for.
+pub enum PreviewTarget {
+    Subscriber(u64),
+    Inline(NewSubscriber),
+}
+
+/// What a send would do for one recipient.
+pub struct Preview {
+    pub filter: PolicyVersion,
+    pub template: PolicyVersion,
+    pub verdict: Verdict,
+    /// The complete message (RFC 5322) when the filter says send.
+    pub message: Option<String>,
 }

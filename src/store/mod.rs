@@ -11,6 +11,7 @@
 //! operations of its batch still commit. A database error aborts the whole batch.
 
 mod ops;
+mod plugins;
 pub mod tables;
 
 use std::panic::AssertUnwindSafe;
@@ -125,6 +126,7 @@ impl Store {
             txn.open_table(PLUGINS)?;
             txn.open_table(PLUGIN_BLOBS)?;
             txn.open_table(PLUGIN_NAMES)?;
+            txn.open_table(PLUGIN_VERSIONS)?;
             txn.open_table(JOBS)?;
             txn.open_table(DELIVERIES)?;
             txn.open_table(QUEUE)?;

@@ -1,7 +1,7 @@
 //! The store's domain operations. Each write closure runs inside the writer's shared
 //! transaction; see the invariant in `store/mod.rs` (validate before writing).
 
-use redb::{ReadTransaction, ReadableTable, WriteTransaction};
+use redb::{ReadableTable, WriteTransaction};
 
 use super::tables::*;
 use super::{Store, StoreError, decode, encode};
@@ -188,82 +188,6 @@ impl Store {
                 .get(id)?
                 .ok_or_else(|| StoreError::not_found("letter", id))?;
             decode(row.value())
-        })
-        .await
-    }
-
-    /// Stores a plugin version and makes it the latest version of its name. Storing the
-    /// same bytes again is idempotent. Returns the plugin and whether it was new.
-    pub async fn put_plugin(&self, plugin: Plugin, bytes: Vec<u8>) -> Result<(Plugin, bool), StoreError> {
-        self.write(move |txn| {
-            let mut metas = txn.open_table(PLUGINS)?;
-            let mut names = txn.open_table(PLUGIN_NAMES)?;
-            let stored: Option<Plugin> = metas
-                .get(plugin.id.as_str())?
-                .map(|v| decode(v.value()))
-                .transpose()?;
-            if let Some(stored) = &stored
-                && stored.kind != plugin.kind
-            {
-                return Err(StoreError::Conflict(format!(
-                    "these bytes are already stored as {} plugin {:?}",
-                    stored.kind, stored.name
-                )));
-            }
-            let latest_id = names.get(plugin.name.as_str())?.map(|v| v.value().to_string());
-            let latest: Option<Plugin> = match latest_id {
-                Some(id) => metas.get(id.as_str())?.map(|v| decode(v.value())).transpose()?,
-                None => None,
-            };
-            if let Some(latest) = latest
-                && latest.kind != plugin.kind
-            {
-                return Err(StoreError::Conflict(format!(
-                    "plugin name {:?} belongs to a {} policy",
-                    plugin.name, latest.kind
-                )));
-            }
-            names.insert(plugin.name.as_str(), plugin.id.as_str())?;
-            match stored {
-                // Same bytes again: keep the first upload's record, under the name asked for.
-                Some(stored) => Ok((
-                    Plugin {
-                        name: plugin.name,
-                        ..stored
-                    },
-                    false,
-                )),
-                None => {
-                    metas.insert(plugin.id.as_str(), encode(&plugin).as_slice())?;
-                    txn.open_table(PLUGIN_BLOBS)?
-                        .insert(plugin.id.as_str(), bytes.as_slice())?;
-                    Ok((plugin, true))
-                }
-            }
-        })
-        .await
-    }
-
-    /// The latest version of the plugin called `name`, if any.
-    pub async fn plugin_by_name(&self, name: String) -> Result<Option<Plugin>, StoreError> {
-        self.read(move |txn| {
-            let names = txn.open_table(PLUGIN_NAMES)?;
-            let Some(id) = names.get(name.as_str())?.map(|v| v.value().to_string()) else {
-                return Ok(None);
-            };
-            plugin_in(txn, &id).map(Some)
-        })
-        .await
-    }
-
-    /// A plugin's component bytes.
-    pub async fn plugin_bytes(&self, id: String) -> Result<Vec<u8>, StoreError> {
-        self.read(move |txn| {
-            let table = txn.open_table(PLUGIN_BLOBS)?;
-            let row = table
-                .get(id.as_str())?
-                .ok_or_else(|| StoreError::not_found("plugin", &id))?;
-            Ok(row.value().to_vec())
         })
         .await
     }
@@ -466,12 +390,4 @@ impl Store {
         })
         .await
     }
-}
-
-fn plugin_in(txn: &ReadTransaction, id: &str) -> Result<Plugin, StoreError> {
-    let table = txn.open_table(PLUGINS)?;
-    let row = table
-        .get(id)?
-        .ok_or_else(|| StoreError::not_found("plugin", id))?;
-    decode(row.value())
 }

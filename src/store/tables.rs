@@ -28,6 +28,9 @@ pub const PLUGIN_BLOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("plu
 /// Plugin name → id of its latest version.
 pub const PLUGIN_NAMES: TableDefinition<&str, &str> = TableDefinition::new("plugin_names");
 
+/// (plugin name, version number from 1) → `PluginVersion`: each name's upload history.
+pub const PLUGIN_VERSIONS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("plugin_versions");
+
 /// Job id → `Job` (including its per-state counts).
 pub const JOBS: TableDefinition<u64, &[u8]> = TableDefinition::new("jobs");
 

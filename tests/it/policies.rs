@@ -177,3 +177,195 @@ async fn time_and_memory_limits_fail_only_the_offending_recipient() {
     );
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn versions_pins_listing_and_delete() {
+    let smtp = SmtpServer::start_with_delay(Duration::from_millis(100)).await;
+    let server = TestServer::start(Some(&smtp)).await;
+    let api = &server.api;
+    let (_, v1) = api.upload("template", "tpl", wasm("test_trap_template")).await;
+    let (status, v2) = api
+        .upload("template", "tpl", crate::support::wasm_default_template())
+        .await;
+    assert_eq!(status, 200, "bytes already stored as default-template: {v2}");
+    let (v1, v2) = (v1["id"].as_str().unwrap(), v2["id"].as_str().unwrap());
+
+    let (status, history) = api.get("/v1/plugins/tpl").await;
+    assert_eq!(status, 200, "{history}");
+    assert_eq!(history["kind"], "template");
+    let versions = history["versions"].as_array().unwrap();
+    assert_eq!(versions.len(), 2, "{history}");
+    assert_eq!(
+        (versions[0]["version"].as_u64(), versions[0]["id"].as_str()),
+        (Some(1), Some(v1))
+    );
+    assert_eq!(
+        (versions[1]["version"].as_u64(), versions[1]["id"].as_str()),
+        (Some(2), Some(v2))
+    );
+    let (_, all) = api.get("/v1/plugins").await;
+    let names: Vec<_> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["default-filter", "default-template", "tpl"], "{all}");
+    let tpl = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "tpl")
+        .unwrap();
+    assert_eq!(
+        (tpl["versions"].as_u64(), tpl["latest"]["id"].as_str()),
+        (Some(2), Some(v2))
+    );
+
+    // A pinned version is used as pinned; the bare name means the latest.
+    let newsletter = api.newsletter().await;
+    let letters = format!("/v1/newsletters/{newsletter}/letters");
+    let pinned =
+        json!({ "subject": "S", "text": "from default {{ email }}", "template": format!("tpl@{v1}") });
+    let pinned = api.post_ok(&letters, pinned, 201).await["id"].as_u64().unwrap();
+    let latest = json!({ "subject": "S", "text": "from default {{ email }}", "template": "tpl" });
+    let latest = api.post_ok(&letters, latest, 201).await["id"].as_u64().unwrap();
+    let inline = json!({ "recipient": { "email": "x@example.org" } });
+    let (_, preview) = api
+        .post(&format!("/v1/letters/{pinned}/preview"), inline.clone())
+        .await;
+    assert_eq!(preview["rendered"]["text"], "hello x@example.org", "{preview}");
+    assert_eq!(preview["template"]["id"], v1);
+    let (_, preview) = api.post(&format!("/v1/letters/{latest}/preview"), inline).await;
+    assert_eq!(
+        preview["rendered"]["text"], "from default x@example.org",
+        "{preview}"
+    );
+    let bad_pin = json!({ "subject": "S", "text": "T", "template": "tpl@0000" });
+    let (status, body) = api.post(&letters, bad_pin).await;
+    assert_eq!(status, 422, "{body}");
+
+    // Deleting is refused while a job uses the plugin, and for built-ins.
+    let people: Vec<_> = (0..10)
+        .map(|i| json!({ "email": format!("d{i}@example.org") }))
+        .collect();
+    api.post_ok(
+        &format!("/v1/newsletters/{newsletter}/subscribers"),
+        json!(people),
+        201,
+    )
+    .await;
+    let job = api
+        .post_ok(
+            &format!("/v1/letters/{latest}/send"),
+            json!({ "concurrency": 1 }),
+            202,
+        )
+        .await["job_id"]
+        .as_u64()
+        .unwrap();
+    let (status, body) = server.api.delete("/v1/plugins/tpl").await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["detail"].as_str().unwrap().contains(&format!("job {job}")),
+        "{body}"
+    );
+    api.wait_job(job, Duration::from_secs(60)).await;
+    let (status, body) = api.delete("/v1/plugins/tpl").await;
+    assert_eq!(status, 204, "{body}");
+    let (status, _) = api.get("/v1/plugins/tpl").await;
+    assert_eq!(status, 404);
+    let (status, body) = api.delete("/v1/plugins/default-template").await;
+    assert_eq!(status, 422, "{body}");
+    // The bytes tpl shared with default-template are still there.
+    let letter = json!({ "subject": "S", "text": "still {{ email }}" });
+    let letter = api.post_ok(&letters, letter, 201).await["id"].as_u64().unwrap();
+    let (status, preview) = api
+        .post(
+            &format!("/v1/letters/{letter}/preview"),
+            json!({ "subscriber_id": 1 }),
+        )
+        .await;
+    assert_eq!(status, 200, "{preview}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preview_shows_decision_and_message_and_sends_nothing() {
+    let smtp = SmtpServer::start().await;
+    let server = TestServer::start(Some(&smtp)).await;
+    let api = &server.api;
+    let newsletter = api.newsletter().await;
+    let people = json!([
+        { "email": "pro@example.org", "name": "Pat", "attributes": { "plan": "pro" } },
+        { "email": "free@example.org", "attributes": { "plan": "free" } },
+    ]);
+    api.post_ok(&format!("/v1/newsletters/{newsletter}/subscribers"), people, 201)
+        .await;
+    let letter = json!({
+        "subject": "Hi {{ name }}",
+        "text": "Plan {{ attributes.plan }}",
+        "html": "<b>{{ name }}</b>",
+        "params": { "segment": { "attribute": "plan", "equals": "pro" } },
+    });
+    let letter = api
+        .post_ok(&format!("/v1/newsletters/{newsletter}/letters"), letter, 201)
+        .await["id"]
+        .as_u64()
+        .unwrap();
+    let preview = format!("/v1/letters/{letter}/preview");
+
+    let (status, body) = api.post(&preview, json!({ "subscriber_id": 1 })).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["decision"], "send");
+    assert_eq!(body["rendered"]["subject"], "Hi Pat");
+    assert_eq!(body["rendered"]["text"], "Plan pro");
+    assert_eq!(body["rendered"]["html"], "<b>Pat</b>");
+    assert_eq!(body["filter"]["name"], "default-filter");
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.contains("To: Pat <pro@example.org>") && message.contains("List-Unsubscribe:"),
+        "{message}"
+    );
+
+    let (_, body) = api.post(&preview, json!({ "subscriber_id": 2 })).await;
+    assert_eq!(body["decision"], "skip", "{body}");
+    assert_eq!(body["reason"], "not in segment");
+    let inline = json!({ "recipient": { "email": "new@example.org", "attributes": { "plan": "pro" } } });
+    let (_, body) = api.post(&preview, inline).await;
+    assert_eq!(body["decision"], "send", "{body}");
+
+    for bad in [
+        json!({}),
+        json!({ "subscriber_id": 1, "recipient": { "email": "a@b.example" } }),
+    ] {
+        let (status, body) = api.post(&preview, bad).await;
+        assert_eq!(status, 422, "{body}");
+    }
+    let (status, body) = api
+        .post(&preview, json!({ "recipient": { "email": "nope" } }))
+        .await;
+    assert_eq!(status, 422, "{body}");
+    let (status, body) = api.post(&preview, json!({ "subscriber_id": 99 })).await;
+    assert_eq!(status, 404, "{body}");
+
+    // A policy that crashes for this recipient: the reason, as a 422.
+    api.upload("template", "trap", wasm("test_trap_template")).await;
+    let trap = json!({ "subject": "S", "text": "T", "template": "trap" });
+    let trap = api
+        .post_ok(&format!("/v1/newsletters/{newsletter}/letters"), trap, 201)
+        .await["id"]
+        .as_u64()
+        .unwrap();
+    let (status, body) = api
+        .post(
+            &format!("/v1/letters/{trap}/preview"),
+            json!({ "recipient": { "email": "trap@example.org" } }),
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert!(body["detail"].as_str().unwrap().contains("crashed"), "{body}");
+
+    assert_eq!(smtp.count(), 0, "a preview sends nothing");
+    server.stop().await;
+}

@@ -17,6 +17,11 @@ pub fn wasm(name: &str) -> Vec<u8> {
     std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
+/// The built-in template's bytes, as embedded in the binary.
+pub fn wasm_default_template() -> Vec<u8> {
+    letterbox::policy::builtin::DEFAULT_TEMPLATE.to_vec()
+}
+
 /// letterbox running in-process on 127.0.0.1:0 over a temporary data directory.
 pub struct TestServer {
     pub api: Api,
@@ -128,6 +133,17 @@ impl Api {
         Self::finish(
             self.client
                 .get(format!("{}{path}", self.base))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await
+    }
+
+    pub async fn delete(&self, path: &str) -> (u16, Value) {
+        Self::finish(
+            self.client
+                .delete(format!("{}{path}", self.base))
                 .send()
                 .await
                 .unwrap(),

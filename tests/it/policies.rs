@@ -7,6 +7,10 @@ use serde_json::json;
 
 use crate::support::{SmtpServer, TestServer, wasm};
 
+fn detail_of(body: &serde_json::Value) -> &str {
+    body["detail"].as_str().unwrap_or_default()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uploads_are_validated() {
     let server = TestServer::start(None).await;
@@ -28,6 +32,23 @@ async fn uploads_are_validated() {
     let core_module = b"\0asm\x01\0\0\0".to_vec();
     let (status, body) = api.upload("filter", "core", core_module).await;
     assert_eq!(status, 422, "{body}");
+
+    // A component importing an interface policies may not use.
+    let sockets = wat::parse_str(r#"(component (import "wasi:sockets/tcp@0.2.0" (instance)))"#).unwrap();
+    let (status, body) = api.upload("filter", "net", sockets).await;
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        detail_of(&body).contains("imports wasi:sockets/tcp@0.2.0"),
+        "{body}"
+    );
+    // A component exporting nothing.
+    let empty = wat::parse_str("(component)").unwrap();
+    let (status, body) = api.upload("filter", "empty", empty).await;
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        detail_of(&body).contains("expects an exported function `filter`"),
+        "{body}"
+    );
 
     let (status, body) = api.upload("template", "misfiled", wasm("default_filter")).await;
     assert_eq!(status, 422, "{body}");
@@ -367,5 +388,159 @@ async fn preview_shows_decision_and_message_and_sends_nothing() {
     assert!(body["detail"].as_str().unwrap().contains("crashed"), "{body}");
 
     assert_eq!(smtp.count(), 0, "a preview sends nothing");
+    server.stop().await;
+}
+
+/// Peak resident memory of this test process, from /proc.
+fn peak_rss_mib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() / 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_policies_are_contained_while_a_healthy_job_completes() {
+    let smtp = SmtpServer::start().await;
+    let server = TestServer::start(Some(&smtp)).await;
+    let api = &server.api;
+    assert_eq!(
+        api.upload("filter", "hostile-filter", wasm("test_hostile_filter"))
+            .await
+            .0,
+        201
+    );
+    assert_eq!(
+        api.upload("template", "hostile-template", wasm("test_hostile_template"))
+            .await
+            .0,
+        201
+    );
+
+    let healthy = api.newsletter().await;
+    let people: Vec<_> = (0..300)
+        .map(|i| json!({ "email": format!("h{i}@example.org") }))
+        .collect();
+    api.post_ok(
+        &format!("/v1/newsletters/{healthy}/subscribers"),
+        json!(people),
+        201,
+    )
+    .await;
+    let letter = json!({ "subject": "Healthy", "text": "Hi {{ email }}" });
+    let healthy_letter = api
+        .post_ok(&format!("/v1/newsletters/{healthy}/letters"), letter, 201)
+        .await["id"]
+        .as_u64()
+        .unwrap();
+
+    let hostile = api.newsletter().await;
+    let cases = [
+        "loop",
+        "bomb",
+        "stack",
+        "unreachable",
+        "huge",
+        "big",
+        "flood",
+        "ok",
+    ];
+    let people: Vec<_> = cases
+        .iter()
+        .map(|c| json!({ "email": format!("{c}@example.org") }))
+        .collect();
+    api.post_ok(
+        &format!("/v1/newsletters/{hostile}/subscribers"),
+        json!(people),
+        201,
+    )
+    .await;
+    let letter = json!({ "subject": "Hostile", "text": "T", "filter": "hostile-filter", "template": "hostile-template" });
+    let hostile_letter = api
+        .post_ok(&format!("/v1/newsletters/{hostile}/letters"), letter, 201)
+        .await["id"]
+        .as_u64()
+        .unwrap();
+
+    let hostile_job = api
+        .post_ok(&format!("/v1/letters/{hostile_letter}/send"), json!({}), 202)
+        .await["job_id"]
+        .as_u64()
+        .unwrap();
+    let healthy_job = api
+        .post_ok(&format!("/v1/letters/{healthy_letter}/send"), json!({}), 202)
+        .await["job_id"]
+        .as_u64()
+        .unwrap();
+
+    // The server answers throughout.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let started = std::time::Instant::now();
+        let (status, _) = api.get("/healthz").await;
+        assert_eq!(status, 200);
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "/healthz took {:?}",
+            started.elapsed()
+        );
+        let (_, a) = api.get(&format!("/v1/jobs/{hostile_job}")).await;
+        let (_, b) = api.get(&format!("/v1/jobs/{healthy_job}")).await;
+        if a["state"] == "completed" && b["state"] == "completed" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "jobs did not finish: {a} {b}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let (_, healthy) = api.get(&format!("/v1/jobs/{healthy_job}")).await;
+    assert_eq!(healthy["counts"]["delivered"], 300, "{healthy}");
+    let (_, done) = api.get(&format!("/v1/jobs/{hostile_job}")).await;
+    assert_eq!(done["counts"]["delivered"], 2, "flood and ok get through: {done}");
+    assert_eq!(done["counts"]["failed"], 6, "{done}");
+    let (_, page) = api.get(&format!("/v1/jobs/{hostile_job}/deliveries")).await;
+    let reason = |case: &str| -> String {
+        let email = format!("{case}@example.org");
+        let item = page["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["email"] == email.as_str())
+            .unwrap();
+        item["reason"].as_str().unwrap_or("").to_string()
+    };
+    assert!(
+        reason("loop").contains("hostile-filter@") && reason("loop").contains("timed out"),
+        "{}",
+        reason("loop")
+    );
+    assert!(
+        reason("bomb").contains("hostile-filter@") && reason("bomb").contains("crashed"),
+        "{}",
+        reason("bomb")
+    );
+    for case in ["stack", "unreachable", "huge"] {
+        let reason = reason(case);
+        assert!(
+            reason.contains("hostile-template@") && reason.contains("crashed"),
+            "{case}: {reason}"
+        );
+    }
+    // Rust keeps its stack in linear memory: runaway recursion runs off that region
+    // ("out of bounds memory access") before wasm's own call-stack limit; either way a trap.
+    assert!(reason("stack").contains("trapped"), "{}", reason("stack"));
+    assert!(
+        reason("unreachable").contains("unreachable"),
+        "{}",
+        reason("unreachable")
+    );
+    assert!(reason("big").contains("more than the limit"), "{}", reason("big"));
+
+    // Memory stayed bounded: every instance is capped at 64 MiB.
+    let peak = peak_rss_mib();
+    assert!(peak < 1024, "peak RSS {peak} MiB");
+    eprintln!("hostile: peak RSS of the test process {peak} MiB");
     server.stop().await;
 }

@@ -33,6 +33,10 @@ fn main() {
         .env_remove("RUSTFLAGS")
         .env_remove("CARGO_BUILD_TARGET")
         .env_remove("CARGO_TARGET_DIR")
+        // `cargo clippy` runs build scripts with clippy-driver as the workspace wrapper;
+        // the guest build is a plain build (CI lints plugins/ on its own).
+        .env_remove("RUSTC_WORKSPACE_WRAPPER")
+        .env_remove("CLIPPY_ARGS")
         .output()
         .expect("run cargo to build the wasm policies");
     if !output.status.success() {

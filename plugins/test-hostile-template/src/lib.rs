@@ -6,6 +6,7 @@
 //! - `big`: returns a 2 MiB body (under the memory limit, over the output cap);
 //! - `flood`: writes 20 MB to stdout, then renders normally;
 //! - anything else: renders normally.
+//!
 //! Not embedded in the binary.
 
 use std::hint::black_box;

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::mail::SmtpSettings;
 use crate::policy::PolicyLimits;
+use crate::runner::FailureLimit;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -19,6 +20,8 @@ pub struct Config {
     /// address.
     pub public_url: Option<String>,
     pub policy_limits: PolicyLimits,
+    /// More policy failures than this within its window pause a job.
+    pub policy_failures: FailureLimit,
 }
 
 impl Config {
@@ -29,6 +32,7 @@ impl Config {
             concurrency: 16,
             public_url: None,
             policy_limits: PolicyLimits::default(),
+            policy_failures: FailureLimit::default(),
         }
     }
 

@@ -129,15 +129,33 @@ pub enum JobState {
     /// Accepted, recipients not yet (all) recorded.
     Queued,
     Running,
+    /// Stopped until someone resumes it; `pause_reason` says why (e.g. its policy kept
+    /// failing). Not resumed automatically at start-up.
+    Paused,
     Completed,
     /// Stopped for good with `error` set (e.g. its policy no longer compiles).
     Failed,
 }
 
 impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Paused => "paused",
+            JobState::Completed => "completed",
+            JobState::Failed => "failed",
+        }
+    }
+
     /// Whether a job in this state must be picked up again after a restart.
     pub fn is_unfinished(self) -> bool {
         matches!(self, JobState::Queued | JobState::Running)
+    }
+
+    /// Whether the job is over for good (nothing will ever run it again).
+    pub fn is_finished(self) -> bool {
+        matches!(self, JobState::Completed | JobState::Failed)
     }
 }
 
@@ -187,6 +205,9 @@ pub struct Job {
     /// a restart (some of them may have received the letter twice).
     pub resent_after_crash: u64,
     pub error: Option<String>,
+    /// Why the job is paused, while it is.
+    #[serde(default)]
+    pub pause_reason: Option<String>,
     pub created_at: u64,
     pub started_at: Option<u64>,
     pub finished_at: Option<u64>,

@@ -80,6 +80,7 @@ pub async fn run(
         mailer,
         RunnerConfig {
             default_concurrency: config.concurrency,
+            policy_failures: config.policy_failures,
             public_url,
         },
         unsubscribe,

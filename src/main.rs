@@ -52,6 +52,21 @@ struct ServeArgs {
     /// Public base URL for unsubscribe links (default: http://LISTEN).
     #[arg(long, env = "LETTERBOX_PUBLIC_URL")]
     public_url: Option<String>,
+    /// Time budget of one policy call, in milliseconds.
+    #[arg(long, env = "LETTERBOX_POLICY_TIMEOUT_MS", default_value_t = 100)]
+    policy_timeout_ms: u64,
+    /// Memory limit of one policy instance, in MiB.
+    #[arg(long, env = "LETTERBOX_POLICY_MEMORY_MIB", default_value_t = 64)]
+    policy_memory_mib: usize,
+    /// Largest policy component accepted at upload, in MiB.
+    #[arg(long, env = "LETTERBOX_PLUGIN_MAX_MIB", default_value_t = 10)]
+    plugin_max_mib: usize,
+    /// A job pauses when its policies fail more than this many times...
+    #[arg(long, env = "LETTERBOX_POLICY_MAX_FAILURES", default_value_t = 20)]
+    policy_max_failures: u32,
+    /// ...within this many seconds.
+    #[arg(long, env = "LETTERBOX_POLICY_FAILURE_WINDOW", default_value_t = 10)]
+    policy_failure_window: u64,
 }
 
 #[tokio::main]
@@ -74,8 +89,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             letterbox::runner::MAX_CONCURRENCY
         );
     }
+    if args.policy_timeout_ms == 0 || args.policy_memory_mib == 0 || args.plugin_max_mib == 0 {
+        anyhow::bail!("--policy-timeout-ms, --policy-memory-mib and --plugin-max-mib must be positive");
+    }
     let mut config = letterbox::Config::new(args.data);
     config.concurrency = args.concurrency;
+    config.policy_limits.timeout = Duration::from_millis(args.policy_timeout_ms);
+    config.policy_limits.memory_bytes = args.policy_memory_mib << 20;
+    config.policy_limits.max_upload_bytes = args.plugin_max_mib << 20;
+    config.policy_failures.max = args.policy_max_failures;
+    config.policy_failures.window = Duration::from_secs(args.policy_failure_window.max(1));
     config.public_url = args.public_url;
     config.smtp = args.smtp.map(|url| {
         let mut smtp = letterbox::Config::smtp_url(url);

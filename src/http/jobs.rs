@@ -1,7 +1,7 @@
 //! Send jobs: progress and the per-recipient log.
 
 use axum::extract::State;
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -16,6 +16,7 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/v1/jobs/{id}", get(show))
         .route("/v1/jobs/{id}/deliveries", get(deliveries))
+        .route("/v1/jobs/{id}/resume", post(resume))
 }
 
 async fn show(State(state): State<AppState>, ApiPath(id): ApiPath<u64>) -> Result<Json<Job>, ApiError> {
@@ -50,4 +51,9 @@ async fn deliveries(
         .then(|| items.last().map(|d| d.subscriber_id))
         .flatten();
     Ok(Json(json!({ "items": items, "next": next })))
+}
+
+/// Resumes a paused job (409 if it is not paused).
+async fn resume(State(state): State<AppState>, ApiPath(id): ApiPath<u64>) -> Result<Json<Job>, ApiError> {
+    Ok(Json(state.runner.resume(id).await?))
 }

@@ -116,6 +116,18 @@ pub enum PolicyError {
     Engine(String),
 }
 
+impl PolicyError {
+    /// The policy (`name@id-prefix`) whose run failed, for failures of a run.
+    pub fn failed_policy(&self) -> Option<&str> {
+        match self {
+            PolicyError::Trap { policy, .. }
+            | PolicyError::Rejected { policy, .. }
+            | PolicyError::OutputTooLarge { policy, .. } => Some(policy),
+            _ => None,
+        }
+    }
+}
+
 /// Limits applied to policies.
 #[derive(Debug, Clone)]
 pub struct PolicyLimits {

@@ -45,8 +45,55 @@ pub enum RunnerError {
 #[derive(Debug, Clone)]
 pub struct RunnerConfig {
     pub default_concurrency: u32,
+    /// Restart intensity, as OTP supervisors have it: more than `max` policy failures
+    /// within `window` pause the job instead of failing the rest of the list.
+    pub policy_failures: FailureLimit,
     /// Base URL under which `/u/{token}` is reachable, for unsubscribe links.
     pub public_url: String,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct FailureLimit {
+    pub max: u32,
+    pub window: std::time::Duration,
+}
+
+impl Default for FailureLimit {
+    fn default() -> Self {
+        FailureLimit {
+            max: 20,
+            window: std::time::Duration::from_secs(10),
+        }
+    }
+}
+
+/// Failure times within the sliding window.
+struct FailureWindow {
+    limit: FailureLimit,
+    times: std::collections::VecDeque<std::time::Instant>,
+}
+
+impl FailureWindow {
+    fn new(limit: FailureLimit) -> Self {
+        FailureWindow {
+            limit,
+            times: Default::default(),
+        }
+    }
+
+    /// Notes one failure; true when the limit is exceeded.
+    fn record(&mut self) -> bool {
+        let now = std::time::Instant::now();
+        self.times.push_back(now);
+        while self
+            .times
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > self.limit.window)
+        {
+            self.times.pop_front();
+        }
+        self.times.len() > self.limit.max as usize
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -82,6 +129,8 @@ struct JobContext {
 
 enum JobEnd {
     Completed,
+    /// Too many policy failures: the job waits for a resume.
+    Paused(String),
     /// Shutdown interrupted the job; it resumes at the next start.
     Interrupted,
 }
@@ -159,6 +208,7 @@ impl Runner {
                 prepared: false,
                 resent_after_crash: 0,
                 error: None,
+                pause_reason: None,
                 created_at: now(),
                 started_at: None,
                 finished_at: None,
@@ -268,6 +318,20 @@ impl Runner {
                             Err(e) => tracing::error!(error = %e, "cannot record job completion"),
                         }
                     }
+                    Ok(JobEnd::Paused(reason)) => {
+                        tracing::warn!(reason, "job paused");
+                        let result = runner
+                            .inner
+                            .store
+                            .update_job(job_id, move |job| {
+                                job.state = JobState::Paused;
+                                job.pause_reason = Some(reason);
+                            })
+                            .await;
+                        if let Err(e) = result {
+                            tracing::error!(error = %e, "cannot record job pause");
+                        }
+                    }
                     Ok(JobEnd::Interrupted) => {
                         tracing::info!("job interrupted by shutdown; it resumes at next start")
                     }
@@ -354,9 +418,11 @@ impl Runner {
         // Only this task adds to the queue after the snapshot, so once a claim comes
         // back short the queue is empty for good.
         let mut queue_empty = false;
+        let mut failures = FailureWindow::new(inner.config.policy_failures);
+        let mut pausing: Option<String> = None;
         loop {
             let stopping = inner.shutdown.is_cancelled();
-            if !stopping && !queue_empty && running.len() < concurrency {
+            if !stopping && pausing.is_none() && !queue_empty && running.len() < concurrency {
                 let free = concurrency - running.len();
                 let claimed = store.claim(job_id, free).await?;
                 queue_empty = claimed.len() < free;
@@ -371,10 +437,10 @@ impl Runner {
                 }
             }
             if running.is_empty() {
-                return Ok(if stopping {
-                    JobEnd::Interrupted
-                } else {
-                    JobEnd::Completed
+                return Ok(match pausing {
+                    Some(reason) => JobEnd::Paused(reason),
+                    None if stopping => JobEnd::Interrupted,
+                    None => JobEnd::Completed,
                 });
             }
             let joined = tokio::select! {
@@ -385,7 +451,13 @@ impl Runner {
             match joined {
                 Some(Ok((id, result))) => {
                     in_flight.remove(&id);
-                    result?;
+                    if let Some(policy_failure) = result?
+                        && failures.record()
+                        && pausing.is_none()
+                    {
+                        // Stop claiming; what is in flight finishes, then the job pauses.
+                        pausing = Some(policy_failure);
+                    }
                 }
                 Some(Err(join_error)) => {
                     let Some(subscriber_id) = in_flight.remove(&join_error.id()) else {
@@ -403,9 +475,10 @@ impl Runner {
     }
 
     /// One recipient: filter → template → send → record. Expected failures become the
-    /// recipient's `failed` state; only a store failure is returned.
-    async fn deliver(&self, ctx: &Arc<JobContext>, delivery: Delivery) -> Result<(), StoreError> {
-        let outcome = self.attempt(ctx, &delivery).await;
+    /// recipient's `failed` state; only a store failure is returned. When a policy
+    /// failed, returns the reason the job would pause with.
+    async fn deliver(&self, ctx: &Arc<JobContext>, delivery: Delivery) -> Result<Option<String>, StoreError> {
+        let (outcome, policy_failure) = self.attempt(ctx, &delivery).await;
         match &outcome {
             Outcome::Delivered { .. } => tracing::debug!("delivered"),
             Outcome::Skipped { reason } => tracing::debug!(reason, "skipped"),
@@ -414,10 +487,29 @@ impl Runner {
         self.inner
             .store
             .record(ctx.job_id, delivery.subscriber_id, outcome)
-            .await
+            .await?;
+        Ok(policy_failure)
     }
 
-    async fn attempt(&self, ctx: &Arc<JobContext>, delivery: &Delivery) -> Outcome {
+    async fn attempt(&self, ctx: &Arc<JobContext>, delivery: &Delivery) -> (Outcome, Option<String>) {
+        match self.try_attempt(ctx, delivery).await {
+            Ok(outcome) => (outcome, None),
+            Err(e) => {
+                let policy_failure = e
+                    .failed_policy()
+                    .map(|policy| format!("policy {policy} failing: {e}"));
+                (
+                    Outcome::Failed {
+                        reason: e.to_string(),
+                    },
+                    policy_failure,
+                )
+            }
+        }
+    }
+
+    /// The attempt proper; policy failures come back as errors so they can be counted.
+    async fn try_attempt(&self, ctx: &Arc<JobContext>, delivery: &Delivery) -> Result<Outcome, PolicyError> {
         let inner = &self.inner;
         let subscriber = match inner
             .store
@@ -426,39 +518,28 @@ impl Runner {
         {
             Ok(s) => s,
             Err(StoreError::NotFound { .. }) => {
-                return Outcome::Skipped {
-                    reason: "subscriber was deleted".into(),
-                };
+                let reason = "subscriber was deleted".into();
+                return Ok(Outcome::Skipped { reason });
             }
             Err(e) => {
-                return Outcome::Failed {
+                return Ok(Outcome::Failed {
                     reason: e.to_string(),
-                };
+                });
             }
         };
         // Re-checked at send time: an unsubscribe wins over a snapshot taken earlier.
         if subscriber.status != SubscriberStatus::Active {
-            return Outcome::Skipped {
-                reason: "subscriber is no longer active".into(),
-            };
+            let reason = "subscriber is no longer active".into();
+            return Ok(Outcome::Skipped { reason });
         }
         let unsubscribe_url = self.unsubscribe_url(ctx.newsletter.id, subscriber.id);
-
-        let (subscriber, verdict) = match ctx
+        let (subscriber, verdict) = ctx
             .evaluator
             .evaluate_async(subscriber, unsubscribe_url.clone())
-            .await
-        {
-            Ok(pair) => pair,
-            Err(e) => {
-                return Outcome::Failed {
-                    reason: e.to_string(),
-                };
-            }
-        };
+            .await?;
         let rendered = match verdict {
             Verdict::Send(rendered) => rendered,
-            Verdict::Skip(reason) => return Outcome::Skipped { reason },
+            Verdict::Skip(reason) => return Ok(Outcome::Skipped { reason }),
         };
 
         let message_id = format!(
@@ -466,12 +547,39 @@ impl Runner {
             ctx.job_id, delivery.subscriber_id, ctx.message_domain
         );
         let outgoing = outgoing(&ctx.newsletter, subscriber, rendered, message_id, unsubscribe_url);
-        match inner.mailer.send(&outgoing).await {
+        Ok(match inner.mailer.send(&outgoing).await {
             Ok(reply) => Outcome::Delivered { reply },
             Err(e) => Outcome::Failed {
                 reason: e.to_string(),
             },
+        })
+    }
+
+    /// Resumes a paused job. Its policies are resolved again from the letter (a name
+    /// means its latest version, so uploading a fixed version and resuming works; a
+    /// pinned version stays pinned).
+    pub async fn resume(&self, job_id: u64) -> Result<Job, RunnerError> {
+        if self.inner.shutdown.is_cancelled() {
+            return Err(RunnerError::ShuttingDown);
         }
+        let store = &self.inner.store;
+        let job = store.job(job_id).await?;
+        let letter = store.letter(job.letter_id).await?;
+        let filter = self.resolve(&letter.filter, PluginKind::Filter).await?;
+        let template = self.resolve(&letter.template, PluginKind::Template).await?;
+        self.load_policy(&filter, PluginKind::Filter).await?;
+        self.load_policy(&template, PluginKind::Template).await?;
+        let job = store
+            .update_job_from(job_id, JobState::Paused, move |job| {
+                job.state = JobState::Running;
+                job.pause_reason = None;
+                job.filter = filter;
+                job.template = template;
+            })
+            .await?;
+        tracing::info!(job = job_id, "job resumed");
+        self.spawn(job_id);
+        Ok(job)
     }
 
     fn unsubscribe_url(&self, newsletter_id: u64, subscriber_id: u64) -> String {

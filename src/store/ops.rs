@@ -240,6 +240,27 @@ impl Store {
         .await
     }
 
+    /// Changes a job with `f` if it is in state `from`; a conflict otherwise.
+    pub async fn update_job_from<F>(&self, id: u64, from: JobState, f: F) -> Result<Job, StoreError>
+    where
+        F: FnOnce(&mut Job) + Send + 'static,
+    {
+        self.write(move |txn| {
+            let mut job = job_in(txn, id)?;
+            if job.state != from {
+                return Err(StoreError::Conflict(format!(
+                    "job {id} is {}, not {}",
+                    job.state.as_str(),
+                    from.as_str()
+                )));
+            }
+            f(&mut job);
+            put_job(txn, &job)?;
+            Ok(job)
+        })
+        .await
+    }
+
     /// Records part of a job's recipient snapshot: a pending delivery for each recipient
     /// not recorded yet (so re-running after a crash is harmless).
     pub async fn add_recipients(

@@ -195,7 +195,7 @@ fn delete_plugin_in(txn: &WriteTransaction, name: &str) -> Result<(), StoreError
     let jobs = txn.open_table(JOBS)?;
     for row in jobs.iter()? {
         let job: Job = decode(row?.1.value())?;
-        if job.state.is_unfinished() && (job.filter.name == name || job.template.name == name) {
+        if !job.state.is_finished() && (job.filter.name == name || job.template.name == name) {
             return Err(StoreError::Conflict(format!(
                 "plugin {name:?} is used by job {}, which is {:?}; wait for it to finish",
                 job.id, job.state

@@ -544,3 +544,81 @@ async fn hostile_policies_are_contained_while_a_healthy_job_completes() {
     eprintln!("hostile: peak RSS of the test process {peak} MiB");
     server.stop().await;
 }
+
+/// Restart intensity: a policy that fails for everyone pauses the job after more than
+/// 20 failures in 10 s instead of failing the whole list; uploading a fixed version
+/// under the same name and resuming finishes the job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_policy_pauses_its_job_and_resume_uses_the_fixed_version() {
+    const N: u64 = 200;
+    let smtp = SmtpServer::start().await;
+    let server = TestServer::start(Some(&smtp)).await;
+    let api = &server.api;
+    assert_eq!(
+        api.upload("template", "wip", wasm("test_trap_template")).await.0,
+        201
+    );
+    let newsletter = api.newsletter().await;
+    let people: Vec<_> = (0..N)
+        .map(|i| json!({ "email": format!("trap{i}@example.org") }))
+        .collect();
+    api.post_ok(
+        &format!("/v1/newsletters/{newsletter}/subscribers"),
+        json!(people),
+        201,
+    )
+    .await;
+    let letter = json!({ "subject": "S", "text": "fixed {{ email }}", "template": "wip" });
+    let letter = api
+        .post_ok(&format!("/v1/newsletters/{newsletter}/letters"), letter, 201)
+        .await["id"]
+        .as_u64()
+        .unwrap();
+    let job = api
+        .post_ok(
+            &format!("/v1/letters/{letter}/send"),
+            json!({ "concurrency": 4 }),
+            202,
+        )
+        .await["job_id"]
+        .as_u64()
+        .unwrap();
+    let paused = api.wait_job(job, Duration::from_secs(60)).await;
+    assert_eq!(paused["state"], "paused", "{paused}");
+    let reason = paused["pause_reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("policy wip@") && reason.contains("failing"),
+        "{reason}"
+    );
+    let failed = paused["counts"]["failed"].as_u64().unwrap();
+    assert!(
+        (21..=24).contains(&failed),
+        "paused after 21 failures, plus what was in flight: {failed}"
+    );
+    assert_eq!(smtp.count(), 0);
+
+    // The fix: the default template, uploaded as the next version of "wip".
+    assert_eq!(
+        api.upload("template", "wip", crate::support::wasm_default_template())
+            .await
+            .0,
+        200
+    );
+    let (status, body) = api.post(&format!("/v1/jobs/{job}/resume"), json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    let done = api.wait_job(job, Duration::from_secs(60)).await;
+    assert_eq!(done["state"], "completed", "{done}");
+    assert_eq!(
+        done["counts"]["delivered"].as_u64().unwrap(),
+        N - failed,
+        "{done}"
+    );
+    assert_eq!(done["template"]["id"], body["template"]["id"]);
+    assert!(
+        smtp.received()[0].body().contains("fixed trap"),
+        "rendered by the fixed version"
+    );
+    let (status, _) = api.post(&format!("/v1/jobs/{job}/resume"), json!({})).await;
+    assert_eq!(status, 409, "only a paused job can be resumed");
+    server.stop().await;
+}

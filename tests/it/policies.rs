@@ -622,3 +622,72 @@ async fn a_failing_policy_pauses_its_job_and_resume_uses_the_fixed_version() {
     assert_eq!(status, 409, "only a paused job can be resumed");
     server.stop().await;
 }
+
+/// The example A/B policy from plugins/ab-subject: both variants go out, each message's
+/// header names the variant its subject came from, and the choice is stable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ab_subject_example_splits_recipients_stably() {
+    let smtp = SmtpServer::start().await;
+    let server = TestServer::start(Some(&smtp)).await;
+    let api = &server.api;
+    assert_eq!(api.upload("template", "ab", wasm("ab_subject")).await.0, 201);
+    let newsletter = api.newsletter().await;
+    let people: Vec<_> = (0..40)
+        .map(|i| json!({ "email": format!("ab{i}@example.org"), "name": format!("N{i}") }))
+        .collect();
+    api.post_ok(
+        &format!("/v1/newsletters/{newsletter}/subscribers"),
+        json!(people),
+        201,
+    )
+    .await;
+    let letter = json!({
+        "subject": "unused",
+        "text": "variant {{ variant }}",
+        "template": "ab",
+        "params": { "ab": { "subjects": ["A for {{ name }}", "B for {{ name }}"] } },
+    });
+    let letter = api
+        .post_ok(&format!("/v1/newsletters/{newsletter}/letters"), letter, 201)
+        .await["id"]
+        .as_u64()
+        .unwrap();
+    let preview = format!("/v1/letters/{letter}/preview");
+    let (_, first) = api.post(&preview, json!({ "subscriber_id": 1 })).await;
+    let (_, again) = api.post(&preview, json!({ "subscriber_id": 1 })).await;
+    assert_eq!(
+        first["rendered"], again["rendered"],
+        "the same recipient gets the same variant"
+    );
+
+    let job = api
+        .post_ok(&format!("/v1/letters/{letter}/send"), json!({}), 202)
+        .await["job_id"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(
+        api.wait_job(job, Duration::from_secs(60)).await["counts"]["delivered"],
+        40
+    );
+    let mut per_variant = std::collections::HashMap::new();
+    for message in smtp.received() {
+        let variant = message.header("X-Letterbox-Variant").unwrap();
+        let subject = message.header("Subject").unwrap();
+        assert!(
+            subject.starts_with(&format!("{variant} for N")),
+            "{variant}: {subject}"
+        );
+        assert!(
+            message.body().contains(&format!("variant {variant}")),
+            "{}",
+            message.data
+        );
+        *per_variant.entry(variant).or_insert(0) += 1;
+    }
+    assert_eq!(per_variant.len(), 2, "{per_variant:?}");
+    assert!(
+        per_variant.values().all(|&n| n >= 8),
+        "a roughly even split: {per_variant:?}"
+    );
+    server.stop().await;
+}

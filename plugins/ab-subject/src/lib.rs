@@ -1,0 +1,96 @@
+//! Example template policy: A/B-test subject lines.
+//!
+//! The letter's params list the variants; each recipient gets one, chosen by a stable
+//! hash of the letter and recipient ids, so the split is even and a message sent again
+//! after a crash carries the same variant as the first copy:
+//!
+//! ```json
+//! {"ab": {"subjects": ["Big news, {{ name }}", "{{ name }}, you'll want to see this"]}}
+//! ```
+//!
+//! Subjects, text and HTML are minijinja templates with the same variables as the
+//! default template (`name`, `email`, `attributes`, `unsubscribe_url`, `params`), plus
+//! `variant` ("A", "B", ...). The message gets an `X-Letterbox-Variant` header so replies
+//! and bounces can be attributed. Without `ab` in the params it uses the letter's subject.
+
+use minijinja::value::Serde;
+use minijinja::{AutoEscape, Environment, UndefinedBehavior, Value, context};
+use serde_json::Value as Json;
+
+wit_bindgen::generate!({
+    path: "../../wit",
+    world: "template",
+});
+
+struct AbSubject;
+
+/// FNV-1a: tiny, deterministic across runs and platforms (unlike std's hasher).
+fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u64 {
+    bytes.into_iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+impl Guest for AbSubject {
+    fn render(recipient: Recipient, letter: Letter) -> Result<Rendered, String> {
+        let params: Json = serde_json::from_str(&letter.params).map_err(|e| format!("params: {e}"))?;
+        let attributes: Json =
+            serde_json::from_str(&recipient.attributes).map_err(|e| format!("attributes: {e}"))?;
+        let subjects: Vec<String> = match params.pointer("/ab/subjects") {
+            None => vec![letter.subject.clone()],
+            Some(Json::Array(items)) if !items.is_empty() => items
+                .iter()
+                .map(|s| {
+                    s.as_str()
+                        .map(str::to_string)
+                        .ok_or("ab.subjects must hold strings")
+                })
+                .collect::<Result<_, _>>()?,
+            Some(_) => return Err("ab.subjects must be a non-empty array of strings".into()),
+        };
+        let seed = letter
+            .id
+            .to_le_bytes()
+            .into_iter()
+            .chain(recipient.id.to_le_bytes());
+        let index = (fnv1a(seed) % subjects.len() as u64) as usize;
+        let variant = char::from(b'A' + (index % 26) as u8).to_string();
+
+        let mut env = Environment::new();
+        env.set_undefined_behavior(UndefinedBehavior::Lenient);
+        env.set_auto_escape_callback(|name| {
+            if name == "html" {
+                AutoEscape::Html
+            } else {
+                AutoEscape::None
+            }
+        });
+        let ctx = context! {
+            name => recipient.name,
+            email => recipient.email,
+            attributes => Value::from(Serde(&attributes)),
+            unsubscribe_url => recipient.unsubscribe_url,
+            params => Value::from(Serde(&params)),
+            variant => variant.clone(),
+        };
+        let render = |name: &str, source: &str| {
+            env.render_named_str(name, source, &ctx)
+                .map_err(|e| format!("{name} template: {e:#}"))
+        };
+        Ok(Rendered {
+            subject: render("subject", &subjects[index])?.replace(['\r', '\n'], " "),
+            text: render("text", &letter.text)?,
+            html: letter
+                .html
+                .as_deref()
+                .map(|html| render("html", html))
+                .transpose()?,
+            headers: vec![Header {
+                name: "X-Letterbox-Variant".into(),
+                value: variant,
+            }],
+        })
+    }
+}
+
+export!(AbSubject);

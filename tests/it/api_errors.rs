@@ -96,10 +96,8 @@ async fn bad_input_is_refused_with_a_named_problem() {
 
     // A bad send request.
     let letter = api
-        .post_ok(&letters, json!({ "subject": "s", "text": "t" }), 201)
-        .await["id"]
-        .as_u64()
-        .unwrap();
+        .letter(newsletter, json!({ "subject": "s", "text": "t" }))
+        .await;
     let (status, body) = api
         .post(&format!("/v1/letters/{letter}/send"), json!({ "concurrency": 0 }))
         .await;

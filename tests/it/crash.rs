@@ -84,23 +84,10 @@ async fn kill_9_mid_send_loses_nobody_and_duplicates_at_most_concurrency() {
     let people: Vec<_> = (0..RECIPIENTS)
         .map(|i| json!({ "email": format!("r{i}@example.org") }))
         .collect();
-    api.post_ok(
-        &format!("/v1/newsletters/{newsletter}/subscribers"),
-        json!(people),
-        201,
-    )
-    .await;
+    api.add_subscribers(newsletter, json!(people)).await;
     let letter = json!({ "subject": "Crash test", "text": "Hello {{ email }}\r\n" });
-    let letter = api
-        .post_ok(&format!("/v1/newsletters/{newsletter}/letters"), letter, 201)
-        .await["id"]
-        .as_u64()
-        .unwrap();
-    let job = api
-        .post_ok(&format!("/v1/letters/{letter}/send"), json!({}), 202)
-        .await["job_id"]
-        .as_u64()
-        .unwrap();
+    let letter = api.letter(newsletter, letter).await;
+    let job = api.send(letter, json!({})).await;
 
     // Kill once a fifth of the list has arrived.
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -160,24 +147,11 @@ async fn graceful_stop_mid_send_resumes_without_resending() {
     let people: Vec<_> = (0..N)
         .map(|i| json!({ "email": format!("g{i}@example.org") }))
         .collect();
-    api.post_ok(
-        &format!("/v1/newsletters/{newsletter}/subscribers"),
-        json!(people),
-        201,
-    )
-    .await;
+    api.add_subscribers(newsletter, json!(people)).await;
     let letter = json!({ "subject": "Graceful", "text": "Hi\r\n" });
-    let letter = api
-        .post_ok(&format!("/v1/newsletters/{newsletter}/letters"), letter, 201)
-        .await["id"]
-        .as_u64()
-        .unwrap();
+    let letter = api.letter(newsletter, letter).await;
     let send = json!({ "concurrency": 4 });
-    let job = api
-        .post_ok(&format!("/v1/letters/{letter}/send"), send, 202)
-        .await["job_id"]
-        .as_u64()
-        .unwrap();
+    let job = api.send(letter, send).await;
     while smtp.count() < N / 5 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }

@@ -34,26 +34,19 @@ async fn segment_send_renders_per_recipient_and_reaches_only_the_segment() {
     assert_eq!(added["inserted"], 60);
 
     let letter = api
-        .post_ok(
-            &format!("/v1/newsletters/{newsletter}/letters"),
+        .letter(
+            newsletter,
             json!({
                 "subject": "Hi {{ name }}",
                 "text": "Hello {{ name }}\r\nplan {{ attributes.plan }} city {{ attributes.city }}\r\n",
                 "html": "<p>Hello {{ name }}</p>",
                 "params": { "segment": { "attribute": "plan", "equals": "pro" } },
             }),
-            201,
         )
-        .await["id"]
-        .as_u64()
-        .unwrap();
+        .await;
 
     let started = Instant::now();
-    let job = api
-        .post_ok(&format!("/v1/letters/{letter}/send"), json!({}), 202)
-        .await["job_id"]
-        .as_u64()
-        .unwrap();
+    let job = api.send(letter, json!({})).await;
     let done = api.wait_job(job, Duration::from_secs(60)).await;
     let elapsed = started.elapsed();
     assert_eq!(done["state"], "completed", "{done}");
@@ -122,19 +115,10 @@ async fn unsubscribe_link_stops_later_letters() {
     let api = &server.api;
     let newsletter = api.newsletter().await;
     let people = json!([{ "email": "ann@example.org" }, { "email": "bob@example.org" }]);
-    api.post_ok(&format!("/v1/newsletters/{newsletter}/subscribers"), people, 201)
-        .await;
+    api.add_subscribers(newsletter, people).await;
     let letter = json!({ "subject": "One", "text": "Bye: {{ unsubscribe_url }}\r\n" });
-    let letter = api
-        .post_ok(&format!("/v1/newsletters/{newsletter}/letters"), letter, 201)
-        .await["id"]
-        .as_u64()
-        .unwrap();
-    let job = api
-        .post_ok(&format!("/v1/letters/{letter}/send"), json!({}), 202)
-        .await["job_id"]
-        .as_u64()
-        .unwrap();
+    let letter = api.letter(newsletter, letter).await;
+    let job = api.send(letter, json!({})).await;
     assert_eq!(
         api.wait_job(job, Duration::from_secs(30)).await["counts"]["delivered"],
         2
@@ -159,11 +143,7 @@ async fn unsubscribe_link_stops_later_letters() {
     let (status, _) = api.post(&format!("{path}x"), json!({})).await;
     assert_eq!(status, 404, "a tampered token is refused");
 
-    let job = api
-        .post_ok(&format!("/v1/letters/{letter}/send"), json!({}), 202)
-        .await["job_id"]
-        .as_u64()
-        .unwrap();
+    let job = api.send(letter, json!({})).await;
     let done = api.wait_job(job, Duration::from_secs(30)).await;
     assert_eq!(done["counts"]["delivered"], 1, "{done}");
     let to_ann = smtp
@@ -183,23 +163,10 @@ async fn without_smtp_messages_land_in_the_outbox() {
     let people: Vec<_> = (0..3)
         .map(|i| json!({ "email": format!("p{i}@example.org") }))
         .collect();
-    api.post_ok(
-        &format!("/v1/newsletters/{newsletter}/subscribers"),
-        json!(people),
-        201,
-    )
-    .await;
+    api.add_subscribers(newsletter, json!(people)).await;
     let letter = json!({ "subject": "Hello {{ email }}", "text": "Hi\r\n" });
-    let letter = api
-        .post_ok(&format!("/v1/newsletters/{newsletter}/letters"), letter, 201)
-        .await["id"]
-        .as_u64()
-        .unwrap();
-    let job = api
-        .post_ok(&format!("/v1/letters/{letter}/send"), json!(null), 202)
-        .await["job_id"]
-        .as_u64()
-        .unwrap();
+    let letter = api.letter(newsletter, letter).await;
+    let job = api.send(letter, json!(null)).await;
     assert_eq!(
         api.wait_job(job, Duration::from_secs(30)).await["state"],
         "completed"

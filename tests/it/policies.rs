@@ -92,23 +92,10 @@ async fn a_trapping_template_fails_only_its_recipient() {
     let newsletter = api.newsletter().await;
     let mut people = vec![json!({ "email": "trap@example.org" })];
     people.extend((0..9).map(|i| json!({ "email": format!("ok{i}@example.org") })));
-    api.post_ok(
-        &format!("/v1/newsletters/{newsletter}/subscribers"),
-        json!(people),
-        201,
-    )
-    .await;
+    api.add_subscribers(newsletter, json!(people)).await;
     let letter = json!({ "subject": "S", "text": "T", "template": "trap" });
-    let letter = api
-        .post_ok(&format!("/v1/newsletters/{newsletter}/letters"), letter, 201)
-        .await["id"]
-        .as_u64()
-        .unwrap();
-    let job = api
-        .post_ok(&format!("/v1/letters/{letter}/send"), json!({}), 202)
-        .await["job_id"]
-        .as_u64()
-        .unwrap();
+    let letter = api.letter(newsletter, letter).await;
+    let job = api.send(letter, json!({})).await;
     let done = api.wait_job(job, Duration::from_secs(60)).await;
     assert_eq!(done["state"], "completed", "{done}");
     assert_eq!(done["counts"]["delivered"], 9, "{done}");
@@ -155,19 +142,10 @@ async fn time_and_memory_limits_fail_only_the_offending_recipient() {
         { "email": "bomb@example.org" },
         { "email": "fine@example.org" },
     ]);
-    api.post_ok(&format!("/v1/newsletters/{newsletter}/subscribers"), people, 201)
-        .await;
+    api.add_subscribers(newsletter, people).await;
     let letter = json!({ "subject": "S", "text": "T", "filter": "hostile" });
-    let letter = api
-        .post_ok(&format!("/v1/newsletters/{newsletter}/letters"), letter, 201)
-        .await["id"]
-        .as_u64()
-        .unwrap();
-    let job = api
-        .post_ok(&format!("/v1/letters/{letter}/send"), json!({}), 202)
-        .await["job_id"]
-        .as_u64()
-        .unwrap();
+    let letter = api.letter(newsletter, letter).await;
+    let job = api.send(letter, json!({})).await;
     let done = api.wait_job(job, Duration::from_secs(60)).await;
     assert_eq!(done["state"], "completed", "{done}");
     assert_eq!(done["counts"]["delivered"], 1, "{done}");
@@ -248,9 +226,9 @@ async fn versions_pins_listing_and_delete() {
     let letters = format!("/v1/newsletters/{newsletter}/letters");
     let pinned =
         json!({ "subject": "S", "text": "from default {{ email }}", "template": format!("tpl@{v1}") });
-    let pinned = api.post_ok(&letters, pinned, 201).await["id"].as_u64().unwrap();
+    let pinned = api.letter(newsletter, pinned).await;
     let latest = json!({ "subject": "S", "text": "from default {{ email }}", "template": "tpl" });
-    let latest = api.post_ok(&letters, latest, 201).await["id"].as_u64().unwrap();
+    let latest = api.letter(newsletter, latest).await;
     let inline = json!({ "recipient": { "email": "x@example.org" } });
     let (_, preview) = api
         .post(&format!("/v1/letters/{pinned}/preview"), inline.clone())
@@ -270,21 +248,8 @@ async fn versions_pins_listing_and_delete() {
     let people: Vec<_> = (0..10)
         .map(|i| json!({ "email": format!("d{i}@example.org") }))
         .collect();
-    api.post_ok(
-        &format!("/v1/newsletters/{newsletter}/subscribers"),
-        json!(people),
-        201,
-    )
-    .await;
-    let job = api
-        .post_ok(
-            &format!("/v1/letters/{latest}/send"),
-            json!({ "concurrency": 1 }),
-            202,
-        )
-        .await["job_id"]
-        .as_u64()
-        .unwrap();
+    api.add_subscribers(newsletter, json!(people)).await;
+    let job = api.send(latest, json!({ "concurrency": 1 })).await;
     let (status, body) = server.api.delete("/v1/plugins/tpl").await;
     assert_eq!(status, 409, "{body}");
     assert!(
@@ -300,7 +265,7 @@ async fn versions_pins_listing_and_delete() {
     assert_eq!(status, 422, "{body}");
     // The bytes tpl shared with default-template are still there.
     let letter = json!({ "subject": "S", "text": "still {{ email }}" });
-    let letter = api.post_ok(&letters, letter, 201).await["id"].as_u64().unwrap();
+    let letter = api.letter(newsletter, letter).await;
     let (status, preview) = api
         .post(
             &format!("/v1/letters/{letter}/preview"),
@@ -321,19 +286,14 @@ async fn preview_shows_decision_and_message_and_sends_nothing() {
         { "email": "pro@example.org", "name": "Pat", "attributes": { "plan": "pro" } },
         { "email": "free@example.org", "attributes": { "plan": "free" } },
     ]);
-    api.post_ok(&format!("/v1/newsletters/{newsletter}/subscribers"), people, 201)
-        .await;
+    api.add_subscribers(newsletter, people).await;
     let letter = json!({
         "subject": "Hi {{ name }}",
         "text": "Plan {{ attributes.plan }}",
         "html": "<b>{{ name }}</b>",
         "params": { "segment": { "attribute": "plan", "equals": "pro" } },
     });
-    let letter = api
-        .post_ok(&format!("/v1/newsletters/{newsletter}/letters"), letter, 201)
-        .await["id"]
-        .as_u64()
-        .unwrap();
+    let letter = api.letter(newsletter, letter).await;
     let preview = format!("/v1/letters/{letter}/preview");
 
     let (status, body) = api.post(&preview, json!({ "subscriber_id": 1 })).await;
@@ -373,11 +333,7 @@ async fn preview_shows_decision_and_message_and_sends_nothing() {
     // A policy that crashes for this recipient: the reason, as a 422.
     api.upload("template", "trap", wasm("test_trap_template")).await;
     let trap = json!({ "subject": "S", "text": "T", "template": "trap" });
-    let trap = api
-        .post_ok(&format!("/v1/newsletters/{newsletter}/letters"), trap, 201)
-        .await["id"]
-        .as_u64()
-        .unwrap();
+    let trap = api.letter(newsletter, trap).await;
     let (status, body) = api
         .post(
             &format!("/v1/letters/{trap}/preview"),
@@ -401,7 +357,14 @@ fn peak_rss_mib() -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_policies_are_contained_while_a_healthy_job_completes() {
     let smtp = SmtpServer::start().await;
-    let server = TestServer::start(Some(&smtp)).await;
+    // A generous time budget: this test is about containment, and writing 20 MB to
+    // stdout can exceed the default 100 ms on a loaded CI machine. The default
+    // deadline has its own test above.
+    let data = tempfile::tempdir().unwrap();
+    let mut config = letterbox::Config::new(data.path());
+    config.smtp = Some(letterbox::Config::smtp_url(smtp.url()));
+    config.policy_limits.timeout = Duration::from_secs(1);
+    let server = TestServer::start_with(config, data).await;
     let api = &server.api;
     assert_eq!(
         api.upload("filter", "hostile-filter", wasm("test_hostile_filter"))
@@ -420,18 +383,9 @@ async fn hostile_policies_are_contained_while_a_healthy_job_completes() {
     let people: Vec<_> = (0..300)
         .map(|i| json!({ "email": format!("h{i}@example.org") }))
         .collect();
-    api.post_ok(
-        &format!("/v1/newsletters/{healthy}/subscribers"),
-        json!(people),
-        201,
-    )
-    .await;
+    api.add_subscribers(healthy, json!(people)).await;
     let letter = json!({ "subject": "Healthy", "text": "Hi {{ email }}" });
-    let healthy_letter = api
-        .post_ok(&format!("/v1/newsletters/{healthy}/letters"), letter, 201)
-        .await["id"]
-        .as_u64()
-        .unwrap();
+    let healthy_letter = api.letter(healthy, letter).await;
 
     let hostile = api.newsletter().await;
     let cases = [
@@ -448,29 +402,12 @@ async fn hostile_policies_are_contained_while_a_healthy_job_completes() {
         .iter()
         .map(|c| json!({ "email": format!("{c}@example.org") }))
         .collect();
-    api.post_ok(
-        &format!("/v1/newsletters/{hostile}/subscribers"),
-        json!(people),
-        201,
-    )
-    .await;
+    api.add_subscribers(hostile, json!(people)).await;
     let letter = json!({ "subject": "Hostile", "text": "T", "filter": "hostile-filter", "template": "hostile-template" });
-    let hostile_letter = api
-        .post_ok(&format!("/v1/newsletters/{hostile}/letters"), letter, 201)
-        .await["id"]
-        .as_u64()
-        .unwrap();
+    let hostile_letter = api.letter(hostile, letter).await;
 
-    let hostile_job = api
-        .post_ok(&format!("/v1/letters/{hostile_letter}/send"), json!({}), 202)
-        .await["job_id"]
-        .as_u64()
-        .unwrap();
-    let healthy_job = api
-        .post_ok(&format!("/v1/letters/{healthy_letter}/send"), json!({}), 202)
-        .await["job_id"]
-        .as_u64()
-        .unwrap();
+    let hostile_job = api.send(hostile_letter, json!({})).await;
+    let healthy_job = api.send(healthy_letter, json!({})).await;
 
     // The server answers throughout.
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
@@ -562,27 +499,10 @@ async fn a_failing_policy_pauses_its_job_and_resume_uses_the_fixed_version() {
     let people: Vec<_> = (0..N)
         .map(|i| json!({ "email": format!("trap{i}@example.org") }))
         .collect();
-    api.post_ok(
-        &format!("/v1/newsletters/{newsletter}/subscribers"),
-        json!(people),
-        201,
-    )
-    .await;
+    api.add_subscribers(newsletter, json!(people)).await;
     let letter = json!({ "subject": "S", "text": "fixed {{ email }}", "template": "wip" });
-    let letter = api
-        .post_ok(&format!("/v1/newsletters/{newsletter}/letters"), letter, 201)
-        .await["id"]
-        .as_u64()
-        .unwrap();
-    let job = api
-        .post_ok(
-            &format!("/v1/letters/{letter}/send"),
-            json!({ "concurrency": 4 }),
-            202,
-        )
-        .await["job_id"]
-        .as_u64()
-        .unwrap();
+    let letter = api.letter(newsletter, letter).await;
+    let job = api.send(letter, json!({ "concurrency": 4 })).await;
     let paused = api.wait_job(job, Duration::from_secs(60)).await;
     assert_eq!(paused["state"], "paused", "{paused}");
     let reason = paused["pause_reason"].as_str().unwrap();
@@ -635,23 +555,14 @@ async fn ab_subject_example_splits_recipients_stably() {
     let people: Vec<_> = (0..40)
         .map(|i| json!({ "email": format!("ab{i}@example.org"), "name": format!("N{i}") }))
         .collect();
-    api.post_ok(
-        &format!("/v1/newsletters/{newsletter}/subscribers"),
-        json!(people),
-        201,
-    )
-    .await;
+    api.add_subscribers(newsletter, json!(people)).await;
     let letter = json!({
         "subject": "unused",
         "text": "variant {{ variant }}",
         "template": "ab",
         "params": { "ab": { "subjects": ["A for {{ name }}", "B for {{ name }}"] } },
     });
-    let letter = api
-        .post_ok(&format!("/v1/newsletters/{newsletter}/letters"), letter, 201)
-        .await["id"]
-        .as_u64()
-        .unwrap();
+    let letter = api.letter(newsletter, letter).await;
     let preview = format!("/v1/letters/{letter}/preview");
     let (_, first) = api.post(&preview, json!({ "subscriber_id": 1 })).await;
     let (_, again) = api.post(&preview, json!({ "subscriber_id": 1 })).await;
@@ -660,11 +571,7 @@ async fn ab_subject_example_splits_recipients_stably() {
         "the same recipient gets the same variant"
     );
 
-    let job = api
-        .post_ok(&format!("/v1/letters/{letter}/send"), json!({}), 202)
-        .await["job_id"]
-        .as_u64()
-        .unwrap();
+    let job = api.send(letter, json!({})).await;
     assert_eq!(
         api.wait_job(job, Duration::from_secs(60)).await["counts"]["delivered"],
         40

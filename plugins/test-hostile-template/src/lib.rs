@@ -39,10 +39,10 @@ impl Guest for HostileTemplate {
             "x".repeat(2 << 20)
         } else {
             if email.starts_with("flood") {
-                let line = [b'y'; 1024];
+                let chunk = vec![b'y'; 64 * 1024];
                 let mut out = std::io::stdout();
-                for _ in 0..20 * 1024 {
-                    let _ = out.write_all(&line);
+                for _ in 0..320 {
+                    let _ = out.write_all(&chunk);
                 }
             }
             format!("hello {email}")

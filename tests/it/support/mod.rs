@@ -190,6 +190,28 @@ impl Api {
             .unwrap()
     }
 
+    /// Adds subscribers (a JSON array) to a newsletter; returns the import summary.
+    pub async fn add_subscribers(&self, newsletter: u64, people: Value) -> Value {
+        self.post_ok(&format!("/v1/newsletters/{newsletter}/subscribers"), people, 201)
+            .await
+    }
+
+    /// Creates a letter; returns its id.
+    pub async fn letter(&self, newsletter: u64, letter: Value) -> u64 {
+        let body = self
+            .post_ok(&format!("/v1/newsletters/{newsletter}/letters"), letter, 201)
+            .await;
+        body["id"].as_u64().unwrap()
+    }
+
+    /// Starts a send job (`options` is the send request body); returns the job id.
+    pub async fn send(&self, letter: u64, options: Value) -> u64 {
+        let body = self
+            .post_ok(&format!("/v1/letters/{letter}/send"), options, 202)
+            .await;
+        body["job_id"].as_u64().unwrap()
+    }
+
     pub async fn upload(&self, kind: &str, name: &str, bytes: Vec<u8>) -> (u16, Value) {
         self.post_raw(
             &format!("/v1/plugins?kind={kind}&name={name}"),

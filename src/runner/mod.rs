@@ -9,7 +9,9 @@
 //!
 //! On start-up every unfinished job is resumed: its in-flight recipients go back to
 //! pending (counted in `resent_after_crash`) and the job carries on. A panic in one
-//! delivery fails that recipient only; a policy trap or error likewise.
+//! delivery fails that recipient only; a policy trap or error likewise, and when a job's
+//! policies fail too often (restart intensity, `FailureLimit`) the job pauses until
+//! someone resumes it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -675,4 +677,34 @@ pub struct Preview {
     pub verdict: Verdict,
     /// The complete message (RFC 5322) when the filter says send.
     pub message: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failure_window_trips_only_past_the_limit() {
+        let mut window = FailureWindow::new(FailureLimit {
+            max: 2,
+            window: std::time::Duration::from_secs(60),
+        });
+        assert!(!window.record());
+        assert!(!window.record());
+        assert!(
+            window.record(),
+            "the third failure within the window exceeds max = 2"
+        );
+
+        let mut expired = FailureWindow::new(FailureLimit {
+            max: 1,
+            window: std::time::Duration::from_millis(1),
+        });
+        assert!(!expired.record());
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        assert!(
+            !expired.record(),
+            "failures older than the window no longer count"
+        );
+    }
 }

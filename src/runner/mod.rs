@@ -192,11 +192,11 @@ impl Runner {
         }
         let store = &self.inner.store;
         let letter = store.letter(letter_id).await?;
-        let filter = self.resolve(&letter.filter, PluginKind::Filter).await?;
-        let template = self.resolve(&letter.template, PluginKind::Template).await?;
-        // Compile now, so a broken policy is refused before a job exists.
-        self.load_policy(&filter, PluginKind::Filter).await?;
-        self.load_policy(&template, PluginKind::Template).await?;
+        // Compiled now, so a broken policy is refused before a job exists.
+        let (filter, _) = self.resolve_loaded(&letter.filter, PluginKind::Filter).await?;
+        let (template, _) = self
+            .resolve_loaded(&letter.template, PluginKind::Template)
+            .await?;
         let job = store
             .create_job(Job {
                 id: 0,
@@ -298,6 +298,17 @@ impl Runner {
             name: plugin.name,
             id: plugin.id,
         })
+    }
+
+    /// `resolve`, then compile (or find compiled) the version it names.
+    async fn resolve_loaded(
+        &self,
+        reference: &str,
+        kind: PluginKind,
+    ) -> Result<(PolicyVersion, Arc<Policy>), RunnerError> {
+        let version = self.resolve(reference, kind).await?;
+        let policy = self.load_policy(&version, kind).await?;
+        Ok((version, policy))
     }
 
     fn spawn(&self, job_id: u64) {
@@ -567,10 +578,10 @@ impl Runner {
         let store = &self.inner.store;
         let job = store.job(job_id).await?;
         let letter = store.letter(job.letter_id).await?;
-        let filter = self.resolve(&letter.filter, PluginKind::Filter).await?;
-        let template = self.resolve(&letter.template, PluginKind::Template).await?;
-        self.load_policy(&filter, PluginKind::Filter).await?;
-        self.load_policy(&template, PluginKind::Template).await?;
+        let (filter, _) = self.resolve_loaded(&letter.filter, PluginKind::Filter).await?;
+        let (template, _) = self
+            .resolve_loaded(&letter.template, PluginKind::Template)
+            .await?;
         let job = store
             .update_job_from(job_id, JobState::Paused, move |job| {
                 job.state = JobState::Running;
@@ -595,11 +606,13 @@ impl Runner {
         let store = &self.inner.store;
         let letter = store.letter(letter_id).await?;
         let newsletter = store.newsletter(letter.newsletter_id).await?;
-        let filter = self.resolve(&letter.filter, PluginKind::Filter).await?;
-        let template = self.resolve(&letter.template, PluginKind::Template).await?;
+        let (filter, filter_policy) = self.resolve_loaded(&letter.filter, PluginKind::Filter).await?;
+        let (template, template_policy) = self
+            .resolve_loaded(&letter.template, PluginKind::Template)
+            .await?;
         let evaluator = Arc::new(self.inner.policies.evaluator(
-            self.load_policy(&filter, PluginKind::Filter).await?,
-            self.load_policy(&template, PluginKind::Template).await?,
+            filter_policy,
+            template_policy,
             LetterInput::new(&letter, &newsletter),
         )?);
         let subscriber = match target {

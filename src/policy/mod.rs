@@ -212,6 +212,9 @@ pub struct PolicyHost {
     /// Concurrent evaluations in the process: policy calls are CPU-bound, so more than
     /// a few per core only adds live instances and latency.
     evaluations: Arc<Semaphore>,
+    /// 2 per core: the size of `evaluations`, and the warm instance pairs an
+    /// evaluator keeps idle.
+    parallel_evaluations: usize,
 }
 
 /// What the filter and template decided for one recipient.
@@ -302,7 +305,7 @@ impl PolicyHost {
             })
             .map_err(|e| PolicyError::Engine(format!("cannot start the epoch thread: {e}")))?;
 
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        let parallel_evaluations = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2) * 2;
         Ok(PolicyHost {
             engine,
             linker: Arc::new(linker),
@@ -310,7 +313,8 @@ impl PolicyHost {
             compiled: Arc::new(Mutex::new(HashMap::new())),
             cache_dir,
             compat,
-            evaluations: Arc::new(Semaphore::new(cores * 2)),
+            evaluations: Arc::new(Semaphore::new(parallel_evaluations)),
+            parallel_evaluations,
         })
     }
 
@@ -469,14 +473,13 @@ impl PolicyHost {
                 filter.label, template.label
             )));
         }
-        let max_idle = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2) * 2;
         Ok(Evaluator {
             host: self.clone(),
             filter,
             template,
             letter,
             idle: Mutex::new(Vec::new()),
-            max_idle,
+            max_idle: self.parallel_evaluations,
         })
     }
 }

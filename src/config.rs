@@ -4,18 +4,32 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::domain::RetryPolicy;
 use crate::mail::SmtpSettings;
 use crate::policy::PolicyLimits;
-use crate::runner::FailureLimit;
+use crate::runner::{DomainLimits, FailureLimit};
 
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Holds `letterbox.redb`, `unsubscribe.key` and (without SMTP) `outbox/`.
     pub data_dir: PathBuf,
-    /// Deliver over SMTP; `None` writes `.eml` files to `data_dir/outbox`.
+    /// The default transport; `None` writes `.eml` files to `data_dir/outbox`.
     pub smtp: Option<SmtpSettings>,
+    /// More transports a job may choose by name.
+    pub transports: Vec<(String, SmtpSettings)>,
     /// Deliveries in flight per job unless the send request says otherwise.
     pub concurrency: u32,
+    /// Deliveries in flight across all jobs.
+    pub max_deliveries: u32,
+    /// Jobs sending at once; later ones wait in `queued`.
+    pub max_running_jobs: u32,
+    /// Concurrent deliveries per recipient domain.
+    pub domain_limits: DomainLimits,
+    /// How jobs retry transient failures unless the send request says otherwise.
+    pub retry: RetryPolicy,
+    /// How long shutdown waits for in-flight deliveries before abandoning them (they are
+    /// sent again at the next start).
+    pub drain_timeout: Duration,
     /// Base URL the public `/u/{token}` links use; defaults to `http://` + the listen
     /// address.
     pub public_url: Option<String>,
@@ -29,7 +43,13 @@ impl Config {
         Config {
             data_dir: data_dir.into(),
             smtp: None,
+            transports: Vec::new(),
             concurrency: 16,
+            max_deliveries: 512,
+            max_running_jobs: 4,
+            domain_limits: DomainLimits::default(),
+            retry: RetryPolicy::default(),
+            drain_timeout: Duration::from_secs(30),
             public_url: None,
             policy_limits: PolicyLimits::default(),
             policy_failures: FailureLimit::default(),
@@ -38,12 +58,6 @@ impl Config {
 
     /// SMTP settings for `url` with the defaults used by `serve`.
     pub fn smtp_url(url: impl Into<String>) -> SmtpSettings {
-        SmtpSettings {
-            url: url.into(),
-            username: None,
-            password: None,
-            pool_size: 32,
-            timeout: Duration::from_secs(30),
-        }
+        SmtpSettings::new(url)
     }
 }

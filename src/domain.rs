@@ -7,11 +7,16 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-/// Seconds since the Unix epoch, the one clock format kept in the store.
+/// Seconds since the Unix epoch: the clock format of every timestamp shown to users.
 pub fn now() -> u64 {
+    now_ms() / 1000
+}
+
+/// Milliseconds since the Unix epoch: retry times, which need finer steps than seconds.
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
+        .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
 
@@ -126,36 +131,56 @@ pub struct PluginSummary {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
-    /// Accepted, recipients not yet (all) recorded.
+    /// Waits for its `send_at` time; nothing is claimed before.
+    Scheduled,
+    /// Accepted; waiting for a free job slot or for its recipient snapshot.
     Queued,
     Running,
-    /// Stopped until someone resumes it; `pause_reason` says why (e.g. its policy kept
-    /// failing). Not resumed automatically at start-up.
+    /// Stopped until someone resumes it; `pause_reason` says why (requested, or its
+    /// policy kept failing). Not resumed automatically at start-up.
     Paused,
     Completed,
+    /// Stopped on request: recipients not yet sent were marked cancelled.
+    Cancelled,
     /// Stopped for good with `error` set (e.g. its policy no longer compiles).
     Failed,
 }
 
 impl JobState {
+    pub const ALL: [JobState; 7] = [
+        JobState::Scheduled,
+        JobState::Queued,
+        JobState::Running,
+        JobState::Paused,
+        JobState::Completed,
+        JobState::Cancelled,
+        JobState::Failed,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
+            JobState::Scheduled => "scheduled",
             JobState::Queued => "queued",
             JobState::Running => "running",
             JobState::Paused => "paused",
             JobState::Completed => "completed",
+            JobState::Cancelled => "cancelled",
             JobState::Failed => "failed",
         }
     }
 
-    /// Whether a job in this state must be picked up again after a restart.
-    pub fn is_unfinished(self) -> bool {
-        matches!(self, JobState::Queued | JobState::Running)
+    pub fn parse(s: &str) -> Option<JobState> {
+        JobState::ALL.into_iter().find(|state| state.as_str() == s)
     }
 
-    /// Whether the job is over for good (nothing will ever run it again).
+    /// Whether a job in this state must be picked up again after a restart.
+    pub fn is_unfinished(self) -> bool {
+        matches!(self, JobState::Scheduled | JobState::Queued | JobState::Running)
+    }
+
+    /// Whether the job is over for good (only `retry-failed` can run it again).
     pub fn is_finished(self) -> bool {
-        matches!(self, JobState::Completed | JobState::Failed)
+        matches!(self, JobState::Completed | JobState::Cancelled | JobState::Failed)
     }
 }
 
@@ -167,7 +192,11 @@ pub struct Counts {
     pub sending: u64,
     pub delivered: u64,
     pub skipped: u64,
+    #[serde(default)]
+    pub retrying: u64,
     pub failed: u64,
+    #[serde(default)]
+    pub cancelled: u64,
 }
 
 impl Counts {
@@ -177,12 +206,90 @@ impl Counts {
             DeliveryState::Sending { .. } => &mut self.sending,
             DeliveryState::Delivered { .. } => &mut self.delivered,
             DeliveryState::Skipped { .. } => &mut self.skipped,
+            DeliveryState::Retrying { .. } => &mut self.retrying,
             DeliveryState::Failed { .. } => &mut self.failed,
+            DeliveryState::Cancelled { .. } => &mut self.cancelled,
         }
     }
 
     pub fn total(&self) -> u64 {
-        self.pending + self.sending + self.delivered + self.skipped + self.failed
+        self.pending
+            + self.sending
+            + self.delivered
+            + self.skipped
+            + self.retrying
+            + self.failed
+            + self.cancelled
+    }
+
+    /// Recipients that still need work: pending, in flight or waiting to retry.
+    pub fn open(&self) -> u64 {
+        self.pending + self.sending + self.retrying
+    }
+
+    /// Recipients whose delivery is over.
+    pub fn done(&self) -> u64 {
+        self.total() - self.open()
+    }
+}
+
+/// How a job retries transient failures (SMTP 4xx, network trouble, timeouts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first one included; 1 means never retry.
+    pub max_attempts: u32,
+    /// Delay before the first retry; it doubles for each later one (with jitter).
+    pub base_ms: u64,
+    /// Longest delay between two attempts.
+    pub cap_ms: u64,
+}
+
+impl Default for RetryPolicy {
+    /// Five attempts spread over about half an hour: 1, 2, 4 and 8 minutes apart (each
+    /// between half and all of that, for jitter). Long enough to outlast a greylisting
+    /// or a provider's short outage.
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 5,
+            base_ms: 60_000,
+            cap_ms: 3_600_000,
+        }
+    }
+}
+
+impl RetryPolicy {
+    pub const MAX_ATTEMPTS: u32 = 100;
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_attempts == 0 || self.max_attempts > Self::MAX_ATTEMPTS {
+            return Err(format!(
+                "retry.max_attempts must be between 1 and {}, got {}",
+                Self::MAX_ATTEMPTS,
+                self.max_attempts
+            ));
+        }
+        if self.base_ms == 0 || self.cap_ms < self.base_ms {
+            return Err(format!(
+                "retry needs 0 < base_ms <= cap_ms, got base_ms {} and cap_ms {}",
+                self.base_ms, self.cap_ms
+            ));
+        }
+        if self.cap_ms > 7 * 24 * 3_600_000 {
+            return Err("retry.cap_ms must be at most one week".into());
+        }
+        Ok(())
+    }
+
+    /// The delay before attempt `attempts + 1`, given `attempts` made so far (≥ 1):
+    /// `min(cap, base × 2^(attempts-1))`, of which a random part in [0, ½) is dropped
+    /// ("equal jitter"), so recipients that failed together do not retry together.
+    /// `unit` is a random number in [0, 1).
+    pub fn delay_ms(&self, attempts: u32, unit: f64) -> u64 {
+        let exp = attempts.saturating_sub(1).min(40);
+        let full = self.base_ms.saturating_mul(1u64 << exp).min(self.cap_ms);
+        let half = full / 2;
+        full - (half as f64 * unit.clamp(0.0, 1.0)) as u64
     }
 }
 
@@ -197,6 +304,14 @@ pub struct Job {
     pub filter: PolicyVersion,
     pub template: PolicyVersion,
     pub concurrency: u32,
+    #[serde(default)]
+    pub retry: RetryPolicy,
+    /// Name of the transport the job sends through; `None` is the default one.
+    #[serde(default)]
+    pub transport: Option<String>,
+    /// When a scheduled job starts (unix seconds).
+    #[serde(default)]
+    pub send_at: Option<u64>,
     pub counts: Counts,
     /// Whether every recipient has been recorded as a delivery (the job's snapshot of the
     /// list is complete).
@@ -235,10 +350,79 @@ pub enum DeliveryState {
     Skipped {
         reason: String,
     },
+    /// A transient failure; the next attempt is due at `next_attempt_at_ms`.
+    Retrying {
+        next_attempt_at_ms: u64,
+        last_error: String,
+    },
     Failed {
         at: u64,
         reason: String,
     },
+    /// The job was cancelled before this recipient was sent.
+    Cancelled {
+        at: u64,
+    },
+}
+
+/// The state of a delivery without its details, e.g. to filter a listing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StateKind {
+    Pending,
+    Sending,
+    Delivered,
+    Skipped,
+    Retrying,
+    Failed,
+    Cancelled,
+}
+
+impl StateKind {
+    pub const ALL: [StateKind; 7] = [
+        StateKind::Pending,
+        StateKind::Sending,
+        StateKind::Delivered,
+        StateKind::Skipped,
+        StateKind::Retrying,
+        StateKind::Failed,
+        StateKind::Cancelled,
+    ];
+
+    /// A stable number for the store's state index.
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StateKind::Pending => "pending",
+            StateKind::Sending => "sending",
+            StateKind::Delivered => "delivered",
+            StateKind::Skipped => "skipped",
+            StateKind::Retrying => "retrying",
+            StateKind::Failed => "failed",
+            StateKind::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<StateKind> {
+        StateKind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+impl DeliveryState {
+    pub fn kind(&self) -> StateKind {
+        match self {
+            DeliveryState::Pending => StateKind::Pending,
+            DeliveryState::Sending { .. } => StateKind::Sending,
+            DeliveryState::Delivered { .. } => StateKind::Delivered,
+            DeliveryState::Skipped { .. } => StateKind::Skipped,
+            DeliveryState::Retrying { .. } => StateKind::Retrying,
+            DeliveryState::Failed { .. } => StateKind::Failed,
+            DeliveryState::Cancelled { .. } => StateKind::Cancelled,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -246,17 +430,32 @@ pub struct Delivery {
     pub job_id: u64,
     pub subscriber_id: u64,
     pub email: String,
+    /// Attempts made so far (a crash re-send counts as one more).
     pub attempts: u32,
     #[serde(flatten)]
     pub state: DeliveryState,
 }
 
-/// The final outcome of one delivery attempt, as the runner records it.
+/// The outcome of one delivery attempt, as the runner records it.
 #[derive(Debug, Clone)]
 pub enum Outcome {
-    Delivered { reply: String },
-    Skipped { reason: String },
-    Failed { reason: String },
+    Delivered {
+        reply: String,
+    },
+    Skipped {
+        reason: String,
+    },
+    /// Try again at `at_ms`.
+    Retry {
+        at_ms: u64,
+        error: String,
+    },
+    Failed {
+        reason: String,
+    },
+    /// Claimed, but the job stopped before the message was sent: back to pending, and
+    /// the claim does not count as an attempt.
+    Released,
 }
 
 impl Outcome {
@@ -264,7 +463,53 @@ impl Outcome {
         match self {
             Outcome::Delivered { reply } => DeliveryState::Delivered { at, reply },
             Outcome::Skipped { reason } => DeliveryState::Skipped { reason },
+            Outcome::Retry { at_ms, error } => DeliveryState::Retrying {
+                next_attempt_at_ms: at_ms,
+                last_error: error,
+            },
             Outcome::Failed { reason } => DeliveryState::Failed { at, reason },
+            Outcome::Released => DeliveryState::Pending,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_with_equal_jitter() {
+        let policy = RetryPolicy {
+            max_attempts: 10,
+            base_ms: 1000,
+            cap_ms: 5000,
+        };
+        assert_eq!(policy.delay_ms(1, 0.0), 1000);
+        assert_eq!(policy.delay_ms(2, 0.0), 2000);
+        assert_eq!(policy.delay_ms(3, 0.0), 4000);
+        assert_eq!(policy.delay_ms(4, 0.0), 5000, "capped");
+        assert_eq!(policy.delay_ms(60, 0.0), 5000, "no overflow");
+        assert_eq!(policy.delay_ms(2, 0.999_999), 1001, "jitter drops at most half");
+        assert!(policy.validate().is_ok());
+        assert!(
+            RetryPolicy {
+                max_attempts: 0,
+                ..policy
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(RetryPolicy { cap_ms: 10, ..policy }.validate().is_err());
+    }
+
+    #[test]
+    fn state_codes_round_trip() {
+        for kind in StateKind::ALL {
+            assert_eq!(StateKind::parse(kind.as_str()), Some(kind));
+            assert_eq!(StateKind::ALL[kind.code() as usize], kind);
+        }
+        for state in JobState::ALL {
+            assert_eq!(JobState::parse(state.as_str()), Some(state));
         }
     }
 }

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 pub use config::Config;
 
 use crate::domain::PluginKind;
-use crate::mail::Mailer;
+use crate::mail::{DEFAULT_TRANSPORT, Transport, Transports};
 use crate::policy::PolicyHost;
 use crate::policy::builtin;
 use crate::runner::{Runner, RunnerConfig};
@@ -63,11 +63,18 @@ pub async fn run(
     let store = Store::open(&data_dir.join("letterbox.redb"))?;
     let unsubscribe = UnsubscribeKey::load_or_create(&data_dir.join("unsubscribe.key")).map_err(io_error)?;
     let policies = PolicyHost::new(config.policy_limits.clone(), Some(data_dir.join("compiled")))?;
-    let mailer = match &config.smtp {
-        Some(smtp) => Mailer::smtp(smtp)?,
-        None => Mailer::outbox(data_dir.join("outbox"))?,
-    };
-    tracing::info!(transport = %mailer.describe(), data = %data_dir.display(), "starting");
+    let mut transports = vec![match &config.smtp {
+        Some(smtp) => Transport::smtp(DEFAULT_TRANSPORT, smtp)?,
+        None => Transport::outbox(DEFAULT_TRANSPORT, data_dir.join("outbox"), None)?,
+    }];
+    for (name, smtp) in &config.transports {
+        transports.push(Transport::smtp(name, smtp)?);
+    }
+    let transports = Transports::new(transports)?;
+    tracing::info!(data = %data_dir.display(), "starting");
+    for transport in transports.iter() {
+        tracing::info!(name = transport.name(), transport = %transport.describe(), "transport");
+    }
 
     let local_addr = listener.local_addr().map_err(Error::Serve)?;
     let public_url = config
@@ -77,9 +84,13 @@ pub async fn run(
     let runner = Runner::new(
         store.clone(),
         policies,
-        mailer,
+        transports,
         RunnerConfig {
             default_concurrency: config.concurrency,
+            max_deliveries: config.max_deliveries,
+            max_running_jobs: config.max_running_jobs,
+            domain_limits: config.domain_limits.clone(),
+            retry: config.retry,
             policy_failures: config.policy_failures,
             public_url,
         },
@@ -101,7 +112,7 @@ pub async fn run(
             .install_plugin(name.to_string(), kind, bytes.to_vec())
             .await?;
     }
-    let resumed = runner.resume_unfinished().await?;
+    let resumed = runner.recover().await?;
     if resumed > 0 {
         tracing::info!(jobs = resumed, "resumed unfinished jobs");
     }
@@ -123,7 +134,7 @@ pub async fn run(
         .await;
     // Whether the server ended by request or by error, let deliveries finish cleanly.
     tracing::info!("shutting down: draining in-flight deliveries");
-    runner.shutdown().await;
+    runner.shutdown(config.drain_timeout).await;
     tracing::info!("stopped");
     served.map_err(Error::Serve)
 }

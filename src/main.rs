@@ -29,11 +29,15 @@ struct ServeArgs {
     /// Directory for the database, keys and the outbox.
     #[arg(long, env = "LETTERBOX_DATA", default_value = "./letterbox-data")]
     data: PathBuf,
-    /// SMTP server: smtp://host:25 (plain), smtp://host:587?tls=required (STARTTLS) or
-    /// smtps://user:pass@host:465 (TLS).
+    /// The default SMTP transport: smtp://host:25 (plain), smtp://host:587?tls=required
+    /// (STARTTLS) or smtps://user:pass@host:465 (TLS). Query parameters: tls, pool
+    /// (connections), rate (N/s, N/min or N/h), hello (EHLO name).
     /// Without it, messages are written to DATA/outbox as .eml files.
     #[arg(long, env = "LETTERBOX_SMTP")]
     smtp: Option<String>,
+    /// A further transport a send can choose by name: NAME=URL (repeatable).
+    #[arg(long = "transport", value_name = "NAME=URL")]
+    transports: Vec<String>,
     /// SMTP user name (overrides one in the URL).
     #[arg(long, env = "LETTERBOX_SMTP_USER")]
     smtp_user: Option<String>,
@@ -46,9 +50,37 @@ struct ServeArgs {
     /// SMTP timeout per command, in seconds.
     #[arg(long, env = "LETTERBOX_SMTP_TIMEOUT", default_value_t = 30)]
     smtp_timeout: u64,
+    /// SMTP timeout to connect (TCP, greeting, EHLO, STARTTLS, AUTH), in seconds.
+    #[arg(long, env = "LETTERBOX_SMTP_CONNECT_TIMEOUT", default_value_t = 10)]
+    smtp_connect_timeout: u64,
+    /// SMTP timeout for one whole message, in seconds.
+    #[arg(long, env = "LETTERBOX_SMTP_SEND_TIMEOUT", default_value_t = 120)]
+    smtp_send_timeout: u64,
     /// Deliveries in flight per job (a send request can override it).
     #[arg(long, env = "LETTERBOX_CONCURRENCY", default_value_t = 16)]
     concurrency: u32,
+    /// Deliveries in flight across all jobs.
+    #[arg(long, env = "LETTERBOX_MAX_DELIVERIES", default_value_t = 512)]
+    max_deliveries: u32,
+    /// Jobs sending at once; later ones wait queued.
+    #[arg(long, env = "LETTERBOX_MAX_RUNNING_JOBS", default_value_t = 4)]
+    max_running_jobs: u32,
+    /// Concurrent deliveries to one recipient domain: DOMAIN=N, or *=N for every other
+    /// domain (repeatable).
+    #[arg(long = "domain-limit", value_name = "DOMAIN=N")]
+    domain_limits: Vec<String>,
+    /// Attempts per recipient for transient failures (the first included).
+    #[arg(long, env = "LETTERBOX_RETRY_ATTEMPTS", default_value_t = 5)]
+    retry_attempts: u32,
+    /// Delay before the first retry, doubling after each (e.g. 60s, 5m).
+    #[arg(long, env = "LETTERBOX_RETRY_BASE", default_value = "60s", value_parser = humantime::parse_duration)]
+    retry_base: Duration,
+    /// Longest delay between retries.
+    #[arg(long, env = "LETTERBOX_RETRY_CAP", default_value = "1h", value_parser = humantime::parse_duration)]
+    retry_cap: Duration,
+    /// On shutdown, how long to let in-flight deliveries finish.
+    #[arg(long, env = "LETTERBOX_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    drain_timeout: Duration,
     /// Public base URL for unsubscribe links (default: http://LISTEN).
     #[arg(long, env = "LETTERBOX_PUBLIC_URL")]
     public_url: Option<String>,
@@ -100,12 +132,45 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.policy_failures.max = args.policy_max_failures;
     config.policy_failures.window = Duration::from_secs(args.policy_failure_window.max(1));
     config.public_url = args.public_url;
-    config.smtp = args.smtp.map(|url| {
+    config.max_deliveries = args.max_deliveries.max(1);
+    config.max_running_jobs = args.max_running_jobs.max(1);
+    for entry in &args.domain_limits {
+        config
+            .domain_limits
+            .add(entry)
+            .map_err(|e| anyhow::anyhow!("--domain-limit: {e}"))?;
+    }
+    config.retry = letterbox::domain::RetryPolicy {
+        max_attempts: args.retry_attempts,
+        base_ms: args.retry_base.as_millis() as u64,
+        cap_ms: args.retry_cap.as_millis() as u64,
+    };
+    config
+        .retry
+        .validate()
+        .map_err(|e| anyhow::anyhow!("--retry-attempts/--retry-base/--retry-cap: {e}"))?;
+    config.drain_timeout = args.drain_timeout;
+    let smtp_settings = |url: String| {
         let mut smtp = letterbox::Config::smtp_url(url);
-        smtp.username = args.smtp_user;
-        smtp.password = args.smtp_password;
         smtp.pool_size = args.smtp_pool.max(1);
-        smtp.timeout = Duration::from_secs(args.smtp_timeout.max(1));
+        smtp.command_timeout = Duration::from_secs(args.smtp_timeout.max(1));
+        smtp.connect_timeout = Duration::from_secs(args.smtp_connect_timeout.max(1));
+        smtp.send_timeout = Duration::from_secs(args.smtp_send_timeout.max(1));
+        smtp
+    };
+    for entry in &args.transports {
+        let (name, url) = entry
+            .split_once('=')
+            .filter(|(name, _)| !name.is_empty())
+            .with_context(|| format!("--transport {entry:?}: expected NAME=URL"))?;
+        config
+            .transports
+            .push((name.to_string(), smtp_settings(url.to_string())));
+    }
+    config.smtp = args.smtp.clone().map(|url| {
+        let mut smtp = smtp_settings(url);
+        smtp.username = args.smtp_user.clone();
+        smtp.password = args.smtp_password.clone();
         smtp
     });
     let listener = tokio::net::TcpListener::bind(args.listen)

@@ -137,6 +137,7 @@ impl From<RunnerError> for ApiError {
             RunnerError::Store(e) => e.into(),
             RunnerError::Policy(e) => e.into(),
             RunnerError::Invalid(detail) => ApiError::invalid(detail),
+            RunnerError::Conflict(detail) => ApiError::Conflict(detail),
             RunnerError::ShuttingDown => ApiError::Unavailable(e.to_string()),
         }
     }

@@ -1,59 +1,215 @@
-//! Send jobs: progress and the per-recipient log.
+//! Send jobs: listing, progress (also as Server-Sent Events), the per-recipient log and
+//! the controls (pause, resume, cancel, retry-failed).
+
+use std::convert::Infallible;
+use std::time::Duration;
 
 use axum::extract::State;
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use futures_util::Stream;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::error::{ApiPath, ApiQuery};
 use super::{ApiError, AppState};
-use crate::domain::Job;
+use crate::domain::{Counts, Job, JobState, StateKind};
 
 const MAX_PAGE: usize = 1000;
+/// How often an event stream looks for progress.
+const EVENT_POLL: Duration = Duration::from_millis(250);
 
 pub fn router() -> Router<AppState> {
     Router::new()
+        .route("/v1/jobs", get(list))
         .route("/v1/jobs/{id}", get(show))
         .route("/v1/jobs/{id}/deliveries", get(deliveries))
+        .route("/v1/jobs/{id}/events", get(events))
+        .route("/v1/jobs/{id}/pause", post(pause))
         .route("/v1/jobs/{id}/resume", post(resume))
+        .route("/v1/jobs/{id}/cancel", post(cancel))
+        .route("/v1/jobs/{id}/retry-failed", post(retry_failed))
 }
 
-async fn show(State(state): State<AppState>, ApiPath(id): ApiPath<u64>) -> Result<Json<Job>, ApiError> {
-    Ok(Json(state.store.job(id).await?))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Page {
-    /// Subscriber id to continue after (the previous page's `next`).
-    #[serde(default)]
-    after: u64,
-    #[serde(default)]
-    limit: Option<usize>,
-}
-
-/// One page of a job's deliveries, in subscriber id order, with the cursor for the next.
-async fn deliveries(
-    State(state): State<AppState>,
-    ApiPath(id): ApiPath<u64>,
-    ApiQuery(page): ApiQuery<Page>,
-) -> Result<Json<Value>, ApiError> {
-    let limit = page.limit.unwrap_or(100);
+fn page_limit(limit: Option<usize>) -> Result<usize, ApiError> {
+    let limit = limit.unwrap_or(100);
     if limit == 0 || limit > MAX_PAGE {
         return Err(ApiError::invalid(format!(
             "limit must be between 1 and {MAX_PAGE}"
         )));
     }
+    Ok(limit)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JobQuery {
+    #[serde(default)]
+    state: Option<String>,
+    /// The previous page's `next`: jobs older than this id.
+    #[serde(default)]
+    cursor: Option<u64>,
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+/// Jobs newest first, optionally in one state, a page at a time.
+async fn list(
+    State(state): State<AppState>,
+    ApiQuery(query): ApiQuery<JobQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = page_limit(query.limit)?;
+    let wanted = match query.state.as_deref() {
+        None => None,
+        Some(s) => Some(JobState::parse(s).ok_or_else(|| {
+            let known: Vec<&str> = JobState::ALL.iter().map(|s| s.as_str()).collect();
+            ApiError::invalid(format!("unknown job state {s:?}; one of {}", known.join(", ")))
+        })?),
+    };
+    let items = state.store.list_jobs(wanted, query.cursor, limit).await?;
+    let next = (items.len() == limit)
+        .then(|| items.last().map(|j| j.id))
+        .flatten();
+    Ok(Json(json!({ "items": items, "next": next })))
+}
+
+/// A job with its live rate and ETA (while it has a supervisor).
+async fn with_progress(state: &AppState, job: Job) -> Value {
+    let progress = state.runner.progress(&job).await;
+    let mut out = json!(job);
+    out["rate_per_second"] = json!(progress.map(|p| p.rate_per_second).unwrap_or(0.0));
+    out["eta_seconds"] = json!(progress.and_then(|p| p.eta_seconds));
+    out
+}
+
+async fn show(State(state): State<AppState>, ApiPath(id): ApiPath<u64>) -> Result<Json<Value>, ApiError> {
+    let job = state.store.job(id).await?;
+    Ok(Json(with_progress(&state, job).await))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeliveryQuery {
+    #[serde(default)]
+    state: Option<String>,
+    /// The previous page's `next`: subscriber id to continue after.
+    #[serde(default)]
+    cursor: Option<u64>,
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+/// One page of a job's deliveries (all, or those in one state), in subscriber id order,
+/// with the cursor for the next.
+async fn deliveries(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<u64>,
+    ApiQuery(query): ApiQuery<DeliveryQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = page_limit(query.limit)?;
+    let kind = match query.state.as_deref() {
+        None => None,
+        Some(s) => Some(StateKind::parse(s).ok_or_else(|| {
+            let known: Vec<&str> = StateKind::ALL.iter().map(|s| s.as_str()).collect();
+            ApiError::invalid(format!(
+                "unknown delivery state {s:?}; one of {}",
+                known.join(", ")
+            ))
+        })?),
+    };
     state.store.job(id).await?;
-    let items = state.store.deliveries_after(id, page.after, limit).await?;
+    let items = state
+        .store
+        .deliveries(id, kind, query.cursor.unwrap_or(0), limit)
+        .await?;
     let next = (items.len() == limit)
         .then(|| items.last().map(|d| d.subscriber_id))
         .flatten();
     Ok(Json(json!({ "items": items, "next": next })))
 }
 
+/// Progress as Server-Sent Events: a `progress` event with the job (as `GET` shows it)
+/// whenever its state or counts change, and a final `end` event once it is completed,
+/// cancelled or failed.
+async fn events(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<u64>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let first = state.store.job(id).await?;
+    let stream = job_stream(state, first);
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// What an event stream remembers between polls.
+struct Watch {
+    state: AppState,
+    job_id: u64,
+    first: Option<Job>,
+    last: Option<(JobState, Counts)>,
+    ended: bool,
+}
+
+fn job_stream(state: AppState, first: Job) -> impl Stream<Item = Result<Event, Infallible>> {
+    let watch = Watch {
+        state,
+        job_id: first.id,
+        first: Some(first),
+        last: None,
+        ended: false,
+    };
+    futures_util::stream::unfold(watch, |mut w| async move {
+        if w.ended {
+            return None;
+        }
+        loop {
+            let job = match w.first.take() {
+                Some(job) => job,
+                None => {
+                    tokio::time::sleep(EVENT_POLL).await;
+                    w.state.store.job(w.job_id).await.ok()?
+                }
+            };
+            let key = (job.state, job.counts);
+            if w.last == Some(key) {
+                continue;
+            }
+            w.last = Some(key);
+            w.ended = job.state.is_finished();
+            let name = if w.ended { "end" } else { "progress" };
+            let body = with_progress(&w.state, job).await;
+            let event = Event::default()
+                .event(name)
+                .json_data(body)
+                .unwrap_or_else(|_| Event::default().event(name));
+            return Some((Ok(event), w));
+        }
+    })
+}
+
+async fn pause(State(state): State<AppState>, ApiPath(id): ApiPath<u64>) -> Result<Json<Value>, ApiError> {
+    let job = state.runner.pause(id).await?;
+    Ok(Json(with_progress(&state, job).await))
+}
+
 /// Resumes a paused job (409 if it is not paused).
-async fn resume(State(state): State<AppState>, ApiPath(id): ApiPath<u64>) -> Result<Json<Job>, ApiError> {
-    Ok(Json(state.runner.resume(id).await?))
+async fn resume(State(state): State<AppState>, ApiPath(id): ApiPath<u64>) -> Result<Json<Value>, ApiError> {
+    let job = state.runner.resume(id).await?;
+    Ok(Json(with_progress(&state, job).await))
+}
+
+async fn cancel(State(state): State<AppState>, ApiPath(id): ApiPath<u64>) -> Result<Json<Value>, ApiError> {
+    let job = state.runner.cancel(id).await?;
+    Ok(Json(with_progress(&state, job).await))
+}
+
+/// Requeues only the failed recipients; returns the job and how many were requeued.
+async fn retry_failed(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<u64>,
+) -> Result<Json<Value>, ApiError> {
+    let (job, requeued) = state.runner.retry_failed(id).await?;
+    let mut out = with_progress(&state, job).await;
+    out["requeued"] = json!(requeued);
+    Ok(Json(out))
 }

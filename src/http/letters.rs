@@ -2,7 +2,7 @@
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
@@ -13,7 +13,8 @@ use super::{ApiError, AppState};
 use crate::domain::{Letter, PluginKind, now};
 use crate::policy::Verdict;
 use crate::policy::builtin::{DEFAULT_FILTER_NAME, DEFAULT_TEMPLATE_NAME};
-use crate::runner::{PreviewTarget, SendOptions};
+use crate::runner::{PreviewTarget, RetryOverride, SendOptions};
+use crate::store::IdempotencyKey;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -77,32 +78,100 @@ async fn show(State(state): State<AppState>, ApiPath(id): ApiPath<u64>) -> Resul
 struct SendRequest {
     #[serde(default)]
     concurrency: Option<u32>,
+    /// A configured transport's name; the default one otherwise.
+    #[serde(default)]
+    transport: Option<String>,
+    #[serde(default)]
+    retry: Option<RetryOverride>,
+    /// RFC 3339 time (`2026-12-01T09:00:00Z`) or unix seconds.
+    #[serde(default)]
+    send_at: Option<Value>,
 }
 
-/// Starts a send job. The body is optional (`{"concurrency": N}`).
+const IDEMPOTENCY_HEADER: &str = "idempotency-key";
+
+fn parse_send_at(value: &Value) -> Result<u64, ApiError> {
+    let field_error = |message: String| ApiError::Invalid {
+        detail: "invalid send_at".into(),
+        errors: vec![super::FieldError {
+            field: "send_at".into(),
+            message,
+        }],
+    };
+    match value {
+        Value::Number(n) => n
+            .as_u64()
+            .ok_or_else(|| field_error("unix seconds must be a whole number ≥ 0".into())),
+        Value::String(s) => humantime::parse_rfc3339_weak(s)
+            .map_err(|e| field_error(format!("{s:?} is not an RFC 3339 time: {e}")))?
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .map_err(|_| field_error("times before 1970 are not supported".into())),
+        _ => Err(field_error("expected an RFC 3339 string or unix seconds".into())),
+    }
+}
+
+/// Starts (or schedules) a send job. The body is optional. With an `Idempotency-Key`
+/// header, repeating the same request returns the same job (`Idempotent-Replayed:
+/// true`) instead of sending twice.
 async fn send(
     State(state): State<AppState>,
     ApiPath(letter_id): ApiPath<u64>,
+    headers: HeaderMap,
     body: Bytes,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let request: SendRequest = if body.iter().all(u8::is_ascii_whitespace) {
-        SendRequest::default()
+) -> Result<(StatusCode, HeaderMap, Json<Value>), ApiError> {
+    let parsed: Value = if body.iter().all(u8::is_ascii_whitespace) {
+        Value::Null
     } else {
-        serde_json::from_slice::<Option<SendRequest>>(&body)
-            .map_err(|e| ApiError::invalid(format!("invalid send request: {e}")))?
-            .unwrap_or_default()
+        serde_json::from_slice(&body).map_err(|e| ApiError::invalid(format!("invalid send request: {e}")))?
     };
-    let job = state
+    let request: SendRequest = match &parsed {
+        Value::Null => SendRequest::default(),
+        other => serde_json::from_value(other.clone())
+            .map_err(|e| ApiError::invalid(format!("invalid send request: {e}")))?,
+    };
+    let idempotency = match headers.get(IDEMPOTENCY_HEADER) {
+        None => None,
+        Some(value) => {
+            let key = value
+                .to_str()
+                .ok()
+                .filter(|k| !k.is_empty() && k.len() <= 255)
+                .ok_or_else(|| {
+                    ApiError::invalid("Idempotency-Key must be 1 to 255 visible ASCII characters")
+                })?;
+            // The parsed body re-serialised is canonical (object keys sorted), so the
+            // same request with other whitespace or key order is the same request.
+            use sha2::Digest;
+            let canonical = serde_json::to_vec(&json!({ "letter": letter_id, "body": parsed }))
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
+            Some(IdempotencyKey {
+                key: key.to_string(),
+                request_hash: hex::encode(sha2::Sha256::digest(&canonical)),
+            })
+        }
+    };
+    let send_at = request.send_at.as_ref().map(parse_send_at).transpose()?;
+    let (job, created) = state
         .runner
         .submit(
             letter_id,
             SendOptions {
                 concurrency: request.concurrency,
+                transport: request.transport,
+                retry: request.retry.unwrap_or_default(),
+                send_at,
+                idempotency,
             },
         )
         .await?;
+    let mut out_headers = HeaderMap::new();
+    if !created {
+        out_headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
     Ok((
         StatusCode::ACCEPTED,
+        out_headers,
         Json(json!({ "job_id": job.id, "job": job })),
     ))
 }

@@ -1,19 +1,23 @@
 //! Building and delivering messages: the only module that knows lettre.
 //!
-//! Two transports: SMTP (lettre's pooled async transport, `smtp://` or `smtps://`) and an
-//! outbox directory that receives one `.eml` file per message, used when no SMTP server
-//! is configured. Outbox files are named after the Message-ID, so a message sent again
-//! after a crash overwrites its first copy instead of adding a second.
+//! A transport is either SMTP (`smtp://` or `smtps://`, through our own connection pool,
+//! `smtp.rs`) or an outbox directory that receives one `.eml` file per message, used when
+//! no SMTP server is configured. Outbox files are named after the Message-ID, so a
+//! message sent again after a crash overwrites its first copy instead of adding a second.
+//! Transports have names, so a job can choose one, and an optional rate limit
+//! (`transport.rs`). Every failure is classified as permanent or transient, which is what
+//! the runner's retries go by.
 
-use std::path::PathBuf;
+mod smtp;
+mod transport;
+
 use std::str::FromStr;
-use std::time::Duration;
 
 use lettre::message::header::{ContentType, HeaderName, HeaderValue};
 use lettre::message::{Mailbox, MultiPart};
-use lettre::transport::smtp::PoolConfig;
-use lettre::transport::smtp::authentication::Credentials;
-use lettre::{Address, AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use lettre::{Address, Message};
+
+pub use transport::{DEFAULT_TRANSPORT, RateLimit, SmtpSettings, Transport, Transports, redact_url};
 
 /// Headers the host sets itself; a template may not set or override them.
 const RESERVED_HEADERS: &[&str] = &[
@@ -51,6 +55,15 @@ pub enum MailError {
     Outbox(String),
     #[error("SMTP configuration: {0}")]
     Config(String),
+    #[error("{0}")]
+    UnknownTransport(String),
+}
+
+impl MailError {
+    /// Whether trying again later may succeed (SMTP 4xx, network trouble, timeouts).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, MailError::Transient(_))
+    }
 }
 
 /// Checks an address (`user@example.com`) and returns it trimmed.
@@ -90,130 +103,9 @@ pub struct Outgoing {
     pub unsubscribe_url: Option<String>,
 }
 
-#[derive(Clone)]
-pub struct SmtpSettings {
-    /// lettre's URL syntax: `smtp://host:port` (plain), `smtp://host:587?tls=required`
-    /// (STARTTLS), `smtps://host:465` (TLS), each with optional `user:password@`.
-    pub url: String,
-    pub username: Option<String>,
-    pub password: Option<String>,
-    /// Connections kept open to the server.
-    pub pool_size: u32,
-    pub timeout: Duration,
-}
-
-/// Never prints the password, nor credentials embedded in the URL.
-impl std::fmt::Debug for SmtpSettings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SmtpSettings")
-            .field("url", &redact_url(&self.url))
-            .field("username", &self.username)
-            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
-            .field("pool_size", &self.pool_size)
-            .field("timeout", &self.timeout)
-            .finish()
-    }
-}
-
-/// `smtps://user:secret@host` → `smtps://<redacted>@host`.
-pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            format!("{}<redacted>{}", &url[..scheme_end + 3], &url[at..])
-        }
-        _ => url.to_string(),
-    }
-}
-
-#[derive(Clone)]
-pub enum Mailer {
-    Outbox(PathBuf),
-    Smtp {
-        transport: AsyncSmtpTransport<Tokio1Executor>,
-        /// The server's URL without credentials, for logs.
-        label: String,
-    },
-}
-
-impl Mailer {
-    pub fn outbox(dir: PathBuf) -> Result<Mailer, MailError> {
-        std::fs::create_dir_all(&dir).map_err(|e| MailError::Outbox(format!("{}: {e}", dir.display())))?;
-        Ok(Mailer::Outbox(dir))
-    }
-
-    pub fn smtp(settings: &SmtpSettings) -> Result<Mailer, MailError> {
-        let mut builder = AsyncSmtpTransport::<Tokio1Executor>::from_url(&settings.url)
-            .map_err(|e| MailError::Config(format!("bad SMTP URL: {e}")))?
-            .timeout(Some(settings.timeout))
-            .pool_config(PoolConfig::new().max_size(settings.pool_size));
-        if let (Some(user), Some(password)) = (&settings.username, &settings.password) {
-            builder = builder.credentials(Credentials::new(user.clone(), password.clone()));
-        }
-        Ok(Mailer::Smtp {
-            transport: builder.build(),
-            label: redact_url(&settings.url),
-        })
-    }
-
-    /// Describes the transport without secrets, for logs.
-    pub fn describe(&self) -> String {
-        match self {
-            Mailer::Outbox(dir) => format!("outbox directory {}", dir.display()),
-            Mailer::Smtp { label, .. } => format!("SMTP {label}"),
-        }
-    }
-
-    /// Builds and delivers one message. Returns the server's reply (or the outbox path).
-    pub async fn send(&self, outgoing: &Outgoing) -> Result<String, MailError> {
-        let message = build(outgoing)?;
-        match self {
-            Mailer::Outbox(dir) => {
-                let stem: String = outgoing
-                    .message_id
-                    .chars()
-                    .map(|c| {
-                        if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
-                            c
-                        } else {
-                            '_'
-                        }
-                    })
-                    .collect();
-                let path = dir.join(format!("{stem}.eml"));
-                let tmp = dir.join(format!(".{stem}.eml.tmp"));
-                let io = |e: std::io::Error| MailError::Outbox(format!("{}: {e}", path.display()));
-                tokio::fs::write(&tmp, message.formatted()).await.map_err(io)?;
-                tokio::fs::rename(&tmp, &path).await.map_err(io)?;
-                Ok(format!("written to {}", path.display()))
-            }
-            Mailer::Smtp { transport, .. } => match transport.send(message).await {
-                Ok(response) => Ok(format!(
-                    "{} {}",
-                    response.code(),
-                    response.message().collect::<Vec<_>>().join(" ")
-                )),
-                Err(e) if e.is_permanent() => Err(MailError::Permanent(smtp_error(&e))),
-                Err(e) => Err(MailError::Transient(smtp_error(&e))),
-            },
-        }
-    }
-}
-
 /// The message exactly as it would be sent (RFC 5322 text), e.g. for a preview.
 pub fn format(outgoing: &Outgoing) -> Result<String, MailError> {
     Ok(String::from_utf8_lossy(&build(outgoing)?.formatted()).into_owned())
-}
-
-fn smtp_error(e: &lettre::transport::smtp::Error) -> String {
-    use std::error::Error;
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 fn build(o: &Outgoing) -> Result<Message, MailError> {
@@ -307,27 +199,6 @@ mod tests {
         assert!(matches!(build(&o), Err(MailError::InvalidHeader(_))));
         o.headers = vec![("Bad Name".into(), "x".into())];
         assert!(matches!(build(&o), Err(MailError::InvalidHeader(_))));
-    }
-
-    #[test]
-    fn settings_never_print_secrets() {
-        let settings = SmtpSettings {
-            url: "smtps://me:hunter2@mail.example.com:465".into(),
-            username: Some("me".into()),
-            password: Some("swordfish".into()),
-            pool_size: 1,
-            timeout: Duration::from_secs(1),
-        };
-        let printed = format!("{settings:?}");
-        assert!(
-            !printed.contains("hunter2") && !printed.contains("swordfish"),
-            "{printed}"
-        );
-        assert!(
-            printed.contains("smtps://<redacted>@mail.example.com:465"),
-            "{printed}"
-        );
-        assert_eq!(redact_url("smtp://localhost:25"), "smtp://localhost:25");
     }
 
     #[test]

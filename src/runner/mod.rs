@@ -1,35 +1,53 @@
 //! Send jobs: the only module that drives deliveries.
 //!
-//! A job is one tokio task (its supervisor) that keeps at most `concurrency` deliveries
-//! in flight. It *claims* recipients (pending → sending, durable) only as slots free up,
-//! runs each delivery as its own task (filter → template → send), and each delivery
-//! records its outcome (sending → delivered | skipped | failed, durable) before its slot
-//! is reused. Hence, at any moment, at most `concurrency` recipients of a job are in
-//! `sending`, and those are the only ones that can receive a second copy after a crash.
+//! A job is one tokio task, its supervisor (`supervisor.rs`), which claims recipients
+//! in durable batches (pending or due-for-retry → sending) and runs each delivery as its
+//! own task: wait for a slot for the recipient's domain, the job and the whole server,
+//! then filter → template → rate limit → send, and record the outcome (delivered,
+//! skipped, retrying with a backoff, or failed). A delivery that had not started sending
+//! when the job stopped (pause, cancel, shutdown) goes back to pending.
 //!
-//! On start-up every unfinished job is resumed: its in-flight recipients go back to
-//! pending (counted in `resent_after_crash`) and the job carries on. A panic in one
-//! delivery fails that recipient only; a policy trap or error likewise, and when a job's
-//! policies fail too often (restart intensity, `FailureLimit`) the job pauses until
-//! someone resumes it.
+//! **Re-send bound.** A supervisor never has more than `concurrency + 2 × CLAIM_BATCH`
+//! recipients claimed and not yet recorded, and only those can be in `sending` in the
+//! store; after a crash they are the only recipients sent again.
+//!
+//! Control (pause, resume, cancel, retry-failed) writes the new job state durably, then
+//! tells the job's supervisor, if it has one. The map of live supervisors is locked
+//! across both steps and across a supervisor's decision to exit, so a job is never left
+//! running without a supervisor, nor given two.
+//!
+//! On start-up every job is recovered: recipients left in `sending` go back to pending
+//! (counted in `resent_after_crash`), unfinished jobs resume, unfinished cancellations
+//! finish. A panic in one delivery fails that recipient only; a policy trap or error
+//! likewise, and when a job's policies fail too often (restart intensity,
+//! `FailureLimit`) the job pauses until someone resumes it.
 
-use std::collections::HashMap;
+mod limits;
+mod supervisor;
+
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Duration;
 
-use tokio::task::JoinSet;
+use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::domain::*;
-use crate::mail::{self, Mailer, Outgoing};
-use crate::policy::{Evaluator, LetterInput, Policy, PolicyError, PolicyHost, Rendered, Verdict};
-use crate::store::{Store, StoreError};
+use crate::mail::{self, Outgoing, Transports};
+use crate::policy::{LetterInput, Policy, PolicyError, PolicyHost, Rendered, Verdict};
+use crate::store::{IdempotencyKey, NewJob, Store, StoreError};
 use crate::tokens::UnsubscribeKey;
 
-/// Subscribers read from the store per page when a job snapshots its list.
-const SNAPSHOT_PAGE: usize = 1000;
+use limits::{DomainLimiter, RateMeter};
+pub use limits::{DomainLimits, FailureLimit};
+
 pub const MAX_CONCURRENCY: u32 = 1000;
+/// Recipients claimed per store transaction (see the re-send bound above).
+pub const CLAIM_BATCH: usize = 64;
+/// Recipients moved per transaction when cancelling or retrying the failed.
+const BULK_BATCH: usize = 10_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunnerError {
@@ -40,6 +58,9 @@ pub enum RunnerError {
     /// The request cannot be carried out as asked (names what is wrong).
     #[error("{0}")]
     Invalid(String),
+    /// The request conflicts with the job's state or a request in progress.
+    #[error("{0}")]
+    Conflict(String),
     #[error("the runner is shutting down")]
     ShuttingDown,
 }
@@ -47,60 +68,58 @@ pub enum RunnerError {
 #[derive(Debug, Clone)]
 pub struct RunnerConfig {
     pub default_concurrency: u32,
-    /// Restart intensity, as OTP supervisors have it: more than `max` policy failures
-    /// within `window` pause the job instead of failing the rest of the list.
+    /// Deliveries in flight across all jobs.
+    pub max_deliveries: u32,
+    /// Jobs sending at once; the others wait in `queued`.
+    pub max_running_jobs: u32,
+    pub domain_limits: DomainLimits,
+    pub retry: RetryPolicy,
+    /// Restart intensity for policy failures.
     pub policy_failures: FailureLimit,
     /// Base URL under which `/u/{token}` is reachable, for unsubscribe links.
     pub public_url: String,
 }
 
-#[derive(Debug, Clone, Copy)]
-pub struct FailureLimit {
-    pub max: u32,
-    pub window: std::time::Duration,
-}
-
-impl Default for FailureLimit {
-    fn default() -> Self {
-        FailureLimit {
-            max: 20,
-            window: std::time::Duration::from_secs(10),
-        }
-    }
-}
-
-/// Failure times within the sliding window.
-struct FailureWindow {
-    limit: FailureLimit,
-    times: std::collections::VecDeque<std::time::Instant>,
-}
-
-impl FailureWindow {
-    fn new(limit: FailureLimit) -> Self {
-        FailureWindow {
-            limit,
-            times: Default::default(),
-        }
-    }
-
-    /// Notes one failure; true when the limit is exceeded.
-    fn record(&mut self) -> bool {
-        let now = std::time::Instant::now();
-        self.times.push_back(now);
-        while self
-            .times
-            .front()
-            .is_some_and(|t| now.duration_since(*t) > self.limit.window)
-        {
-            self.times.pop_front();
-        }
-        self.times.len() > self.limit.max as usize
-    }
-}
-
+/// Per-job choices of a send request; `None` means the server's default.
 #[derive(Debug, Clone, Default)]
 pub struct SendOptions {
     pub concurrency: Option<u32>,
+    pub transport: Option<String>,
+    pub retry: RetryOverride,
+    /// Start at this time (unix seconds) instead of now.
+    pub send_at: Option<u64>,
+    pub idempotency: Option<IdempotencyKey>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryOverride {
+    pub max_attempts: Option<u32>,
+    pub base_ms: Option<u64>,
+    pub cap_ms: Option<u64>,
+}
+
+/// What a job's supervisor is told to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Control {
+    Run,
+    Pause,
+    Cancel,
+}
+
+/// A job with a live supervisor.
+struct ActiveJob {
+    control: watch::Sender<Control>,
+    meter: Arc<std::sync::Mutex<RateMeter>>,
+}
+
+/// Live figures of a running job, not kept in the store.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Progress {
+    /// Recipients finished per second, recently.
+    pub rate_per_second: f64,
+    /// Seconds until the open recipients are done at that rate.
+    pub eta_seconds: Option<u64>,
 }
 
 /// Handle on the job runner. Cheap to clone.
@@ -112,36 +131,45 @@ pub struct Runner {
 struct Inner {
     store: Store,
     policies: PolicyHost,
-    mailer: Mailer,
+    transports: Transports,
     config: RunnerConfig,
     unsubscribe: UnsubscribeKey,
     /// Tells job supervisors to stop claiming and drain.
     shutdown: CancellationToken,
+    /// Tells them to stop waiting for in-flight deliveries (the drain timed out).
+    abandon: CancellationToken,
     /// Every job supervisor, so shutdown can wait for all of them.
     tracker: TaskTracker,
+    /// Jobs with a live supervisor. Locked across a control's store write and its
+    /// message to the supervisor, and across a supervisor's decision to exit.
+    active: tokio::sync::Mutex<HashMap<u64, ActiveJob>>,
+    /// Idempotency keys whose job is being created right now.
+    creating: std::sync::Mutex<HashSet<String>>,
+    job_slots: Arc<Semaphore>,
+    delivery_slots: Arc<Semaphore>,
+    domains: DomainLimiter,
 }
 
-/// What a job needs for every delivery, resolved once when it starts.
-struct JobContext {
-    job_id: u64,
-    newsletter: Newsletter,
-    evaluator: Arc<Evaluator>,
-    message_domain: String,
+/// Removes an idempotency key from `creating` however `submit` ends.
+struct CreatingGuard<'a> {
+    set: &'a std::sync::Mutex<HashSet<String>>,
+    key: String,
 }
 
-enum JobEnd {
-    Completed,
-    /// Too many policy failures: the job waits for a resume.
-    Paused(String),
-    /// Shutdown interrupted the job; it resumes at the next start.
-    Interrupted,
+impl Drop for CreatingGuard<'_> {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.key);
+    }
 }
 
 impl Runner {
     pub fn new(
         store: Store,
         policies: PolicyHost,
-        mailer: Mailer,
+        transports: Transports,
         config: RunnerConfig,
         unsubscribe: UnsubscribeKey,
     ) -> Runner {
@@ -149,11 +177,17 @@ impl Runner {
             inner: Arc::new(Inner {
                 store,
                 policies,
-                mailer,
+                transports,
+                job_slots: Arc::new(Semaphore::new(config.max_running_jobs.max(1) as usize)),
+                delivery_slots: Arc::new(Semaphore::new(config.max_deliveries.max(1) as usize)),
+                domains: DomainLimiter::new(config.domain_limits.clone()),
                 config,
                 unsubscribe,
                 shutdown: CancellationToken::new(),
+                abandon: CancellationToken::new(),
                 tracker: TaskTracker::new(),
+                active: Default::default(),
+                creating: Default::default(),
             }),
         }
     }
@@ -166,30 +200,76 @@ impl Runner {
         &self.inner.unsubscribe
     }
 
-    /// Resumes every job left queued or running by the previous process.
-    pub async fn resume_unfinished(&self) -> Result<usize, RunnerError> {
-        let jobs = self.inner.store.unfinished_jobs().await?;
-        for job in &jobs {
-            let requeued = self.inner.store.requeue_inflight(job.id).await?;
-            tracing::info!(job = job.id, requeued, "resuming job");
-            self.spawn(job.id);
-        }
-        Ok(jobs.len())
-    }
-
-    /// Creates a send job for a letter and starts it.
-    pub async fn submit(&self, letter_id: u64, options: SendOptions) -> Result<Job, RunnerError> {
+    fn check_running(&self) -> Result<(), RunnerError> {
         if self.inner.shutdown.is_cancelled() {
             return Err(RunnerError::ShuttingDown);
         }
-        let concurrency = options
-            .concurrency
-            .unwrap_or(self.inner.config.default_concurrency);
+        Ok(())
+    }
+
+    /// Recovers every job the previous process left behind (see the module docs).
+    /// Returns how many jobs got a supervisor.
+    pub async fn recover(&self) -> Result<usize, RunnerError> {
+        let store = &self.inner.store;
+        let mut started = 0;
+        for job in store.jobs_to_recover().await? {
+            if job.counts.sending > 0 {
+                let requeued = store.requeue_inflight(job.id).await?;
+                tracing::info!(
+                    job = job.id,
+                    requeued,
+                    "recipients in flight at the last stop will be sent again"
+                );
+            }
+            if job.state.is_unfinished() || job.state == JobState::Cancelled {
+                let control = if job.state == JobState::Cancelled {
+                    Control::Cancel
+                } else {
+                    Control::Run
+                };
+                let mut active = self.inner.active.lock().await;
+                self.spawn(&mut active, job.id, control);
+                started += 1;
+            }
+        }
+        Ok(started)
+    }
+
+    /// Creates a send job for a letter and starts it (or schedules it).
+    pub async fn submit(&self, letter_id: u64, options: SendOptions) -> Result<(Job, bool), RunnerError> {
+        self.check_running()?;
+        let _guard = match &options.idempotency {
+            Some(key) => {
+                let mut creating = self.inner.creating.lock().unwrap_or_else(|e| e.into_inner());
+                if !creating.insert(key.key.clone()) {
+                    return Err(RunnerError::Conflict(
+                        "a request with this Idempotency-Key is still being processed".into(),
+                    ));
+                }
+                Some(CreatingGuard {
+                    set: &self.inner.creating,
+                    key: key.key.clone(),
+                })
+            }
+            None => None,
+        };
+        let config = &self.inner.config;
+        let concurrency = options.concurrency.unwrap_or(config.default_concurrency);
         if concurrency == 0 || concurrency > MAX_CONCURRENCY {
             return Err(RunnerError::Invalid(format!(
                 "concurrency must be between 1 and {MAX_CONCURRENCY}, got {concurrency}"
             )));
         }
+        let retry = RetryPolicy {
+            max_attempts: options.retry.max_attempts.unwrap_or(config.retry.max_attempts),
+            base_ms: options.retry.base_ms.unwrap_or(config.retry.base_ms),
+            cap_ms: options.retry.cap_ms.unwrap_or(config.retry.cap_ms),
+        };
+        retry.validate().map_err(RunnerError::Invalid)?;
+        self.inner
+            .transports
+            .get(options.transport.as_deref())
+            .map_err(|e| RunnerError::Invalid(e.to_string()))?;
         let store = &self.inner.store;
         let letter = store.letter(letter_id).await?;
         // Compiled now, so a broken policy is refused before a job exists.
@@ -197,27 +277,223 @@ impl Runner {
         let (template, _) = self
             .resolve_loaded(&letter.template, PluginKind::Template)
             .await?;
+        let scheduled = options.send_at.filter(|at| *at > now());
+        let created = store
+            .create_job(
+                Job {
+                    id: 0,
+                    letter_id,
+                    newsletter_id: letter.newsletter_id,
+                    state: if scheduled.is_some() {
+                        JobState::Scheduled
+                    } else {
+                        JobState::Queued
+                    },
+                    filter,
+                    template,
+                    concurrency,
+                    retry,
+                    transport: options.transport,
+                    send_at: scheduled,
+                    counts: Counts::default(),
+                    prepared: false,
+                    resent_after_crash: 0,
+                    error: None,
+                    pause_reason: None,
+                    created_at: now(),
+                    started_at: None,
+                    finished_at: None,
+                },
+                options.idempotency,
+            )
+            .await?;
+        match created {
+            NewJob::Created(job) => {
+                let mut active = self.inner.active.lock().await;
+                self.spawn(&mut active, job.id, Control::Run);
+                Ok((job, true))
+            }
+            NewJob::Existing(job) => Ok((job, false)),
+            NewJob::KeyReused => Err(RunnerError::Invalid(
+                "this Idempotency-Key was used before with a different request".into(),
+            )),
+        }
+    }
+
+    /// Pauses a job: it stops claiming at once; deliveries already sending finish and
+    /// are recorded, the others go back to pending. Resuming never re-sends a
+    /// delivered recipient.
+    pub async fn pause(&self, job_id: u64) -> Result<Job, RunnerError> {
+        let active = self.inner.active.lock().await;
+        let job = self
+            .inner
+            .store
+            .update_job_from(
+                job_id,
+                &[JobState::Scheduled, JobState::Queued, JobState::Running],
+                |job| {
+                    job.state = JobState::Paused;
+                    job.pause_reason = Some("paused on request".into());
+                },
+            )
+            .await?;
+        if let Some(entry) = active.get(&job_id) {
+            let _ = entry.control.send(Control::Pause);
+        }
+        drop(active);
+        tracing::info!(job = job_id, "job paused on request");
+        Ok(job)
+    }
+
+    /// Resumes a paused job. Its policies are resolved again from the letter (a name
+    /// means its latest version, so uploading a fixed version and resuming works; a
+    /// pinned version stays pinned).
+    pub async fn resume(&self, job_id: u64) -> Result<Job, RunnerError> {
+        self.check_running()?;
+        let store = &self.inner.store;
+        let job = store.job(job_id).await?;
+        let letter = store.letter(job.letter_id).await?;
+        let (filter, _) = self.resolve_loaded(&letter.filter, PluginKind::Filter).await?;
+        let (template, _) = self
+            .resolve_loaded(&letter.template, PluginKind::Template)
+            .await?;
+        let mut active = self.inner.active.lock().await;
         let job = store
-            .create_job(Job {
-                id: 0,
-                letter_id,
-                newsletter_id: letter.newsletter_id,
-                state: JobState::Queued,
-                filter,
-                template,
-                concurrency,
-                counts: Counts::default(),
-                prepared: false,
-                resent_after_crash: 0,
-                error: None,
-                pause_reason: None,
-                created_at: now(),
-                started_at: None,
-                finished_at: None,
+            .update_job_from(job_id, &[JobState::Paused], move |job| {
+                job.state = if job.send_at.is_some_and(|at| at > now()) {
+                    JobState::Scheduled
+                } else if job.prepared {
+                    JobState::Running
+                } else {
+                    JobState::Queued
+                };
+                job.pause_reason = None;
+                job.filter = filter;
+                job.template = template;
             })
             .await?;
-        self.spawn(job.id);
+        match active.get(&job_id) {
+            // Still draining from the pause: tell it to carry on.
+            Some(entry) => {
+                let _ = entry.control.send(Control::Run);
+            }
+            None => self.spawn(&mut active, job_id, Control::Run),
+        }
+        tracing::info!(job = job_id, "job resumed");
         Ok(job)
+    }
+
+    /// Cancels a job: nothing more is sent; deliveries already sending finish, every
+    /// recipient still pending or waiting to retry is marked cancelled.
+    pub async fn cancel(&self, job_id: u64) -> Result<Job, RunnerError> {
+        let mut active = self.inner.active.lock().await;
+        let job = self
+            .inner
+            .store
+            .update_job_from(
+                job_id,
+                &[
+                    JobState::Scheduled,
+                    JobState::Queued,
+                    JobState::Running,
+                    JobState::Paused,
+                ],
+                |job| {
+                    job.state = JobState::Cancelled;
+                    job.pause_reason = None;
+                },
+            )
+            .await?;
+        match active.get(&job_id) {
+            Some(entry) => {
+                let _ = entry.control.send(Control::Cancel);
+            }
+            // A paused job has no supervisor: start one to mark the recipients.
+            None => self.spawn(&mut active, job_id, Control::Cancel),
+        }
+        tracing::info!(job = job_id, "job cancelled on request");
+        Ok(job)
+    }
+
+    /// Puts the failed recipients of a job back in the queue with a fresh attempt
+    /// budget, and runs the job again if it had completed. Returns the job and how many
+    /// recipients were requeued.
+    pub async fn retry_failed(&self, job_id: u64) -> Result<(Job, u64), RunnerError> {
+        self.check_running()?;
+        let store = &self.inner.store;
+        let mut active = self.inner.active.lock().await;
+        let job = store.job(job_id).await?;
+        if !matches!(
+            job.state,
+            JobState::Running | JobState::Paused | JobState::Completed
+        ) {
+            return Err(RunnerError::Conflict(format!(
+                "job {job_id} is {}; only a running, paused or completed job can retry its failed recipients",
+                job.state.as_str()
+            )));
+        }
+        let mut requeued = 0;
+        loop {
+            let n = store.requeue_failed(job_id, BULK_BATCH).await?;
+            requeued += n;
+            if n == 0 {
+                break;
+            }
+        }
+        let job = store.job(job_id).await?;
+        if job.state == JobState::Running {
+            match active.get(&job_id) {
+                // Wake it: its queue was dry.
+                Some(entry) => {
+                    let _ = entry.control.send(Control::Run);
+                }
+                None => self.spawn(&mut active, job_id, Control::Run),
+            }
+        }
+        tracing::info!(job = job_id, requeued, "failed recipients requeued");
+        Ok((job, requeued))
+    }
+
+    /// Live rate and ETA of a job with a supervisor.
+    pub async fn progress(&self, job: &Job) -> Option<Progress> {
+        let meter = {
+            let active = self.inner.active.lock().await;
+            active.get(&job.id)?.meter.clone()
+        };
+        let rate = meter.lock().unwrap_or_else(|e| e.into_inner()).per_second();
+        let open = job.counts.open();
+        let eta_seconds = if open == 0 {
+            Some(0)
+        } else if rate > 0.0 {
+            Some((open as f64 / rate).ceil() as u64)
+        } else {
+            None
+        };
+        Some(Progress {
+            rate_per_second: (rate * 10.0).round() / 10.0,
+            eta_seconds,
+        })
+    }
+
+    /// Starts a supervisor for `job_id`. The caller holds the `active` lock.
+    fn spawn(&self, active: &mut HashMap<u64, ActiveJob>, job_id: u64, control: Control) {
+        let (tx, rx) = watch::channel(control);
+        let meter = Arc::new(std::sync::Mutex::new(RateMeter::new()));
+        active.insert(
+            job_id,
+            ActiveJob {
+                control: tx,
+                meter: meter.clone(),
+            },
+        );
+        let runner = self.clone();
+        let span = tracing::info_span!("job", id = job_id);
+        self.inner.tracker.spawn(
+            async move {
+                runner.supervise(job_id, rx, meter).await;
+            }
+            .instrument(span),
+        );
     }
 
     /// Compiles (or finds compiled) the policy version a job uses. Compilation runs on
@@ -311,290 +587,6 @@ impl Runner {
         Ok((version, policy))
     }
 
-    fn spawn(&self, job_id: u64) {
-        let runner = self.clone();
-        let span = tracing::info_span!("job", id = job_id);
-        self.inner.tracker.spawn(
-            async move {
-                match runner.drive(job_id).await {
-                    Ok(JobEnd::Completed) => {
-                        let result = runner
-                            .inner
-                            .store
-                            .update_job(job_id, |job| {
-                                job.state = JobState::Completed;
-                                job.finished_at = Some(now());
-                            })
-                            .await;
-                        match result {
-                            Ok(job) => tracing::info!(counts = ?job.counts, "job completed"),
-                            Err(e) => tracing::error!(error = %e, "cannot record job completion"),
-                        }
-                    }
-                    Ok(JobEnd::Paused(reason)) => {
-                        tracing::warn!(reason, "job paused");
-                        let result = runner
-                            .inner
-                            .store
-                            .update_job(job_id, move |job| {
-                                job.state = JobState::Paused;
-                                job.pause_reason = Some(reason);
-                            })
-                            .await;
-                        if let Err(e) = result {
-                            tracing::error!(error = %e, "cannot record job pause");
-                        }
-                    }
-                    Ok(JobEnd::Interrupted) => {
-                        tracing::info!("job interrupted by shutdown; it resumes at next start")
-                    }
-                    Err(e) => runner.fail_job(job_id, e).await,
-                }
-            }
-            .instrument(span),
-        );
-    }
-
-    async fn fail_job(&self, job_id: u64, error: RunnerError) {
-        tracing::error!(error = %error, "job stopped");
-        let message = error.to_string();
-        // A store failure leaves recipients pending: keep the job resumable (a restart
-        // picks it up) and only note the error. Anything else ends the job.
-        let resumable = matches!(error, RunnerError::Store(_));
-        let result = self
-            .inner
-            .store
-            .update_job(job_id, move |job| {
-                job.error = Some(message);
-                if !resumable {
-                    job.state = JobState::Failed;
-                    job.finished_at = Some(now());
-                }
-            })
-            .await;
-        if let Err(e) = result {
-            tracing::error!(error = %e, "cannot record job failure");
-        }
-    }
-
-    /// The job supervisor: snapshot the list if not done yet, then keep up to
-    /// `concurrency` deliveries in flight until the queue is empty.
-    async fn drive(&self, job_id: u64) -> Result<JobEnd, RunnerError> {
-        let inner = &self.inner;
-        let store = &inner.store;
-        let job = store.job(job_id).await?;
-        let letter = store.letter(job.letter_id).await?;
-        let newsletter = store.newsletter(job.newsletter_id).await?;
-        let evaluator = inner.policies.evaluator(
-            self.load_policy(&job.filter, PluginKind::Filter).await?,
-            self.load_policy(&job.template, PluginKind::Template).await?,
-            LetterInput::new(&letter, &newsletter),
-        )?;
-        let ctx = Arc::new(JobContext {
-            job_id,
-            evaluator: Arc::new(evaluator),
-            message_domain: mail::mailbox_domain(&newsletter.from),
-            newsletter,
-        });
-
-        if !job.prepared {
-            let mut after = 0;
-            loop {
-                if inner.shutdown.is_cancelled() {
-                    return Ok(JobEnd::Interrupted);
-                }
-                let page = store
-                    .subscribers_after(job.newsletter_id, after, SNAPSHOT_PAGE)
-                    .await?;
-                let Some(last) = page.last() else { break };
-                after = last.id;
-                let recipients = page
-                    .into_iter()
-                    .filter(|s| s.status == SubscriberStatus::Active)
-                    .map(|s| (s.id, s.email))
-                    .collect();
-                store.add_recipients(job_id, recipients).await?;
-            }
-            let job = store
-                .update_job(job_id, |job| {
-                    job.prepared = true;
-                    job.state = JobState::Running;
-                    job.started_at = Some(now());
-                })
-                .await?;
-            tracing::info!(recipients = job.counts.total(), "job started");
-        }
-
-        let concurrency = job.concurrency as usize;
-        let mut running = JoinSet::new();
-        let mut in_flight: HashMap<tokio::task::Id, u64> = HashMap::new();
-        // Only this task adds to the queue after the snapshot, so once a claim comes
-        // back short the queue is empty for good.
-        let mut queue_empty = false;
-        let mut failures = FailureWindow::new(inner.config.policy_failures);
-        let mut pausing: Option<String> = None;
-        loop {
-            let stopping = inner.shutdown.is_cancelled();
-            if !stopping && pausing.is_none() && !queue_empty && running.len() < concurrency {
-                let free = concurrency - running.len();
-                let claimed = store.claim(job_id, free).await?;
-                queue_empty = claimed.len() < free;
-                for delivery in claimed {
-                    let subscriber_id = delivery.subscriber_id;
-                    let runner = self.clone();
-                    let ctx = ctx.clone();
-                    let span = tracing::info_span!("delivery", subscriber = subscriber_id);
-                    let handle =
-                        running.spawn(async move { runner.deliver(&ctx, delivery).await }.instrument(span));
-                    in_flight.insert(handle.id(), subscriber_id);
-                }
-            }
-            if running.is_empty() {
-                return Ok(match pausing {
-                    Some(reason) => JobEnd::Paused(reason),
-                    None if stopping => JobEnd::Interrupted,
-                    None => JobEnd::Completed,
-                });
-            }
-            let joined = tokio::select! {
-                joined = running.join_next_with_id() => joined,
-                // Wake up to stop claiming; in-flight deliveries still finish.
-                _ = inner.shutdown.cancelled(), if !stopping => continue,
-            };
-            match joined {
-                Some(Ok((id, result))) => {
-                    in_flight.remove(&id);
-                    if let Some(policy_failure) = result?
-                        && failures.record()
-                        && pausing.is_none()
-                    {
-                        // Stop claiming; what is in flight finishes, then the job pauses.
-                        pausing = Some(policy_failure);
-                    }
-                }
-                Some(Err(join_error)) => {
-                    let Some(subscriber_id) = in_flight.remove(&join_error.id()) else {
-                        continue;
-                    };
-                    tracing::error!(subscriber = subscriber_id, error = %join_error, "delivery task panicked");
-                    let reason = "internal error: the delivery task panicked".to_string();
-                    store
-                        .record(job_id, subscriber_id, Outcome::Failed { reason })
-                        .await?;
-                }
-                None => {}
-            }
-        }
-    }
-
-    /// One recipient: filter → template → send → record. Expected failures become the
-    /// recipient's `failed` state; only a store failure is returned. When a policy
-    /// failed, returns the reason the job would pause with.
-    async fn deliver(&self, ctx: &Arc<JobContext>, delivery: Delivery) -> Result<Option<String>, StoreError> {
-        let (outcome, policy_failure) = self.attempt(ctx, &delivery).await;
-        match &outcome {
-            Outcome::Delivered { .. } => tracing::debug!("delivered"),
-            Outcome::Skipped { reason } => tracing::debug!(reason, "skipped"),
-            Outcome::Failed { reason } => tracing::warn!(reason, "delivery failed"),
-        }
-        self.inner
-            .store
-            .record(ctx.job_id, delivery.subscriber_id, outcome)
-            .await?;
-        Ok(policy_failure)
-    }
-
-    async fn attempt(&self, ctx: &Arc<JobContext>, delivery: &Delivery) -> (Outcome, Option<String>) {
-        match self.try_attempt(ctx, delivery).await {
-            Ok(outcome) => (outcome, None),
-            Err(e) => {
-                let policy_failure = e
-                    .failed_policy()
-                    .map(|policy| format!("policy {policy} failing: {e}"));
-                (
-                    Outcome::Failed {
-                        reason: e.to_string(),
-                    },
-                    policy_failure,
-                )
-            }
-        }
-    }
-
-    /// The attempt proper; policy failures come back as errors so they can be counted.
-    async fn try_attempt(&self, ctx: &Arc<JobContext>, delivery: &Delivery) -> Result<Outcome, PolicyError> {
-        let inner = &self.inner;
-        let subscriber = match inner
-            .store
-            .subscriber(ctx.newsletter.id, delivery.subscriber_id)
-            .await
-        {
-            Ok(s) => s,
-            Err(StoreError::NotFound { .. }) => {
-                let reason = "subscriber was deleted".into();
-                return Ok(Outcome::Skipped { reason });
-            }
-            Err(e) => {
-                return Ok(Outcome::Failed {
-                    reason: e.to_string(),
-                });
-            }
-        };
-        // Re-checked at send time: an unsubscribe wins over a snapshot taken earlier.
-        if subscriber.status != SubscriberStatus::Active {
-            let reason = "subscriber is no longer active".into();
-            return Ok(Outcome::Skipped { reason });
-        }
-        let unsubscribe_url = self.unsubscribe_url(ctx.newsletter.id, subscriber.id);
-        let (subscriber, verdict) = ctx
-            .evaluator
-            .evaluate_async(subscriber, unsubscribe_url.clone())
-            .await?;
-        let rendered = match verdict {
-            Verdict::Send(rendered) => rendered,
-            Verdict::Skip(reason) => return Ok(Outcome::Skipped { reason }),
-        };
-
-        let message_id = format!(
-            "letterbox.{}.{}@{}",
-            ctx.job_id, delivery.subscriber_id, ctx.message_domain
-        );
-        let outgoing = outgoing(&ctx.newsletter, subscriber, rendered, message_id, unsubscribe_url);
-        Ok(match inner.mailer.send(&outgoing).await {
-            Ok(reply) => Outcome::Delivered { reply },
-            Err(e) => Outcome::Failed {
-                reason: e.to_string(),
-            },
-        })
-    }
-
-    /// Resumes a paused job. Its policies are resolved again from the letter (a name
-    /// means its latest version, so uploading a fixed version and resuming works; a
-    /// pinned version stays pinned).
-    pub async fn resume(&self, job_id: u64) -> Result<Job, RunnerError> {
-        if self.inner.shutdown.is_cancelled() {
-            return Err(RunnerError::ShuttingDown);
-        }
-        let store = &self.inner.store;
-        let job = store.job(job_id).await?;
-        let letter = store.letter(job.letter_id).await?;
-        let (filter, _) = self.resolve_loaded(&letter.filter, PluginKind::Filter).await?;
-        let (template, _) = self
-            .resolve_loaded(&letter.template, PluginKind::Template)
-            .await?;
-        let job = store
-            .update_job_from(job_id, JobState::Paused, move |job| {
-                job.state = JobState::Running;
-                job.pause_reason = None;
-                job.filter = filter;
-                job.template = template;
-            })
-            .await?;
-        tracing::info!(job = job_id, "job resumed");
-        self.spawn(job_id);
-        Ok(job)
-    }
-
     fn unsubscribe_url(&self, newsletter_id: u64, subscriber_id: u64) -> String {
         let token = self.inner.unsubscribe.token(newsletter_id, subscriber_id);
         format!("{}/u/{token}", self.inner.config.public_url.trim_end_matches('/'))
@@ -649,11 +641,23 @@ impl Runner {
         })
     }
 
-    /// Stops claiming in every job and waits until in-flight deliveries are recorded.
-    pub async fn shutdown(&self) {
+    /// Stops claiming in every job and waits until in-flight deliveries are recorded, or
+    /// `drain` has passed; what is still in flight then stays `sending` and is sent again
+    /// at the next start.
+    pub async fn shutdown(&self, drain: Duration) {
         self.inner.shutdown.cancel();
         self.inner.tracker.close();
-        self.inner.tracker.wait().await;
+        if tokio::time::timeout(drain, self.inner.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                ?drain,
+                "deliveries still in flight after the drain timeout; they will be sent again at the next start"
+            );
+            self.inner.abandon.cancel();
+            self.inner.tracker.wait().await;
+        }
     }
 }
 
@@ -690,34 +694,4 @@ pub struct Preview {
     pub verdict: Verdict,
     /// The complete message (RFC 5322) when the filter says send.
     pub message: Option<String>,
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn failure_window_trips_only_past_the_limit() {
-        let mut window = FailureWindow::new(FailureLimit {
-            max: 2,
-            window: std::time::Duration::from_secs(60),
-        });
-        assert!(!window.record());
-        assert!(!window.record());
-        assert!(
-            window.record(),
-            "the third failure within the window exceeds max = 2"
-        );
-
-        let mut expired = FailureWindow::new(FailureLimit {
-            max: 1,
-            window: std::time::Duration::from_millis(1),
-        });
-        assert!(!expired.record());
-        std::thread::sleep(std::time::Duration::from_millis(5));
-        assert!(
-            !expired.record(),
-            "failures older than the window no longer count"
-        );
-    }
 }

@@ -10,6 +10,7 @@
 //! that returns a logical error (not found, conflict) has changed nothing and the other
 //! operations of its batch still commit. A database error aborts the whole batch.
 
+mod deliveries;
 mod ops;
 mod plugins;
 pub mod tables;
@@ -129,8 +130,9 @@ impl Store {
             txn.open_table(PLUGIN_VERSIONS)?;
             txn.open_table(JOBS)?;
             txn.open_table(DELIVERIES)?;
-            txn.open_table(QUEUE)?;
-            txn.open_table(INFLIGHT)?;
+            txn.open_table(DELIVERY_STATES)?;
+            txn.open_table(RETRY_SCHEDULE)?;
+            txn.open_table(IDEMPOTENCY_KEYS)?;
         }
         txn.commit()?;
 
@@ -247,4 +249,4 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
     Ok(serde_json::from_slice(bytes)?)
 }
 
-pub use ops::normalise_email;
+pub use ops::{IdempotencyKey, NewJob, normalise_email};

@@ -7,20 +7,20 @@ use super::tables::*;
 use super::{Store, StoreError, decode, encode};
 use crate::domain::*;
 
-fn next_id(txn: &WriteTransaction, sequence: &str) -> Result<u64, StoreError> {
+pub(super) fn next_id(txn: &WriteTransaction, sequence: &str) -> Result<u64, StoreError> {
     let mut table = txn.open_table(SEQUENCES)?;
     let next = table.get(sequence)?.map(|v| v.value()).unwrap_or(0) + 1;
     table.insert(sequence, next)?;
     Ok(next)
 }
 
-fn job_in(txn: &WriteTransaction, id: u64) -> Result<Job, StoreError> {
+pub(super) fn job_in(txn: &WriteTransaction, id: u64) -> Result<Job, StoreError> {
     let table = txn.open_table(JOBS)?;
     let job = table.get(id)?.ok_or_else(|| StoreError::not_found("job", id))?;
     decode(job.value())
 }
 
-fn put_job(txn: &WriteTransaction, job: &Job) -> Result<(), StoreError> {
+pub(super) fn put_job(txn: &WriteTransaction, job: &Job) -> Result<(), StoreError> {
     txn.open_table(JOBS)?.insert(job.id, encode(job).as_slice())?;
     Ok(())
 }
@@ -36,6 +36,30 @@ pub fn normalise_email(email: &str) -> String {
         Some((local, domain)) => format!("{local}@{}", domain.to_ascii_lowercase()),
         None => email.to_string(),
     }
+}
+
+/// A client's `Idempotency-Key` and a hash of the request it came with.
+#[derive(Debug, Clone)]
+pub struct IdempotencyKey {
+    pub key: String,
+    pub request_hash: String,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct IdempotencyRecord {
+    request_hash: String,
+    job_id: u64,
+    created_at: u64,
+}
+
+/// What `create_job` did.
+#[derive(Debug)]
+pub enum NewJob {
+    Created(Job),
+    /// The idempotency key was used before for the same request: this is its job.
+    Existing(Job),
+    /// The idempotency key was used before for a different request.
+    KeyReused,
 }
 
 impl Store {
@@ -192,11 +216,37 @@ impl Store {
         .await
     }
 
-    pub async fn create_job(&self, mut job: Job) -> Result<Job, StoreError> {
+    /// Stores a new job, giving it an id. With an idempotency key, the key is recorded
+    /// in the same transaction; if it was recorded before, nothing is created and the
+    /// earlier job is returned (same request) or the reuse refused (different request).
+    pub async fn create_job(
+        &self,
+        mut job: Job,
+        idempotency: Option<IdempotencyKey>,
+    ) -> Result<NewJob, StoreError> {
         self.write(move |txn| {
+            if let Some(key) = &idempotency {
+                let keys = txn.open_table(IDEMPOTENCY_KEYS)?;
+                if let Some(row) = keys.get(key.key.as_str())? {
+                    let earlier: IdempotencyRecord = decode(row.value())?;
+                    if earlier.request_hash != key.request_hash {
+                        return Ok(NewJob::KeyReused);
+                    }
+                    return Ok(NewJob::Existing(job_in(txn, earlier.job_id)?));
+                }
+            }
             job.id = next_id(txn, "job")?;
             put_job(txn, &job)?;
-            Ok(job)
+            if let Some(key) = idempotency {
+                let record = IdempotencyRecord {
+                    request_hash: key.request_hash,
+                    job_id: job.id,
+                    created_at: now(),
+                };
+                txn.open_table(IDEMPOTENCY_KEYS)?
+                    .insert(key.key.as_str(), encode(&record).as_slice())?;
+            }
+            Ok(NewJob::Created(job))
         })
         .await
     }
@@ -210,14 +260,42 @@ impl Store {
         .await
     }
 
-    /// Jobs that were queued or running: the ones to resume at start-up.
-    pub async fn unfinished_jobs(&self) -> Result<Vec<Job>, StoreError> {
+    /// Jobs a restart must look at: unfinished ones (to resume), any with recipients
+    /// left in flight (to requeue them), and cancelled ones whose cancellation had not
+    /// finished marking recipients.
+    pub async fn jobs_to_recover(&self) -> Result<Vec<Job>, StoreError> {
         self.read(|txn| {
             let table = txn.open_table(JOBS)?;
             let mut out = Vec::new();
             for row in table.iter()? {
                 let job: Job = decode(row?.1.value())?;
-                if job.state.is_unfinished() {
+                let cancelling = job.state == JobState::Cancelled && job.counts.open() > 0;
+                if job.state.is_unfinished() || job.counts.sending > 0 || cancelling {
+                    out.push(job);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Jobs newest first, optionally only those in `state`, with ids below `before`.
+    pub async fn list_jobs(
+        &self,
+        state: Option<JobState>,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<Job>, StoreError> {
+        self.read(move |txn| {
+            let table = txn.open_table(JOBS)?;
+            let end = before.unwrap_or(u64::MAX);
+            let mut out = Vec::with_capacity(limit.min(1024));
+            for row in table.range(..end)?.rev() {
+                if out.len() == limit {
+                    break;
+                }
+                let job: Job = decode(row?.1.value())?;
+                if state.is_none_or(|s| s == job.state) {
                     out.push(job);
                 }
             }
@@ -240,174 +318,29 @@ impl Store {
         .await
     }
 
-    /// Changes a job with `f` if it is in state `from`; a conflict otherwise.
-    pub async fn update_job_from<F>(&self, id: u64, from: JobState, f: F) -> Result<Job, StoreError>
+    /// Changes a job with `f` if it is in one of the states `from`; a conflict otherwise.
+    pub async fn update_job_from<F>(
+        &self,
+        id: u64,
+        from: &'static [JobState],
+        f: F,
+    ) -> Result<Job, StoreError>
     where
         F: FnOnce(&mut Job) + Send + 'static,
     {
         self.write(move |txn| {
             let mut job = job_in(txn, id)?;
-            if job.state != from {
+            if !from.contains(&job.state) {
+                let expected: Vec<&str> = from.iter().map(|s| s.as_str()).collect();
                 return Err(StoreError::Conflict(format!(
-                    "job {id} is {}, not {}",
+                    "job {id} is {}, but this needs it to be {}",
                     job.state.as_str(),
-                    from.as_str()
+                    expected.join(" or ")
                 )));
             }
             f(&mut job);
             put_job(txn, &job)?;
             Ok(job)
-        })
-        .await
-    }
-
-    /// Records part of a job's recipient snapshot: a pending delivery for each recipient
-    /// not recorded yet (so re-running after a crash is harmless).
-    pub async fn add_recipients(
-        &self,
-        job_id: u64,
-        recipients: Vec<(u64, String)>,
-    ) -> Result<u64, StoreError> {
-        self.write(move |txn| {
-            let mut job = job_in(txn, job_id)?;
-            let mut deliveries = txn.open_table(DELIVERIES)?;
-            let mut queue = txn.open_table(QUEUE)?;
-            let mut added = 0;
-            for (subscriber_id, email) in recipients {
-                if deliveries.get((job_id, subscriber_id))?.is_some() {
-                    continue;
-                }
-                let delivery = Delivery {
-                    job_id,
-                    subscriber_id,
-                    email,
-                    attempts: 0,
-                    state: DeliveryState::Pending,
-                };
-                deliveries.insert((job_id, subscriber_id), encode(&delivery).as_slice())?;
-                queue.insert((job_id, subscriber_id), ())?;
-                added += 1;
-            }
-            job.counts.pending += added;
-            put_job(txn, &job)?;
-            Ok(added)
-        })
-        .await
-    }
-
-    /// Claims up to `max` pending recipients of a job: pending → sending, durably, before
-    /// any of their messages is sent. Returns the claimed deliveries.
-    pub async fn claim(&self, job_id: u64, max: usize) -> Result<Vec<Delivery>, StoreError> {
-        self.write(move |txn| {
-            let mut job = job_in(txn, job_id)?;
-            let mut queue = txn.open_table(QUEUE)?;
-            let keys: Vec<(u64, u64)> = queue
-                .range((job_id, 0)..=(job_id, u64::MAX))?
-                .take(max)
-                .map(|row| row.map(|(k, _)| k.value()))
-                .collect::<Result<_, _>>()?;
-            let mut deliveries = txn.open_table(DELIVERIES)?;
-            let mut inflight = txn.open_table(INFLIGHT)?;
-            let mut claimed = Vec::with_capacity(keys.len());
-            let since = now();
-            for key in keys {
-                let row = deliveries
-                    .get(key)?
-                    .ok_or_else(|| StoreError::Inconsistent(format!("queued delivery {key:?} has no row")))?;
-                let mut delivery: Delivery = decode(row.value())?;
-                drop(row);
-                *job.counts.slot(&delivery.state) -= 1;
-                delivery.state = DeliveryState::Sending { since };
-                delivery.attempts += 1;
-                *job.counts.slot(&delivery.state) += 1;
-                deliveries.insert(key, encode(&delivery).as_slice())?;
-                queue.remove(key)?;
-                inflight.insert(key, ())?;
-                claimed.push(delivery);
-            }
-            put_job(txn, &job)?;
-            Ok(claimed)
-        })
-        .await
-    }
-
-    /// Records the outcome of a claimed delivery: sending → delivered | skipped | failed.
-    pub async fn record(&self, job_id: u64, subscriber_id: u64, outcome: Outcome) -> Result<(), StoreError> {
-        self.write(move |txn| {
-            let mut job = job_in(txn, job_id)?;
-            let key = (job_id, subscriber_id);
-            let mut deliveries = txn.open_table(DELIVERIES)?;
-            let row = deliveries
-                .get(key)?
-                .ok_or_else(|| StoreError::not_found("delivery", format!("{key:?}")))?;
-            let mut delivery: Delivery = decode(row.value())?;
-            drop(row);
-            if !matches!(delivery.state, DeliveryState::Sending { .. }) {
-                return Err(StoreError::Conflict(format!(
-                    "delivery {key:?} is not in flight ({:?})",
-                    delivery.state
-                )));
-            }
-            *job.counts.slot(&delivery.state) -= 1;
-            delivery.state = outcome.into_state(now());
-            *job.counts.slot(&delivery.state) += 1;
-            deliveries.insert(key, encode(&delivery).as_slice())?;
-            txn.open_table(INFLIGHT)?.remove(key)?;
-            put_job(txn, &job)?;
-            Ok(())
-        })
-        .await
-    }
-
-    /// After a crash: puts every recipient that was in flight back in the queue and
-    /// counts them in `resent_after_crash`. Returns how many there were.
-    pub async fn requeue_inflight(&self, job_id: u64) -> Result<u64, StoreError> {
-        self.write(move |txn| {
-            let mut job = job_in(txn, job_id)?;
-            let mut inflight = txn.open_table(INFLIGHT)?;
-            let keys: Vec<(u64, u64)> = inflight
-                .range((job_id, 0)..=(job_id, u64::MAX))?
-                .map(|row| row.map(|(k, _)| k.value()))
-                .collect::<Result<_, _>>()?;
-            let mut deliveries = txn.open_table(DELIVERIES)?;
-            let mut queue = txn.open_table(QUEUE)?;
-            for &key in &keys {
-                let found = deliveries.get(key)?.map(|row| decode::<Delivery>(row.value()));
-                if let Some(delivery) = found {
-                    let mut delivery = delivery?;
-                    *job.counts.slot(&delivery.state) -= 1;
-                    delivery.state = DeliveryState::Pending;
-                    *job.counts.slot(&delivery.state) += 1;
-                    deliveries.insert(key, encode(&delivery).as_slice())?;
-                }
-                inflight.remove(key)?;
-                queue.insert(key, ())?;
-            }
-            let n = keys.len() as u64;
-            job.resent_after_crash += n;
-            put_job(txn, &job)?;
-            Ok(n)
-        })
-        .await
-    }
-
-    /// Up to `limit` deliveries of a job with subscriber ids greater than `after`.
-    pub async fn deliveries_after(
-        &self,
-        job_id: u64,
-        after: u64,
-        limit: usize,
-    ) -> Result<Vec<Delivery>, StoreError> {
-        self.read(move |txn| {
-            let table = txn.open_table(DELIVERIES)?;
-            let Some(start) = after.checked_add(1) else {
-                return Ok(Vec::new());
-            };
-            let mut out = Vec::with_capacity(limit);
-            for row in table.range((job_id, start)..=(job_id, u64::MAX))?.take(limit) {
-                out.push(decode(row?.1.value())?);
-            }
-            Ok(out)
         })
         .await
     }

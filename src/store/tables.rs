@@ -37,10 +37,15 @@ pub const JOBS: TableDefinition<u64, &[u8]> = TableDefinition::new("jobs");
 /// (job id, subscriber id) → `Delivery`: the durable per-recipient state of a send.
 pub const DELIVERIES: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("deliveries");
 
-/// (job id, subscriber id) for every delivery in state `pending`: the job's work queue,
-/// so claiming the next batch is a range scan, not a walk over finished recipients.
-pub const QUEUE: TableDefinition<(u64, u64), ()> = TableDefinition::new("queue");
+/// (job id, state code, subscriber id) for every delivery: the index by state, so that
+/// claiming the next pending recipients, requeueing the in-flight ones after a crash or
+/// listing the failed ones is a range scan, never a walk over the whole job. State codes
+/// are `StateKind::code`.
+pub const DELIVERY_STATES: TableDefinition<(u64, u8, u64), ()> = TableDefinition::new("delivery_states");
 
-/// (job id, subscriber id) for every delivery in state `sending`: what was in flight,
-/// the only recipients that can be sent twice after a crash.
-pub const INFLIGHT: TableDefinition<(u64, u64), ()> = TableDefinition::new("inflight");
+/// (job id, next attempt time in unix ms, subscriber id) for every delivery in state
+/// `retrying`: the retries that are due are a prefix of the job's range.
+pub const RETRY_SCHEDULE: TableDefinition<(u64, u64, u64), ()> = TableDefinition::new("retry_schedule");
+
+/// Idempotency key → `IdempotentSend` (the request's hash and the job it created).
+pub const IDEMPOTENCY_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("idempotency_keys");

@@ -1,0 +1,542 @@
+//! A job's supervisor and its deliveries: see the module docs of `runner` for the
+//! invariants. `supervise` owns the job's life (schedule, job slot, snapshot, claiming,
+//! exit); `deliver` is one recipient's attempt.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::limits::{DomainPermit, FailureWindow, RateMeter};
+use super::{BULK_BATCH, CLAIM_BATCH, Control, Runner, RunnerError, outgoing};
+use crate::domain::*;
+use crate::mail::{self, Transport};
+use crate::policy::{Evaluator, LetterInput, PolicyError, Verdict};
+use crate::store::StoreError;
+
+/// Subscribers read from the store per page when a job snapshots its list.
+const SNAPSHOT_PAGE: usize = 1000;
+
+/// What a job needs for every delivery, resolved once when it starts running.
+struct JobContext {
+    job_id: u64,
+    newsletter: Newsletter,
+    evaluator: Arc<Evaluator>,
+    message_domain: String,
+    transport: Transport,
+    retry: RetryPolicy,
+    /// The job's own concurrency.
+    slots: Arc<Semaphore>,
+    /// Cancelled when the job stops: deliveries that have not started sending give their
+    /// recipient back instead.
+    stop: CancellationToken,
+    /// Restart intensity, counted as policies fail (not when their outcome is recorded),
+    /// so the job stops within `concurrency` failures past the limit.
+    failures: std::sync::Mutex<FailureWindow>,
+    /// Set when the failures exceeded the limit: the reason the job pauses with.
+    pausing: std::sync::Mutex<Option<String>>,
+}
+
+/// Why `drive` returned.
+enum JobEnd {
+    /// Nothing left that the supervisor could claim or wait for.
+    Drained,
+    /// Told to stop (pause, cancel) or shutting down; what was in flight is recorded.
+    Stopped,
+    /// Too many policy failures: the job waits for a resume.
+    PolicyPaused(String),
+}
+
+/// What a delivery task tells its supervisor.
+struct Report {
+    /// The recipient's delivery is over (delivered, skipped or failed).
+    finished: bool,
+    /// When the recipient's next attempt is due, if it will retry.
+    retry_at_ms: Option<u64>,
+}
+
+impl Runner {
+    fn stopping(&self, control: &mut watch::Receiver<Control>) -> bool {
+        *control.borrow_and_update() != Control::Run || self.inner.shutdown.is_cancelled()
+    }
+
+    /// Awaits `fut` unless the job is told to stop (or the server to shut down) first.
+    async fn until_stopped<F: Future>(
+        &self,
+        control: &mut watch::Receiver<Control>,
+        fut: F,
+    ) -> Option<F::Output> {
+        tokio::pin!(fut);
+        loop {
+            if self.stopping(control) {
+                return None;
+            }
+            tokio::select! {
+                out = &mut fut => return Some(out),
+                changed = control.changed() => if changed.is_err() { return None },
+                _ = self.inner.shutdown.cancelled() => return None,
+            }
+        }
+    }
+
+    /// The supervisor task: runs the job, then decides under the `active` lock whether
+    /// to exit (and records how the job ended) or to run again (resumed while stopping,
+    /// or given new work while finishing).
+    pub(super) async fn supervise(
+        &self,
+        job_id: u64,
+        mut control: watch::Receiver<Control>,
+        meter: Arc<std::sync::Mutex<RateMeter>>,
+    ) {
+        loop {
+            let end = self.drive(job_id, &mut control, &meter).await;
+            let mut active = self.inner.active.lock().await;
+            let now_control = *control.borrow_and_update();
+            let shutting_down = self.inner.shutdown.is_cancelled();
+            let store = &self.inner.store;
+            match end {
+                Ok(_) if shutting_down => {
+                    tracing::info!("job interrupted by shutdown; it resumes at the next start");
+                }
+                Ok(_) if now_control == Control::Cancel => {
+                    drop(active);
+                    self.finish_cancel(job_id).await;
+                    active = self.inner.active.lock().await;
+                }
+                Ok(JobEnd::Drained) => match store.complete_if_done(job_id).await {
+                    Ok((job, true)) => tracing::info!(counts = ?job.counts, "job completed"),
+                    // New work arrived (retry-failed) or the job changed state meanwhile.
+                    Ok((job, false)) if job.state == JobState::Running => continue,
+                    Ok((_, false)) => {}
+                    Err(e) => self.fail_job(job_id, e.into()).await,
+                },
+                Ok(JobEnd::Stopped) if now_control == Control::Run => {
+                    // Resumed while draining from a pause: run again with the new state.
+                    continue;
+                }
+                Ok(JobEnd::Stopped) => tracing::info!("job stopped"),
+                Ok(JobEnd::PolicyPaused(reason)) => {
+                    tracing::warn!(reason, "job paused");
+                    let result = store
+                        .update_job_from(job_id, &[JobState::Running], move |job| {
+                            job.state = JobState::Paused;
+                            job.pause_reason = Some(reason);
+                        })
+                        .await;
+                    if let Err(e) = result {
+                        tracing::warn!(error = %e, "job not paused: its state changed meanwhile");
+                    }
+                }
+                Err(e) => self.fail_job(job_id, e).await,
+            }
+            active.remove(&job_id);
+            return;
+        }
+    }
+
+    /// Marks what is still open of a cancelled job cancelled, in bounded transactions.
+    async fn finish_cancel(&self, job_id: u64) {
+        let store = &self.inner.store;
+        let mut cancelled = 0;
+        loop {
+            match store.cancel_open(job_id, BULK_BATCH).await {
+                Ok(0) => break,
+                Ok(n) => cancelled += n,
+                Err(e) => {
+                    // Left for the next start, which finishes cancellations.
+                    tracing::error!(error = %e, "cannot finish cancelling the job");
+                    return;
+                }
+            }
+        }
+        let result = store
+            .update_job(job_id, |job| job.finished_at = Some(now()))
+            .await;
+        match result {
+            Ok(job) => tracing::info!(cancelled, counts = ?job.counts, "job cancelled"),
+            Err(e) => tracing::error!(error = %e, "cannot record the job's end"),
+        }
+    }
+
+    async fn fail_job(&self, job_id: u64, error: RunnerError) {
+        tracing::error!(error = %error, "job stopped");
+        let message = error.to_string();
+        // A store failure leaves recipients where they were: keep the job resumable (a
+        // restart picks it up) and only note the error. Anything else ends the job.
+        let resumable = matches!(error, RunnerError::Store(_));
+        let result = self
+            .inner
+            .store
+            .update_job(job_id, move |job| {
+                job.error = Some(message);
+                if !resumable {
+                    job.state = JobState::Failed;
+                    job.finished_at = Some(now());
+                }
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "cannot record job failure");
+        }
+    }
+
+    /// Runs the job until it has nothing left to do or is told to stop.
+    async fn drive(
+        &self,
+        job_id: u64,
+        control: &mut watch::Receiver<Control>,
+        meter: &Arc<std::sync::Mutex<RateMeter>>,
+    ) -> Result<JobEnd, RunnerError> {
+        let inner = &self.inner;
+        let store = &inner.store;
+        let mut job = store.job(job_id).await?;
+        if self.stopping(control) || !job.state.is_unfinished() {
+            return Ok(JobEnd::Stopped);
+        }
+
+        if job.state == JobState::Scheduled {
+            let at_ms = job.send_at.unwrap_or(0).saturating_mul(1000);
+            let wait = std::time::Duration::from_millis(at_ms.saturating_sub(now_ms()));
+            tracing::info!(?wait, "job scheduled");
+            if self
+                .until_stopped(control, tokio::time::sleep(wait))
+                .await
+                .is_none()
+            {
+                return Ok(JobEnd::Stopped);
+            }
+            // A name means the latest version at the moment the job starts.
+            let letter = store.letter(job.letter_id).await?;
+            let (filter, _) = self.resolve_loaded(&letter.filter, PluginKind::Filter).await?;
+            let (template, _) = self
+                .resolve_loaded(&letter.template, PluginKind::Template)
+                .await?;
+            job = match store
+                .update_job_from(job_id, &[JobState::Scheduled], move |job| {
+                    job.state = JobState::Queued;
+                    job.filter = filter;
+                    job.template = template;
+                })
+                .await
+            {
+                Ok(job) => job,
+                Err(StoreError::Conflict(_)) => return Ok(JobEnd::Stopped),
+                Err(e) => return Err(e.into()),
+            };
+        }
+
+        let slot = inner.job_slots.clone().acquire_owned();
+        let Some(Ok(_job_slot)) = self.until_stopped(control, slot).await else {
+            return Ok(JobEnd::Stopped);
+        };
+
+        let letter = store.letter(job.letter_id).await?;
+        let newsletter = store.newsletter(job.newsletter_id).await?;
+        let transport = inner
+            .transports
+            .get(job.transport.as_deref())
+            .map_err(|e| RunnerError::Invalid(e.to_string()))?
+            .clone();
+        let evaluator = inner.policies.evaluator(
+            self.load_policy(&job.filter, PluginKind::Filter).await?,
+            self.load_policy(&job.template, PluginKind::Template).await?,
+            LetterInput::new(&letter, &newsletter),
+        )?;
+        let ctx = Arc::new(JobContext {
+            job_id,
+            evaluator: Arc::new(evaluator),
+            message_domain: mail::mailbox_domain(&newsletter.from),
+            newsletter,
+            transport,
+            retry: job.retry,
+            slots: Arc::new(Semaphore::new(job.concurrency as usize)),
+            stop: CancellationToken::new(),
+            failures: std::sync::Mutex::new(FailureWindow::new(inner.config.policy_failures)),
+            pausing: std::sync::Mutex::new(None),
+        });
+
+        if !job.prepared {
+            let mut after = 0;
+            loop {
+                if self.stopping(control) {
+                    return Ok(JobEnd::Stopped);
+                }
+                let page = store
+                    .subscribers_after(job.newsletter_id, after, SNAPSHOT_PAGE)
+                    .await?;
+                let Some(last) = page.last() else { break };
+                after = last.id;
+                let recipients = page
+                    .into_iter()
+                    .filter(|s| s.status == SubscriberStatus::Active)
+                    .map(|s| (s.id, s.email))
+                    .collect();
+                store.add_recipients(job_id, recipients).await?;
+            }
+            job = store
+                .update_job(job_id, |job| {
+                    job.prepared = true;
+                    if job.state == JobState::Queued {
+                        job.state = JobState::Running;
+                        job.started_at = Some(now());
+                    }
+                })
+                .await?;
+            tracing::info!(recipients = job.counts.total(), "job started");
+        }
+        if job.state != JobState::Running {
+            return Ok(JobEnd::Stopped);
+        }
+
+        let concurrency = job.concurrency as usize;
+        let window = concurrency + 2 * CLAIM_BATCH;
+        let mut running: JoinSet<Result<Report, StoreError>> = JoinSet::new();
+        let mut in_flight: HashMap<tokio::task::Id, u64> = HashMap::new();
+        // The last claim came back short: nothing is pending until a retry falls due or
+        // someone requeues recipients.
+        let mut dry = false;
+        let mut next_retry: Option<u64> = None;
+        loop {
+            let pausing = ctx.pausing.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let stopping = self.stopping(control) || pausing.is_some();
+            if stopping {
+                ctx.stop.cancel();
+            }
+            if !stopping && !dry && running.len() <= concurrency + CLAIM_BATCH {
+                let want = window - running.len();
+                let claimed = store.claim(job_id, want, now_ms()).await?;
+                if claimed.len() < want {
+                    dry = true;
+                    next_retry = store.next_retry_at(job_id).await?;
+                }
+                for delivery in claimed {
+                    let subscriber_id = delivery.subscriber_id;
+                    let runner = self.clone();
+                    let ctx = ctx.clone();
+                    let span = tracing::info_span!("delivery", subscriber = subscriber_id);
+                    let handle =
+                        running.spawn(async move { runner.deliver(&ctx, delivery).await }.instrument(span));
+                    in_flight.insert(handle.id(), subscriber_id);
+                }
+                continue;
+            }
+            if running.is_empty() {
+                if stopping {
+                    return Ok(match pausing {
+                        Some(reason) => JobEnd::PolicyPaused(reason),
+                        None => JobEnd::Stopped,
+                    });
+                }
+                let Some(at) = next_retry else {
+                    return Ok(JobEnd::Drained);
+                };
+                let wait = std::time::Duration::from_millis(at.saturating_sub(now_ms()));
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = control.changed() => {}
+                    _ = inner.shutdown.cancelled() => {}
+                }
+                dry = false;
+                continue;
+            }
+            let retry_wait = match next_retry {
+                Some(at) if dry => std::time::Duration::from_millis(at.saturating_sub(now_ms())),
+                _ => std::time::Duration::MAX,
+            };
+            let joined = tokio::select! {
+                joined = running.join_next_with_id() => joined,
+                // A stop or a nudge (recipients were requeued).
+                _ = control.changed() => { dry = false; continue }
+                _ = inner.shutdown.cancelled(), if !inner.shutdown.is_cancelled() => continue,
+                // Drain timed out: dropping `running` aborts what is left, which stays
+                // `sending` and is sent again at the next start.
+                _ = inner.abandon.cancelled() => return Ok(JobEnd::Stopped),
+                _ = tokio::time::sleep(retry_wait), if retry_wait != std::time::Duration::MAX => { dry = false; continue }
+            };
+            match joined {
+                Some(Ok((id, report))) => {
+                    in_flight.remove(&id);
+                    let report = report?;
+                    if report.finished {
+                        meter.lock().unwrap_or_else(|e| e.into_inner()).add(1);
+                    }
+                    if let Some(at) = report.retry_at_ms {
+                        next_retry = Some(next_retry.map_or(at, |n| n.min(at)));
+                    }
+                }
+                Some(Err(join_error)) => {
+                    let Some(subscriber_id) = in_flight.remove(&join_error.id()) else {
+                        continue;
+                    };
+                    tracing::error!(subscriber = subscriber_id, error = %join_error, "delivery task panicked");
+                    let reason = "internal error: the delivery task panicked".to_string();
+                    store
+                        .record(job_id, vec![(subscriber_id, Outcome::Failed { reason })])
+                        .await?;
+                }
+                None => {}
+            }
+        }
+    }
+
+    /// Waits for a slot for the recipient's domain, then the job's, then the server's;
+    /// `None` if the job stops first.
+    async fn slots(
+        &self,
+        ctx: &JobContext,
+        email: &str,
+        stop: &CancellationToken,
+    ) -> Option<(Option<DomainPermit>, OwnedSemaphorePermit, OwnedSemaphorePermit)> {
+        let domain = email
+            .rsplit_once('@')
+            .map(|(_, d)| d.to_ascii_lowercase())
+            .unwrap_or_default();
+        // Domain first, so recipients of a capped domain wait without holding the job's
+        // slots that other domains could use.
+        let domain_permit = tokio::select! {
+            p = self.inner.domains.acquire(&domain) => p,
+            _ = stop.cancelled() => return None,
+        };
+        let job_permit = tokio::select! {
+            p = ctx.slots.clone().acquire_owned() => p.ok()?,
+            _ = stop.cancelled() => return None,
+        };
+        let server_permit = tokio::select! {
+            p = self.inner.delivery_slots.clone().acquire_owned() => p.ok()?,
+            _ = stop.cancelled() => return None,
+        };
+        Some((domain_permit, job_permit, server_permit))
+    }
+
+    /// One recipient: slots → filter → template → rate limit → send → record. Expected
+    /// failures become the recipient's state; only a store failure is returned.
+    async fn deliver(&self, ctx: &Arc<JobContext>, delivery: Delivery) -> Result<Report, StoreError> {
+        let outcome = match self.slots(ctx, &delivery.email, &ctx.stop).await {
+            None => Outcome::Released,
+            Some(permits) => {
+                let outcome = self.attempt(ctx, &delivery).await;
+                drop(permits);
+                outcome
+            }
+        };
+        let mut report = Report {
+            finished: false,
+            retry_at_ms: None,
+        };
+        match &outcome {
+            Outcome::Delivered { .. } => tracing::debug!("delivered"),
+            Outcome::Skipped { reason } => tracing::debug!(reason, "skipped"),
+            Outcome::Retry { at_ms, error } => {
+                tracing::info!(error, attempts = delivery.attempts, "delivery will be retried");
+                report.retry_at_ms = Some(*at_ms);
+            }
+            Outcome::Failed { reason } => tracing::warn!(reason, "delivery failed"),
+            Outcome::Released => tracing::debug!("released: the job stopped before sending"),
+        }
+        report.finished = matches!(
+            outcome,
+            Outcome::Delivered { .. } | Outcome::Skipped { .. } | Outcome::Failed { .. }
+        );
+        self.inner
+            .store
+            .record(ctx.job_id, vec![(delivery.subscriber_id, outcome)])
+            .await?;
+        Ok(report)
+    }
+
+    /// `try_attempt`, with policy failures counted towards the job's restart intensity:
+    /// past the limit, the job stops at once (see `JobContext::failures`).
+    async fn attempt(&self, ctx: &Arc<JobContext>, delivery: &Delivery) -> Outcome {
+        match self.try_attempt(ctx, delivery).await {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                if let Some(policy) = e.failed_policy() {
+                    let tripped = ctx.failures.lock().unwrap_or_else(|e| e.into_inner()).record();
+                    if tripped {
+                        let mut pausing = ctx.pausing.lock().unwrap_or_else(|e| e.into_inner());
+                        if pausing.is_none() {
+                            *pausing = Some(format!("policy {policy} failing: {e}"));
+                            ctx.stop.cancel();
+                        }
+                    }
+                }
+                Outcome::Failed {
+                    reason: e.to_string(),
+                }
+            }
+        }
+    }
+
+    /// The attempt proper; policy failures come back as errors so they can be counted.
+    async fn try_attempt(&self, ctx: &Arc<JobContext>, delivery: &Delivery) -> Result<Outcome, PolicyError> {
+        let inner = &self.inner;
+        let stop = &ctx.stop;
+        if stop.is_cancelled() {
+            return Ok(Outcome::Released);
+        }
+        let subscriber = match inner
+            .store
+            .subscriber(ctx.newsletter.id, delivery.subscriber_id)
+            .await
+        {
+            Ok(s) => s,
+            Err(StoreError::NotFound { .. }) => {
+                let reason = "subscriber was deleted".into();
+                return Ok(Outcome::Skipped { reason });
+            }
+            Err(e) => return Ok(self.retry_or_fail(ctx, delivery, e.to_string())),
+        };
+        // Re-checked at send time: an unsubscribe wins over a snapshot taken earlier.
+        if subscriber.status != SubscriberStatus::Active {
+            let reason = "subscriber is no longer active".into();
+            return Ok(Outcome::Skipped { reason });
+        }
+        let unsubscribe_url = self.unsubscribe_url(ctx.newsletter.id, subscriber.id);
+        let (subscriber, verdict) = ctx
+            .evaluator
+            .evaluate_async(subscriber, unsubscribe_url.clone())
+            .await?;
+        let rendered = match verdict {
+            Verdict::Send(rendered) => rendered,
+            Verdict::Skip(reason) => return Ok(Outcome::Skipped { reason }),
+        };
+
+        // The same for every attempt, so a re-send is recognisable as a duplicate.
+        let message_id = format!(
+            "letterbox.{}.{}@{}",
+            ctx.job_id, delivery.subscriber_id, ctx.message_domain
+        );
+        let outgoing = outgoing(&ctx.newsletter, subscriber, rendered, message_id, unsubscribe_url);
+        tokio::select! {
+            _ = ctx.transport.ready() => {}
+            _ = stop.cancelled() => return Ok(Outcome::Released),
+        }
+        if stop.is_cancelled() {
+            return Ok(Outcome::Released);
+        }
+        Ok(match ctx.transport.send(&outgoing).await {
+            Ok(reply) => Outcome::Delivered { reply },
+            Err(e) if e.is_transient() => self.retry_or_fail(ctx, delivery, e.to_string()),
+            Err(e) => Outcome::Failed {
+                reason: e.to_string(),
+            },
+        })
+    }
+
+    /// A transient failure: retry later if the job's policy allows another attempt.
+    fn retry_or_fail(&self, ctx: &JobContext, delivery: &Delivery, error: String) -> Outcome {
+        if delivery.attempts < ctx.retry.max_attempts {
+            let unit = getrandom::u64().unwrap_or(0) as f64 / u64::MAX as f64;
+            let at_ms = now_ms() + ctx.retry.delay_ms(delivery.attempts, unit);
+            Outcome::Retry { at_ms, error }
+        } else {
+            Outcome::Failed {
+                reason: format!("gave up after {} attempts: {error}", delivery.attempts),
+            }
+        }
+    }
+}

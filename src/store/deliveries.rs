@@ -1,0 +1,309 @@
+//! Per-recipient delivery state. Every change of a delivery's state goes through
+//! `Tables::set_state`, which keeps the delivery row, the state index, the retry schedule
+//! and the job's counts in step inside the same transaction.
+
+use redb::{ReadableTable, Table, WriteTransaction};
+
+use super::ops::{job_in, put_job};
+use super::tables::*;
+use super::{Store, StoreError, decode, encode};
+use crate::domain::*;
+
+/// The tables a delivery state change touches, opened once per operation.
+struct Tables<'t> {
+    deliveries: Table<'t, (u64, u64), &'static [u8]>,
+    states: Table<'t, (u64, u8, u64), ()>,
+    retries: Table<'t, (u64, u64, u64), ()>,
+}
+
+impl<'t> Tables<'t> {
+    fn open(txn: &'t WriteTransaction) -> Result<Self, StoreError> {
+        Ok(Tables {
+            deliveries: txn.open_table(DELIVERIES)?,
+            states: txn.open_table(DELIVERY_STATES)?,
+            retries: txn.open_table(RETRY_SCHEDULE)?,
+        })
+    }
+
+    fn get(&self, job_id: u64, subscriber_id: u64) -> Result<Delivery, StoreError> {
+        let row = self.deliveries.get((job_id, subscriber_id))?.ok_or_else(|| {
+            StoreError::Inconsistent(format!("job {job_id} has no delivery {subscriber_id}"))
+        })?;
+        decode(row.value())
+    }
+
+    /// Up to `max` subscriber ids of `job`'s deliveries in state `kind`, in id order.
+    fn ids_in(&self, job_id: u64, kind: StateKind, max: usize) -> Result<Vec<u64>, StoreError> {
+        let code = kind.code();
+        self.states
+            .range((job_id, code, 0)..=(job_id, code, u64::MAX))?
+            .take(max)
+            .map(|row| row.map(|(k, _)| k.value().2).map_err(StoreError::from))
+            .collect()
+    }
+
+    /// Moves one delivery to `state`, keeping index, schedule and counts in step.
+    fn set_state(
+        &mut self,
+        job: &mut Job,
+        delivery: &mut Delivery,
+        state: DeliveryState,
+    ) -> Result<(), StoreError> {
+        let (job_id, sid) = (job.id, delivery.subscriber_id);
+        self.states.remove((job_id, delivery.state.kind().code(), sid))?;
+        if let DeliveryState::Retrying {
+            next_attempt_at_ms, ..
+        } = delivery.state
+        {
+            self.retries.remove((job_id, next_attempt_at_ms, sid))?;
+        }
+        let old = job.counts.slot(&delivery.state);
+        *old = old.saturating_sub(1);
+        delivery.state = state;
+        *job.counts.slot(&delivery.state) += 1;
+        self.index(delivery)?;
+        self.deliveries
+            .insert((job_id, sid), encode(delivery).as_slice())?;
+        Ok(())
+    }
+
+    fn index(&mut self, delivery: &Delivery) -> Result<(), StoreError> {
+        let (job_id, sid) = (delivery.job_id, delivery.subscriber_id);
+        self.states
+            .insert((job_id, delivery.state.kind().code(), sid), ())?;
+        if let DeliveryState::Retrying {
+            next_attempt_at_ms, ..
+        } = delivery.state
+        {
+            self.retries.insert((job_id, next_attempt_at_ms, sid), ())?;
+        }
+        Ok(())
+    }
+}
+
+impl Store {
+    /// Records part of a job's recipient snapshot: a pending delivery for each recipient
+    /// not recorded yet (so re-running after a crash is harmless).
+    pub async fn add_recipients(
+        &self,
+        job_id: u64,
+        recipients: Vec<(u64, String)>,
+    ) -> Result<u64, StoreError> {
+        self.write(move |txn| {
+            let mut job = job_in(txn, job_id)?;
+            let mut t = Tables::open(txn)?;
+            let mut added = 0;
+            for (subscriber_id, email) in recipients {
+                if t.deliveries.get((job_id, subscriber_id))?.is_some() {
+                    continue;
+                }
+                let delivery = Delivery {
+                    job_id,
+                    subscriber_id,
+                    email,
+                    attempts: 0,
+                    state: DeliveryState::Pending,
+                };
+                t.deliveries
+                    .insert((job_id, subscriber_id), encode(&delivery).as_slice())?;
+                t.index(&delivery)?;
+                added += 1;
+            }
+            job.counts.pending += added;
+            put_job(txn, &job)?;
+            Ok(added)
+        })
+        .await
+    }
+
+    /// Claims up to `max` recipients of a job, durably moving them to `sending` before any
+    /// of their messages is sent: first the retries due at `now_ms`, then pending ones in
+    /// subscriber order. Each claim counts as an attempt.
+    pub async fn claim(&self, job_id: u64, max: usize, now_ms: u64) -> Result<Vec<Delivery>, StoreError> {
+        self.write(move |txn| {
+            let mut job = job_in(txn, job_id)?;
+            let mut t = Tables::open(txn)?;
+            let mut ids: Vec<u64> = t
+                .retries
+                .range((job_id, 0, 0)..=(job_id, now_ms, u64::MAX))?
+                .take(max)
+                .map(|row| row.map(|(k, _)| k.value().2))
+                .collect::<Result<_, _>>()?;
+            ids.extend(t.ids_in(job_id, StateKind::Pending, max - ids.len())?);
+            let since = now();
+            let mut claimed = Vec::with_capacity(ids.len());
+            for sid in ids {
+                let mut delivery = t.get(job_id, sid)?;
+                delivery.attempts += 1;
+                t.set_state(&mut job, &mut delivery, DeliveryState::Sending { since })?;
+                claimed.push(delivery);
+            }
+            put_job(txn, &job)?;
+            Ok(claimed)
+        })
+        .await
+    }
+
+    /// Records the outcomes of claimed deliveries (sending → delivered | skipped |
+    /// retrying | failed). All of them must be in flight, or nothing is recorded.
+    pub async fn record(&self, job_id: u64, outcomes: Vec<(u64, Outcome)>) -> Result<Job, StoreError> {
+        self.write(move |txn| {
+            let mut job = job_in(txn, job_id)?;
+            let mut t = Tables::open(txn)?;
+            let mut rows = Vec::with_capacity(outcomes.len());
+            for (sid, outcome) in outcomes {
+                let delivery = t.get(job_id, sid)?;
+                if !matches!(delivery.state, DeliveryState::Sending { .. }) {
+                    return Err(StoreError::Conflict(format!(
+                        "delivery {sid} of job {job_id} is not in flight ({})",
+                        delivery.state.kind().as_str()
+                    )));
+                }
+                rows.push((delivery, outcome));
+            }
+            let at = now();
+            for (mut delivery, outcome) in rows {
+                if matches!(outcome, Outcome::Released) {
+                    delivery.attempts = delivery.attempts.saturating_sub(1);
+                }
+                t.set_state(&mut job, &mut delivery, outcome.into_state(at))?;
+            }
+            put_job(txn, &job)?;
+            Ok(job)
+        })
+        .await
+    }
+
+    /// When the earliest retry of a job is due (unix ms), if it has any.
+    pub async fn next_retry_at(&self, job_id: u64) -> Result<Option<u64>, StoreError> {
+        self.read(move |txn| {
+            let table = txn.open_table(RETRY_SCHEDULE)?;
+            let first = table
+                .range((job_id, 0, 0)..=(job_id, u64::MAX, u64::MAX))?
+                .next()
+                .transpose()?;
+            Ok(first.map(|(k, _)| k.value().1))
+        })
+        .await
+    }
+
+    /// After a crash: puts every recipient that was in flight back in `pending` and counts
+    /// them in `resent_after_crash`. Returns how many there were.
+    pub async fn requeue_inflight(&self, job_id: u64) -> Result<u64, StoreError> {
+        self.write(move |txn| {
+            let mut job = job_in(txn, job_id)?;
+            let mut t = Tables::open(txn)?;
+            let ids = t.ids_in(job_id, StateKind::Sending, usize::MAX)?;
+            for &sid in &ids {
+                let mut delivery = t.get(job_id, sid)?;
+                t.set_state(&mut job, &mut delivery, DeliveryState::Pending)?;
+            }
+            job.resent_after_crash += ids.len() as u64;
+            put_job(txn, &job)?;
+            Ok(ids.len() as u64)
+        })
+        .await
+    }
+
+    /// Marks up to `max` of a cancelled job's pending or retrying recipients cancelled.
+    /// Returns how many it marked; call again until that is 0.
+    pub async fn cancel_open(&self, job_id: u64, max: usize) -> Result<u64, StoreError> {
+        self.write(move |txn| {
+            let mut job = job_in(txn, job_id)?;
+            let mut t = Tables::open(txn)?;
+            let mut ids = t.ids_in(job_id, StateKind::Pending, max)?;
+            ids.extend(t.ids_in(job_id, StateKind::Retrying, max - ids.len())?);
+            let at = now();
+            for &sid in &ids {
+                let mut delivery = t.get(job_id, sid)?;
+                t.set_state(&mut job, &mut delivery, DeliveryState::Cancelled { at })?;
+            }
+            put_job(txn, &job)?;
+            Ok(ids.len() as u64)
+        })
+        .await
+    }
+
+    /// Puts up to `max` failed recipients of a job back in `pending` with a fresh attempt
+    /// budget. A completed job is running again from the first call. Returns how many it
+    /// requeued; call again until that is 0.
+    pub async fn requeue_failed(&self, job_id: u64, max: usize) -> Result<u64, StoreError> {
+        self.write(move |txn| {
+            let mut job = job_in(txn, job_id)?;
+            let mut t = Tables::open(txn)?;
+            let ids = t.ids_in(job_id, StateKind::Failed, max)?;
+            for &sid in &ids {
+                let mut delivery = t.get(job_id, sid)?;
+                delivery.attempts = 0;
+                t.set_state(&mut job, &mut delivery, DeliveryState::Pending)?;
+            }
+            if !ids.is_empty() && job.state == JobState::Completed {
+                job.state = JobState::Running;
+                job.finished_at = None;
+            }
+            put_job(txn, &job)?;
+            Ok(ids.len() as u64)
+        })
+        .await
+    }
+
+    /// Completes a running job if none of its recipients needs more work. Returns the
+    /// job and whether it is now completed.
+    pub async fn complete_if_done(&self, job_id: u64) -> Result<(Job, bool), StoreError> {
+        self.write(move |txn| {
+            let mut job = job_in(txn, job_id)?;
+            if job.state != JobState::Running || job.counts.open() > 0 {
+                return Ok((job, false));
+            }
+            job.state = JobState::Completed;
+            job.finished_at = Some(now());
+            put_job(txn, &job)?;
+            Ok((job, true))
+        })
+        .await
+    }
+
+    /// Up to `limit` deliveries of a job with subscriber ids greater than `after`, all of
+    /// them or only those in state `kind`, in subscriber id order.
+    pub async fn deliveries(
+        &self,
+        job_id: u64,
+        kind: Option<StateKind>,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        self.read(move |txn| {
+            let deliveries = txn.open_table(DELIVERIES)?;
+            let Some(start) = after.checked_add(1) else {
+                return Ok(Vec::new());
+            };
+            let mut out = Vec::with_capacity(limit.min(1024));
+            match kind {
+                None => {
+                    for row in deliveries
+                        .range((job_id, start)..=(job_id, u64::MAX))?
+                        .take(limit)
+                    {
+                        out.push(decode(row?.1.value())?);
+                    }
+                }
+                Some(kind) => {
+                    let states = txn.open_table(DELIVERY_STATES)?;
+                    let code = kind.code();
+                    for row in states
+                        .range((job_id, code, start)..=(job_id, code, u64::MAX))?
+                        .take(limit)
+                    {
+                        let key = (job_id, row?.0.value().2);
+                        let delivery = deliveries.get(key)?.ok_or_else(|| {
+                            StoreError::Inconsistent(format!("state index names missing delivery {key:?}"))
+                        })?;
+                        out.push(decode(delivery.value())?);
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+}

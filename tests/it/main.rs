@@ -4,6 +4,7 @@
 
 mod api_errors;
 mod crash;
+mod delivery;
 mod e2e;
 mod policies;
 mod support;

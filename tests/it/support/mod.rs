@@ -221,6 +221,52 @@ impl Api {
         .await
     }
 
+    /// POST with extra headers; returns status, response headers and JSON body.
+    pub async fn post_with_headers(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Value,
+    ) -> (u16, reqwest::header::HeaderMap, Value) {
+        let mut request = self.client.post(format!("{}{path}", self.base)).json(&body);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = request.send().await.unwrap();
+        let headers = response.headers().clone();
+        let (status, body) = Self::finish(response).await;
+        (status, headers, body)
+    }
+
+    /// GET returning the body as text (e.g. an event stream, read until it ends).
+    pub async fn get_text(&self, path: &str) -> (u16, String) {
+        let response = self
+            .client
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.text().await.unwrap())
+    }
+
+    /// Polls a job until `done` says so; returns the job.
+    pub async fn wait_for(&self, job: u64, timeout: Duration, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (status, body) = self.get(&format!("/v1/jobs/{job}")).await;
+            assert_eq!(status, 200, "{body}");
+            if done(&body) {
+                return body;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "job {job}: condition not reached: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Polls a job until it is no longer queued or running.
     pub async fn wait_job(&self, job: u64, timeout: Duration) -> Value {
         let deadline = Instant::now() + timeout;

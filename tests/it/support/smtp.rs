@@ -1,18 +1,41 @@
 //! A small real SMTP server for tests: listens on 127.0.0.1:0, speaks the subset of
-//! ESMTP lettre uses (EHLO, MAIL, RCPT, DATA, RSET, NOOP, QUIT) and keeps every message
-//! it accepts. An optional delay before answering DATA makes it a slow sink.
+//! ESMTP letterbox uses (EHLO, MAIL, RCPT, DATA, RSET, NOOP, QUIT) and keeps every message
+//! it accepts. It is scriptable: per recipient and attempt it accepts, answers 4xx or
+//! 5xx, drops the connection in the middle of DATA, or stalls; it can wait before
+//! accepting (a slow sink), and it records arrival times and how many transactions were
+//! open at once per recipient domain.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
+
+/// What the server does with one recipient's transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reply {
+    Accept,
+    /// `451 4.3.0` at RCPT: try again later.
+    TempFail,
+    /// `550 5.1.1` at RCPT: no such user.
+    PermFail,
+    /// Reads part of the message after DATA, then closes the connection.
+    DropInData,
+    /// Never answers the end of the message.
+    Stall,
+}
+
+/// Decides the reply from the recipient and how many times it was tried before (0 the
+/// first time).
+pub type Script = Arc<dyn Fn(&str, u32) -> Reply + Send + Sync>;
 
 #[derive(Debug, Clone)]
 pub struct Received {
     pub recipients: Vec<String>,
     /// The message as sent after DATA, dot-unstuffed, with CRLF line ends.
     pub data: String,
+    pub at: Instant,
 }
 
 impl Received {
@@ -43,10 +66,21 @@ impl Received {
     }
 }
 
+#[derive(Default)]
+struct State {
+    received: Vec<Received>,
+    /// RCPT commands seen per recipient.
+    tries: HashMap<String, u32>,
+    /// Transactions open now and at most, per recipient domain.
+    open: HashMap<String, usize>,
+    most_open: HashMap<String, usize>,
+    connections: usize,
+}
+
 #[derive(Clone)]
 pub struct SmtpServer {
     pub port: u16,
-    received: Arc<Mutex<Vec<Received>>>,
+    state: Arc<Mutex<State>>,
 }
 
 impl SmtpServer {
@@ -56,16 +90,22 @@ impl SmtpServer {
 
     /// Waits `delay` before accepting each message: a slow sink.
     pub async fn start_with_delay(delay: Duration) -> SmtpServer {
+        Self::scripted(delay, Arc::new(|_: &str, _: u32| Reply::Accept)).await
+    }
+
+    /// Answers each recipient as `script` says, after `delay` for accepted messages.
+    pub async fn scripted(delay: Duration, script: Script) -> SmtpServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let received = Arc::new(Mutex::new(Vec::new()));
-        let store = received.clone();
+        let state = Arc::new(Mutex::new(State::default()));
+        let shared = state.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                tokio::spawn(session(stream, store.clone(), delay));
+                shared.lock().unwrap().connections += 1;
+                tokio::spawn(session(stream, shared.clone(), delay, script.clone()));
             }
         });
-        SmtpServer { port, received }
+        SmtpServer { port, state }
     }
 
     pub fn url(&self) -> String {
@@ -73,18 +113,90 @@ impl SmtpServer {
     }
 
     pub fn received(&self) -> Vec<Received> {
-        self.received.lock().unwrap().clone()
+        self.state.lock().unwrap().received.clone()
     }
 
     pub fn count(&self) -> usize {
-        self.received.lock().unwrap().len()
+        self.state.lock().unwrap().received.len()
+    }
+
+    /// How many times `recipient` was tried (RCPT commands seen).
+    pub fn tries(&self, recipient: &str) -> u32 {
+        self.state
+            .lock()
+            .unwrap()
+            .tries
+            .get(recipient)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// The most transactions that were open at once for recipients of `domain`.
+    pub fn most_open(&self, domain: &str) -> usize {
+        self.state
+            .lock()
+            .unwrap()
+            .most_open
+            .get(domain)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.state.lock().unwrap().connections
     }
 }
 
-async fn session(stream: TcpStream, store: Arc<Mutex<Vec<Received>>>, delay: Duration) {
+fn domain_of(address: &str) -> String {
+    address
+        .rsplit_once('@')
+        .map(|(_, d)| d.to_string())
+        .unwrap_or_default()
+}
+
+/// Counts a transaction as open for its recipients' domains until dropped.
+struct Open {
+    state: Arc<Mutex<State>>,
+    domains: Vec<String>,
+}
+
+impl Open {
+    fn new(state: &Arc<Mutex<State>>, recipients: &[String]) -> Open {
+        let domains: Vec<String> = recipients.iter().map(|r| domain_of(r)).collect();
+        let mut s = state.lock().unwrap();
+        for d in &domains {
+            let now = {
+                let open = s.open.entry(d.clone()).or_default();
+                *open += 1;
+                *open
+            };
+            let most = s.most_open.entry(d.clone()).or_default();
+            *most = (*most).max(now);
+        }
+        Open {
+            state: state.clone(),
+            domains,
+        }
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        let mut s = self.state.lock().unwrap();
+        for d in &self.domains {
+            if let Some(open) = s.open.get_mut(d) {
+                *open -= 1;
+            }
+        }
+    }
+}
+
+async fn session(stream: TcpStream, state: Arc<Mutex<State>>, delay: Duration, script: Script) {
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read);
-    let mut recipients = Vec::new();
+    let mut recipients: Vec<String> = Vec::new();
+    let mut planned = Reply::Accept;
     if write.write_all(b"220 test-smtp ready\r\n").await.is_err() {
         return;
     }
@@ -102,36 +214,63 @@ async fn session(stream: TcpStream, store: Arc<Mutex<Vec<Received>>>, delay: Dur
             b"250 ok\r\n"
         } else if command.starts_with("MAIL FROM") || command.starts_with("RSET") {
             recipients.clear();
+            planned = Reply::Accept;
             b"250 ok\r\n"
         } else if command.starts_with("RCPT TO:") {
             let address = line.trim_end()[8..].trim().trim_start_matches('<');
-            let address = address.split('>').next().unwrap_or_default();
-            recipients.push(address.to_string());
-            b"250 ok\r\n"
+            let address = address.split('>').next().unwrap_or_default().to_string();
+            let before = {
+                let mut s = state.lock().unwrap();
+                let tries = s.tries.entry(address.clone()).or_default();
+                *tries += 1;
+                *tries - 1
+            };
+            match script(&address, before) {
+                Reply::TempFail => b"451 4.3.0 try again later\r\n",
+                Reply::PermFail => b"550 5.1.1 no such user\r\n",
+                other => {
+                    planned = other;
+                    recipients.push(address);
+                    b"250 ok\r\n"
+                }
+            }
         } else if command == "DATA" {
-            if write.write_all(b"354 go ahead\r\n").await.is_err() {
-                return;
-            }
-            let mut data = String::new();
-            loop {
-                line.clear();
-                match lines.read_line(&mut line).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(_) => {}
+            if recipients.is_empty() {
+                b"554 5.5.1 no valid recipients\r\n"
+            } else {
+                let _open = Open::new(&state, &recipients);
+                if write.write_all(b"354 go ahead\r\n").await.is_err() {
+                    return;
                 }
-                if line == ".\r\n" {
-                    break;
+                let mut data = String::new();
+                loop {
+                    line.clear();
+                    match lines.read_line(&mut line).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    }
+                    if planned == Reply::DropInData && data.len() > 100 {
+                        return; // closes the connection mid-DATA
+                    }
+                    if line == ".\r\n" {
+                        break;
+                    }
+                    data.push_str(line.strip_prefix('.').unwrap_or(&line));
                 }
-                data.push_str(line.strip_prefix('.').unwrap_or(&line));
+                if planned == Reply::Stall {
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                    return;
+                }
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                state.lock().unwrap().received.push(Received {
+                    recipients: std::mem::take(&mut recipients),
+                    data,
+                    at: Instant::now(),
+                });
+                b"250 2.0.0 accepted\r\n"
             }
-            if !delay.is_zero() {
-                tokio::time::sleep(delay).await;
-            }
-            store.lock().unwrap().push(Received {
-                recipients: std::mem::take(&mut recipients),
-                data,
-            });
-            b"250 2.0.0 accepted\r\n"
         } else if command.starts_with("QUIT") {
             let _ = write.write_all(b"221 bye\r\n").await;
             return;

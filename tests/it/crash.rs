@@ -168,3 +168,91 @@ async fn graceful_stop_mid_send_resumes_without_resending() {
     assert_eq!(unique.len(), N);
     server.stop().await;
 }
+
+/// A random number in `0..n` (test timing only; no need for a real generator).
+fn random_below(n: u64) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+        % n.max(1)
+}
+
+/// The kill loop: SIGKILL the real binary at six random moments of one 5,000-recipient
+/// send, restarting it each time, then stop it with SIGTERM mid-send (exit 0, nothing
+/// re-sent after), and finish. Nobody is lost and re-sends stay within the bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_loop_loses_nobody_and_resends_within_the_bound() {
+    const N: usize = 5000;
+    const KILLS: usize = 6;
+    let smtp = SmtpServer::start_with_delay(Duration::from_millis(10)).await;
+    let data = tempfile::tempdir().unwrap();
+    let (mut child, mut api) = spawn_letterbox(data.path(), &smtp);
+    api.wait_healthy().await;
+    let newsletter = api.newsletter().await;
+    let people: Vec<_> = (0..N)
+        .map(|i| json!({ "email": format!("k{i}@example.org") }))
+        .collect();
+    api.add_subscribers(newsletter, json!(people)).await;
+    let letter = json!({ "subject": "Kill loop", "text": "Hello {{ email }}\r\n" });
+    let letter = api.letter(newsletter, letter).await;
+    let job = api.send(letter, json!({})).await;
+
+    let mut kills_at = Vec::new();
+    for _ in 0..KILLS {
+        let target = smtp.count() + 100 + random_below(400) as usize;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while smtp.count() < target {
+            assert!(Instant::now() < deadline, "the send stalled");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(random_below(30))).await;
+        child.kill(); // SIGKILL
+        kills_at.push(smtp.count());
+        (child, api) = spawn_letterbox(data.path(), &smtp);
+    }
+    assert!(
+        *kills_at.last().unwrap() < N,
+        "all kills landed mid-send: {kills_at:?}"
+    );
+    let resent_by_kills = api
+        .wait_for(job, Duration::from_secs(60), |j| j["state"] == "running")
+        .await["resent_after_crash"]
+        .as_u64()
+        .unwrap();
+
+    // A graceful stop mid-send: exit 0, and the restart re-sends nothing.
+    let target = smtp.count() + 200;
+    while smtp.count() < target.min(N - 500) {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let status = Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = child.0.wait().unwrap();
+    assert!(exit.success(), "SIGTERM exits 0, got {exit}");
+    let (_child, api) = spawn_letterbox(data.path(), &smtp);
+    let done = api.wait_job(job, Duration::from_secs(180)).await;
+
+    assert_eq!(done["state"], "completed", "{done}");
+    assert_eq!(done["counts"]["delivered"], N, "{done}");
+    let resent = done["resent_after_crash"].as_u64().unwrap() as usize;
+    assert_eq!(
+        resent as u64, resent_by_kills,
+        "the graceful stop re-sent nothing"
+    );
+    let mut copies: HashMap<String, usize> = HashMap::new();
+    for message in smtp.received() {
+        *copies.entry(message.recipients[0].clone()).or_default() += 1;
+    }
+    assert_eq!(copies.len(), N, "every recipient received the letter");
+    let duplicates: usize = copies.values().map(|n| n - 1).sum();
+    let bound = CONCURRENCY + 2 * letterbox::runner::CLAIM_BATCH;
+    eprintln!(
+        "kill loop: kills at {kills_at:?}; {resent} re-sent, {duplicates} duplicates (bound {bound} per kill)"
+    );
+    assert!(resent <= KILLS * bound, "{resent} re-sent > {KILLS} x {bound}");
+    assert!(duplicates <= resent, "every duplicate is one of the re-sent");
+}

@@ -549,6 +549,44 @@ impl Evaluator {
         .map_err(|e| PolicyError::Engine(format!("policy evaluation panicked: {e}")))?
     }
 
+    /// `evaluate` for many recipients in one trip to the blocking pool, within the
+    /// process-wide evaluation limit. A hop to the blocking pool costs more than a
+    /// typical evaluation (measured: ~45 µs against ~20 µs), so a job evaluates the
+    /// recipients that are waiting together. `keep_going` sees each result as it comes;
+    /// once it says stop, the remaining recipients are not evaluated (`None`).
+    pub async fn evaluate_batch<F>(
+        self: &Arc<Self>,
+        items: Vec<(Subscriber, String)>,
+        mut keep_going: F,
+    ) -> Result<Vec<(Subscriber, Option<Result<Verdict, PolicyError>>)>, PolicyError>
+    where
+        F: FnMut(&Result<Verdict, PolicyError>) -> bool + Send + 'static,
+    {
+        let _permit = self
+            .host
+            .evaluations
+            .acquire()
+            .await
+            .map_err(|_| PolicyError::Engine("the policy engine is shut down".into()))?;
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut going = true;
+            items
+                .into_iter()
+                .map(|(subscriber, url)| {
+                    if !going {
+                        return (subscriber, None);
+                    }
+                    let result = this.evaluate(&subscriber, url);
+                    going = keep_going(&result);
+                    (subscriber, Some(result))
+                })
+                .collect()
+        })
+        .await
+        .map_err(|e| PolicyError::Engine(format!("policy evaluation panicked: {e}")))
+    }
+
     fn evaluate_with(
         &self,
         warm: &mut Warm,

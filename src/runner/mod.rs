@@ -45,7 +45,7 @@ pub use limits::{DomainLimits, FailureLimit};
 
 pub const MAX_CONCURRENCY: u32 = 1000;
 /// Recipients claimed per store transaction (see the re-send bound above).
-pub const CLAIM_BATCH: usize = 64;
+pub const CLAIM_BATCH: usize = 128;
 /// Recipients moved per transaction when cancelling or retrying the failed.
 const BULK_BATCH: usize = 10_000;
 

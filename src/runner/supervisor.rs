@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -25,7 +25,6 @@ const SNAPSHOT_PAGE: usize = 1000;
 struct JobContext {
     job_id: u64,
     newsletter: Newsletter,
-    evaluator: Arc<Evaluator>,
     message_domain: String,
     transport: Transport,
     retry: RetryPolicy,
@@ -34,11 +33,156 @@ struct JobContext {
     /// Cancelled when the job stops: deliveries that have not started sending give their
     /// recipient back instead.
     stop: CancellationToken,
-    /// Restart intensity, counted as policies fail (not when their outcome is recorded),
-    /// so the job stops within `concurrency` failures past the limit.
+    guard: Arc<FailureGuard>,
+    /// Recipients to evaluate go to the job's evaluator task, which runs those waiting
+    /// together in one trip to the blocking pool.
+    evaluations: mpsc::UnboundedSender<Evaluation>,
+    /// Outcomes go to the job's recorder, which writes those that arrive together in one
+    /// store operation (one read and write of the job's counts instead of one each).
+    recorder: mpsc::UnboundedSender<Recording>,
+}
+
+/// Restart intensity, counted as policies fail (not when their outcome is recorded), so
+/// a job stops on the failure that crosses the limit.
+struct FailureGuard {
     failures: std::sync::Mutex<FailureWindow>,
     /// Set when the failures exceeded the limit: the reason the job pauses with.
     pausing: std::sync::Mutex<Option<String>>,
+    stop: CancellationToken,
+}
+
+impl FailureGuard {
+    /// Notes one evaluation's result; false once the job must stop.
+    fn note(&self, result: &Result<Verdict, PolicyError>) -> bool {
+        if let Err(e) = result
+            && let Some(policy) = e.failed_policy()
+        {
+            let tripped = self.failures.lock().unwrap_or_else(|e| e.into_inner()).record();
+            if tripped {
+                let mut pausing = self.pausing.lock().unwrap_or_else(|e| e.into_inner());
+                if pausing.is_none() {
+                    *pausing = Some(format!("policy {policy} failing: {e}"));
+                    self.stop.cancel();
+                }
+            }
+        }
+        !self.stop.is_cancelled()
+    }
+
+    fn pausing(&self) -> Option<String> {
+        self.pausing.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// What the evaluator task answers.
+enum Evaluated {
+    Done(Subscriber, Verdict),
+    Failed(PolicyError),
+    /// The job stopped before this recipient was evaluated.
+    Stopped,
+}
+
+type Evaluation = (Subscriber, String, oneshot::Sender<Evaluated>);
+
+/// Evaluates the recipients waiting together, up to two batches at once (a core each),
+/// until every sender is gone.
+async fn evaluator(
+    evaluator: Arc<Evaluator>,
+    guard: Arc<FailureGuard>,
+    mut rx: mpsc::UnboundedReceiver<Evaluation>,
+) {
+    const EVAL_BATCH: usize = 64;
+    const BATCHES_IN_FLIGHT: usize = 2;
+    let mut in_flight = JoinSet::new();
+    let mut open = true;
+    while open || !in_flight.is_empty() {
+        let mut batch = Vec::new();
+        tokio::select! {
+            n = rx.recv_many(&mut batch, EVAL_BATCH), if open && in_flight.len() < BATCHES_IN_FLIGHT => {
+                if n == 0 {
+                    open = false;
+                    continue;
+                }
+                let (items, replies): (Vec<_>, Vec<_>) =
+                    batch.into_iter().map(|(s, url, tx)| ((s, url), tx)).unzip();
+                let (evaluator, guard) = (evaluator.clone(), guard.clone());
+                in_flight.spawn(async move {
+                    let results = evaluator.evaluate_batch(items, move |r| guard.note(r)).await;
+                    match results {
+                        Ok(results) => {
+                            for ((subscriber, result), reply) in results.into_iter().zip(replies) {
+                                let _ = reply.send(match result {
+                                    Some(Ok(verdict)) => Evaluated::Done(subscriber, verdict),
+                                    Some(Err(e)) => Evaluated::Failed(e),
+                                    None => Evaluated::Stopped,
+                                });
+                            }
+                        }
+                        Err(e) => {
+                            for reply in replies {
+                                let _ = reply.send(Evaluated::Failed(PolicyError::Engine(e.to_string())));
+                            }
+                        }
+                    }
+                });
+            }
+            Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
+        }
+    }
+}
+
+/// One outcome for the recorder, and where to say it is durable.
+type Recording = (u64, Outcome, oneshot::Sender<Result<(), StoreError>>);
+
+/// Records outcomes in batches until every sender is gone. A batch is sent once it has
+/// `RECORD_BATCH` outcomes or its first is `RECORD_LINGER` old, and up to
+/// `RECORDS_IN_FLIGHT` batches are with the store at once. Every commit costs the same
+/// whatever it holds (an fsync and its pages), so fewer, fuller commits are what keeps
+/// the store's CPU per message low; the linger adds a few milliseconds to each record,
+/// which only the claim window sees.
+async fn recorder(store: crate::store::Store, job_id: u64, mut rx: mpsc::UnboundedReceiver<Recording>) {
+    const RECORD_BATCH: usize = 256;
+    const RECORD_LINGER: std::time::Duration = std::time::Duration::from_millis(3);
+    const RECORDS_IN_FLIGHT: usize = 2;
+    let mut in_flight = JoinSet::new();
+    let mut open = true;
+    while open || !in_flight.is_empty() {
+        let mut batch = Vec::new();
+        tokio::select! {
+            n = rx.recv_many(&mut batch, RECORD_BATCH), if open && in_flight.len() < RECORDS_IN_FLIGHT => {
+                if n == 0 {
+                    open = false;
+                    continue;
+                }
+                let deadline = tokio::time::Instant::now() + RECORD_LINGER;
+                while batch.len() < RECORD_BATCH {
+                    let room = RECORD_BATCH - batch.len();
+                    match tokio::time::timeout_at(deadline, rx.recv_many(&mut batch, room)).await {
+                        Ok(0) => {
+                            open = false;
+                            break;
+                        }
+                        Ok(_) => {}
+                        Err(_) => break,
+                    }
+                }
+                let (outcomes, replies): (Vec<_>, Vec<_>) =
+                    batch.drain(..).map(|(sid, o, tx)| ((sid, o), tx)).unzip();
+                let store = store.clone();
+                in_flight.spawn(async move {
+                    let result = store.record(job_id, outcomes).await.map(|_| ());
+                    for reply in replies {
+                        let shared = match &result {
+                            Ok(()) => Ok(()),
+                            Err(e) => Err(StoreError::BatchFailed(e.to_string())),
+                        };
+                        let _ = reply.send(shared);
+                    }
+                });
+            }
+            Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
+        }
+    }
 }
 
 /// Why `drive` returned.
@@ -49,6 +193,13 @@ enum JobEnd {
     Stopped,
     /// Too many policy failures: the job waits for a resume.
     PolicyPaused(String),
+}
+
+/// A claimed recipient, with its subscriber as read by the claim at status epoch `epoch`.
+struct Claimed {
+    delivery: Delivery,
+    subscriber: Option<Subscriber>,
+    epoch: u64,
 }
 
 /// What a delivery task tells its supervisor.
@@ -241,22 +392,39 @@ impl Runner {
             .get(job.transport.as_deref())
             .map_err(|e| RunnerError::Invalid(e.to_string()))?
             .clone();
-        let evaluator = inner.policies.evaluator(
+        let job_evaluator = inner.policies.evaluator(
             self.load_policy(&job.filter, PluginKind::Filter).await?,
             self.load_policy(&job.template, PluginKind::Template).await?,
             LetterInput::new(&letter, &newsletter),
         )?;
+        let (record_tx, record_rx) = mpsc::unbounded_channel();
+        // Tracked, so shutdown waits until the last outcome is written (and the store,
+        // which the recorder holds, can close).
+        inner
+            .tracker
+            .spawn(recorder(store.clone(), job_id, record_rx).in_current_span());
+        let stop = CancellationToken::new();
+        let guard = Arc::new(FailureGuard {
+            failures: std::sync::Mutex::new(FailureWindow::new(inner.config.policy_failures)),
+            pausing: std::sync::Mutex::new(None),
+            stop: stop.clone(),
+        });
+        let job_evaluator = Arc::new(job_evaluator);
+        let (eval_tx, eval_rx) = mpsc::unbounded_channel();
+        inner
+            .tracker
+            .spawn(evaluator(job_evaluator.clone(), guard.clone(), eval_rx).in_current_span());
         let ctx = Arc::new(JobContext {
             job_id,
-            evaluator: Arc::new(evaluator),
+            recorder: record_tx,
+            evaluations: eval_tx,
+            guard,
             message_domain: mail::mailbox_domain(&newsletter.from),
             newsletter,
             transport,
             retry: job.retry,
             slots: Arc::new(Semaphore::new(job.concurrency as usize)),
-            stop: CancellationToken::new(),
-            failures: std::sync::Mutex::new(FailureWindow::new(inner.config.policy_failures)),
-            pausing: std::sync::Mutex::new(None),
+            stop,
         });
 
         if !job.prepared {
@@ -301,25 +469,32 @@ impl Runner {
         let mut dry = false;
         let mut next_retry: Option<u64> = None;
         loop {
-            let pausing = ctx.pausing.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let pausing = ctx.guard.pausing();
             let stopping = self.stopping(control) || pausing.is_some();
             if stopping {
                 ctx.stop.cancel();
             }
             if !stopping && !dry && running.len() <= concurrency + CLAIM_BATCH {
                 let want = window - running.len();
+                // Read before the claim reads the subscribers: see `Store::status_epoch`.
+                let epoch = store.status_epoch();
                 let claimed = store.claim(job_id, want, now_ms()).await?;
                 if claimed.len() < want {
                     dry = true;
                     next_retry = store.next_retry_at(job_id).await?;
                 }
-                for delivery in claimed {
+                for (delivery, subscriber) in claimed {
                     let subscriber_id = delivery.subscriber_id;
                     let runner = self.clone();
                     let ctx = ctx.clone();
+                    let claimed = Claimed {
+                        delivery,
+                        subscriber,
+                        epoch,
+                    };
                     let span = tracing::info_span!("delivery", subscriber = subscriber_id);
                     let handle =
-                        running.spawn(async move { runner.deliver(&ctx, delivery).await }.instrument(span));
+                        running.spawn(async move { runner.deliver(&ctx, claimed).await }.instrument(span));
                     in_flight.insert(handle.id(), subscriber_id);
                 }
                 continue;
@@ -414,11 +589,12 @@ impl Runner {
 
     /// One recipient: slots → filter → template → rate limit → send → record. Expected
     /// failures become the recipient's state; only a store failure is returned.
-    async fn deliver(&self, ctx: &Arc<JobContext>, delivery: Delivery) -> Result<Report, StoreError> {
+    async fn deliver(&self, ctx: &Arc<JobContext>, claimed: Claimed) -> Result<Report, StoreError> {
+        let delivery = claimed.delivery.clone();
         let outcome = match self.slots(ctx, &delivery.email, &ctx.stop).await {
             None => Outcome::Released,
             Some(permits) => {
-                let outcome = self.attempt(ctx, &delivery).await;
+                let outcome = self.attempt(ctx, claimed).await;
                 drop(permits);
                 outcome
             }
@@ -441,54 +617,50 @@ impl Runner {
             outcome,
             Outcome::Delivered { .. } | Outcome::Skipped { .. } | Outcome::Failed { .. }
         );
-        self.inner
-            .store
-            .record(ctx.job_id, vec![(delivery.subscriber_id, outcome)])
-            .await?;
+        let (tx, rx) = oneshot::channel();
+        ctx.recorder
+            .send((delivery.subscriber_id, outcome, tx))
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)??;
         Ok(report)
     }
 
-    /// `try_attempt`, with policy failures counted towards the job's restart intensity:
-    /// past the limit, the job stops at once (see `JobContext::failures`).
-    async fn attempt(&self, ctx: &Arc<JobContext>, delivery: &Delivery) -> Outcome {
-        match self.try_attempt(ctx, delivery).await {
+    /// `try_attempt`, with a policy failure as the recipient's reason. (The evaluator
+    /// task counted it towards the job's restart intensity already.)
+    async fn attempt(&self, ctx: &Arc<JobContext>, claimed: Claimed) -> Outcome {
+        match self.try_attempt(ctx, claimed).await {
             Ok(outcome) => outcome,
-            Err(e) => {
-                if let Some(policy) = e.failed_policy() {
-                    let tripped = ctx.failures.lock().unwrap_or_else(|e| e.into_inner()).record();
-                    if tripped {
-                        let mut pausing = ctx.pausing.lock().unwrap_or_else(|e| e.into_inner());
-                        if pausing.is_none() {
-                            *pausing = Some(format!("policy {policy} failing: {e}"));
-                            ctx.stop.cancel();
-                        }
-                    }
-                }
-                Outcome::Failed {
-                    reason: e.to_string(),
-                }
-            }
+            Err(e) => Outcome::Failed {
+                reason: e.to_string(),
+            },
         }
     }
 
     /// The attempt proper; policy failures come back as errors so they can be counted.
-    async fn try_attempt(&self, ctx: &Arc<JobContext>, delivery: &Delivery) -> Result<Outcome, PolicyError> {
+    async fn try_attempt(&self, ctx: &Arc<JobContext>, claimed: Claimed) -> Result<Outcome, PolicyError> {
         let inner = &self.inner;
         let stop = &ctx.stop;
         if stop.is_cancelled() {
             return Ok(Outcome::Released);
         }
-        let subscriber = match inner
-            .store
-            .subscriber(ctx.newsletter.id, delivery.subscriber_id)
-            .await
-        {
-            Ok(s) => s,
-            Err(StoreError::NotFound { .. }) => {
-                let reason = "subscriber was deleted".into();
-                return Ok(Outcome::Skipped { reason });
+        let delivery = &claimed.delivery;
+        // The claim read the subscriber; read again only if a status changed since.
+        let subscriber = if inner.store.status_epoch() == claimed.epoch {
+            claimed.subscriber
+        } else {
+            match inner
+                .store
+                .subscriber(ctx.newsletter.id, delivery.subscriber_id)
+                .await
+            {
+                Ok(s) => Some(s),
+                Err(StoreError::NotFound { .. }) => None,
+                Err(e) => return Ok(self.retry_or_fail(ctx, delivery, e.to_string())),
             }
-            Err(e) => return Ok(self.retry_or_fail(ctx, delivery, e.to_string())),
+        };
+        let Some(subscriber) = subscriber else {
+            let reason = "subscriber was deleted".into();
+            return Ok(Outcome::Skipped { reason });
         };
         // Re-checked at send time: an unsubscribe wins over a snapshot taken earlier.
         if subscriber.status != SubscriberStatus::Active {
@@ -496,10 +668,17 @@ impl Runner {
             return Ok(Outcome::Skipped { reason });
         }
         let unsubscribe_url = self.unsubscribe_url(ctx.newsletter.id, subscriber.id);
-        let (subscriber, verdict) = ctx
-            .evaluator
-            .evaluate_async(subscriber, unsubscribe_url.clone())
-            .await?;
+        let (tx, rx) = oneshot::channel();
+        let sent = ctx.evaluations.send((subscriber, unsubscribe_url.clone(), tx));
+        let evaluated = match sent {
+            Ok(()) => rx.await.unwrap_or(Evaluated::Stopped),
+            Err(_) => Evaluated::Stopped,
+        };
+        let (subscriber, verdict) = match evaluated {
+            Evaluated::Done(subscriber, verdict) => (subscriber, verdict),
+            Evaluated::Failed(e) => return Err(e),
+            Evaluated::Stopped => return Ok(Outcome::Released),
+        };
         let rendered = match verdict {
             Verdict::Send(rendered) => rendered,
             Verdict::Skip(reason) => return Ok(Outcome::Skipped { reason }),

@@ -118,10 +118,17 @@ impl Store {
 
     /// Claims up to `max` recipients of a job, durably moving them to `sending` before any
     /// of their messages is sent: first the retries due at `now_ms`, then pending ones in
-    /// subscriber order. Each claim counts as an attempt.
-    pub async fn claim(&self, job_id: u64, max: usize, now_ms: u64) -> Result<Vec<Delivery>, StoreError> {
+    /// subscriber order. Each claim counts as an attempt. Each comes with its subscriber
+    /// as of the claim (`None` if it was deleted), read in the same transaction.
+    pub async fn claim(
+        &self,
+        job_id: u64,
+        max: usize,
+        now_ms: u64,
+    ) -> Result<Vec<(Delivery, Option<Subscriber>)>, StoreError> {
         self.write(move |txn| {
             let mut job = job_in(txn, job_id)?;
+            let subscribers = txn.open_table(SUBSCRIBERS)?;
             let mut t = Tables::open(txn)?;
             let mut ids: Vec<u64> = t
                 .retries
@@ -136,7 +143,11 @@ impl Store {
                 let mut delivery = t.get(job_id, sid)?;
                 delivery.attempts += 1;
                 t.set_state(&mut job, &mut delivery, DeliveryState::Sending { since })?;
-                claimed.push(delivery);
+                let subscriber = match subscribers.get((job.newsletter_id, sid))? {
+                    Some(row) => Some(decode(row.value())?),
+                    None => None,
+                };
+                claimed.push((delivery, subscriber));
             }
             put_job(txn, &job)?;
             Ok(claimed)

@@ -28,6 +28,9 @@ use tokio::sync::{mpsc, oneshot};
 /// the first operation of a batch.
 const MAX_BATCH: usize = 1024;
 
+/// redb's page cache.
+const CACHE_BYTES: usize = 32 << 20;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("{kind} {id} not found")]
@@ -93,6 +96,9 @@ pub struct Store {
 
 struct Inner {
     db: Arc<Database>,
+    /// Bumped after every committed change of a subscriber's status (see
+    /// `status_epoch`).
+    status_epoch: std::sync::atomic::AtomicU64,
     /// `None` only while dropping.
     writer: Option<mpsc::Sender<Op>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -114,7 +120,10 @@ impl Store {
     /// Opens (or creates) the database file and starts its writer thread. The thread
     /// ends, and the file is closed, when the last `Store` handle is dropped.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let db = Arc::new(Database::create(path)?);
+        // redb's default page cache is 1 GiB, which a million-recipient job would fill:
+        // memory would grow with the list. The hot pages (the job's state index, the
+        // tail of the tables) fit in far less.
+        let db = Arc::new(Database::builder().set_cache_size(CACHE_BYTES).create(path)?);
         // Create every table up front so readers never meet a missing table.
         let txn = db.begin_write()?;
         {
@@ -146,9 +155,24 @@ impl Store {
             inner: Arc::new(Inner {
                 db,
                 writer: Some(tx),
+                status_epoch: Default::default(),
                 thread: Some(thread),
             }),
         })
+    }
+
+    /// A number that changes whenever a subscriber's status changes (unsubscribe, ...),
+    /// after the change is committed. A caller holding subscriber rows read after it saw
+    /// epoch E knows they are still current while the epoch is E: the runner re-reads a
+    /// claimed subscriber just before sending only when it moved.
+    pub fn status_epoch(&self) -> u64 {
+        self.inner.status_epoch.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn bump_status_epoch(&self) {
+        self.inner
+            .status_epoch
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Runs `f` in a read transaction on the blocking pool.
@@ -191,7 +215,9 @@ impl Store {
 
 fn writer_loop(db: Arc<Database>, mut rx: mpsc::Receiver<Op>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    let (mut commits, mut operations, mut busy) = (0u64, 0u64, std::time::Duration::ZERO);
     while let Some(first) = rx.blocking_recv() {
+        let started = std::time::Instant::now();
         batch.push(first);
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -234,9 +260,21 @@ fn writer_loop(db: Arc<Database>, mut rx: mpsc::Receiver<Op>) {
                 e.to_string()
             }),
         };
+        commits += 1;
+        operations += completions.len() as u64;
+        busy += started.elapsed();
         for complete in completions {
             complete(outcome.as_ref().map(|_| ()).map_err(String::as_str));
         }
+    }
+    if let Some(mean_batch) = operations.checked_div(commits) {
+        tracing::info!(
+            commits,
+            operations,
+            mean_batch,
+            mean_commit_ms = format!("{:.2}", busy.as_secs_f64() * 1000.0 / commits as f64),
+            "store writer stopped"
+        );
     }
 }
 

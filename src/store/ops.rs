@@ -177,18 +177,21 @@ impl Store {
 
     /// Marks a subscriber unsubscribed. Idempotent.
     pub async fn unsubscribe(&self, newsletter_id: u64, id: u64) -> Result<Subscriber, StoreError> {
-        self.write(move |txn| {
-            let mut table = txn.open_table(SUBSCRIBERS)?;
-            let row = table
-                .get((newsletter_id, id))?
-                .ok_or_else(|| StoreError::not_found("subscriber", id))?;
-            let mut subscriber: Subscriber = decode(row.value())?;
-            drop(row);
-            subscriber.status = SubscriberStatus::Unsubscribed;
-            table.insert((newsletter_id, id), encode(&subscriber).as_slice())?;
-            Ok(subscriber)
-        })
-        .await
+        let result = self
+            .write(move |txn| {
+                let mut table = txn.open_table(SUBSCRIBERS)?;
+                let row = table
+                    .get((newsletter_id, id))?
+                    .ok_or_else(|| StoreError::not_found("subscriber", id))?;
+                let mut subscriber: Subscriber = decode(row.value())?;
+                drop(row);
+                subscriber.status = SubscriberStatus::Unsubscribed;
+                table.insert((newsletter_id, id), encode(&subscriber).as_slice())?;
+                Ok(subscriber)
+            })
+            .await;
+        self.bump_status_epoch();
+        result
     }
 
     /// Stores a letter, giving it an id. The newsletter must exist.

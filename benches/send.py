@@ -128,14 +128,14 @@ def main():
             call(base, "POST", f"/v1/newsletters/{newsletter}/subscribers", rows)
         # A typical letter: ~3 KB (as smtp-source -l 3000) of mostly static text, with a
         # greeting, a per-plan line and the unsubscribe link rendered per recipient.
-        # Lines wrapped at 70 columns, as plain-text mail is written (longer lines make
-        # the message quoted-printable).
+        # Lines wrapped at 70 columns, as plain-text mail is written (a line of 76 or
+        # more makes the message quoted-printable; the unsubscribe URL gets its own).
         paragraph = ("This week in letterbox: notes on delivery, retries and the\n"
                      "people who keep a mailing list healthy. Nothing here changes\n"
                      "per reader.\n")
         text = ("Hello {{ name }},\n\nYou are on the {{ attributes.plan }} plan.\n\n"
                 + paragraph * 18
-                + "\nUnsubscribe: {{ unsubscribe_url }}\n")
+                + "\nUnsubscribe:\n{{ unsubscribe_url }}\n")
         letter = call(base, "POST", f"/v1/newsletters/{newsletter}/letters",
                       {"subject": "Bench for {{ name }}", "text": text})["id"]
 

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::domain::RetryPolicy;
-use crate::mail::SmtpSettings;
+use crate::mail::{DkimSettings, SmtpSettings};
 use crate::policy::PolicyLimits;
 use crate::runner::{DomainLimits, FailureLimit};
 
@@ -17,6 +17,8 @@ pub struct Config {
     pub smtp: Option<SmtpSettings>,
     /// More transports a job may choose by name.
     pub transports: Vec<(String, SmtpSettings)>,
+    /// Sign every message with DKIM.
+    pub dkim: Option<DkimSettings>,
     /// Deliveries in flight per job unless the send request says otherwise.
     pub concurrency: u32,
     /// Deliveries in flight across all jobs.
@@ -44,6 +46,7 @@ impl Config {
             data_dir: data_dir.into(),
             smtp: None,
             transports: Vec::new(),
+            dkim: None,
             concurrency: 16,
             max_deliveries: 512,
             max_running_jobs: 4,

@@ -22,7 +22,9 @@ use tokio_util::sync::CancellationToken;
 pub use config::Config;
 
 use crate::domain::PluginKind;
-use crate::mail::{DEFAULT_TRANSPORT, Transport, Transports};
+use std::sync::Arc;
+
+use crate::mail::{DEFAULT_TRANSPORT, Dkim, Transport, Transports};
 use crate::policy::PolicyHost;
 use crate::policy::builtin;
 use crate::runner::{Runner, RunnerConfig};
@@ -63,12 +65,13 @@ pub async fn run(
     let store = Store::open(&data_dir.join("letterbox.redb"))?;
     let unsubscribe = UnsubscribeKey::load_or_create(&data_dir.join("unsubscribe.key")).map_err(io_error)?;
     let policies = PolicyHost::new(config.policy_limits.clone(), Some(data_dir.join("compiled")))?;
+    let dkim = config.dkim.as_ref().map(Dkim::new).transpose()?.map(Arc::new);
     let mut transports = vec![match &config.smtp {
-        Some(smtp) => Transport::smtp(DEFAULT_TRANSPORT, smtp)?,
-        None => Transport::outbox(DEFAULT_TRANSPORT, data_dir.join("outbox"), None)?,
+        Some(smtp) => Transport::smtp(DEFAULT_TRANSPORT, smtp, dkim.clone())?,
+        None => Transport::outbox(DEFAULT_TRANSPORT, data_dir.join("outbox"), None, dkim.clone())?,
     }];
     for (name, smtp) in &config.transports {
-        transports.push(Transport::smtp(name, smtp)?);
+        transports.push(Transport::smtp(name, smtp, dkim.clone())?);
     }
     let transports = Transports::new(transports)?;
     tracing::info!(data = %data_dir.display(), "starting");

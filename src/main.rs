@@ -35,6 +35,16 @@ struct ServeArgs {
     /// Without it, messages are written to DATA/outbox as .eml files.
     #[arg(long, env = "LETTERBOX_SMTP")]
     smtp: Option<String>,
+    /// Sign every message with DKIM using this key file: an RSA key in PKCS#1 PEM or an
+    /// Ed25519 seed in base64. Needs --dkim-selector and --dkim-domain.
+    #[arg(long, env = "LETTERBOX_DKIM_KEY", requires_all = ["dkim_selector", "dkim_domain"])]
+    dkim_key: Option<PathBuf>,
+    /// The DKIM selector (the public key is at SELECTOR._domainkey.DOMAIN).
+    #[arg(long, env = "LETTERBOX_DKIM_SELECTOR")]
+    dkim_selector: Option<String>,
+    /// The DKIM signing domain (d=).
+    #[arg(long, env = "LETTERBOX_DKIM_DOMAIN")]
+    dkim_domain: Option<String>,
     /// A further transport a send can choose by name: NAME=URL (repeatable).
     #[arg(long = "transport", value_name = "NAME=URL")]
     transports: Vec<String>,
@@ -150,6 +160,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .validate()
         .map_err(|e| anyhow::anyhow!("--retry-attempts/--retry-base/--retry-cap: {e}"))?;
     config.drain_timeout = args.drain_timeout;
+    if let Some(path) = &args.dkim_key {
+        let private_key =
+            std::fs::read_to_string(path).with_context(|| format!("--dkim-key {}", path.display()))?;
+        config.dkim = Some(letterbox::mail::DkimSettings {
+            private_key,
+            selector: args.dkim_selector.clone().unwrap_or_default(),
+            domain: args.dkim_domain.clone().unwrap_or_default(),
+        });
+    }
     let smtp_settings = |url: String| {
         let mut smtp = letterbox::Config::smtp_url(url);
         smtp.pool_size = args.smtp_pool.max(1);

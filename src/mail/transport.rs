@@ -10,7 +10,7 @@ use std::time::Duration;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 use super::smtp::{Endpoint, Security, SmtpPool, Timeouts};
-use super::{MailError, Outgoing, build};
+use super::{Dkim, MailError, Outgoing, build};
 
 /// The transport used when a job names none.
 pub const DEFAULT_TRANSPORT: &str = "default";
@@ -246,16 +246,28 @@ struct TransportInner {
     label: String,
     rate: Option<RateLimit>,
     limiter: Option<DefaultDirectRateLimiter>,
+    dkim: Option<Arc<Dkim>>,
 }
 
 impl Transport {
-    pub fn outbox(name: &str, dir: PathBuf, rate: Option<RateLimit>) -> Result<Transport, MailError> {
+    /// An outbox directory. With `dkim`, every message is signed.
+    pub fn outbox(
+        name: &str,
+        dir: PathBuf,
+        rate: Option<RateLimit>,
+        dkim: Option<Arc<Dkim>>,
+    ) -> Result<Transport, MailError> {
         std::fs::create_dir_all(&dir).map_err(|e| MailError::Outbox(format!("{}: {e}", dir.display())))?;
         let label = format!("outbox directory {}", dir.display());
-        Ok(Transport::new(name, Sink::Outbox(dir), label, rate))
+        Ok(Transport::new(name, Sink::Outbox(dir), label, rate, dkim))
     }
 
-    pub fn smtp(name: &str, settings: &SmtpSettings) -> Result<Transport, MailError> {
+    /// An SMTP server. With `dkim`, every message is signed.
+    pub fn smtp(
+        name: &str,
+        settings: &SmtpSettings,
+        dkim: Option<Arc<Dkim>>,
+    ) -> Result<Transport, MailError> {
         let parsed = parse_url(settings)?;
         let timeouts = Timeouts {
             connect: settings.connect_timeout,
@@ -275,10 +287,17 @@ impl Transport {
             Sink::Smtp(Box::new(pool)),
             label,
             parsed.rate,
+            dkim,
         ))
     }
 
-    fn new(name: &str, sink: Sink, label: String, rate: Option<RateLimit>) -> Transport {
+    fn new(
+        name: &str,
+        sink: Sink,
+        label: String,
+        rate: Option<RateLimit>,
+        dkim: Option<Arc<Dkim>>,
+    ) -> Transport {
         // Evenly spaced, with no burst: providers count per second or minute, and a
         // burst of a whole hour's quota at once is exactly what trips their limits.
         let limiter = rate.map(|r| {
@@ -295,6 +314,7 @@ impl Transport {
                 label,
                 rate,
                 limiter,
+                dkim,
             }),
         }
     }
@@ -325,7 +345,10 @@ impl Transport {
 
     /// Builds and delivers one message. Returns the server's reply (or the outbox path).
     pub async fn send(&self, outgoing: &Outgoing) -> Result<String, MailError> {
-        let message = build(outgoing)?;
+        let mut message = build(outgoing)?;
+        if let Some(dkim) = &self.inner.dkim {
+            dkim.sign(&mut message);
+        }
         match &self.inner.sink {
             Sink::Outbox(dir) => {
                 let stem: String = outgoing

@@ -507,3 +507,31 @@ async fn events_stream_progress_until_the_end() {
     assert_eq!(status, 422, "{body}");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_are_dkim_signed_when_a_key_is_configured() {
+    let smtp = SmtpServer::start().await;
+    let server = server_with(&smtp, |config| {
+        config.dkim = Some(letterbox::mail::DkimSettings {
+            // An Ed25519 seed (32 bytes), base64.
+            private_key: "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=".into(),
+            selector: "news2026".into(),
+            domain: "example.com".into(),
+        });
+    })
+    .await;
+    let api = &server.api;
+    let letter = letter_to(api, &emails("d", "example.org", 2)).await;
+    let job = api.send(letter, json!({})).await;
+    assert_eq!(
+        api.wait_job(job, Duration::from_secs(30)).await["counts"]["delivered"],
+        2
+    );
+    for message in smtp.received() {
+        let signature = message.header("DKIM-Signature").expect("signed");
+        assert!(signature.contains("d=example.com"), "{signature}");
+        assert!(signature.contains("s=news2026"), "{signature}");
+        assert!(signature.contains("list-unsubscribe-post"), "{signature}");
+    }
+    server.stop().await;
+}

@@ -261,7 +261,13 @@ impl Runner {
                 Ok(JobEnd::Drained) => match store.complete_if_done(job_id).await {
                     Ok((job, true)) => tracing::info!(counts = ?job.counts, "job completed"),
                     // New work arrived (retry-failed) or the job changed state meanwhile.
-                    Ok((job, false)) if job.state == JobState::Running => continue,
+                    // The pause bounds the cost should the counts ever disagree with
+                    // what can be claimed.
+                    Ok((job, false)) if job.state == JobState::Running => {
+                        drop(active);
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
                     Ok((_, false)) => {}
                     Err(e) => self.fail_job(job_id, e.into()).await,
                 },

@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 const MAX_BATCH: usize = 1024;
 
 /// redb's page cache.
-const CACHE_BYTES: usize = 32 << 20;
+const CACHE_BYTES: usize = 16 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

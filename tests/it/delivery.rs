@@ -535,3 +535,33 @@ async fn messages_are_dkim_signed_when_a_key_is_configured() {
     }
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_beyond_the_running_limit_wait_queued_and_running_ones_report_a_rate() {
+    let smtp = SmtpServer::start_with_delay(Duration::from_millis(5)).await;
+    let server = server_with(&smtp, |config| config.max_running_jobs = 1).await;
+    let api = &server.api;
+    let first = letter_to(api, &emails("a", "example.org", 150)).await;
+    let second = letter_to(api, &emails("b", "example.org", 20)).await;
+    let first = api.send(first, json!({ "concurrency": 2 })).await;
+    let second = api.send(second, json!({})).await;
+    // While the first runs, the second waits in `queued` with nothing sent.
+    let running = api
+        .wait_for(first, Duration::from_secs(30), |j| {
+            j["state"] == "running" && j["counts"]["delivered"].as_u64().unwrap() >= 20
+        })
+        .await;
+    let (_, waiting) = api.get(&format!("/v1/jobs/{second}")).await;
+    assert_eq!(waiting["state"], "queued", "{waiting}");
+    assert_eq!(waiting["counts"]["delivered"], 0, "{waiting}");
+    assert!(
+        running["rate_per_second"].as_f64().unwrap() > 0.0,
+        "a running job reports its rate: {running}"
+    );
+    assert!(running["eta_seconds"].is_u64(), "{running}");
+    let first_done = api.wait_job(first, Duration::from_secs(60)).await;
+    let second_done = api.wait_job(second, Duration::from_secs(60)).await;
+    assert_eq!(first_done["counts"]["delivered"], 150);
+    assert_eq!(second_done["counts"]["delivered"], 20);
+    server.stop().await;
+}

@@ -243,8 +243,9 @@ impl Runner {
         mut control: watch::Receiver<Control>,
         meter: Arc<std::sync::Mutex<RateMeter>>,
     ) {
+        let mut job_slot = None;
         loop {
-            let end = self.drive(job_id, &mut control, &meter).await;
+            let end = self.drive(job_id, &mut control, &meter, &mut job_slot).await;
             let mut active = self.inner.active.lock().await;
             let now_control = *control.borrow_and_update();
             let shutting_down = self.inner.shutdown.is_cancelled();
@@ -347,6 +348,7 @@ impl Runner {
         job_id: u64,
         control: &mut watch::Receiver<Control>,
         meter: &Arc<std::sync::Mutex<RateMeter>>,
+        job_slot: &mut Option<OwnedSemaphorePermit>,
     ) -> Result<JobEnd, RunnerError> {
         let inner = &self.inner;
         let store = &inner.store;
@@ -386,10 +388,15 @@ impl Runner {
             };
         }
 
-        let slot = inner.job_slots.clone().acquire_owned();
-        let Some(Ok(_job_slot)) = self.until_stopped(control, slot).await else {
-            return Ok(JobEnd::Stopped);
-        };
+        // Kept by `supervise` until the job's end is recorded (so the next queued job
+        // starts after this one is completed), and across a quick pause and resume.
+        if job_slot.is_none() {
+            let slot = inner.job_slots.clone().acquire_owned();
+            let Some(Ok(slot)) = self.until_stopped(control, slot).await else {
+                return Ok(JobEnd::Stopped);
+            };
+            *job_slot = Some(slot);
+        }
 
         let letter = store.letter(job.letter_id).await?;
         let newsletter = store.newsletter(job.newsletter_id).await?;

@@ -563,5 +563,10 @@ async fn jobs_beyond_the_running_limit_wait_queued_and_running_ones_report_a_rat
     let second_done = api.wait_job(second, Duration::from_secs(60)).await;
     assert_eq!(first_done["counts"]["delivered"], 150);
     assert_eq!(second_done["counts"]["delivered"], 20);
+    // The slot is freed once the first job's end is recorded, not before.
+    assert!(
+        second_done["started_at"].as_u64() >= first_done["finished_at"].as_u64(),
+        "the second started after the first finished"
+    );
     server.stop().await;
 }

@@ -112,6 +112,9 @@ fn full_error(e: &dyn std::error::Error) -> String {
 struct Failure {
     error: MailError,
     in_sync: bool,
+    /// Whether the failure came while or after the message itself was sent (so the
+    /// server may have it).
+    body_sent: bool,
 }
 
 async fn timed<T>(
@@ -124,10 +127,12 @@ async fn timed<T>(
         Ok(Err(e)) => Err(Failure {
             in_sync: e.status().is_some(),
             error: step_error(step, e),
+            body_sent: false,
         }),
         Err(_) => Err(Failure {
             error: MailError::Transient(format!("{step}: timed out after {limit:?}")),
             in_sync: false,
+            body_sent: false,
         }),
     }
 }
@@ -162,11 +167,20 @@ impl SmtpPool {
 
     async fn send_on_pooled(&self, envelope: &Envelope, message: &[u8]) -> Result<Response, MailError> {
         let reused = self.take_idle();
-        let (mut conn, sent) = match reused {
+        let was_reused = reused.is_some();
+        let (mut conn, mut sent) = match reused {
             Some(idle) => (idle.conn, idle.sent),
             None => (self.connect().await?, 0),
         };
-        let result = self.transaction(&mut conn, envelope, message).await;
+        let mut result = self.transaction(&mut conn, envelope, message).await;
+        // A pooled connection that the server closed while it sat idle fails on its first
+        // command, before any of the message went out: try once more on a fresh
+        // connection instead of making the recipient wait for a retry.
+        if was_reused && matches!(&result, Err(f) if !f.in_sync && !f.body_sent) {
+            conn = self.connect().await?;
+            sent = 0;
+            result = self.transaction(&mut conn, envelope, message).await;
+        }
         let keep = match &result {
             Ok(_) => true,
             // The server refused this message but the session is fine: reset it and
@@ -287,6 +301,7 @@ impl SmtpPool {
                         "the address is not ASCII and the server does not support SMTPUTF8".into(),
                     ),
                     in_sync: true,
+                    body_sent: false,
                 });
             }
             params.push(MailParameter::SmtpUtfEight);
@@ -304,6 +319,8 @@ impl SmtpPool {
             timed("RCPT TO", limit, conn.command(Rcpt::new(to.clone(), vec![]))).await?;
         }
         timed("DATA", limit, conn.command(Data)).await?;
-        timed("message", limit, conn.message(message)).await
+        timed("message", limit, conn.message(message))
+            .await
+            .map_err(|f| Failure { body_sent: true, ..f })
     }
 }

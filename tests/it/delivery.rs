@@ -570,3 +570,19 @@ async fn jobs_beyond_the_running_limit_wait_queued_and_running_ones_report_a_rat
     );
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_the_server_closed_is_replaced_without_a_retry() {
+    let smtp = SmtpServer::closing_after_each_message().await;
+    let server = server_with(&smtp, |_| {}).await;
+    let api = &server.api;
+    let letter = letter_to(api, &emails("z", "example.org", 10)).await;
+    // One attempt only: a stale connection must not cost the recipient anything.
+    let send = json!({ "concurrency": 1, "retry": { "max_attempts": 1 } });
+    let job = api.send(letter, send).await;
+    let done = api.wait_job(job, Duration::from_secs(30)).await;
+    assert_eq!(done["counts"]["delivered"], 10, "{done}");
+    assert_eq!(smtp.count(), 10);
+    assert!(smtp.connections() >= 10, "each message needed a new connection");
+    server.stop().await;
+}

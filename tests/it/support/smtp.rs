@@ -95,6 +95,16 @@ impl SmtpServer {
 
     /// Answers each recipient as `script` says, after `delay` for accepted messages.
     pub async fn scripted(delay: Duration, script: Script) -> SmtpServer {
+        Self::scripted_with(delay, script, false).await
+    }
+
+    /// Accepts every message, then silently closes the connection after its reply (as a
+    /// server does to idle or over-used clients): the next message on it finds it dead.
+    pub async fn closing_after_each_message() -> SmtpServer {
+        Self::scripted_with(Duration::ZERO, Arc::new(|_: &str, _: u32| Reply::Accept), true).await
+    }
+
+    async fn scripted_with(delay: Duration, script: Script, close_after_message: bool) -> SmtpServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let state = Arc::new(Mutex::new(State::default()));
@@ -102,7 +112,13 @@ impl SmtpServer {
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 shared.lock().unwrap().connections += 1;
-                tokio::spawn(session(stream, shared.clone(), delay, script.clone()));
+                tokio::spawn(session(
+                    stream,
+                    shared.clone(),
+                    delay,
+                    script.clone(),
+                    close_after_message,
+                ));
             }
         });
         SmtpServer { port, state }
@@ -192,7 +208,13 @@ impl Drop for Open {
     }
 }
 
-async fn session(stream: TcpStream, state: Arc<Mutex<State>>, delay: Duration, script: Script) {
+async fn session(
+    stream: TcpStream,
+    state: Arc<Mutex<State>>,
+    delay: Duration,
+    script: Script,
+    close_after_message: bool,
+) {
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read);
     let mut recipients: Vec<String> = Vec::new();
@@ -278,6 +300,9 @@ async fn session(stream: TcpStream, state: Arc<Mutex<State>>, delay: Duration, s
             b"502 command not implemented\r\n"
         };
         if write.write_all(reply).await.is_err() {
+            return;
+        }
+        if close_after_message && reply.starts_with(b"250 2.0.0") {
             return;
         }
     }

@@ -43,17 +43,21 @@ def call(base, method, path, body=None):
         return json.loads(response.read())
 
 
+def wait_healthy(base):
+    for _ in range(600):
+        try:
+            call(base, "GET", "/healthz")
+            return
+        except OSError:
+            time.sleep(0.1)
+    sys.exit(f"letterbox at {base} never answered")
+
+
 def warm(data, port):
     """Starts letterbox on `data` until it answers, then stops it (SIGTERM)."""
     server = subprocess.Popen([BINARY, "serve", "--listen", f"127.0.0.1:{port}", "--data", data],
                               stdout=subprocess.DEVNULL, env={**os.environ, "LETTERBOX_LOG": "warn"})
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            call(base, "GET", "/healthz")
-            break
-        except OSError:
-            time.sleep(0.1)
+    wait_healthy(f"http://127.0.0.1:{port}")
     server.terminate()
     server.wait()
 
@@ -115,12 +119,7 @@ def main():
         env={**os.environ, "LETTERBOX_LOG": "warn,letterbox::store=info", "NO_COLOR": "1"})
     base = f"http://127.0.0.1:{http_port}"
     try:
-        for _ in range(600):
-            try:
-                call(base, "GET", "/healthz")
-                break
-            except OSError:
-                time.sleep(0.1)
+        wait_healthy(base)
         newsletter = call(base, "POST", "/v1/newsletters", {"name": "Bench", "from": "Bench <bench@example.com>"})["id"]
         for start in range(0, n, 10000):
             rows = [{"email": f"r{i}@example.org", "name": f"Reader {i}", "attributes": {"plan": "pro"}}

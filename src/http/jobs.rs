@@ -42,6 +42,24 @@ fn page_limit(limit: Option<usize>) -> Result<usize, ApiError> {
     Ok(limit)
 }
 
+/// A `?state=` filter: `parse`d, or 422 naming the states there are (`all`, by `name`).
+fn state_filter<T: Copy>(
+    value: Option<&str>,
+    what: &str,
+    parse: fn(&str) -> Option<T>,
+    all: &[T],
+    name: fn(T) -> &'static str,
+) -> Result<Option<T>, ApiError> {
+    let Some(value) = value else { return Ok(None) };
+    parse(value).map(Some).ok_or_else(|| {
+        let known: Vec<&str> = all.iter().map(|s| name(*s)).collect();
+        ApiError::invalid(format!(
+            "unknown {what} state {value:?}; one of {}",
+            known.join(", ")
+        ))
+    })
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct JobQuery {
@@ -60,13 +78,13 @@ async fn list(
     ApiQuery(query): ApiQuery<JobQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let limit = page_limit(query.limit)?;
-    let wanted = match query.state.as_deref() {
-        None => None,
-        Some(s) => Some(JobState::parse(s).ok_or_else(|| {
-            let known: Vec<&str> = JobState::ALL.iter().map(|s| s.as_str()).collect();
-            ApiError::invalid(format!("unknown job state {s:?}; one of {}", known.join(", ")))
-        })?),
-    };
+    let wanted = state_filter(
+        query.state.as_deref(),
+        "job",
+        JobState::parse,
+        &JobState::ALL,
+        JobState::as_str,
+    )?;
     let items = state.store.list_jobs(wanted, query.cursor, limit).await?;
     let next = (items.len() == limit)
         .then(|| items.last().map(|j| j.id))
@@ -108,16 +126,13 @@ async fn deliveries(
     ApiQuery(query): ApiQuery<DeliveryQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let limit = page_limit(query.limit)?;
-    let kind = match query.state.as_deref() {
-        None => None,
-        Some(s) => Some(StateKind::parse(s).ok_or_else(|| {
-            let known: Vec<&str> = StateKind::ALL.iter().map(|s| s.as_str()).collect();
-            ApiError::invalid(format!(
-                "unknown delivery state {s:?}; one of {}",
-                known.join(", ")
-            ))
-        })?),
-    };
+    let kind = state_filter(
+        query.state.as_deref(),
+        "delivery",
+        StateKind::parse,
+        &StateKind::ALL,
+        StateKind::as_str,
+    )?;
     state.store.job(id).await?;
     let items = state
         .store

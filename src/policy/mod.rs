@@ -534,19 +534,13 @@ impl Evaluator {
         subscriber: Subscriber,
         unsubscribe_url: String,
     ) -> Result<(Subscriber, Verdict), PolicyError> {
-        let _permit = self
-            .host
-            .evaluations
-            .acquire()
-            .await
-            .map_err(|_| PolicyError::Engine("the policy engine is shut down".into()))?;
-        let this = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let verdict = this.evaluate(&subscriber, unsubscribe_url)?;
-            Ok((subscriber, verdict))
-        })
-        .await
-        .map_err(|e| PolicyError::Engine(format!("policy evaluation panicked: {e}")))?
+        let mut results = self
+            .evaluate_batch(vec![(subscriber, unsubscribe_url)], |_| true)
+            .await?;
+        match results.pop() {
+            Some((subscriber, Some(result))) => Ok((subscriber, result?)),
+            _ => Err(PolicyError::Engine("the evaluation returned no result".into())),
+        }
     }
 
     /// `evaluate` for many recipients in one trip to the blocking pool, within the

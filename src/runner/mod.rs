@@ -99,6 +99,9 @@ pub struct RetryOverride {
     pub cap_ms: Option<u64>,
 }
 
+/// A policy version and its compiled form.
+type Resolved = (PolicyVersion, Arc<Policy>);
+
 /// What a job's supervisor is told to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Control {
@@ -272,11 +275,7 @@ impl Runner {
             .map_err(|e| RunnerError::Invalid(e.to_string()))?;
         let store = &self.inner.store;
         let letter = store.letter(letter_id).await?;
-        // Compiled now, so a broken policy is refused before a job exists.
-        let (filter, _) = self.resolve_loaded(&letter.filter, PluginKind::Filter).await?;
-        let (template, _) = self
-            .resolve_loaded(&letter.template, PluginKind::Template)
-            .await?;
+        let ((filter, _), (template, _)) = self.resolve_letter(&letter).await?;
         let scheduled = options.send_at.filter(|at| *at > now());
         let created = store
             .create_job(
@@ -353,10 +352,7 @@ impl Runner {
         let store = &self.inner.store;
         let job = store.job(job_id).await?;
         let letter = store.letter(job.letter_id).await?;
-        let (filter, _) = self.resolve_loaded(&letter.filter, PluginKind::Filter).await?;
-        let (template, _) = self
-            .resolve_loaded(&letter.template, PluginKind::Template)
-            .await?;
+        let ((filter, _), (template, _)) = self.resolve_letter(&letter).await?;
         let mut active = self.inner.active.lock().await;
         let job = store
             .update_job_from(job_id, &[JobState::Paused], move |job| {
@@ -576,12 +572,18 @@ impl Runner {
         })
     }
 
+    /// A letter's filter and template, resolved as `resolve_loaded` does: compiled now, so
+    /// a broken policy is refused before anything depends on it.
+    async fn resolve_letter(&self, letter: &Letter) -> Result<(Resolved, Resolved), RunnerError> {
+        let filter = self.resolve_loaded(&letter.filter, PluginKind::Filter).await?;
+        let template = self
+            .resolve_loaded(&letter.template, PluginKind::Template)
+            .await?;
+        Ok((filter, template))
+    }
+
     /// `resolve`, then compile (or find compiled) the version it names.
-    async fn resolve_loaded(
-        &self,
-        reference: &str,
-        kind: PluginKind,
-    ) -> Result<(PolicyVersion, Arc<Policy>), RunnerError> {
+    async fn resolve_loaded(&self, reference: &str, kind: PluginKind) -> Result<Resolved, RunnerError> {
         let version = self.resolve(reference, kind).await?;
         let policy = self.load_policy(&version, kind).await?;
         Ok((version, policy))
@@ -598,10 +600,7 @@ impl Runner {
         let store = &self.inner.store;
         let letter = store.letter(letter_id).await?;
         let newsletter = store.newsletter(letter.newsletter_id).await?;
-        let (filter, filter_policy) = self.resolve_loaded(&letter.filter, PluginKind::Filter).await?;
-        let (template, template_policy) = self
-            .resolve_loaded(&letter.template, PluginKind::Template)
-            .await?;
+        let ((filter, filter_policy), (template, template_policy)) = self.resolve_letter(&letter).await?;
         let evaluator = Arc::new(self.inner.policies.evaluator(
             filter_policy,
             template_policy,

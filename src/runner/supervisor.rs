@@ -370,10 +370,7 @@ impl Runner {
             }
             // A name means the latest version at the moment the job starts.
             let letter = store.letter(job.letter_id).await?;
-            let (filter, _) = self.resolve_loaded(&letter.filter, PluginKind::Filter).await?;
-            let (template, _) = self
-                .resolve_loaded(&letter.template, PluginKind::Template)
-                .await?;
+            let ((filter, _), (template, _)) = self.resolve_letter(&letter).await?;
             job = match store
                 .update_job_from(job_id, &[JobState::Scheduled], move |job| {
                     job.state = JobState::Queued;

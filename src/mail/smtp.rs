@@ -7,6 +7,10 @@
 //! connections also lets us put a timeout on connecting, on every command and on the
 //! whole transaction, and classify each failure as transient or permanent.
 //!
+//! Each message costs two writes and two waits for the server: MAIL, RCPT and DATA
+//! together when the server offers PIPELINING (RFC 2920), then the dot-stuffed message
+//! and its final dot together. lettre alone would make five writes and four waits.
+//!
 //! Plain and STARTTLS connections are opened on a tokio `TcpStream` with `TCP_NODELAY`.
 //! Implicit TLS (`smtps://`) goes through lettre's own connect, which cannot set it; such
 //! connections pay the Nagle delay (see ARCHITECTURE.md).
@@ -17,7 +21,7 @@ use std::time::{Duration, Instant};
 use lettre::address::Envelope;
 use lettre::transport::smtp::authentication::{Credentials, DEFAULT_MECHANISMS};
 use lettre::transport::smtp::client::{AsyncSmtpConnection, TlsParameters};
-use lettre::transport::smtp::commands::{Data, Mail, Rcpt, Rset};
+use lettre::transport::smtp::commands::{Data, Ehlo, Mail, Rcpt, Rset};
 use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
 use lettre::transport::smtp::response::Response;
 use tokio::sync::Semaphore;
@@ -58,11 +62,59 @@ pub struct Timeouts {
     pub send: Duration,
 }
 
+/// An open connection and what its server offers beyond what lettre tracks.
+struct Session {
+    conn: AsyncSmtpConnection,
+    /// The server announced PIPELINING (RFC 2920): MAIL, RCPT and DATA go out in one
+    /// write and their replies are read afterwards.
+    pipelining: bool,
+}
+
 /// A connection and how it has been used.
 struct Idle {
-    conn: AsyncSmtpConnection,
+    session: Session,
     since: Instant,
     sent: u32,
+}
+
+/// Commands written together, one after the other, as one `Display` (lettre's
+/// `command` writes whatever it is given in one write and reads one reply).
+struct Group<'a>(&'a [&'a (dyn std::fmt::Display + Sync)]);
+
+impl std::fmt::Display for Group<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.iter().try_for_each(|command| command.fmt(f))
+    }
+}
+
+/// The message after DATA: dot-stuffed (RFC 5321 4.5.2) and followed by the
+/// terminating `.`, ready to go out in one write. lettre's `message` writes the body and
+/// the final dot separately: one more syscall and packet per message.
+struct Content(String);
+
+impl Content {
+    /// `None` when the message is not UTF-8 (lettre's builder only makes UTF-8).
+    fn new(message: &[u8]) -> Option<Content> {
+        let text = std::str::from_utf8(message).ok()?;
+        let mut out = String::with_capacity(text.len() + text.len() / 64 + 8);
+        for line in text.split_inclusive('\n') {
+            if line.starts_with('.') {
+                out.push('.');
+            }
+            out.push_str(line);
+        }
+        if !out.ends_with("\r\n") {
+            out.push_str("\r\n");
+        }
+        out.push_str(".\r\n");
+        Some(Content(out))
+    }
+}
+
+impl std::fmt::Display for Content {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
 pub struct SmtpPool {
@@ -168,25 +220,25 @@ impl SmtpPool {
     async fn send_on_pooled(&self, envelope: &Envelope, message: &[u8]) -> Result<Response, MailError> {
         let reused = self.take_idle();
         let was_reused = reused.is_some();
-        let (mut conn, mut sent) = match reused {
-            Some(idle) => (idle.conn, idle.sent),
+        let (mut session, mut sent) = match reused {
+            Some(idle) => (idle.session, idle.sent),
             None => (self.connect().await?, 0),
         };
-        let mut result = self.transaction(&mut conn, envelope, message).await;
+        let mut result = self.transaction(&mut session, envelope, message).await;
         // A pooled connection that the server closed while it sat idle fails on its first
         // command, before any of the message went out: try once more on a fresh
         // connection instead of making the recipient wait for a retry.
         if was_reused && matches!(&result, Err(f) if !f.in_sync && !f.body_sent) {
-            conn = self.connect().await?;
+            session = self.connect().await?;
             sent = 0;
-            result = self.transaction(&mut conn, envelope, message).await;
+            result = self.transaction(&mut session, envelope, message).await;
         }
         let keep = match &result {
             Ok(_) => true,
             // The server refused this message but the session is fine: reset it and
             // keep the connection.
-            Err(failure) if failure.in_sync && !conn.has_broken() => {
-                timed("RSET", self.timeouts.command, conn.command(Rset))
+            Err(failure) if failure.in_sync && !session.conn.has_broken() => {
+                timed("RSET", self.timeouts.command, session.conn.command(Rset))
                     .await
                     .is_ok()
             }
@@ -194,14 +246,14 @@ impl SmtpPool {
         };
         if keep && sent + 1 < self.max_messages {
             self.idle.lock().unwrap_or_else(|e| e.into_inner()).push(Idle {
-                conn,
+                session,
                 since: Instant::now(),
                 sent: sent + 1,
             });
         } else {
             // QUIT politely in the background; the caller has its answer already.
             tokio::spawn(async move {
-                let _ = tokio::time::timeout(Duration::from_secs(5), conn.quit()).await;
+                let _ = tokio::time::timeout(Duration::from_secs(5), session.conn.quit()).await;
             });
         }
         result.map_err(|failure| failure.error)
@@ -211,14 +263,14 @@ impl SmtpPool {
     fn take_idle(&self) -> Option<Idle> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         while let Some(candidate) = idle.pop() {
-            if !candidate.conn.has_broken() && candidate.since.elapsed() < self.max_idle {
+            if !candidate.session.conn.has_broken() && candidate.since.elapsed() < self.max_idle {
                 return Some(candidate);
             }
         }
         None
     }
 
-    async fn connect(&self) -> Result<AsyncSmtpConnection, MailError> {
+    async fn connect(&self) -> Result<Session, MailError> {
         let limit = self.timeouts.connect;
         match tokio::time::timeout(limit, self.connect_inner()).await {
             Ok(result) => result,
@@ -229,7 +281,7 @@ impl SmtpPool {
         }
     }
 
-    async fn connect_inner(&self) -> Result<AsyncSmtpConnection, MailError> {
+    async fn connect_inner(&self) -> Result<Session, MailError> {
         let e = &self.endpoint;
         let hello = ClientId::Domain(e.hello.clone());
         let tls = || {
@@ -269,6 +321,19 @@ impl SmtpPool {
             }
             conn
         };
+        // lettre keeps only the EHLO keywords it uses itself, and PIPELINING is not one
+        // of them: ask again (a repeated EHLO is allowed and resets nothing we hold) and
+        // read the keywords from the reply. Before AUTH, after which some servers refuse
+        // a new EHLO.
+        let ehlo = conn
+            .command(Ehlo::new(hello.clone()))
+            .await
+            .map_err(|err| step_error("EHLO", err))?;
+        let pipelining = ehlo.message().skip(1).any(|line| {
+            line.split_whitespace()
+                .next()
+                .is_some_and(|k| k.eq_ignore_ascii_case("PIPELINING"))
+        });
         if let Some((user, password)) = &e.credentials {
             let credentials = Credentials::new(user.clone(), password.clone());
             if let Err(err) = conn.auth(DEFAULT_MECHANISMS, &credentials).await {
@@ -280,17 +345,18 @@ impl SmtpPool {
                 });
             }
         }
-        Ok(conn)
+        Ok(Session { conn, pipelining })
     }
 
     /// MAIL, RCPT, DATA and the message, each with its own timeout.
     async fn transaction(
         &self,
-        conn: &mut AsyncSmtpConnection,
+        session: &mut Session,
         envelope: &Envelope,
         message: &[u8],
     ) -> Result<Response, Failure> {
         let limit = self.timeouts.command;
+        let conn = &mut session.conn;
         let mut params = Vec::new();
         let ascii = |a: &lettre::Address| AsRef::<str>::as_ref(a).is_ascii();
         let non_ascii = envelope.from().is_some_and(|a| !ascii(a)) || envelope.to().iter().any(|a| !ascii(a));
@@ -309,18 +375,57 @@ impl SmtpPool {
         if !message.is_ascii() && conn.server_info().supports_feature(Extension::EightBitMime) {
             params.push(MailParameter::Body(MailBodyParameter::EightBitMime));
         }
-        timed(
-            "MAIL FROM",
-            limit,
-            conn.command(Mail::new(envelope.from().cloned(), params)),
-        )
-        .await?;
-        for to in envelope.to() {
-            timed("RCPT TO", limit, conn.command(Rcpt::new(to.clone(), vec![]))).await?;
+        let mail = Mail::new(envelope.from().cloned(), params);
+        let rcpts: Vec<Rcpt> = envelope
+            .to()
+            .iter()
+            .map(|to| Rcpt::new(to.clone(), vec![]))
+            .collect();
+        if session.pipelining {
+            let mut group: Vec<&(dyn std::fmt::Display + Sync)> = vec![&mail];
+            group.extend(rcpts.iter().map(|r| r as &(dyn std::fmt::Display + Sync)));
+            group.push(&Data);
+            // One write, then one reply per command, in order. Every reply must be
+            // read, refusals included, to stay in step with the server.
+            let mut refused = timed("MAIL FROM", limit, conn.command(Group(&group))).await.err();
+            if refused.as_ref().is_some_and(|f| !f.in_sync) {
+                return Err(refused.unwrap_or_else(|| unreachable!()));
+            }
+            for _ in &rcpts {
+                match timed("RCPT TO", limit, conn.read_response()).await {
+                    Ok(_) => {}
+                    Err(f) if !f.in_sync => return Err(f),
+                    Err(f) => {
+                        refused.get_or_insert(f);
+                    }
+                }
+            }
+            let data = timed("DATA", limit, conn.read_response()).await;
+            match (refused, data) {
+                (None, Ok(_)) => {}
+                // A server that takes DATA after refusing the sender or every recipient
+                // breaks RFC 2920 and now waits for a message; dropping the connection
+                // is the only way to send nothing.
+                (Some(f), Ok(_)) => return Err(Failure { in_sync: false, ..f }),
+                (Some(f), Err(d)) => {
+                    return Err(Failure {
+                        in_sync: f.in_sync && d.in_sync,
+                        ..f
+                    });
+                }
+                (None, Err(d)) => return Err(d),
+            }
+        } else {
+            timed("MAIL FROM", limit, conn.command(mail)).await?;
+            for rcpt in rcpts {
+                timed("RCPT TO", limit, conn.command(rcpt)).await?;
+            }
+            timed("DATA", limit, conn.command(Data)).await?;
         }
-        timed("DATA", limit, conn.command(Data)).await?;
-        timed("message", limit, conn.message(message))
-            .await
-            .map_err(|f| Failure { body_sent: true, ..f })
+        let sent = match Content::new(message) {
+            Some(content) => timed("message", limit, conn.command(content)).await,
+            None => timed("message", limit, conn.message(message)).await,
+        };
+        sent.map_err(|f| Failure { body_sent: true, ..f })
     }
 }

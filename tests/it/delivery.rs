@@ -586,3 +586,45 @@ async fn a_pooled_connection_the_server_closed_is_replaced_without_a_retry() {
     assert!(smtp.connections() >= 10, "each message needed a new connection");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_are_pipelined_only_when_offered_and_the_message_arrives_intact() {
+    // Lines starting with a dot must be dot-stuffed on the wire and arrive unchanged.
+    let text = "Hi {{ email }}\n.hidden\n..two dots\n.\nend\n";
+    for (smtp, offered) in [
+        (SmtpServer::start().await, true),
+        (SmtpServer::without_pipelining().await, false),
+    ] {
+        let server = server_with(&smtp, |_| {}).await;
+        let api = &server.api;
+        let newsletter = api.newsletter().await;
+        let people: Vec<_> = emails("p", "example.org", 20)
+            .iter()
+            .map(|e| json!({ "email": e }))
+            .collect();
+        api.add_subscribers(newsletter, json!(people)).await;
+        let letter = api
+            .letter(newsletter, json!({ "subject": "Dots", "text": text }))
+            .await;
+        let job = api.send(letter, json!({ "concurrency": 2 })).await;
+        let done = api.wait_job(job, Duration::from_secs(30)).await;
+        assert_eq!(done["counts"]["delivered"], 20, "{done}");
+        let received = smtp.received();
+        assert_eq!(received.len(), 20);
+        for message in &received {
+            let expected = format!(
+                "Hi {}\r\n.hidden\r\n..two dots\r\n.\r\nend\r\n",
+                message.recipients[0]
+            );
+            assert!(
+                message.body().starts_with(&expected),
+                "offered={offered}: {:?}",
+                message.body()
+            );
+        }
+        let (pipelined, unannounced) = smtp.pipelined();
+        assert_eq!(unannounced, 0, "pipelined to a server that did not offer it");
+        assert_eq!(pipelined, if offered { 20 } else { 0 }, "offered={offered}");
+        server.stop().await;
+    }
+}

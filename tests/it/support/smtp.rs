@@ -3,7 +3,9 @@
 //! it accepts. It is scriptable: per recipient and attempt it accepts, answers 4xx or
 //! 5xx, drops the connection in the middle of DATA, or stalls; it can wait before
 //! accepting (a slow sink), and it records arrival times and how many transactions were
-//! open at once per recipient domain.
+//! open at once per recipient domain. It announces PIPELINING (RFC 2920) unless told not
+//! to, and counts the commands a client sent ahead of a reply, and those it sent ahead
+//! when PIPELINING was not announced (a protocol violation).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -75,6 +77,17 @@ struct State {
     open: HashMap<String, usize>,
     most_open: HashMap<String, usize>,
     connections: usize,
+    /// MAIL commands that arrived with more commands already behind them.
+    pipelined: usize,
+    /// The same, from a session where PIPELINING was not announced.
+    unannounced_pipelining: usize,
+}
+
+/// How a server behaves beyond its script.
+#[derive(Clone, Copy)]
+struct Behaviour {
+    close_after_message: bool,
+    pipelining: bool,
 }
 
 #[derive(Clone)]
@@ -95,16 +108,43 @@ impl SmtpServer {
 
     /// Answers each recipient as `script` says, after `delay` for accepted messages.
     pub async fn scripted(delay: Duration, script: Script) -> SmtpServer {
-        Self::scripted_with(delay, script, false).await
+        let behaviour = Behaviour {
+            close_after_message: false,
+            pipelining: true,
+        };
+        Self::scripted_with(delay, script, behaviour).await
+    }
+
+    /// Accepts every message but does not announce PIPELINING.
+    pub async fn without_pipelining() -> SmtpServer {
+        let behaviour = Behaviour {
+            close_after_message: false,
+            pipelining: false,
+        };
+        Self::scripted_with(
+            Duration::ZERO,
+            Arc::new(|_: &str, _: u32| Reply::Accept),
+            behaviour,
+        )
+        .await
     }
 
     /// Accepts every message, then silently closes the connection after its reply (as a
     /// server does to idle or over-used clients): the next message on it finds it dead.
     pub async fn closing_after_each_message() -> SmtpServer {
-        Self::scripted_with(Duration::ZERO, Arc::new(|_: &str, _: u32| Reply::Accept), true).await
+        let behaviour = Behaviour {
+            close_after_message: true,
+            pipelining: true,
+        };
+        Self::scripted_with(
+            Duration::ZERO,
+            Arc::new(|_: &str, _: u32| Reply::Accept),
+            behaviour,
+        )
+        .await
     }
 
-    async fn scripted_with(delay: Duration, script: Script, close_after_message: bool) -> SmtpServer {
+    async fn scripted_with(delay: Duration, script: Script, behaviour: Behaviour) -> SmtpServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let state = Arc::new(Mutex::new(State::default()));
@@ -112,13 +152,7 @@ impl SmtpServer {
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 shared.lock().unwrap().connections += 1;
-                tokio::spawn(session(
-                    stream,
-                    shared.clone(),
-                    delay,
-                    script.clone(),
-                    close_after_message,
-                ));
+                tokio::spawn(session(stream, shared.clone(), delay, script.clone(), behaviour));
             }
         });
         SmtpServer { port, state }
@@ -161,6 +195,13 @@ impl SmtpServer {
     /// TCP connections accepted so far.
     pub fn connections(&self) -> usize {
         self.state.lock().unwrap().connections
+    }
+
+    /// Transactions whose MAIL command came with more commands behind it, and how many
+    /// of those came from clients that were not offered PIPELINING.
+    pub fn pipelined(&self) -> (usize, usize) {
+        let s = self.state.lock().unwrap();
+        (s.pipelined, s.unannounced_pipelining)
     }
 }
 
@@ -213,7 +254,7 @@ async fn session(
     state: Arc<Mutex<State>>,
     delay: Duration,
     script: Script,
-    close_after_message: bool,
+    behaviour: Behaviour,
 ) {
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read);
@@ -231,10 +272,21 @@ async fn session(
         }
         let command = line.trim_end().to_ascii_uppercase();
         let reply: &[u8] = if command.starts_with("EHLO") {
-            b"250-test-smtp\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n"
+            if behaviour.pipelining {
+                b"250-test-smtp\r\n250-8BITMIME\r\n250-PIPELINING\r\n250 SMTPUTF8\r\n"
+            } else {
+                b"250-test-smtp\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n"
+            }
         } else if command.starts_with("HELO") || command.starts_with("NOOP") {
             b"250 ok\r\n"
         } else if command.starts_with("MAIL FROM") || command.starts_with("RSET") {
+            if command.starts_with("MAIL FROM") && !lines.buffer().is_empty() {
+                let mut s = state.lock().unwrap();
+                s.pipelined += 1;
+                if !behaviour.pipelining {
+                    s.unannounced_pipelining += 1;
+                }
+            }
             recipients.clear();
             planned = Reply::Accept;
             b"250 ok\r\n"
@@ -302,7 +354,7 @@ async fn session(
         if write.write_all(reply).await.is_err() {
             return;
         }
-        if close_after_message && reply.starts_with(b"250 2.0.0") {
+        if behaviour.close_after_message && reply.starts_with(b"250 2.0.0") {
             return;
         }
     }

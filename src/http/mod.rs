@@ -42,6 +42,20 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// The most items one page of a listing holds.
+const MAX_PAGE: usize = 1000;
+
+/// A listing's `?limit=`: 100 when absent, 422 outside 1..=`MAX_PAGE`.
+fn page_limit(limit: Option<usize>) -> Result<usize, ApiError> {
+    let limit = limit.unwrap_or(100);
+    if limit == 0 || limit > MAX_PAGE {
+        return Err(ApiError::invalid(format!(
+            "limit must be between 1 and {MAX_PAGE}"
+        )));
+    }
+    Ok(limit)
+}
+
 async fn healthz() -> axum::Json<serde_json::Value> {
     axum::Json(serde_json::json!({ "status": "ok" }))
 }

@@ -1,15 +1,19 @@
-//! Newsletters and their subscribers.
+//! Newsletters and their subscribers: create and list them, and read, change or erase
+//! one subscriber.
 
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
+use serde::Deserializer;
 use serde_json::{Map, Value};
 
-use super::error::{ApiJson, ApiPath, FieldError};
-use super::{ApiError, AppState};
-use crate::domain::{ImportSummary, NewSubscriber, Newsletter};
+use super::error::{ApiJson, ApiPath, ApiQuery, FieldError};
+use super::{ApiError, AppState, page_limit};
+use crate::domain::{
+    ImportSummary, NewSubscriber, Newsletter, Subscriber, SubscriberPatch, SubscriberStatus,
+};
 use crate::mail;
 
 /// Subscriber batches are bigger than the usual request; 32 MiB is ~200k rows.
@@ -21,7 +25,15 @@ pub fn router() -> Router<AppState> {
         .route("/v1/newsletters/{id}", get(show))
         .route(
             "/v1/newsletters/{id}/subscribers",
-            post(add_subscribers).layer(DefaultBodyLimit::max(SUBSCRIBERS_BODY_LIMIT)),
+            post(add_subscribers)
+                .layer(DefaultBodyLimit::max(SUBSCRIBERS_BODY_LIMIT))
+                .get(list_subscribers),
+        )
+        .route(
+            "/v1/subscribers/{id}",
+            get(show_subscriber)
+                .patch(change_subscriber)
+                .delete(erase_subscriber),
         )
 }
 
@@ -115,4 +127,104 @@ async fn add_subscribers(
     }
     let summary = state.store.upsert_subscribers(id, subscribers).await?;
     Ok((StatusCode::CREATED, Json(summary)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubscriberQuery {
+    /// The previous page's `next`: subscriber id to continue after.
+    #[serde(default)]
+    cursor: Option<u64>,
+    #[serde(default)]
+    limit: Option<usize>,
+    /// Only the subscriber with this email (domain case-insensitive).
+    #[serde(default)]
+    email: Option<String>,
+}
+
+/// A newsletter's subscribers in id order, a page at a time, or the one with an email.
+async fn list_subscribers(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<u64>,
+    ApiQuery(query): ApiQuery<SubscriberQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = page_limit(query.limit)?;
+    if let Some(email) = query.email {
+        let found = state.store.subscriber_by_email(id, email).await?;
+        return Ok(Json(
+            serde_json::json!({ "items": Vec::from_iter(found), "next": null }),
+        ));
+    }
+    state.store.newsletter(id).await?;
+    let items = state
+        .store
+        .subscribers_after(id, query.cursor.unwrap_or(0), limit)
+        .await?;
+    let next = (items.len() == limit)
+        .then(|| items.last().map(|s| s.id))
+        .flatten();
+    Ok(Json(serde_json::json!({ "items": items, "next": next })))
+}
+
+async fn show_subscriber(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<u64>,
+) -> Result<Json<Subscriber>, ApiError> {
+    Ok(Json(state.store.subscriber_by_id(id).await?))
+}
+
+/// `"name": null` must clear the name, which a plain `Option` cannot tell from absence.
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+    Option::<String>::deserialize(d).map(Some)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubscriberChange {
+    #[serde(default)]
+    email: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    name: Option<Option<String>>,
+    /// Merged as a JSON merge patch: `null` removes a key.
+    #[serde(default)]
+    attributes: Option<Map<String, Value>>,
+    #[serde(default)]
+    status: Option<SubscriberStatus>,
+}
+
+/// Changes a subscriber's email, name, attributes or status. A status other than
+/// `active` stops every running job from sending to them, whatever its filter says.
+async fn change_subscriber(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<u64>,
+    ApiJson(change): ApiJson<SubscriberChange>,
+) -> Result<Json<Subscriber>, ApiError> {
+    let email = match change.email {
+        Some(email) => Some(mail::parse_address(&email).map_err(|e| ApiError::Invalid {
+            detail: "invalid subscriber change".into(),
+            errors: vec![FieldError {
+                field: "email".into(),
+                message: e.to_string(),
+            }],
+        })?),
+        None => None,
+    };
+    let patch = SubscriberPatch {
+        email,
+        name: change
+            .name
+            .map(|n| n.map(|n| n.trim().to_string()).filter(|n| !n.is_empty())),
+        attributes: change.attributes,
+        status: change.status,
+    };
+    Ok(Json(state.store.update_subscriber(id, patch).await?))
+}
+
+/// Erases a subscriber and their personal data (see `Store::delete_subscriber`).
+async fn erase_subscriber(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<u64>,
+) -> Result<StatusCode, ApiError> {
+    state.store.delete_subscriber(id).await?;
+    Ok(StatusCode::NO_CONTENT)
 }

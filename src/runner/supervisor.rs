@@ -674,7 +674,7 @@ impl Runner {
         };
         // Re-checked at send time: an unsubscribe wins over a snapshot taken earlier.
         if subscriber.status != SubscriberStatus::Active {
-            let reason = "subscriber is no longer active".into();
+            let reason = format!("subscriber is {}", subscriber.status.as_str());
             return Ok(Outcome::Skipped { reason });
         }
         let unsubscribe_url = self.unsubscribe_url(ctx.newsletter.id, subscriber.id);

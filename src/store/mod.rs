@@ -132,6 +132,7 @@ impl Store {
             txn.open_table(NEWSLETTERS)?;
             txn.open_table(SUBSCRIBERS)?;
             txn.open_table(SUBSCRIBER_EMAILS)?;
+            txn.open_table(SUBSCRIBER_HOMES)?;
             txn.open_table(LETTERS)?;
             txn.open_table(PLUGINS)?;
             txn.open_table(PLUGIN_BLOBS)?;
@@ -143,6 +144,7 @@ impl Store {
             txn.open_table(RETRY_SCHEDULE)?;
             txn.open_table(IDEMPOTENCY_KEYS)?;
         }
+        ops::backfill_subscriber_homes(&txn)?;
         txn.commit()?;
 
         let (tx, rx) = mpsc::channel(4 * MAX_BATCH);

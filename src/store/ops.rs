@@ -25,6 +25,36 @@ pub(super) fn put_job(txn: &WriteTransaction, job: &Job) -> Result<(), StoreErro
     Ok(())
 }
 
+/// Subscriber id → (newsletter id, subscriber), inside a write.
+fn subscriber_in(txn: &WriteTransaction, id: u64) -> Result<(u64, Subscriber), StoreError> {
+    let home = txn
+        .open_table(SUBSCRIBER_HOMES)?
+        .get(id)?
+        .ok_or_else(|| StoreError::not_found("subscriber", id))?
+        .value();
+    let table = txn.open_table(SUBSCRIBERS)?;
+    let row = table
+        .get((home, id))?
+        .ok_or_else(|| StoreError::Inconsistent(format!("subscriber {id} is indexed but missing")))?;
+    Ok((home, decode(row.value())?))
+}
+
+/// Fills `SUBSCRIBER_HOMES` for data written before it existed; a no-op once it holds
+/// an entry per subscriber (redb keeps table lengths, so the check is cheap).
+pub(super) fn backfill_subscriber_homes(txn: &WriteTransaction) -> Result<(), StoreError> {
+    use redb::ReadableTableMetadata;
+    let subscribers = txn.open_table(SUBSCRIBERS)?;
+    let mut homes = txn.open_table(SUBSCRIBER_HOMES)?;
+    if homes.len()? == subscribers.len()? {
+        return Ok(());
+    }
+    for row in subscribers.iter()? {
+        let (newsletter_id, id) = row?.0.value();
+        homes.insert(id, newsletter_id)?;
+    }
+    Ok(())
+}
+
 fn newsletter_exists(txn: &WriteTransaction, id: u64) -> Result<bool, StoreError> {
     Ok(txn.open_table(NEWSLETTERS)?.get(id)?.is_some())
 }
@@ -121,6 +151,7 @@ impl Store {
                     None => {
                         let id = next_id(txn, "subscriber")?;
                         emails.insert((newsletter_id, key.as_str()), id)?;
+                        txn.open_table(SUBSCRIBER_HOMES)?.insert(id, newsletter_id)?;
                         summary.inserted += 1;
                         Subscriber {
                             id,
@@ -188,6 +219,131 @@ impl Store {
                 subscriber.status = SubscriberStatus::Unsubscribed;
                 table.insert((newsletter_id, id), encode(&subscriber).as_slice())?;
                 Ok(subscriber)
+            })
+            .await;
+        self.bump_status_epoch();
+        result
+    }
+
+    /// A subscriber by id alone.
+    pub async fn subscriber_by_id(&self, id: u64) -> Result<Subscriber, StoreError> {
+        self.read(move |txn| {
+            let home = txn
+                .open_table(SUBSCRIBER_HOMES)?
+                .get(id)?
+                .ok_or_else(|| StoreError::not_found("subscriber", id))?
+                .value();
+            let table = txn.open_table(SUBSCRIBERS)?;
+            let row = table
+                .get((home, id))?
+                .ok_or_else(|| StoreError::Inconsistent(format!("subscriber {id} is indexed but missing")))?;
+            decode(row.value())
+        })
+        .await
+    }
+
+    /// The subscriber of a newsletter with this email (domain case-insensitive), if any.
+    pub async fn subscriber_by_email(
+        &self,
+        newsletter_id: u64,
+        email: String,
+    ) -> Result<Option<Subscriber>, StoreError> {
+        self.read(move |txn| {
+            if txn.open_table(NEWSLETTERS)?.get(newsletter_id)?.is_none() {
+                return Err(StoreError::not_found("newsletter", newsletter_id));
+            }
+            let emails = txn.open_table(SUBSCRIBER_EMAILS)?;
+            let Some(id) = emails.get((newsletter_id, normalise_email(&email).as_str()))? else {
+                return Ok(None);
+            };
+            let table = txn.open_table(SUBSCRIBERS)?;
+            let row = table.get((newsletter_id, id.value()))?;
+            row.map(|r| decode(r.value())).transpose()
+        })
+        .await
+    }
+
+    /// Applies a change to a subscriber. A new email must not belong to another
+    /// subscriber of the newsletter (`Conflict`). Running jobs see the change before
+    /// their next message to this subscriber.
+    pub async fn update_subscriber(&self, id: u64, patch: SubscriberPatch) -> Result<Subscriber, StoreError> {
+        let result = self
+            .write(move |txn| {
+                let (home, mut subscriber) = subscriber_in(txn, id)?;
+                if let Some(email) = patch.email {
+                    let (old_key, new_key) = (normalise_email(&subscriber.email), normalise_email(&email));
+                    if old_key != new_key {
+                        let mut emails = txn.open_table(SUBSCRIBER_EMAILS)?;
+                        if emails.get((home, new_key.as_str()))?.is_some() {
+                            return Err(StoreError::Conflict(format!(
+                                "another subscriber of newsletter {home} has the email {email}"
+                            )));
+                        }
+                        emails.remove((home, old_key.as_str()))?;
+                        emails.insert((home, new_key.as_str()), id)?;
+                    }
+                    subscriber.email = email;
+                }
+                if let Some(name) = patch.name {
+                    subscriber.name = name;
+                }
+                for (key, value) in patch.attributes.unwrap_or_default() {
+                    if value.is_null() {
+                        subscriber.attributes.remove(&key);
+                    } else {
+                        subscriber.attributes.insert(key, value);
+                    }
+                }
+                if let Some(status) = patch.status {
+                    subscriber.status = status;
+                }
+                txn.open_table(SUBSCRIBERS)?
+                    .insert((home, id), encode(&subscriber).as_slice())?;
+                Ok(subscriber)
+            })
+            .await;
+        self.bump_status_epoch();
+        result
+    }
+
+    /// Erases a subscriber: their row and index entries go, and their email is blanked
+    /// in the delivery records of every job of the newsletter (and in recorded replies
+    /// and reasons that quote it), so no personal data is left. A running job skips
+    /// them ("subscriber was deleted").
+    pub async fn delete_subscriber(&self, id: u64) -> Result<(), StoreError> {
+        let result = self
+            .write(move |txn| {
+                let (home, subscriber) = subscriber_in(txn, id)?;
+                txn.open_table(SUBSCRIBERS)?.remove((home, id))?;
+                txn.open_table(SUBSCRIBER_HOMES)?.remove(id)?;
+                txn.open_table(SUBSCRIBER_EMAILS)?
+                    .remove((home, normalise_email(&subscriber.email).as_str()))?;
+                let jobs: Vec<u64> = {
+                    let table = txn.open_table(JOBS)?;
+                    let mut out = Vec::new();
+                    for row in table.iter()? {
+                        let (key, value) = row?;
+                        let job: Job = decode(value.value())?;
+                        if job.newsletter_id == home {
+                            out.push(key.value());
+                        }
+                    }
+                    out
+                };
+                let mut deliveries = txn.open_table(DELIVERIES)?;
+                for job_id in jobs {
+                    let Some(row) = deliveries.get((job_id, id))? else {
+                        continue;
+                    };
+                    let mut delivery: Delivery = decode(row.value())?;
+                    drop(row);
+                    delivery.email = String::new();
+                    let erased = encode(&delivery);
+                    // Replies and reasons may quote the address ("550 <ann@…>: no such user").
+                    let erased = String::from_utf8_lossy(&erased).replace(&subscriber.email, "[erased]");
+                    deliveries.insert((job_id, id), erased.as_bytes())?;
+                }
+                Ok(())
             })
             .await;
         self.bump_status_epoch();

@@ -16,6 +16,10 @@ pub const SUBSCRIBERS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new
 /// (newsletter id, normalised email) → subscriber id: the upsert-by-email index.
 pub const SUBSCRIBER_EMAILS: TableDefinition<(u64, &str), u64> = TableDefinition::new("subscriber_emails");
 
+/// Subscriber id → its newsletter id: finds a subscriber by id alone (ids come from one
+/// sequence across newsletters).
+pub const SUBSCRIBER_HOMES: TableDefinition<u64, u64> = TableDefinition::new("subscriber_homes");
+
 /// Letter id → `Letter`.
 pub const LETTERS: TableDefinition<u64, &[u8]> = TableDefinition::new("letters");
 

@@ -7,4 +7,5 @@ mod crash;
 mod delivery;
 mod e2e;
 mod policies;
+mod subscribers;
 mod support;

@@ -151,6 +151,18 @@ impl Api {
         .await
     }
 
+    pub async fn patch(&self, path: &str, body: Value) -> (u16, Value) {
+        Self::finish(
+            self.client
+                .patch(format!("{}{path}", self.base))
+                .json(&body)
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await
+    }
+
     pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
         Self::finish(
             self.client

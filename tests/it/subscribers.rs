@@ -1,0 +1,253 @@
+//! Subscribers as an operator manages them: listing with a cursor or by email, reading,
+//! changing (status, name, attributes, email) and erasing one; and the runner's promise
+//! that a subscriber who is not active gets nothing, even from a job already running.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::support::{SmtpServer, TestServer};
+
+fn people(n: usize) -> Value {
+    let rows: Vec<Value> = (0..n)
+        .map(|i| json!({ "email": format!("s{i}@example.org"), "name": format!("S {i}"), "attributes": { "plan": "pro", "n": i } }))
+        .collect();
+    json!(rows)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_read_change_and_erase() {
+    let server = TestServer::start(None).await;
+    let api = &server.api;
+    let newsletter = api.newsletter().await;
+    api.add_subscribers(newsletter, people(30)).await;
+
+    // Every subscriber once, in id order, 7 at a time.
+    let mut seen = Vec::new();
+    let mut cursor = 0;
+    loop {
+        let path = format!("/v1/newsletters/{newsletter}/subscribers?limit=7&cursor={cursor}");
+        let (status, page) = api.get(&path).await;
+        assert_eq!(status, 200, "{page}");
+        seen.extend(
+            page["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s["id"].as_u64().unwrap()),
+        );
+        match page["next"].as_u64() {
+            Some(next) => cursor = next,
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 30);
+    assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+
+    // By email, the domain case-insensitively.
+    let (status, page) = api
+        .get(&format!(
+            "/v1/newsletters/{newsletter}/subscribers?email=s3@EXAMPLE.org"
+        ))
+        .await;
+    assert_eq!(status, 200);
+    let items = page["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{page}");
+    assert_eq!(items[0]["email"], "s3@example.org");
+    let id = items[0]["id"].as_u64().unwrap();
+    let (_, none) = api
+        .get(&format!(
+            "/v1/newsletters/{newsletter}/subscribers?email=nobody@example.org"
+        ))
+        .await;
+    assert_eq!(none["items"], json!([]));
+    assert_eq!(api.get("/v1/newsletters/999/subscribers").await.0, 404);
+    let (status, body) = api
+        .get(&format!("/v1/newsletters/{newsletter}/subscribers?limit=0"))
+        .await;
+    assert_eq!(status, 422, "{body}");
+
+    let (status, one) = api.get(&format!("/v1/subscribers/{id}")).await;
+    assert_eq!(status, 200);
+    assert_eq!(one["status"], "active");
+    assert_eq!(one["name"], "S 3");
+
+    // A merge patch of the attributes, a cleared name, a new status.
+    let change = json!({ "status": "bounced", "name": null, "attributes": { "plan": null, "tier": "gold" } });
+    let (status, changed) = api.patch(&format!("/v1/subscribers/{id}"), change).await;
+    assert_eq!(status, 200, "{changed}");
+    assert_eq!(changed["status"], "bounced");
+    assert_eq!(changed["name"], Value::Null);
+    assert_eq!(changed["attributes"], json!({ "n": 3, "tier": "gold" }));
+    assert_eq!(api.get(&format!("/v1/subscribers/{id}")).await.1, changed);
+
+    // Bad changes are refused and name the problem.
+    let (status, body) = api
+        .patch(
+            &format!("/v1/subscribers/{id}"),
+            json!({ "email": "s4@example.org" }),
+        )
+        .await;
+    assert_eq!(status, 409, "{body}");
+    let (status, body) = api
+        .patch(&format!("/v1/subscribers/{id}"), json!({ "status": "asleep" }))
+        .await;
+    assert!(status == 400 || status == 422, "{status} {body}");
+    assert!(body.to_string().contains("asleep"), "{body}");
+    let (status, body) = api
+        .patch(
+            &format!("/v1/subscribers/{id}"),
+            json!({ "email": "not an address" }),
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(api.patch("/v1/subscribers/99999", json!({})).await.0, 404);
+
+    // A new email moves the upsert index with it.
+    let (status, moved) = api
+        .patch(
+            &format!("/v1/subscribers/{id}"),
+            json!({ "email": "three@example.org" }),
+        )
+        .await;
+    assert_eq!(status, 200, "{moved}");
+    let summary = api
+        .add_subscribers(
+            newsletter,
+            json!([{ "email": "three@example.org" }, { "email": "s3@example.org" }]),
+        )
+        .await;
+    assert_eq!(summary["updated"], 1, "{summary}");
+    assert_eq!(summary["inserted"], 1, "{summary}");
+
+    // Erase: gone, and its email is free again.
+    assert_eq!(api.delete(&format!("/v1/subscribers/{id}")).await.0, 204);
+    assert_eq!(api.get(&format!("/v1/subscribers/{id}")).await.0, 404);
+    assert_eq!(api.delete(&format!("/v1/subscribers/{id}")).await.0, 404);
+    let (_, none) = api
+        .get(&format!(
+            "/v1/newsletters/{newsletter}/subscribers?email=three@example.org"
+        ))
+        .await;
+    assert_eq!(none["items"], json!([]));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_active_subscribers_receive_even_mid_job_and_erasure_scrubs_deliveries() {
+    // A slow sink and one message at a time: the job is still running when the
+    // statuses change.
+    let smtp = SmtpServer::start_with_delay(Duration::from_millis(60)).await;
+    let server = TestServer::start(Some(&smtp)).await;
+    let api = &server.api;
+    let newsletter = api.newsletter().await;
+    api.add_subscribers(newsletter, people(20)).await;
+    let (_, page) = api
+        .get(&format!("/v1/newsletters/{newsletter}/subscribers?limit=100"))
+        .await;
+    let ids: Vec<u64> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_u64().unwrap())
+        .collect();
+    let letter = api
+        .letter(newsletter, json!({ "subject": "Hi", "text": "Hello {{ name }}" }))
+        .await;
+    let job = api.send(letter, json!({ "concurrency": 1 })).await;
+    api.wait_for(job, Duration::from_secs(30), |j| {
+        j["counts"]["delivered"].as_u64() >= Some(2)
+    })
+    .await;
+    // Four who have not received it yet change status while the job runs. One message
+    // may be in flight at this moment (concurrency 1), past its last check: at most one
+    // of the four may still get it.
+    let received_before: Vec<String> = smtp.received().iter().map(|m| m.recipients[0].clone()).collect();
+    let statuses = ["bounced", "complained", "unsubscribed", "bounced"];
+    let mut changed = Vec::new();
+    for (i, id) in ids.iter().enumerate().rev() {
+        let email = format!("s{i}@example.org");
+        if received_before.contains(&email) || changed.len() == statuses.len() {
+            continue;
+        }
+        let status = statuses[changed.len()];
+        let (code, body) = api
+            .patch(&format!("/v1/subscribers/{id}"), json!({ "status": status }))
+            .await;
+        assert_eq!(code, 200, "{body}");
+        changed.push((*id, email, status));
+    }
+    assert_eq!(changed.len(), 4, "the job finished too early for this test");
+    let done = api.wait_job(job, Duration::from_secs(60)).await;
+    let received: Vec<String> = smtp.received().iter().map(|m| m.recipients[0].clone()).collect();
+    let late = changed
+        .iter()
+        .filter(|(_, email, _)| received.contains(email))
+        .count();
+    assert!(
+        late <= 1,
+        "{late} of the changed subscribers still received the letter"
+    );
+    assert_eq!(
+        done["counts"]["skipped"].as_u64(),
+        Some(4 - late as u64),
+        "{done}"
+    );
+    assert_eq!(
+        done["counts"]["delivered"].as_u64(),
+        Some(16 + late as u64),
+        "{done}"
+    );
+    for (id, email, status) in &changed {
+        if received.contains(email) {
+            continue;
+        }
+        let (_, deliveries) = api
+            .get(&format!("/v1/jobs/{job}/deliveries?cursor={}&limit=1", id - 1))
+            .await;
+        assert_eq!(
+            deliveries["items"][0]["reason"],
+            format!("subscriber is {status}"),
+            "{deliveries}"
+        );
+    }
+
+    // Erasing a subscriber who was sent to removes their address from the job's records.
+    let erased_email = received_before[0].clone();
+    let erased = ids[erased_email[1..]
+        .split('@')
+        .next()
+        .unwrap()
+        .parse::<usize>()
+        .unwrap()];
+    assert_eq!(api.delete(&format!("/v1/subscribers/{erased}")).await.0, 204);
+    let (_, deliveries) = api
+        .get(&format!(
+            "/v1/jobs/{job}/deliveries?cursor={}&limit=1",
+            erased - 1
+        ))
+        .await;
+    let record = &deliveries["items"][0];
+    assert_eq!(record["subscriber_id"], erased, "{deliveries}");
+    assert_eq!(record["state"], "delivered", "{record}");
+    assert!(!record.to_string().contains(&erased_email), "{record}");
+
+    // A later letter reaches only the active subscribers who are left.
+    let before = smtp.count();
+    let second = api
+        .letter(newsletter, json!({ "subject": "Again", "text": "Hello again" }))
+        .await;
+    let job = api.send(second, json!({})).await;
+    let done = api.wait_job(job, Duration::from_secs(60)).await;
+    assert_eq!(done["counts"]["delivered"], 15, "{done}");
+    let later: Vec<String> = smtp.received()[before..]
+        .iter()
+        .map(|m| m.recipients[0].clone())
+        .collect();
+    assert_eq!(later.len(), 15);
+    for (_, email, _) in &changed {
+        assert!(!later.contains(email), "{email} received the second letter");
+    }
+    assert!(!later.contains(&erased_email));
+    server.stop().await;
+}

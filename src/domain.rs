@@ -92,10 +92,24 @@ pub struct NewSubscriber {
     pub attributes: Map<String, Value>,
 }
 
+/// What an import did: rows added, rows that updated a subscriber with the same email,
+/// rows refused (with the first `errors`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct ImportSummary {
     pub inserted: u64,
     pub updated: u64,
+    pub rejected: u64,
+    pub errors: Vec<RowError>,
+}
+
+/// Why one row of an import was refused. `row` counts data rows from 1 (a CSV header is
+/// not a data row); `line` is where the row starts in a CSV file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RowError {
+    pub row: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub line: Option<u64>,
+    pub reason: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -8,6 +8,7 @@
 pub mod config;
 pub mod domain;
 pub mod http;
+pub mod import;
 pub mod mail;
 pub mod policy;
 pub mod runner;

@@ -11,6 +11,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
+use crate::import::ImportError;
 use crate::policy::PolicyError;
 use crate::runner::RunnerError;
 use crate::store::StoreError;
@@ -112,6 +113,17 @@ impl From<StoreError> for ApiError {
             StoreError::Conflict(detail) => ApiError::Conflict(detail),
             StoreError::Closed => ApiError::Unavailable("the server is shutting down".into()),
             other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<ImportError> for ApiError {
+    fn from(e: ImportError) -> Self {
+        match e {
+            ImportError::Invalid(detail) => ApiError::invalid(detail),
+            // What was committed stays; the message says how much.
+            e @ ImportError::Interrupted { .. } => ApiError::BadRequest(e.to_string()),
+            ImportError::Store(e) => e.into(),
         }
     }
 }

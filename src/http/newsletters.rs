@@ -1,8 +1,9 @@
 //! Newsletters and their subscribers: create and list them, and read, change or erase
 //! one subscriber.
 
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
 use axum::http::StatusCode;
+use axum::http::header::CONTENT_TYPE;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
@@ -14,9 +15,12 @@ use super::{ApiError, AppState, page_limit};
 use crate::domain::{
     ImportSummary, NewSubscriber, Newsletter, Subscriber, SubscriberPatch, SubscriberStatus,
 };
-use crate::mail;
+use crate::{import, mail};
+use futures_util::TryStreamExt;
+use tokio_util::io::{StreamReader, SyncIoBridge};
 
-/// Subscriber batches are bigger than the usual request; 32 MiB is ~200k rows.
+/// JSON subscriber arrays are bigger than the usual request; 32 MiB is ~200k rows. (CSV
+/// is streamed, and not limited.)
 const SUBSCRIBERS_BODY_LIMIT: usize = 32 << 20;
 
 pub fn router() -> Router<AppState> {
@@ -92,40 +96,47 @@ pub(super) struct SubscriberInput {
 impl SubscriberInput {
     /// Checks the email; returns the subscriber to store or why the email is invalid.
     pub(super) fn validate(self) -> Result<NewSubscriber, String> {
-        let email = mail::parse_address(&self.email).map_err(|e| e.to_string())?;
-        Ok(NewSubscriber {
-            email,
-            name: self.name.map(|n| n.trim().to_string()).filter(|n| !n.is_empty()),
-            attributes: self.attributes.unwrap_or_default(),
-        })
+        import::subscriber(
+            &self.email,
+            self.name.as_deref(),
+            self.attributes.unwrap_or_default(),
+        )
     }
 }
 
-/// Adds or updates (by email) a batch of subscribers. The batch is all or nothing: any
-/// invalid row refuses the request, with every bad row listed.
+/// Adds or updates (by email) subscribers from a JSON array or a CSV file (`text/csv`,
+/// streamed: any length in bounded memory). Bad rows are refused one by one and listed;
+/// the others are imported.
 async fn add_subscribers(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<u64>,
-    ApiJson(rows): ApiJson<Vec<SubscriberInput>>,
+    request: Request,
 ) -> Result<(StatusCode, Json<ImportSummary>), ApiError> {
-    let mut errors = Vec::new();
-    let mut subscribers = Vec::with_capacity(rows.len());
-    for (i, row) in rows.into_iter().enumerate() {
-        match row.validate() {
-            Ok(subscriber) => subscribers.push(subscriber),
-            Err(message) => errors.push(FieldError {
-                field: format!("[{i}].email"),
-                message,
-            }),
+    let content_type = request
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    let summary = match content_type.as_str() {
+        "text/csv" => {
+            let stream = request
+                .into_body()
+                .into_data_stream()
+                .map_err(std::io::Error::other);
+            let reader = SyncIoBridge::new(StreamReader::new(stream));
+            import::csv(&state.store, id, reader).await?
         }
-    }
-    if !errors.is_empty() {
-        return Err(ApiError::Invalid {
-            detail: format!("{} subscriber(s) are invalid; nothing was added", errors.len()),
-            errors,
-        });
-    }
-    let summary = state.store.upsert_subscribers(id, subscribers).await?;
+        _ => {
+            // Anything else must be JSON; the JSON extractor says so if it is not.
+            let ApiJson(rows) = ApiJson::<Vec<Value>>::from_request(request, &state).await?;
+            import::json(&state.store, id, rows).await?
+        }
+    };
     Ok((StatusCode::CREATED, Json(summary)))
 }
 

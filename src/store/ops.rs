@@ -133,6 +133,11 @@ impl Store {
             let mut summary = ImportSummary::default();
             let mut emails = txn.open_table(SUBSCRIBER_EMAILS)?;
             let mut rows = txn.open_table(SUBSCRIBERS)?;
+            let mut homes = txn.open_table(SUBSCRIBER_HOMES)?;
+            // Ids for the whole batch: one read and one write of the sequence.
+            let mut sequences = txn.open_table(SEQUENCES)?;
+            let mut last_id = sequences.get("subscriber")?.map(|v| v.value()).unwrap_or(0);
+            let created_at = now();
             for new in subscribers {
                 let key = normalise_email(&new.email);
                 let existing = emails.get((newsletter_id, key.as_str()))?.map(|v| v.value());
@@ -149,9 +154,10 @@ impl Store {
                         old
                     }
                     None => {
-                        let id = next_id(txn, "subscriber")?;
+                        last_id += 1;
+                        let id = last_id;
                         emails.insert((newsletter_id, key.as_str()), id)?;
-                        txn.open_table(SUBSCRIBER_HOMES)?.insert(id, newsletter_id)?;
+                        homes.insert(id, newsletter_id)?;
                         summary.inserted += 1;
                         Subscriber {
                             id,
@@ -160,12 +166,13 @@ impl Store {
                             name: new.name,
                             attributes: new.attributes,
                             status: SubscriberStatus::Active,
-                            created_at: now(),
+                            created_at,
                         }
                     }
                 };
                 rows.insert((newsletter_id, subscriber.id), encode(&subscriber).as_slice())?;
             }
+            sequences.insert("subscriber", last_id)?;
             Ok(summary)
         })
         .await

@@ -15,16 +15,43 @@ async fn bad_input_is_refused_with_a_named_problem() {
     let server = TestServer::start(None).await;
     let api = &server.api;
 
-    // Bad emails: the whole batch is refused, and each bad row is named.
+    // Bad rows are refused one by one, each named with its row and reason; the rest
+    // are imported.
     let newsletter = api.newsletter().await;
-    let rows = json!([{ "email": "ok@example.org" }, { "email": "nope" }, { "email": "a@@b" }]);
+    let rows =
+        json!([{ "email": "ok@example.org" }, { "email": "nope" }, { "email": "a@@b" }, { "name": "x" }]);
     let (status, body) = api
         .post(&format!("/v1/newsletters/{newsletter}/subscribers"), rows)
         .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["inserted"], 1, "{body}");
+    assert_eq!(body["rejected"], 3, "{body}");
+    assert_eq!(body["errors"][0]["row"], 2, "{body}");
+    assert!(
+        body["errors"][0]["reason"].as_str().unwrap().contains("nope"),
+        "{body}"
+    );
+    assert_eq!(body["errors"][1]["row"], 3, "{body}");
+    assert!(
+        body["errors"][2]["reason"].as_str().unwrap().contains("email"),
+        "{body}"
+    );
+    // A CSV without an email column, and an empty one, are refused as a whole.
+    let csv_path = format!("/v1/newsletters/{newsletter}/subscribers");
+    let (status, body) = api
+        .post_raw(&csv_path, "text/csv", b"mail,name\na@b.example,A\n".to_vec())
+        .await;
     assert_eq!(status, 422, "{body}");
-    assert_eq!(body["status"], 422);
-    assert_eq!(body["errors"][0]["field"], "[1].email", "{body}");
-    assert_eq!(body["errors"][1]["field"], "[2].email", "{body}");
+    assert!(detail(&body).contains("email"), "{body}");
+    let (status, body) = api.post_raw(&csv_path, "text/csv", Vec::new()).await;
+    assert_eq!(status, 422, "{body}");
+    let (status, body) = api
+        .post_raw(&csv_path, "text/csv", b"email,Email\n".to_vec())
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert!(detail(&body).contains("twice"), "{body}");
+    let (status, body) = api.post_raw(&csv_path, "application/xml", b"<a/>".to_vec()).await;
+    assert_eq!(status, 415, "{body}");
 
     let (status, body) = api
         .post(

@@ -251,3 +251,65 @@ async fn only_active_subscribers_receive_even_mid_job_and_erasure_scrubs_deliver
     assert!(!later.contains(&erased_email));
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_100k_row_csv_imports_with_its_bad_rows_counted() {
+    let server = TestServer::start(None).await;
+    let api = &server.api;
+    let newsletter = api.newsletter().await;
+    let mut csv = String::from("email,name,plan,city\n");
+    let (mut bad_email, mut bad_width, mut repeated) = (0, 0, 0);
+    let n = 100_000;
+    for i in 0..n {
+        match i {
+            // A quoted name with a comma and a line break, and a non-ASCII one.
+            7 => csv.push_str("r7@example.org,\"Doe, Jane\nthe second\",pro,\"Zürich\"\n"),
+            _ if i % 10_000 == 5 => {
+                csv.push_str(&format!("not-an-address-{i},N {i},free,X\n"));
+                bad_email += 1;
+            }
+            _ if i % 25_000 == 9 => {
+                csv.push_str(&format!("r{i}@example.org,N {i}\n"));
+                bad_width += 1;
+            }
+            // The same address again, its domain in capitals: an update, not a new row.
+            _ if i % 20_000 == 11 => {
+                csv.push_str(&format!("r{}@EXAMPLE.org,Again,team,\n", i - 1));
+                repeated += 1;
+            }
+            _ => csv.push_str(&format!("r{i}@example.org,N {i},free,Town {}\n", i % 7)),
+        }
+    }
+    let path = format!("/v1/newsletters/{newsletter}/subscribers");
+    let (status, summary) = api.post_raw(&path, "text/csv", csv.into_bytes()).await;
+    assert_eq!(status, 201, "{summary}");
+    let rejected = bad_email + bad_width;
+    assert_eq!(summary["rejected"], rejected, "{summary}");
+    assert_eq!(summary["updated"], repeated, "{summary}");
+    assert_eq!(summary["inserted"], n - rejected - repeated, "{summary}");
+    let errors = summary["errors"].as_array().unwrap();
+    assert_eq!(errors.len() as u64, rejected);
+    // Row 6 (i = 5) is the first bad email, on line 7 (after the header). Row 10 has
+    // too few fields; the quoted line break in row 8 puts it on line 12.
+    assert_eq!(errors[0]["row"], 6, "{summary}");
+    assert_eq!(errors[0]["line"], 7, "{summary}");
+    assert!(errors[0]["reason"].as_str().unwrap().contains("not-an-address-5"));
+    let width = errors.iter().find(|e| e["row"] == 10).expect("row 10 refused");
+    assert_eq!(width["line"], 12, "{width}");
+    assert!(width["reason"].as_str().unwrap().contains("2 fields"), "{width}");
+
+    let find = |email: &str| format!("/v1/newsletters/{newsletter}/subscribers?email={email}");
+    let (_, page) = api.get(&find("r7@example.org")).await;
+    let jane = &page["items"][0];
+    assert_eq!(jane["name"], "Doe, Jane\nthe second");
+    assert_eq!(jane["attributes"], json!({ "plan": "pro", "city": "Zürich" }));
+    // The repeated row updated the first: new name and plan, its empty city left as was.
+    let (_, page) = api.get(&find("r10@example.org")).await;
+    let updated = &page["items"][0];
+    assert_eq!(updated["name"], "Again");
+    assert_eq!(updated["attributes"], json!({ "plan": "team", "city": "Town 3" }));
+
+    let (_, listed) = api.get(&format!("{path}?limit=1000")).await;
+    assert_eq!(listed["items"].as_array().unwrap().len(), 1000);
+    server.stop().await;
+}

@@ -294,6 +294,9 @@ mod tests {
             .row(&csv::StringRecord::from(vec!["a@example.org", "", "pro", ""]))
             .unwrap();
         assert_eq!(row.name, None);
-        assert_eq!(Value::Object(row.attributes), serde_json::json!({ "plan": "pro" }));
+        assert_eq!(
+            Value::Object(row.attributes),
+            serde_json::json!({ "plan": "pro" })
+        );
     }
 }

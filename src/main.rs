@@ -11,8 +11,18 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(version, about = "Self-hosted newsletter delivery runner")]
 struct Cli {
+    /// Log lines for people (`human`) or one JSON object per line (`json`), for a log
+    /// collector. Which lines: `LETTERBOX_LOG` (e.g. `info`, `warn,letterbox=debug`).
+    #[arg(long, global = true, env = "LETTERBOX_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -113,13 +123,16 @@ struct ServeArgs {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("LETTERBOX_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LETTERBOX_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt().with_env_filter(filter);
+    match cli.log_format {
+        LogFormat::Human => logs.init(),
+        // Spans as fields of each line, so a job's or request's context travels with it.
+        LogFormat::Json => logs.json().with_current_span(true).with_span_list(true).init(),
+    }
+    match cli.command {
         Command::Serve(args) => serve(args).await,
     }
 }

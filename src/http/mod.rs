@@ -30,6 +30,7 @@ pub struct AppState {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .merge(newsletters::router())
         .merge(letters::router())
         .merge(plugins::router(state.runner.policy_limits().max_upload_bytes))
@@ -56,6 +57,23 @@ fn page_limit(limit: Option<usize>) -> Result<usize, ApiError> {
     Ok(limit)
 }
 
+/// Alive: the process answers HTTP.
 async fn healthz() -> axum::Json<serde_json::Value> {
     axum::Json(serde_json::json!({ "status": "ok" }))
+}
+
+/// Ready for work: the store answers and the runner is not shutting down (the server
+/// only listens once start-up recovery is done). 503 otherwise, with the reason.
+async fn readyz(
+    axum::extract::State(state): axum::extract::State<AppState>,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    if state.runner.is_stopping() {
+        return Err(ApiError::Unavailable("shutting down: jobs are draining".into()));
+    }
+    state
+        .store
+        .ping()
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("the store does not answer: {e}")))?;
+    Ok(axum::Json(serde_json::json!({ "status": "ready" })))
 }

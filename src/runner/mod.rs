@@ -640,6 +640,11 @@ impl Runner {
         })
     }
 
+    /// Whether shutdown has begun (jobs are draining; nothing new starts).
+    pub fn is_stopping(&self) -> bool {
+        self.inner.shutdown.is_cancelled()
+    }
+
     /// Stops claiming in every job and waits until in-flight deliveries are recorded, or
     /// `drain` has passed; what is still in flight then stays `sending` and is sent again
     /// at the next start.

@@ -171,6 +171,15 @@ impl Store {
         self.inner.status_epoch.load(std::sync::atomic::Ordering::SeqCst)
     }
 
+    /// A read transaction on the jobs table: the store answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.read(|txn| {
+            txn.open_table(tables::JOBS)?;
+            Ok(())
+        })
+        .await
+    }
+
     fn bump_status_epoch(&self) {
         self.inner
             .status_epoch

@@ -256,3 +256,67 @@ async fn kill_loop_loses_nobody_and_resends_within_the_bound() {
     assert!(resent <= KILLS * bound, "{resent} re-sent > {KILLS} x {bound}");
     assert!(duplicates <= resent, "every duplicate is one of the re-sent");
 }
+
+/// `--log-format json`: every line the binary logs is one JSON object, the request and
+/// job spans included; `/readyz` answers once it listens; SIGTERM exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_and_readiness() {
+    let data = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_letterbox"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
+        .arg("--data")
+        .arg(data.path())
+        // tower-http logs each response at debug, inside the request's span.
+        .env("LETTERBOX_LOG", "info,tower_http=debug")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn letterbox");
+    let stdout = child.stdout.take().unwrap();
+    let mut child = Server(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut lines = Vec::new();
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let value: serde_json::Value =
+                serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+            let message = value["fields"]["message"].as_str().unwrap_or_default();
+            if let Some(addr) = message.strip_prefix("listening on http://") {
+                let _ = tx.send(addr.to_string());
+            }
+            lines.push(value);
+        }
+        lines
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(120))
+        .expect("listen address logged");
+    let api = Api::new(format!("http://{addr}"));
+    let (status, body) = api.get("/readyz").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "ready");
+    assert_eq!(api.get("/healthz").await.0, 200);
+    let newsletter = api.newsletter().await;
+    assert!(newsletter > 0);
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(child.0.wait().unwrap().success(), "SIGTERM exits 0");
+    let lines = reader.join().expect("every line was JSON");
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["level"].is_string() && l["timestamp"].is_string())
+    );
+    // The request that created the newsletter was logged inside its span.
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["span"]["name"] == "request" && l["span"]["path"] == "/v1/newsletters"),
+        "no line carries a request span: {lines:?}"
+    );
+}

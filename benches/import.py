@@ -22,7 +22,7 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from send import BINARY, call, free_port, wait_healthy, warm  # noqa: E402
+from send import BINARY, ENV, TOKEN, call, free_port, wait_healthy, warm  # noqa: E402
 
 
 def rss_kib(pid, field):
@@ -49,7 +49,7 @@ def main():
     port = free_port()
     warm(args.binary, data, port)
     server = subprocess.Popen([args.binary, "serve", "--listen", f"127.0.0.1:{port}", "--data", data],
-                              stdout=subprocess.DEVNULL, env={**os.environ, "LETTERBOX_LOG": "warn"})
+                              stdout=subprocess.DEVNULL, env={**ENV, "LETTERBOX_LOG": "warn"})
     base = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(base)
@@ -59,6 +59,7 @@ def main():
             request = urllib.request.Request(f"{base}/v1/newsletters/{newsletter}/subscribers", data=body,
                                              method="POST")
             request.add_header("content-type", "text/csv")
+            request.add_header("authorization", f"Bearer {TOKEN}")
             request.add_header("content-length", str(size))
             started = time.monotonic()
             with urllib.request.urlopen(request, timeout=3600) as response:

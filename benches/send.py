@@ -27,6 +27,9 @@ import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BINARY = os.path.join(ROOT, "target", "release", "letterbox")
+# The API token the benchmarked servers are started with (LETTERBOX_API_TOKEN).
+TOKEN = "letterbox-bench-token-0123456789"
+ENV = {**os.environ, "LETTERBOX_API_TOKEN": TOKEN}
 
 
 def free_port():
@@ -38,6 +41,7 @@ def free_port():
 def call(base, method, path, body=None):
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(base + path, data=data, method=method)
+    request.add_header("authorization", f"Bearer {TOKEN}")
     if data is not None:
         request.add_header("content-type", "application/json")
     with urllib.request.urlopen(request, timeout=300) as response:
@@ -57,7 +61,7 @@ def wait_healthy(base):
 def warm(binary, data, port):
     """Starts letterbox on `data` until it answers, then stops it (SIGTERM)."""
     server = subprocess.Popen([binary, "serve", "--listen", f"127.0.0.1:{port}", "--data", data],
-                              stdout=subprocess.DEVNULL, env={**os.environ, "LETTERBOX_LOG": "warn"})
+                              stdout=subprocess.DEVNULL, env={**ENV, "LETTERBOX_LOG": "warn"})
     wait_healthy(f"http://127.0.0.1:{port}")
     server.terminate()
     server.wait()
@@ -118,7 +122,7 @@ def main():
         [binary, "serve", "--listen", f"127.0.0.1:{http_port}", "--data", data,
          "--smtp", f"smtp://127.0.0.1:{sink_port}", "--smtp-pool", str(c)],
         stdout=open(data + ".log", "w"),
-        env={**os.environ, "LETTERBOX_LOG": "warn,letterbox::store=info", "NO_COLOR": "1"})
+        env={**ENV, "LETTERBOX_LOG": "warn,letterbox::store=info", "NO_COLOR": "1"})
     base = f"http://127.0.0.1:{http_port}"
     try:
         wait_healthy(base)

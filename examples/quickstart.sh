@@ -3,8 +3,10 @@
 # built-in policies and waits for the job. Run it against `letterbox serve` started
 # without --smtp: the 3 messages appear as .eml files in ./letterbox-data/outbox.
 #
-#   cargo run --release -- serve          # in one terminal
-#   ./examples/quickstart.sh              # in another
+#   cargo run --release -- serve                 # in one terminal; the first start
+#                                                # prints an API token
+#   export LETTERBOX_API_TOKEN=lbx_...           # in another, that token
+#   ./examples/quickstart.sh
 #
 # Needs curl and jq. LETTERBOX_URL overrides the server (default http://127.0.0.1:8080);
 # LETTERBOX_DATA the data directory whose outbox is listed.
@@ -12,13 +14,19 @@ set -euo pipefail
 
 URL=${LETTERBOX_URL:-http://127.0.0.1:8080}
 DATA=${LETTERBOX_DATA:-./letterbox-data}
+if [ -z "${LETTERBOX_API_TOKEN:-}" ]; then
+  echo "set LETTERBOX_API_TOKEN to the token letterbox printed at its first start" >&2
+  echo "(or start it with LETTERBOX_API_TOKEN set to a token of your choosing)" >&2
+  exit 2
+fi
 
 api() { # METHOD PATH [JSON]: prints the response body, fails on HTTP errors
   local method=$1 path=$2 body=${3:-}
+  local auth="authorization: Bearer $LETTERBOX_API_TOKEN"
   if [ -n "$body" ]; then
-    curl -sS --fail-with-body -X "$method" "$URL$path" -H 'content-type: application/json' -d "$body"
+    curl -sS --fail-with-body -X "$method" "$URL$path" -H "$auth" -H 'content-type: application/json' -d "$body"
   else
-    curl -sS --fail-with-body -X "$method" "$URL$path"
+    curl -sS --fail-with-body -X "$method" "$URL$path" -H "$auth"
   fi
 }
 

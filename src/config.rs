@@ -19,6 +19,9 @@ pub struct Config {
     pub transports: Vec<(String, SmtpSettings)>,
     /// Sign every message with DKIM.
     pub dkim: Option<DkimSettings>,
+    /// The bearer token of the `/v1` API; `None`: the one generated at first start
+    /// (its hash is in `data_dir/api-token.sha256`).
+    pub api_token: Option<String>,
     /// Deliveries in flight per job unless the send request says otherwise.
     pub concurrency: u32,
     /// Deliveries in flight across all jobs.
@@ -47,6 +50,7 @@ impl Config {
             smtp: None,
             transports: Vec::new(),
             dkim: None,
+            api_token: None,
             concurrency: 16,
             max_deliveries: 512,
             max_running_jobs: 4,

@@ -30,7 +30,7 @@ use crate::policy::PolicyHost;
 use crate::policy::builtin;
 use crate::runner::{Runner, RunnerConfig};
 use crate::store::Store;
-use crate::tokens::UnsubscribeKey;
+use crate::tokens::{ApiToken, UnsubscribeKey};
 
 /// Why the server could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +65,17 @@ pub async fn run(
     std::fs::create_dir_all(data_dir).map_err(io_error)?;
     let store = Store::open(&data_dir.join("letterbox.redb"))?;
     let unsubscribe = UnsubscribeKey::load_or_create(&data_dir.join("unsubscribe.key")).map_err(io_error)?;
+    let (api_token, generated) =
+        ApiToken::load_or_create(config.api_token.as_deref(), &data_dir.join("api-token.sha256"))
+            .map_err(io_error)?;
+    if let Some(token) = generated {
+        // Straight to the terminal, not through the logs (which may be shipped
+        // elsewhere); only its hash is kept, so this is the one time it is shown.
+        eprintln!(
+            "\nletterbox: generated an API token (shown once; only its hash is stored):\n\n    {token}\n\n\
+             Send it as `Authorization: Bearer TOKEN`; set LETTERBOX_API_TOKEN to choose your own.\n"
+        );
+    }
     let policies = PolicyHost::new(config.policy_limits.clone(), Some(data_dir.join("compiled")))?;
     let dkim = config.dkim.as_ref().map(Dkim::new).transpose()?.map(Arc::new);
     let mut transports = vec![match &config.smtp {
@@ -132,6 +143,7 @@ pub async fn run(
     let app = http::router(http::AppState {
         store,
         runner: runner.clone(),
+        api_token,
     });
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(stop.clone().cancelled_owned())

@@ -45,6 +45,11 @@ struct ServeArgs {
     /// Without it, messages are written to DATA/outbox as .eml files.
     #[arg(long, env = "LETTERBOX_SMTP")]
     smtp: Option<String>,
+    /// The API's bearer token (at least 16 characters). Without it, a token is generated
+    /// at the first start, printed once, and only its hash kept in DATA. Prefer the
+    /// environment variable: arguments are visible to other users of the machine.
+    #[arg(long, env = "LETTERBOX_API_TOKEN", hide_env_values = true)]
+    api_token: Option<String>,
     /// Sign every message with DKIM using this key file: an RSA key in PKCS#1 PEM or an
     /// Ed25519 seed in base64. Needs --dkim-selector and --dkim-domain.
     #[arg(long, env = "LETTERBOX_DKIM_KEY", requires_all = ["dkim_selector", "dkim_domain"])]
@@ -148,6 +153,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         anyhow::bail!("--policy-timeout-ms, --policy-memory-mib and --plugin-max-mib must be positive");
     }
     let mut config = letterbox::Config::new(args.data);
+    config.api_token = args.api_token;
     config.concurrency = args.concurrency;
     config.policy_limits.timeout = Duration::from_millis(args.policy_timeout_ms);
     config.policy_limits.memory_bytes = args.policy_memory_mib << 20;

@@ -1,6 +1,7 @@
 //! The HTTP API: the only module that knows axum. Handlers validate input, call the
 //! store or the runner, and shape JSON; they hold no state of their own.
 
+mod auth;
 mod error;
 mod jobs;
 mod letters;
@@ -17,6 +18,7 @@ pub use error::{ApiError, FieldError};
 
 use crate::runner::Runner;
 use crate::store::Store;
+use crate::tokens::ApiToken;
 
 /// Shared handles for every handler; all fields are cheap clones of `Arc`s.
 #[derive(Clone)]
@@ -25,16 +27,25 @@ pub struct AppState {
     pub store: Store,
     /// Anything that involves policies or jobs.
     pub runner: Runner,
+    /// What every `/v1` request must present.
+    pub api_token: ApiToken,
 }
 
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+    // The API proper: every route needs the bearer token.
+    let api = Router::new()
         .merge(newsletters::router())
         .merge(letters::router())
         .merge(plugins::router(state.runner.policy_limits().max_upload_bytes))
         .merge(jobs::router())
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.api_token.clone(),
+            auth::require_token,
+        ));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .merge(api)
         .merge(unsubscribe::router())
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .layer(TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {

@@ -136,7 +136,12 @@ async fn bad_input_is_refused_with_a_named_problem() {
     assert_eq!(body["status"], 413, "{body}");
 
     // Error bodies are problem+json.
-    let response = reqwest::get(format!("{}/v1/jobs/999", api.base)).await.unwrap();
+    let response = reqwest::Client::new()
+        .get(format!("{}/v1/jobs/999", api.base))
+        .bearer_auth(crate::support::TEST_TOKEN)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.headers()["content-type"], "application/problem+json");
     server.stop().await;
 }

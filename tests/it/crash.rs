@@ -46,6 +46,7 @@ fn spawn_letterbox(data: &Path, smtp: &SmtpServer) -> (Server, Api) {
         .args(["--smtp", &smtp.url()])
         .env("NO_COLOR", "1")
         .env("LETTERBOX_LOG", "info")
+        .env("LETTERBOX_API_TOKEN", crate::support::TEST_TOKEN)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -268,6 +269,7 @@ async fn json_logs_and_readiness() {
         .arg(data.path())
         // tower-http logs each response at debug, inside the request's span.
         .env("LETTERBOX_LOG", "info,tower_http=debug")
+        .env("LETTERBOX_API_TOKEN", crate::support::TEST_TOKEN)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()

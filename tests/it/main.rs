@@ -3,6 +3,7 @@
 //! policies are the Wasm components built by build.rs, state lives in a redb file.
 
 mod api_errors;
+mod auth;
 mod crash;
 mod delivery;
 mod e2e;

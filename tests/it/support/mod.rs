@@ -22,6 +22,9 @@ pub fn wasm_default_template() -> Vec<u8> {
     letterbox::policy::builtin::DEFAULT_TEMPLATE.to_vec()
 }
 
+/// The API token test servers are started with.
+pub const TEST_TOKEN: &str = "letterbox-test-token-0123456789";
+
 /// letterbox running in-process on 127.0.0.1:0 over a temporary data directory.
 pub struct TestServer {
     pub api: Api,
@@ -40,14 +43,16 @@ impl TestServer {
         Self::start_with(config, data).await
     }
 
-    pub async fn start_with(config: letterbox::Config, data: tempfile::TempDir) -> TestServer {
+    /// Starts with `config`; its API token is `TEST_TOKEN` unless it names one.
+    pub async fn start_with(mut config: letterbox::Config, data: tempfile::TempDir) -> TestServer {
+        config.api_token.get_or_insert_with(|| TEST_TOKEN.to_string());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(letterbox::run(listener, config.clone(), async {
             let _ = stopped.await;
         }));
-        let api = Api::new(base);
+        let api = Api::with_token(base, config.api_token.as_deref());
         // `run` installs the built-in policies before it accepts connections; the
         // listener is already bound, so requests simply wait until then. If `run` fails
         // instead, say why rather than time out.
@@ -95,11 +100,23 @@ pub struct Api {
 }
 
 impl Api {
+    /// A client sending `TEST_TOKEN` (what test servers and spawned binaries are given).
     pub fn new(base: String) -> Api {
+        Api::with_token(base, Some(TEST_TOKEN))
+    }
+
+    /// A client sending `token` as its bearer token, or no `Authorization` at all.
+    pub fn with_token(base: String, token: Option<&str>) -> Api {
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(token) = token {
+            let value = format!("Bearer {token}").parse().unwrap();
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
         Api {
             base,
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(60))
+                .default_headers(headers)
                 .build()
                 .unwrap(),
         }

@@ -22,6 +22,8 @@ pub struct Config {
     /// The bearer token of the `/v1` API; `None`: the one generated at first start
     /// (its hash is in `data_dir/api-token.sha256`).
     pub api_token: Option<String>,
+    /// Serve `/metrics` without the API token (for a scraper on a private network).
+    pub public_metrics: bool,
     /// Deliveries in flight per job unless the send request says otherwise.
     pub concurrency: u32,
     /// Deliveries in flight across all jobs.
@@ -51,6 +53,7 @@ impl Config {
             transports: Vec::new(),
             dkim: None,
             api_token: None,
+            public_metrics: false,
             concurrency: 16,
             max_deliveries: 512,
             max_running_jobs: 4,

@@ -92,6 +92,13 @@ pub struct NewSubscriber {
     pub attributes: Map<String, Value>,
 }
 
+/// Jobs per state and the recipients still to deliver (see `Store::job_overview`).
+#[derive(Debug, Clone, Default)]
+pub struct JobOverview {
+    pub by_state: std::collections::HashMap<JobState, u64>,
+    pub open_recipients: u64,
+}
+
 /// What an import did: rows added, rows that updated a subscriber with the same email,
 /// rows refused (with the first `errors`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -178,7 +185,7 @@ pub struct PluginSummary {
     pub versions: u64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
     /// Waits for its `send_at` time; nothing is claimed before.

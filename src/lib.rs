@@ -63,6 +63,7 @@ pub async fn run(
         source,
     };
     std::fs::create_dir_all(data_dir).map_err(io_error)?;
+    http::install_metrics();
     let store = Store::open(&data_dir.join("letterbox.redb"))?;
     let unsubscribe = UnsubscribeKey::load_or_create(&data_dir.join("unsubscribe.key")).map_err(io_error)?;
     let (api_token, generated) =
@@ -144,6 +145,7 @@ pub async fn run(
         store,
         runner: runner.clone(),
         api_token,
+        public_metrics: config.public_metrics,
     });
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(stop.clone().cancelled_owned())

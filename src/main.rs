@@ -50,6 +50,9 @@ struct ServeArgs {
     /// environment variable: arguments are visible to other users of the machine.
     #[arg(long, env = "LETTERBOX_API_TOKEN", hide_env_values = true)]
     api_token: Option<String>,
+    /// Serve /metrics without the API token (for a Prometheus on a private network).
+    #[arg(long, env = "LETTERBOX_PUBLIC_METRICS")]
+    public_metrics: bool,
     /// Sign every message with DKIM using this key file: an RSA key in PKCS#1 PEM or an
     /// Ed25519 seed in base64. Needs --dkim-selector and --dkim-domain.
     #[arg(long, env = "LETTERBOX_DKIM_KEY", requires_all = ["dkim_selector", "dkim_domain"])]
@@ -154,6 +157,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let mut config = letterbox::Config::new(args.data);
     config.api_token = args.api_token;
+    config.public_metrics = args.public_metrics;
     config.concurrency = args.concurrency;
     config.policy_limits.timeout = Duration::from_millis(args.policy_timeout_ms);
     config.policy_limits.memory_bytes = args.policy_memory_mib << 20;

@@ -5,6 +5,7 @@ mod auth;
 mod error;
 mod jobs;
 mod letters;
+mod metrics;
 mod newsletters;
 mod plugins;
 mod unsubscribe;
@@ -15,6 +16,7 @@ use axum::routing::get;
 use tower_http::trace::TraceLayer;
 
 pub use error::{ApiError, FieldError};
+pub use metrics::install as install_metrics;
 
 use crate::runner::Runner;
 use crate::store::Store;
@@ -29,11 +31,19 @@ pub struct AppState {
     pub runner: Runner,
     /// What every `/v1` request must present.
     pub api_token: ApiToken,
+    /// Whether `/metrics` may be read without the token.
+    pub public_metrics: bool,
 }
 
 pub fn router(state: AppState) -> Router {
-    // The API proper: every route needs the bearer token.
+    // The API proper (and `/metrics` unless public): every route needs the bearer token.
+    let metrics = Router::new().route("/metrics", get(metrics::render));
+    let (public_metrics, private_metrics) = match state.public_metrics {
+        true => (metrics, Router::new()),
+        false => (Router::new(), metrics),
+    };
     let api = Router::new()
+        .merge(private_metrics)
         .merge(newsletters::router())
         .merge(letters::router())
         .merge(plugins::router(state.runner.policy_limits().max_upload_bytes))
@@ -45,6 +55,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .merge(public_metrics)
         .merge(api)
         .merge(unsubscribe::router())
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })

@@ -371,7 +371,12 @@ impl Transport {
                 Ok(format!("written to {}", path.display()))
             }
             Sink::Smtp(pool) => {
-                let response = pool.send(message.envelope(), &message.formatted()).await?;
+                let started = std::time::Instant::now();
+                let sent = pool.send(message.envelope(), &message.formatted()).await;
+                let outcome = if sent.is_ok() { "ok" } else { "error" };
+                metrics::histogram!("letterbox_smtp_send_seconds", "transport" => self.inner.name.clone(), "outcome" => outcome)
+                    .record(started.elapsed().as_secs_f64());
+                let response = sent?;
                 Ok(format!(
                     "{} {}",
                     response.code(),

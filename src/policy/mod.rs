@@ -520,7 +520,9 @@ impl Evaluator {
     /// Runs `filter` then, if it says send, `template` for one recipient. Blocking.
     pub fn evaluate(&self, subscriber: &Subscriber, unsubscribe_url: String) -> Result<Verdict, PolicyError> {
         let mut warm = self.idle.lock().expect("idle lock").pop().unwrap_or_default();
+        let started = std::time::Instant::now();
         let result = self.evaluate_with(&mut warm, subscriber, unsubscribe_url);
+        metrics::histogram!("letterbox_policy_evaluation_seconds").record(started.elapsed().as_secs_f64());
         let mut idle = self.idle.lock().expect("idle lock");
         if idle.len() < self.max_idle {
             idle.push(warm);

@@ -623,6 +623,14 @@ impl Runner {
             Outcome::Failed { reason } => tracing::warn!(reason, "delivery failed"),
             Outcome::Released => tracing::debug!("released: the job stopped before sending"),
         }
+        let label = match &outcome {
+            Outcome::Delivered { .. } => "delivered",
+            Outcome::Skipped { .. } => "skipped",
+            Outcome::Retry { .. } => "retry",
+            Outcome::Failed { .. } => "failed",
+            Outcome::Released => "released",
+        };
+        metrics::counter!("letterbox_deliveries_total", "outcome" => label).increment(1);
         report.finished = matches!(
             outcome,
             Outcome::Delivered { .. } | Outcome::Skipped { .. } | Outcome::Failed { .. }

@@ -273,7 +273,9 @@ fn writer_loop(db: Arc<Database>, mut rx: mpsc::Receiver<Op>) {
         };
         commits += 1;
         operations += completions.len() as u64;
-        busy += started.elapsed();
+        let took = started.elapsed();
+        busy += took;
+        metrics::histogram!("letterbox_store_commit_seconds").record(took.as_secs_f64());
         for complete in completions {
             complete(outcome.as_ref().map(|_| ()).map_err(String::as_str));
         }

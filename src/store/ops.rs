@@ -232,6 +232,23 @@ impl Store {
         result
     }
 
+    /// How many jobs are in each state, and how many recipients the unfinished ones still
+    /// have to deliver (pending, sending or waiting for a retry). Read per metrics scrape.
+    pub async fn job_overview(&self) -> Result<JobOverview, StoreError> {
+        self.read(|txn| {
+            let mut overview = JobOverview::default();
+            for row in txn.open_table(JOBS)?.iter()? {
+                let job: Job = decode(row?.1.value())?;
+                *overview.by_state.entry(job.state).or_default() += 1;
+                if job.state.is_unfinished() {
+                    overview.open_recipients += job.counts.pending + job.counts.sending + job.counts.retrying;
+                }
+            }
+            Ok(overview)
+        })
+        .await
+    }
+
     /// A subscriber by id alone.
     pub async fn subscriber_by_id(&self, id: u64) -> Result<Subscriber, StoreError> {
         self.read(move |txn| {

@@ -1,11 +1,13 @@
-//! Every `/v1` route needs the bearer token; the public ones do not.
+//! Every `/v1` route (and `/metrics`, unless made public) needs the bearer token; the
+//! public ones do not.
 
 use serde_json::Value;
 
 use crate::support::{Api, TEST_TOKEN, TestServer};
 
-/// Every `/v1` route (method, path with ids filled in).
+/// Every protected route (method, path with ids filled in).
 const API_ROUTES: &[(&str, &str)] = &[
+    ("GET", "/metrics"),
     ("POST", "/v1/newsletters"),
     ("GET", "/v1/newsletters/1"),
     ("POST", "/v1/newsletters/1/subscribers"),

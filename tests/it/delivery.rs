@@ -628,3 +628,53 @@ async fn commands_are_pipelined_only_when_offered_and_the_message_arrives_intact
         server.stop().await;
     }
 }
+
+/// The value of the first sample of `name` whose labels include `labels`.
+fn sample(metrics: &str, name: &str, labels: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']) && l.contains(labels))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_deliveries_and_time_each_stage() {
+    let smtp = SmtpServer::start().await;
+    let server = server_with(&smtp, |_| {}).await;
+    let api = &server.api;
+    let letter = letter_to(api, &emails("m", "example.org", 12)).await;
+    let job = api.send(letter, json!({})).await;
+    api.wait_job(job, Duration::from_secs(30)).await;
+
+    let (status, text) = api.get_text("/metrics").await;
+    assert_eq!(status, 200, "{text}");
+    // The recorder is process-wide and other tests send too: at least this job's.
+    let delivered = sample(&text, "letterbox_deliveries_total", "outcome=\"delivered\"");
+    assert!(delivered >= Some(12.0), "{text}");
+    assert!(
+        sample(&text, "letterbox_jobs", "state=\"completed\"") >= Some(1.0),
+        "{text}"
+    );
+    assert!(sample(&text, "letterbox_queue_depth", "").is_some(), "{text}");
+    for histogram in [
+        "letterbox_smtp_send_seconds_count",
+        "letterbox_policy_evaluation_seconds_count",
+        "letterbox_store_commit_seconds_count",
+    ] {
+        assert!(sample(&text, histogram, "") >= Some(1.0), "{histogram}: {text}");
+    }
+    assert!(
+        text.contains("letterbox_smtp_send_seconds_bucket{transport=\"default\",outcome=\"ok\",le=\"0.01\"}"),
+        "{text}"
+    );
+    // Not public by default; public when configured.
+    let anonymous = crate::support::Api::with_token(api.base.clone(), None);
+    assert_eq!(anonymous.get_text("/metrics").await.0, 401);
+    server.stop().await;
+    let public = server_with(&smtp, |c| c.public_metrics = true).await;
+    let anonymous = crate::support::Api::with_token(public.api.base.clone(), None);
+    assert_eq!(anonymous.get_text("/metrics").await.0, 200);
+    public.stop().await;
+}

@@ -37,6 +37,8 @@ pub struct Config {
     /// How long shutdown waits for in-flight deliveries before abandoning them (they are
     /// sent again at the next start).
     pub drain_timeout: Duration,
+    /// How long a request may take before it is answered 503 (see `http::timeout`).
+    pub request_timeout: Duration,
     /// Base URL the public `/u/{token}` links use; defaults to `http://` + the listen
     /// address.
     pub public_url: Option<String>,
@@ -60,6 +62,7 @@ impl Config {
             domain_limits: DomainLimits::default(),
             retry: RetryPolicy::default(),
             drain_timeout: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(30),
             public_url: None,
             policy_limits: PolicyLimits::default(),
             policy_failures: FailureLimit::default(),

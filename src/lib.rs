@@ -146,6 +146,7 @@ pub async fn run(
         runner: runner.clone(),
         api_token,
         public_metrics: config.public_metrics,
+        request_timeout: config.request_timeout,
     });
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(stop.clone().cancelled_owned())

@@ -109,6 +109,10 @@ struct ServeArgs {
     /// On shutdown, how long to let in-flight deliveries finish.
     #[arg(long, env = "LETTERBOX_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
+    /// How long a request may take before it is answered 503 (its work still finishes).
+    /// CSV imports, which last as long as their upload, and event streams are exempt.
+    #[arg(long, env = "LETTERBOX_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    request_timeout: Duration,
     /// Public base URL for unsubscribe links (default: http://LISTEN).
     #[arg(long, env = "LETTERBOX_PUBLIC_URL")]
     public_url: Option<String>,
@@ -183,6 +187,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .validate()
         .map_err(|e| anyhow::anyhow!("--retry-attempts/--retry-base/--retry-cap: {e}"))?;
     config.drain_timeout = args.drain_timeout;
+    if args.request_timeout.is_zero() {
+        anyhow::bail!("--request-timeout must be positive");
+    }
+    config.request_timeout = args.request_timeout;
     if let Some(path) = &args.dkim_key {
         let private_key =
             std::fs::read_to_string(path).with_context(|| format!("--dkim-key {}", path.display()))?;

@@ -8,6 +8,7 @@ mod letters;
 mod metrics;
 mod newsletters;
 mod plugins;
+mod timeout;
 mod unsubscribe;
 
 use axum::Router;
@@ -33,6 +34,8 @@ pub struct AppState {
     pub api_token: ApiToken,
     /// Whether `/metrics` may be read without the token.
     pub public_metrics: bool,
+    /// How long a request may take before it is answered 503.
+    pub request_timeout: std::time::Duration,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -59,6 +62,10 @@ pub fn router(state: AppState) -> Router {
         .merge(api)
         .merge(unsubscribe::router())
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
+        .layer(axum::middleware::from_fn_with_state(
+            state.request_timeout,
+            timeout::limit_time,
+        ))
         .layer(TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
             tracing::info_span!("request", method = %request.method(), path = %request.uri().path())
         }))

@@ -145,3 +145,30 @@ async fn bad_input_is_refused_with_a_named_problem() {
     assert_eq!(response.headers()["content-type"], "application/problem+json");
     server.stop().await;
 }
+
+/// A request slower than `request_timeout` is answered 503, and what it started still
+/// completes: here, an upload whose compilation outlasts a 20 ms limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_request_times_out_but_its_work_completes() {
+    let data = tempfile::tempdir().unwrap();
+    let mut config = letterbox::Config::new(data.path());
+    config.request_timeout = std::time::Duration::from_millis(20);
+    let server = TestServer::start_with(config, data).await;
+    let api = &server.api;
+    let (status, body) = api
+        .upload("template", "ab", crate::support::wasm("ab_subject"))
+        .await;
+    assert_eq!(status, 503, "{body}");
+    assert!(detail(&body).contains("took longer than"), "{body}");
+    let mut uploaded = false;
+    for _ in 0..200 {
+        let (status, _) = api.get("/v1/plugins/ab").await;
+        if status == 200 {
+            uploaded = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(uploaded, "the upload finished after its request timed out");
+    server.stop().await;
+}

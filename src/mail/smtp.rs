@@ -388,8 +388,8 @@ impl SmtpPool {
             // One write, then one reply per command, in order. Every reply must be
             // read, refusals included, to stay in step with the server.
             let mut refused = timed("MAIL FROM", limit, conn.command(Group(&group))).await.err();
-            if refused.as_ref().is_some_and(|f| !f.in_sync) {
-                return Err(refused.unwrap_or_else(|| unreachable!()));
+            if let Some(lost) = refused.take_if(|f| !f.in_sync) {
+                return Err(lost);
             }
             for _ in &rcpts {
                 match timed("RCPT TO", limit, conn.read_response()).await {

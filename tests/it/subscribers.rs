@@ -135,6 +135,25 @@ async fn list_read_change_and_erase() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_active_subscribers_receive_even_mid_job_and_erasure_scrubs_deliveries() {
+    stop_four_mid_job(Stop::Status).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsubscribe_link_used_mid_job_stops_further_sends() {
+    stop_four_mid_job(Stop::OneClickLink).await;
+}
+
+/// How the test stops a subscriber from receiving.
+#[derive(Clone, Copy)]
+enum Stop {
+    /// `PATCH /v1/subscribers/{id}` with a status.
+    Status,
+    /// The RFC 8058 one-click POST to the subscriber's own `List-Unsubscribe` URL
+    /// (read from a preview of the letter for them).
+    OneClickLink,
+}
+
+async fn stop_four_mid_job(how: Stop) {
     // A slow sink and one message at a time: the job is still running when the
     // statuses change.
     let smtp = SmtpServer::start_with_delay(Duration::from_millis(60)).await;
@@ -170,10 +189,37 @@ async fn only_active_subscribers_receive_even_mid_job_and_erasure_scrubs_deliver
         if received_before.contains(&email) || changed.len() == statuses.len() {
             continue;
         }
-        let status = statuses[changed.len()];
-        let (code, body) = api
-            .patch(&format!("/v1/subscribers/{id}"), json!({ "status": status }))
-            .await;
+        let status = match how {
+            Stop::Status => statuses[changed.len()],
+            Stop::OneClickLink => "unsubscribed",
+        };
+        let (code, body) = match how {
+            Stop::Status => {
+                api.patch(&format!("/v1/subscribers/{id}"), json!({ "status": status }))
+                    .await
+            }
+            Stop::OneClickLink => {
+                let preview = api
+                    .post_ok(
+                        &format!("/v1/letters/{letter}/preview"),
+                        json!({ "subscriber_id": id }),
+                        200,
+                    )
+                    .await;
+                let message = preview["message"].as_str().unwrap();
+                let url = message
+                    .lines()
+                    .find_map(|l| l.strip_prefix("List-Unsubscribe: <"))
+                    .and_then(|l| l.strip_suffix('>'))
+                    .unwrap_or_else(|| panic!("no List-Unsubscribe in {message}"));
+                let path = url
+                    .strip_prefix(&api.base)
+                    .expect("the link points at this server");
+                let form = b"List-Unsubscribe=One-Click".to_vec();
+                api.post_raw(path, "application/x-www-form-urlencoded", form)
+                    .await
+            }
+        };
         assert_eq!(code, 200, "{body}");
         changed.push((*id, email, status));
     }

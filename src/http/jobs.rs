@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::error::{ApiPath, ApiQuery};
-use super::{ApiError, AppState, page_limit};
+use super::{ApiError, AppState, page, page_limit};
 use crate::domain::{Counts, Job, JobState, StateKind};
 
 /// How often an event stream looks for progress.
@@ -75,10 +75,7 @@ async fn list(
         JobState::as_str,
     )?;
     let items = state.store.list_jobs(wanted, query.cursor, limit).await?;
-    let next = (items.len() == limit)
-        .then(|| items.last().map(|j| j.id))
-        .flatten();
-    Ok(Json(json!({ "items": items, "next": next })))
+    Ok(page(items, limit, |j| j.id))
 }
 
 /// A job with its live rate and ETA (while it has a supervisor).
@@ -127,10 +124,7 @@ async fn deliveries(
         .store
         .deliveries(id, kind, query.cursor.unwrap_or(0), limit)
         .await?;
-    let next = (items.len() == limit)
-        .then(|| items.last().map(|d| d.subscriber_id))
-        .flatten();
-    Ok(Json(json!({ "items": items, "next": next })))
+    Ok(page(items, limit, |d| d.subscriber_id))
 }
 
 /// Progress as Server-Sent Events: a `progress` event with the job (as `GET` shows it)

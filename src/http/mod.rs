@@ -75,6 +75,26 @@ pub fn router(state: AppState) -> Router {
 /// The most items one page of a listing holds.
 const MAX_PAGE: usize = 1000;
 
+/// One page of a listing: `items`, and `next`, the cursor of the following page (the
+/// last item's, when the page is full).
+fn page<T: serde::Serialize>(
+    items: Vec<T>,
+    limit: usize,
+    cursor: fn(&T) -> u64,
+) -> axum::Json<serde_json::Value> {
+    let next = (items.len() == limit).then(|| items.last().map(cursor)).flatten();
+    axum::Json(serde_json::json!({ "items": items, "next": next }))
+}
+
+/// Whether the request body is CSV (`text/csv`, any parameters): a streamed import.
+fn is_csv(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("text/csv"))
+}
+
 /// A listing's `?limit=`: 100 when absent, 422 outside 1..=`MAX_PAGE`.
 fn page_limit(limit: Option<usize>) -> Result<usize, ApiError> {
     let limit = limit.unwrap_or(100);

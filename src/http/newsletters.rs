@@ -3,7 +3,6 @@
 
 use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
 use axum::http::StatusCode;
-use axum::http::header::CONTENT_TYPE;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
@@ -11,7 +10,7 @@ use serde::Deserializer;
 use serde_json::{Map, Value};
 
 use super::error::{ApiJson, ApiPath, ApiQuery, FieldError};
-use super::{ApiError, AppState, page_limit};
+use super::{ApiError, AppState, is_csv, page, page_limit};
 use crate::domain::{
     ImportSummary, NewSubscriber, Newsletter, Subscriber, SubscriberPatch, SubscriberStatus,
 };
@@ -112,30 +111,17 @@ async fn add_subscribers(
     ApiPath(id): ApiPath<u64>,
     request: Request,
 ) -> Result<(StatusCode, Json<ImportSummary>), ApiError> {
-    let content_type = request
-        .headers()
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .split(';')
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_ascii_lowercase();
-    let summary = match content_type.as_str() {
-        "text/csv" => {
-            let stream = request
-                .into_body()
-                .into_data_stream()
-                .map_err(std::io::Error::other);
-            let reader = SyncIoBridge::new(StreamReader::new(stream));
-            import::csv(&state.store, id, reader).await?
-        }
-        _ => {
-            // Anything else must be JSON; the JSON extractor says so if it is not.
-            let ApiJson(rows) = ApiJson::<Vec<Value>>::from_request(request, &state).await?;
-            import::json(&state.store, id, rows).await?
-        }
+    let summary = if is_csv(request.headers()) {
+        let stream = request
+            .into_body()
+            .into_data_stream()
+            .map_err(std::io::Error::other);
+        let reader = SyncIoBridge::new(StreamReader::new(stream));
+        import::csv(&state.store, id, reader).await?
+    } else {
+        // Anything else must be JSON; the JSON extractor says so if it is not.
+        let ApiJson(rows) = ApiJson::<Vec<Value>>::from_request(request, &state).await?;
+        import::json(&state.store, id, rows).await?
     };
     Ok((StatusCode::CREATED, Json(summary)))
 }
@@ -171,10 +157,7 @@ async fn list_subscribers(
         .store
         .subscribers_after(id, query.cursor.unwrap_or(0), limit)
         .await?;
-    let next = (items.len() == limit)
-        .then(|| items.last().map(|s| s.id))
-        .flatten();
-    Ok(Json(serde_json::json!({ "items": items, "next": next })))
+    Ok(page(items, limit, |s| s.id))
 }
 
 async fn show_subscriber(

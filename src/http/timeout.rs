@@ -7,21 +7,15 @@
 use std::time::Duration;
 
 use axum::extract::{Request, State};
-use axum::http::header::CONTENT_TYPE;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use tracing::Instrument;
 
-use super::ApiError;
+use super::{ApiError, is_csv};
 
 pub async fn limit_time(State(limit): State<Duration>, request: Request, next: Next) -> Response {
-    let streamed_upload = request
-        .headers()
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("text/csv"));
-    if streamed_upload {
+    if is_csv(request.headers()) {
         return next.run(request).await;
     }
     // In its own task, still inside the request's span.

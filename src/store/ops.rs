@@ -25,18 +25,29 @@ pub(super) fn put_job(txn: &WriteTransaction, job: &Job) -> Result<(), StoreErro
     Ok(())
 }
 
-/// Subscriber id → (newsletter id, subscriber), inside a write.
-fn subscriber_in(txn: &WriteTransaction, id: u64) -> Result<(u64, Subscriber), StoreError> {
-    let home = txn
-        .open_table(SUBSCRIBER_HOMES)?
+/// Subscriber id → (newsletter id, subscriber), from the tables of a read or a write.
+fn find_subscriber(
+    homes: &impl ReadableTable<u64, u64>,
+    rows: &impl ReadableTable<(u64, u64), &'static [u8]>,
+    id: u64,
+) -> Result<(u64, Subscriber), StoreError> {
+    let home = homes
         .get(id)?
         .ok_or_else(|| StoreError::not_found("subscriber", id))?
         .value();
-    let table = txn.open_table(SUBSCRIBERS)?;
-    let row = table
+    let row = rows
         .get((home, id))?
         .ok_or_else(|| StoreError::Inconsistent(format!("subscriber {id} is indexed but missing")))?;
     Ok((home, decode(row.value())?))
+}
+
+/// `find_subscriber` inside a write.
+fn subscriber_in(txn: &WriteTransaction, id: u64) -> Result<(u64, Subscriber), StoreError> {
+    find_subscriber(
+        &txn.open_table(SUBSCRIBER_HOMES)?,
+        &txn.open_table(SUBSCRIBERS)?,
+        id,
+    )
 }
 
 /// Fills `SUBSCRIBER_HOMES` for data written before it existed; a no-op once it holds
@@ -252,16 +263,8 @@ impl Store {
     /// A subscriber by id alone.
     pub async fn subscriber_by_id(&self, id: u64) -> Result<Subscriber, StoreError> {
         self.read(move |txn| {
-            let home = txn
-                .open_table(SUBSCRIBER_HOMES)?
-                .get(id)?
-                .ok_or_else(|| StoreError::not_found("subscriber", id))?
-                .value();
-            let table = txn.open_table(SUBSCRIBERS)?;
-            let row = table
-                .get((home, id))?
-                .ok_or_else(|| StoreError::Inconsistent(format!("subscriber {id} is indexed but missing")))?;
-            decode(row.value())
+            let homes = txn.open_table(SUBSCRIBER_HOMES)?;
+            Ok(find_subscriber(&homes, &txn.open_table(SUBSCRIBERS)?, id)?.1)
         })
         .await
     }

@@ -31,24 +31,27 @@ impl Drop for Server {
     }
 }
 
-/// Starts `letterbox serve` on port 0 and returns it with the API it listens on.
-fn spawn_letterbox(data: &Path, smtp: &SmtpServer) -> (Server, Api) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_letterbox"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--concurrency",
-            &CONCURRENCY.to_string(),
-        ])
+/// `letterbox serve` on port 0 over `data`, with the test API token, stdout piped (for
+/// the listen address) and stderr passed through.
+fn letterbox_command(data: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_letterbox"));
+    command
+        .args(["serve", "--listen", "127.0.0.1:0"])
         .arg("--data")
         .arg(data)
-        .args(["--smtp", &smtp.url()])
         .env("NO_COLOR", "1")
-        .env("LETTERBOX_LOG", "info")
         .env("LETTERBOX_API_TOKEN", crate::support::TEST_TOKEN)
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(Stdio::inherit());
+    command
+}
+
+/// Starts `letterbox serve` on port 0 and returns it with the API it listens on.
+fn spawn_letterbox(data: &Path, smtp: &SmtpServer) -> (Server, Api) {
+    let mut child = letterbox_command(data)
+        .args(["--concurrency", &CONCURRENCY.to_string()])
+        .args(["--smtp", &smtp.url()])
+        .env("LETTERBOX_LOG", "info")
         .spawn()
         .expect("spawn letterbox");
     let stdout = child.stdout.take().unwrap();
@@ -263,15 +266,10 @@ async fn kill_loop_loses_nobody_and_resends_within_the_bound() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_and_readiness() {
     let data = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_letterbox"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
-        .arg("--data")
-        .arg(data.path())
+    let mut child = letterbox_command(data.path())
+        .args(["--log-format", "json"])
         // tower-http logs each response at debug, inside the request's span.
         .env("LETTERBOX_LOG", "info,tower_http=debug")
-        .env("LETTERBOX_API_TOKEN", crate::support::TEST_TOKEN)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
         .spawn()
         .expect("spawn letterbox");
     let stdout = child.stdout.take().unwrap();

@@ -168,28 +168,18 @@ impl Api {
         .await
     }
 
+    /// `method` with `body` as JSON.
+    async fn send_json(&self, method: reqwest::Method, path: &str, body: Value) -> (u16, Value) {
+        let request = self.client.request(method, format!("{}{path}", self.base));
+        Self::finish(request.json(&body).send().await.unwrap()).await
+    }
+
     pub async fn patch(&self, path: &str, body: Value) -> (u16, Value) {
-        Self::finish(
-            self.client
-                .patch(format!("{}{path}", self.base))
-                .json(&body)
-                .send()
-                .await
-                .unwrap(),
-        )
-        .await
+        self.send_json(reqwest::Method::PATCH, path, body).await
     }
 
     pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        Self::finish(
-            self.client
-                .post(format!("{}{path}", self.base))
-                .json(&body)
-                .send()
-                .await
-                .unwrap(),
-        )
-        .await
+        self.send_json(reqwest::Method::POST, path, body).await
     }
 
     pub async fn post_raw(&self, path: &str, content_type: &str, body: Vec<u8>) -> (u16, Value) {

@@ -9,7 +9,8 @@ use crate::mail::{DkimSettings, SmtpSettings};
 use crate::policy::PolicyLimits;
 use crate::runner::{DomainLimits, FailureLimit};
 
-#[derive(Debug, Clone)]
+/// `Debug` leaves the API token out (see below).
+#[derive(Clone)]
 pub struct Config {
     /// Holds `letterbox.redb`, `unsubscribe.key` and (without SMTP) `outbox/`.
     pub data_dir: PathBuf,
@@ -72,5 +73,29 @@ impl Config {
     /// SMTP settings for `url` with the defaults used by `serve`.
     pub fn smtp_url(url: impl Into<String>) -> SmtpSettings {
         SmtpSettings::new(url)
+    }
+}
+
+/// Never prints the API token (SMTP and DKIM settings redact their own secrets).
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("data_dir", &self.data_dir)
+            .field("smtp", &self.smtp)
+            .field("transports", &self.transports)
+            .field("dkim", &self.dkim)
+            .field("api_token", &self.api_token.as_ref().map(|_| "<redacted>"))
+            .field("public_metrics", &self.public_metrics)
+            .field("concurrency", &self.concurrency)
+            .field("max_deliveries", &self.max_deliveries)
+            .field("max_running_jobs", &self.max_running_jobs)
+            .field("domain_limits", &self.domain_limits)
+            .field("retry", &self.retry)
+            .field("drain_timeout", &self.drain_timeout)
+            .field("request_timeout", &self.request_timeout)
+            .field("public_url", &self.public_url)
+            .field("policy_limits", &self.policy_limits)
+            .field("policy_failures", &self.policy_failures)
+            .finish()
     }
 }

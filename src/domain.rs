@@ -1,6 +1,7 @@
 //! The domain types every layer exchanges: newsletters, subscribers, letters, plugins,
 //! jobs and per-recipient deliveries. Plain data with serde; no I/O and no knowledge of
-//! redb, axum, wasmtime or lettre. The store persists these as JSON values.
+//! redb, axum, wasmtime or lettre. The store persists these as JSON values. The
+//! `ToSchema` derives only describe that JSON for the API's OpenAPI document.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -20,7 +21,7 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Newsletter {
     pub id: u64,
     pub name: String,
@@ -29,7 +30,7 @@ pub struct Newsletter {
     pub created_at: u64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum SubscriberStatus {
     Active,
@@ -72,12 +73,13 @@ pub struct SubscriberPatch {
     pub status: Option<SubscriberStatus>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Subscriber {
     pub id: u64,
     pub newsletter_id: u64,
     pub email: String,
     pub name: Option<String>,
+    #[schema(value_type = Object)]
     pub attributes: Map<String, Value>,
     pub status: SubscriberStatus,
     pub created_at: u64,
@@ -101,7 +103,7 @@ pub struct JobOverview {
 
 /// What an import did: rows added, rows that updated a subscriber with the same email,
 /// rows refused (with the first `errors`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct ImportSummary {
     pub inserted: u64,
     pub updated: u64,
@@ -111,7 +113,7 @@ pub struct ImportSummary {
 
 /// Why one row of an import was refused. `row` counts data rows from 1 (a CSV header is
 /// not a data row); `line` is where the row starts in a CSV file.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct RowError {
     pub row: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -119,7 +121,7 @@ pub struct RowError {
     pub reason: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Letter {
     pub id: u64,
     pub newsletter_id: u64,
@@ -130,11 +132,12 @@ pub struct Letter {
     pub filter: String,
     /// Name of the template policy, resolved to a version when a job starts.
     pub template: String,
+    #[schema(value_type = Object)]
     pub params: Map<String, Value>,
     pub created_at: u64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum PluginKind {
     Filter,
@@ -157,7 +160,7 @@ impl std::fmt::Display for PluginKind {
 }
 
 /// A stored policy version. Its identity is the sha256 of the component bytes.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Plugin {
     pub id: String,
     pub name: String,
@@ -167,7 +170,7 @@ pub struct Plugin {
 }
 
 /// One upload in a plugin name's history.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PluginVersion {
     /// 1 for the first upload under this name, then 2, 3, ...
     pub version: u64,
@@ -177,7 +180,7 @@ pub struct PluginVersion {
 }
 
 /// A plugin name with its latest version, for listings.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct PluginSummary {
     pub name: String,
     pub kind: PluginKind,
@@ -185,7 +188,7 @@ pub struct PluginSummary {
     pub versions: u64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
     /// Waits for its `send_at` time; nothing is claimed before.
@@ -243,7 +246,7 @@ impl JobState {
 
 /// How many of a job's recipients are in each state. Kept in the job record and changed
 /// in the same transaction as the deliveries, so it is always exact.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Counts {
     pub pending: u64,
     pub sending: u64,
@@ -291,7 +294,7 @@ impl Counts {
 }
 
 /// How a job retries transient failures (SMTP 4xx, network trouble, timeouts).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RetryPolicy {
     /// Attempts in all, the first one included; 1 means never retry.
@@ -350,7 +353,7 @@ impl RetryPolicy {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Job {
     pub id: u64,
     pub letter_id: u64,
@@ -385,14 +388,14 @@ pub struct Job {
     pub finished_at: Option<u64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PolicyVersion {
     pub name: String,
     pub id: String,
 }
 
 /// One recipient's progress through one job.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum DeliveryState {
     Pending,
@@ -423,7 +426,7 @@ pub enum DeliveryState {
 }
 
 /// The state of a delivery without its details, e.g. to filter a listing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum StateKind {
     Pending,
@@ -482,7 +485,7 @@ impl DeliveryState {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Delivery {
     pub job_id: u64,
     pub subscriber_id: u64,

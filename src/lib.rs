@@ -5,6 +5,7 @@
 //! drains in-flight deliveries. `main.rs` only turns flags into a `Config`; the tests
 //! call `run` on port 0. See ARCHITECTURE.md for the module map and invariants.
 
+pub mod client;
 pub mod config;
 pub mod domain;
 pub mod http;
@@ -12,6 +13,7 @@ pub mod import;
 pub mod mail;
 pub mod policy;
 pub mod runner;
+pub mod settings;
 pub mod store;
 pub mod tokens;
 

@@ -1,9 +1,8 @@
-//! The `letterbox` binary: parses flags and environment into a `Config` and calls
-//! `letterbox::run`. Nothing else lives here.
+//! The `letterbox` binary: `serve` parses flags and environment into a `Config` and
+//! calls `letterbox::run`; every other command is the client (`letterbox::client`).
+//! Nothing else lives here.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -15,6 +14,20 @@ struct Cli {
     /// collector. Which lines: `LETTERBOX_LOG` (e.g. `info`, `warn,letterbox=debug`).
     #[arg(long, global = true, env = "LETTERBOX_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
     log_format: LogFormat,
+    /// The settings file (default: ./letterbox.toml if it exists). Client commands read
+    /// `[client] server` and `api_token` from it.
+    #[arg(long, global = true, env = "LETTERBOX_CONFIG")]
+    config: Option<PathBuf>,
+    /// The server a client command talks to [default: the settings file's
+    /// `client.server`, else http://127.0.0.1:8080].
+    #[arg(long, global = true, env = "LETTERBOX_SERVER")]
+    server: Option<String>,
+    /// The server's API token, for client commands.
+    #[arg(long, global = true, env = "LETTERBOX_API_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Client commands print the server's JSON instead of a summary.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -28,17 +41,57 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Run the server.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
+    #[command(flatten)]
+    Client(letterbox::client::Command),
 }
 
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LETTERBOX_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt().with_env_filter(filter);
+    match cli.log_format {
+        LogFormat::Human => logs.init(),
+        // Spans as fields of each line, so a job's or request's context travels with it.
+        LogFormat::Json => logs.json().with_current_span(true).with_span_list(true).init(),
+    }
+    match cli.command {
+        Command::Serve(args) => serve(cli.config, *args).await,
+        Command::Client(command) => {
+            // The settings file fills in what flags and variables leave out.
+            let (file, file_token) = match letterbox::settings::file_to_read(cli.config.as_deref()) {
+                Some(path) => letterbox::settings::client(&path).context("invalid settings")?,
+                None => Default::default(),
+            };
+            let target = letterbox::client::Target {
+                server: cli
+                    .server
+                    .or(file.server)
+                    .unwrap_or_else(|| "http://127.0.0.1:8080".into()),
+                token: cli.token.or(file_token),
+                json: cli.json,
+            };
+            if let Err(e) = letterbox::client::run(target, command).await {
+                eprintln!("{}", e.report());
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Every flag also reads a `LETTERBOX_*` variable and overrides the settings file's key
+/// (see examples/letterbox.toml); without either, the file's value or the default holds.
 #[derive(clap::Args)]
 struct ServeArgs {
-    /// Address to listen on.
-    #[arg(long, env = "LETTERBOX_LISTEN", default_value = "127.0.0.1:8080")]
-    listen: SocketAddr,
-    /// Directory for the database, keys and the outbox.
-    #[arg(long, env = "LETTERBOX_DATA", default_value = "./letterbox-data")]
-    data: PathBuf,
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long, env = "LETTERBOX_LISTEN")]
+    listen: Option<String>,
+    /// Directory for the database, keys and the outbox [default: ./letterbox-data].
+    #[arg(long, env = "LETTERBOX_DATA")]
+    data: Option<PathBuf>,
     /// The default SMTP transport: smtp://host:25 (plain), smtp://host:587?tls=required
     /// (STARTTLS) or smtps://user:pass@host:465 (TLS). Query parameters: tls, pool
     /// (connections), rate (N/s, N/min or N/h), hello (EHLO name).
@@ -51,8 +104,8 @@ struct ServeArgs {
     #[arg(long, env = "LETTERBOX_API_TOKEN", hide_env_values = true)]
     api_token: Option<String>,
     /// Serve /metrics without the API token (for a Prometheus on a private network).
-    #[arg(long, env = "LETTERBOX_PUBLIC_METRICS")]
-    public_metrics: bool,
+    #[arg(long, env = "LETTERBOX_PUBLIC_METRICS", num_args = 0..=1, default_missing_value = "true")]
+    public_metrics: Option<bool>,
     /// Sign every message with DKIM using this key file: an RSA key in PKCS#1 PEM or an
     /// Ed25519 seed in base64. Needs --dkim-selector and --dkim-domain.
     #[arg(long, env = "LETTERBOX_DKIM_KEY", requires_all = ["dkim_selector", "dkim_domain"])]
@@ -72,161 +125,133 @@ struct ServeArgs {
     /// SMTP password (prefer the environment variable to the flag).
     #[arg(long, env = "LETTERBOX_SMTP_PASSWORD", hide_env_values = true)]
     smtp_password: Option<String>,
-    /// Open SMTP connections kept in the pool.
-    #[arg(long, env = "LETTERBOX_SMTP_POOL", default_value_t = 32)]
-    smtp_pool: u32,
-    /// SMTP timeout per command, in seconds.
-    #[arg(long, env = "LETTERBOX_SMTP_TIMEOUT", default_value_t = 30)]
-    smtp_timeout: u64,
-    /// SMTP timeout to connect (TCP, greeting, EHLO, STARTTLS, AUTH), in seconds.
-    #[arg(long, env = "LETTERBOX_SMTP_CONNECT_TIMEOUT", default_value_t = 10)]
-    smtp_connect_timeout: u64,
-    /// SMTP timeout for one whole message, in seconds.
-    #[arg(long, env = "LETTERBOX_SMTP_SEND_TIMEOUT", default_value_t = 120)]
-    smtp_send_timeout: u64,
-    /// Deliveries in flight per job (a send request can override it).
-    #[arg(long, env = "LETTERBOX_CONCURRENCY", default_value_t = 16)]
-    concurrency: u32,
-    /// Deliveries in flight across all jobs.
-    #[arg(long, env = "LETTERBOX_MAX_DELIVERIES", default_value_t = 512)]
-    max_deliveries: u32,
-    /// Jobs sending at once; later ones wait queued.
-    #[arg(long, env = "LETTERBOX_MAX_RUNNING_JOBS", default_value_t = 4)]
-    max_running_jobs: u32,
+    /// Open SMTP connections kept in the pool [default: 32].
+    #[arg(long, env = "LETTERBOX_SMTP_POOL")]
+    smtp_pool: Option<u32>,
+    /// SMTP timeout per command, in seconds [default: 30].
+    #[arg(long, env = "LETTERBOX_SMTP_TIMEOUT")]
+    smtp_timeout: Option<u64>,
+    /// SMTP timeout to connect (TCP, greeting, EHLO, STARTTLS, AUTH), in seconds [default: 10].
+    #[arg(long, env = "LETTERBOX_SMTP_CONNECT_TIMEOUT")]
+    smtp_connect_timeout: Option<u64>,
+    /// SMTP timeout for one whole message, in seconds [default: 120].
+    #[arg(long, env = "LETTERBOX_SMTP_SEND_TIMEOUT")]
+    smtp_send_timeout: Option<u64>,
+    /// Deliveries in flight per job (a send request can override it) [default: 16].
+    #[arg(long, env = "LETTERBOX_CONCURRENCY")]
+    concurrency: Option<u32>,
+    /// Deliveries in flight across all jobs [default: 512].
+    #[arg(long, env = "LETTERBOX_MAX_DELIVERIES")]
+    max_deliveries: Option<u32>,
+    /// Jobs sending at once; later ones wait queued [default: 4].
+    #[arg(long, env = "LETTERBOX_MAX_RUNNING_JOBS")]
+    max_running_jobs: Option<u32>,
     /// Concurrent deliveries to one recipient domain: DOMAIN=N, or *=N for every other
     /// domain (repeatable).
     #[arg(long = "domain-limit", value_name = "DOMAIN=N")]
     domain_limits: Vec<String>,
-    /// Attempts per recipient for transient failures (the first included).
-    #[arg(long, env = "LETTERBOX_RETRY_ATTEMPTS", default_value_t = 5)]
-    retry_attempts: u32,
-    /// Delay before the first retry, doubling after each (e.g. 60s, 5m).
-    #[arg(long, env = "LETTERBOX_RETRY_BASE", default_value = "60s", value_parser = humantime::parse_duration)]
-    retry_base: Duration,
-    /// Longest delay between retries.
-    #[arg(long, env = "LETTERBOX_RETRY_CAP", default_value = "1h", value_parser = humantime::parse_duration)]
-    retry_cap: Duration,
-    /// On shutdown, how long to let in-flight deliveries finish.
-    #[arg(long, env = "LETTERBOX_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
-    drain_timeout: Duration,
+    /// Attempts per recipient for transient failures (the first included) [default: 5].
+    #[arg(long, env = "LETTERBOX_RETRY_ATTEMPTS")]
+    retry_attempts: Option<u32>,
+    /// Delay before the first retry, doubling after each (e.g. 60s, 5m) [default: 60s].
+    #[arg(long, env = "LETTERBOX_RETRY_BASE")]
+    retry_base: Option<String>,
+    /// Longest delay between retries [default: 1h].
+    #[arg(long, env = "LETTERBOX_RETRY_CAP")]
+    retry_cap: Option<String>,
+    /// On shutdown, how long to let in-flight deliveries finish [default: 30s].
+    #[arg(long, env = "LETTERBOX_DRAIN_TIMEOUT")]
+    drain_timeout: Option<String>,
     /// How long a request may take before it is answered 503 (its work still finishes).
-    /// CSV imports, which last as long as their upload, and event streams are exempt.
-    #[arg(long, env = "LETTERBOX_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
-    request_timeout: Duration,
+    /// CSV imports, which last as long as their upload, and event streams are exempt
+    /// [default: 30s].
+    #[arg(long, env = "LETTERBOX_REQUEST_TIMEOUT")]
+    request_timeout: Option<String>,
     /// Public base URL for unsubscribe links (default: http://LISTEN).
     #[arg(long, env = "LETTERBOX_PUBLIC_URL")]
     public_url: Option<String>,
-    /// Time budget of one policy call, in milliseconds.
-    #[arg(long, env = "LETTERBOX_POLICY_TIMEOUT_MS", default_value_t = 100)]
-    policy_timeout_ms: u64,
-    /// Memory limit of one policy instance, in MiB.
-    #[arg(long, env = "LETTERBOX_POLICY_MEMORY_MIB", default_value_t = 64)]
-    policy_memory_mib: usize,
-    /// Largest policy component accepted at upload, in MiB.
-    #[arg(long, env = "LETTERBOX_PLUGIN_MAX_MIB", default_value_t = 10)]
-    plugin_max_mib: usize,
-    /// A job pauses when its policies fail more than this many times...
-    #[arg(long, env = "LETTERBOX_POLICY_MAX_FAILURES", default_value_t = 20)]
-    policy_max_failures: u32,
-    /// ...within this many seconds.
-    #[arg(long, env = "LETTERBOX_POLICY_FAILURE_WINDOW", default_value_t = 10)]
-    policy_failure_window: u64,
+    /// Time budget of one policy call, in milliseconds [default: 100].
+    #[arg(long, env = "LETTERBOX_POLICY_TIMEOUT_MS")]
+    policy_timeout_ms: Option<u64>,
+    /// Memory limit of one policy instance, in MiB [default: 64].
+    #[arg(long, env = "LETTERBOX_POLICY_MEMORY_MIB")]
+    policy_memory_mib: Option<usize>,
+    /// Largest policy component accepted at upload, in MiB [default: 10].
+    #[arg(long, env = "LETTERBOX_PLUGIN_MAX_MIB")]
+    plugin_max_mib: Option<usize>,
+    /// A job pauses when its policies fail more than this many times... [default: 20]
+    #[arg(long, env = "LETTERBOX_POLICY_MAX_FAILURES")]
+    policy_max_failures: Option<u32>,
+    /// ...within this many seconds [default: 10].
+    #[arg(long, env = "LETTERBOX_POLICY_FAILURE_WINDOW")]
+    policy_failure_window: Option<u64>,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("LETTERBOX_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt().with_env_filter(filter);
-    match cli.log_format {
-        LogFormat::Human => logs.init(),
-        // Spans as fields of each line, so a job's or request's context travels with it.
-        LogFormat::Json => logs.json().with_current_span(true).with_span_list(true).init(),
-    }
-    match cli.command {
-        Command::Serve(args) => serve(args).await,
+impl ServeArgs {
+    /// The flags (and variables) given, as settings-file keys.
+    fn overrides(self) -> letterbox::settings::Overrides {
+        let seconds = |s: Option<u64>| s.map(|s| format!("{s}s"));
+        let values = [
+            ("listen", self.listen),
+            ("data", self.data.map(|d| d.display().to_string())),
+            ("smtp.url", self.smtp),
+            ("smtp.username", self.smtp_user),
+            ("smtp.password", self.smtp_password),
+            ("smtp.pool", self.smtp_pool.map(|n| n.to_string())),
+            ("smtp.timeout", seconds(self.smtp_timeout)),
+            ("smtp.connect_timeout", seconds(self.smtp_connect_timeout)),
+            ("smtp.send_timeout", seconds(self.smtp_send_timeout)),
+            ("api_token", self.api_token),
+            ("public_metrics", self.public_metrics.map(|b| b.to_string())),
+            ("public_url", self.public_url),
+            ("dkim.key_file", self.dkim_key.map(|d| d.display().to_string())),
+            ("dkim.selector", self.dkim_selector),
+            ("dkim.domain", self.dkim_domain),
+            ("delivery.concurrency", self.concurrency.map(|n| n.to_string())),
+            (
+                "delivery.max_deliveries",
+                self.max_deliveries.map(|n| n.to_string()),
+            ),
+            (
+                "delivery.max_running_jobs",
+                self.max_running_jobs.map(|n| n.to_string()),
+            ),
+            ("retry.attempts", self.retry_attempts.map(|n| n.to_string())),
+            ("retry.base", self.retry_base),
+            ("retry.cap", self.retry_cap),
+            ("drain_timeout", self.drain_timeout),
+            ("request_timeout", self.request_timeout),
+            ("policy.timeout_ms", self.policy_timeout_ms.map(|n| n.to_string())),
+            ("policy.memory_mib", self.policy_memory_mib.map(|n| n.to_string())),
+            (
+                "policy.max_upload_mib",
+                self.plugin_max_mib.map(|n| n.to_string()),
+            ),
+            (
+                "policy.max_failures",
+                self.policy_max_failures.map(|n| n.to_string()),
+            ),
+            ("policy.failure_window", seconds(self.policy_failure_window)),
+        ];
+        letterbox::settings::Overrides {
+            values: values.into_iter().filter_map(|(k, v)| Some((k, v?))).collect(),
+            domain_limits: self.domain_limits,
+            transports: self.transports,
+        }
     }
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    if args.concurrency == 0 || args.concurrency > letterbox::runner::MAX_CONCURRENCY {
-        anyhow::bail!(
-            "--concurrency must be between 1 and {}",
-            letterbox::runner::MAX_CONCURRENCY
-        );
+async fn serve(config: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<()> {
+    let file = letterbox::settings::file_to_read(config.as_deref());
+    if let Some(path) = &file {
+        tracing::info!(file = %path.display(), "reading settings");
     }
-    if args.policy_timeout_ms == 0 || args.policy_memory_mib == 0 || args.plugin_max_mib == 0 {
-        anyhow::bail!("--policy-timeout-ms, --policy-memory-mib and --plugin-max-mib must be positive");
-    }
-    let mut config = letterbox::Config::new(args.data);
-    config.api_token = args.api_token;
-    config.public_metrics = args.public_metrics;
-    config.concurrency = args.concurrency;
-    config.policy_limits.timeout = Duration::from_millis(args.policy_timeout_ms);
-    config.policy_limits.memory_bytes = args.policy_memory_mib << 20;
-    config.policy_limits.max_upload_bytes = args.plugin_max_mib << 20;
-    config.policy_failures.max = args.policy_max_failures;
-    config.policy_failures.window = Duration::from_secs(args.policy_failure_window.max(1));
-    config.public_url = args.public_url;
-    config.max_deliveries = args.max_deliveries.max(1);
-    config.max_running_jobs = args.max_running_jobs.max(1);
-    for entry in &args.domain_limits {
-        config
-            .domain_limits
-            .add(entry)
-            .map_err(|e| anyhow::anyhow!("--domain-limit: {e}"))?;
-    }
-    config.retry = letterbox::domain::RetryPolicy {
-        max_attempts: args.retry_attempts,
-        base_ms: args.retry_base.as_millis() as u64,
-        cap_ms: args.retry_cap.as_millis() as u64,
-    };
-    config
-        .retry
-        .validate()
-        .map_err(|e| anyhow::anyhow!("--retry-attempts/--retry-base/--retry-cap: {e}"))?;
-    config.drain_timeout = args.drain_timeout;
-    if args.request_timeout.is_zero() {
-        anyhow::bail!("--request-timeout must be positive");
-    }
-    config.request_timeout = args.request_timeout;
-    if let Some(path) = &args.dkim_key {
-        let private_key =
-            std::fs::read_to_string(path).with_context(|| format!("--dkim-key {}", path.display()))?;
-        config.dkim = Some(letterbox::mail::DkimSettings {
-            private_key,
-            selector: args.dkim_selector.clone().unwrap_or_default(),
-            domain: args.dkim_domain.clone().unwrap_or_default(),
-        });
-    }
-    let smtp_settings = |url: String| {
-        let mut smtp = letterbox::Config::smtp_url(url);
-        smtp.pool_size = args.smtp_pool.max(1);
-        smtp.command_timeout = Duration::from_secs(args.smtp_timeout.max(1));
-        smtp.connect_timeout = Duration::from_secs(args.smtp_connect_timeout.max(1));
-        smtp.send_timeout = Duration::from_secs(args.smtp_send_timeout.max(1));
-        smtp
-    };
-    for entry in &args.transports {
-        let (name, url) = entry
-            .split_once('=')
-            .filter(|(name, _)| !name.is_empty())
-            .with_context(|| format!("--transport {entry:?}: expected NAME=URL"))?;
-        config
-            .transports
-            .push((name.to_string(), smtp_settings(url.to_string())));
-    }
-    config.smtp = args.smtp.clone().map(|url| {
-        let mut smtp = smtp_settings(url);
-        smtp.username = args.smtp_user.clone();
-        smtp.password = args.smtp_password.clone();
-        smtp
-    });
-    let listener = tokio::net::TcpListener::bind(args.listen)
+    let settings =
+        letterbox::settings::load(file.as_deref(), args.overrides()).context("invalid settings")?;
+    let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
-    letterbox::run(listener, config, shutdown_signal()).await?;
+        .with_context(|| format!("cannot listen on {}", settings.listen))?;
+    letterbox::run(listener, settings.config, shutdown_signal()).await?;
     Ok(())
 }
 

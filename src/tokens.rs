@@ -21,6 +21,9 @@ type HmacSha256 = hmac::Hmac<Sha256>;
 /// URLs short.
 const MAC_BYTES: usize = 16;
 
+/// The shortest API token accepted from configuration.
+pub const MIN_TOKEN_LEN: usize = 16;
+
 #[derive(Clone)]
 pub struct UnsubscribeKey(Arc<[u8; 32]>);
 
@@ -96,10 +99,10 @@ impl ApiToken {
         path: &Path,
     ) -> std::io::Result<(ApiToken, Option<String>)> {
         if let Some(token) = configured {
-            if token.trim().len() < 16 {
-                return Err(std::io::Error::other(
-                    "the API token must be at least 16 characters (LETTERBOX_API_TOKEN)",
-                ));
+            if token.trim().len() < MIN_TOKEN_LEN {
+                return Err(std::io::Error::other(format!(
+                    "the API token must be at least {MIN_TOKEN_LEN} characters (LETTERBOX_API_TOKEN)"
+                )));
             }
             return Ok((ApiToken::of(token.trim()), None));
         }

@@ -17,7 +17,7 @@ use crate::runner::RunnerError;
 use crate::store::StoreError;
 
 /// One problem with one field of the input, for validation errors.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct FieldError {
     /// Where the problem is, e.g. `email` or `[3].email`.
     pub field: String,
@@ -55,6 +55,18 @@ impl ApiError {
         }
     }
 
+    /// A validation problem with one field: `detail` names it and `errors` carries it.
+    pub fn field(field: &str, message: impl Into<String>) -> Self {
+        let message = message.into();
+        ApiError::Invalid {
+            detail: format!("{field}: {message}"),
+            errors: vec![FieldError {
+                field: field.to_string(),
+                message,
+            }],
+        }
+    }
+
     fn parts(&self) -> (StatusCode, &'static str) {
         match self {
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad-request"),
@@ -72,15 +84,19 @@ impl ApiError {
     }
 }
 
-#[derive(Serialize)]
-struct Problem<'a> {
+/// An RFC 9457 problem: the body of every error response.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Problem {
+    /// Stable per kind of problem, e.g. `https://letterbox.invalid/problems/not-found`.
     #[serde(rename = "type")]
     kind: String,
-    title: &'a str,
+    title: String,
     status: u16,
+    /// What went wrong, for people.
     detail: String,
-    #[serde(skip_serializing_if = "<[FieldError]>::is_empty")]
-    errors: &'a [FieldError],
+    /// For validation problems: each field that is wrong and why.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    errors: Vec<FieldError>,
 }
 
 impl IntoResponse for ApiError {
@@ -89,15 +105,16 @@ impl IntoResponse for ApiError {
         if let ApiError::Internal(cause) = &self {
             tracing::error!(cause, "internal error");
         }
-        let errors = match &self {
-            ApiError::Invalid { errors, .. } => errors.as_slice(),
-            _ => &[],
+        let detail = self.to_string();
+        let errors = match self {
+            ApiError::Invalid { errors, .. } => errors,
+            _ => Vec::new(),
         };
         let problem = Problem {
             kind: format!("https://letterbox.invalid/problems/{slug}"),
-            title: status.canonical_reason().unwrap_or("error"),
+            title: status.canonical_reason().unwrap_or("error").to_string(),
             status: status.as_u16(),
-            detail: self.to_string(),
+            detail,
             errors,
         };
         let mut response = (status, Json(problem)).into_response();

@@ -4,31 +4,46 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
+use axum::Json;
 use axum::extract::State;
 use axum::response::sse::{Event, KeepAlive, Sse};
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use futures_util::Stream;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::error::{ApiPath, ApiQuery};
-use super::{ApiError, AppState, page, page_limit};
-use crate::domain::{Counts, Job, JobState, StateKind};
+use super::{ApiError, AppState, Page, page, page_limit};
+use crate::domain::{Counts, Delivery, Job, JobState, StateKind};
 
 /// How often an event stream looks for progress.
 const EVENT_POLL: Duration = Duration::from_millis(250);
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/v1/jobs", get(list))
-        .route("/v1/jobs/{id}", get(show))
-        .route("/v1/jobs/{id}/deliveries", get(deliveries))
-        .route("/v1/jobs/{id}/events", get(events))
-        .route("/v1/jobs/{id}/pause", post(pause))
-        .route("/v1/jobs/{id}/resume", post(resume))
-        .route("/v1/jobs/{id}/cancel", post(cancel))
-        .route("/v1/jobs/{id}/retry-failed", post(retry_failed))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list))
+        .routes(routes!(show))
+        .routes(routes!(deliveries))
+        .routes(routes!(events))
+        .routes(routes!(pause))
+        .routes(routes!(resume))
+        .routes(routes!(cancel))
+        .routes(routes!(retry_failed))
+}
+
+/// A job as the API shows it: the stored job and its live rate and ETA.
+#[derive(Serialize, ToSchema)]
+pub struct JobView {
+    #[serde(flatten)]
+    job: Job,
+    /// Recipients finished per second, recently (0 when not running).
+    rate_per_second: f64,
+    /// Seconds until the open recipients are done at that rate.
+    eta_seconds: Option<u64>,
+    /// After `retry-failed`: how many recipients were requeued.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    requeued: Option<u64>,
 }
 
 /// A `?state=` filter: `parse`d, or 422 naming the states there are (`all`, by `name`).
@@ -42,16 +57,19 @@ fn state_filter<T: Copy>(
     let Some(value) = value else { return Ok(None) };
     parse(value).map(Some).ok_or_else(|| {
         let known: Vec<&str> = all.iter().map(|s| name(*s)).collect();
-        ApiError::invalid(format!(
-            "unknown {what} state {value:?}; one of {}",
-            known.join(", ")
-        ))
+        ApiError::field(
+            "state",
+            format!("unknown {what} state {value:?}; one of {}", known.join(", ")),
+        )
     })
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct JobQuery {
+    /// Only jobs in this state (scheduled, queued, running, paused, completed,
+    /// cancelled, failed).
     #[serde(default)]
     state: Option<String>,
     /// The previous page's `next`: jobs older than this id.
@@ -62,10 +80,11 @@ struct JobQuery {
 }
 
 /// Jobs newest first, optionally in one state, a page at a time.
+#[utoipa::path(get, path = "/v1/jobs", tag = "jobs", params(JobQuery), responses((status = 200, body = Page<Job>)))]
 async fn list(
     State(state): State<AppState>,
     ApiQuery(query): ApiQuery<JobQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Page<Job>>, ApiError> {
     let limit = page_limit(query.limit)?;
     let wanted = state_filter(
         query.state.as_deref(),
@@ -79,22 +98,29 @@ async fn list(
 }
 
 /// A job with its live rate and ETA (while it has a supervisor).
-async fn with_progress(state: &AppState, job: Job) -> Value {
+async fn with_progress(state: &AppState, job: Job) -> JobView {
     let progress = state.runner.progress(&job).await;
-    let mut out = json!(job);
-    out["rate_per_second"] = json!(progress.map(|p| p.rate_per_second).unwrap_or(0.0));
-    out["eta_seconds"] = json!(progress.and_then(|p| p.eta_seconds));
-    out
+    JobView {
+        job,
+        rate_per_second: progress.map(|p| p.rate_per_second).unwrap_or(0.0),
+        eta_seconds: progress.and_then(|p| p.eta_seconds),
+        requeued: None,
+    }
 }
 
-async fn show(State(state): State<AppState>, ApiPath(id): ApiPath<u64>) -> Result<Json<Value>, ApiError> {
+/// One job: state, counts per delivery state, rate and ETA.
+#[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs", params(("id" = u64, Path)), responses((status = 200, body = JobView)))]
+async fn show(State(state): State<AppState>, ApiPath(id): ApiPath<u64>) -> Result<Json<JobView>, ApiError> {
     let job = state.store.job(id).await?;
     Ok(Json(with_progress(&state, job).await))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct DeliveryQuery {
+    /// Only deliveries in this state (pending, sending, delivered, skipped, retrying,
+    /// failed, cancelled).
     #[serde(default)]
     state: Option<String>,
     /// The previous page's `next`: subscriber id to continue after.
@@ -106,11 +132,13 @@ struct DeliveryQuery {
 
 /// One page of a job's deliveries (all, or those in one state), in subscriber id order,
 /// with the cursor for the next.
+#[utoipa::path(get, path = "/v1/jobs/{id}/deliveries", tag = "jobs", params(("id" = u64, Path), DeliveryQuery),
+    responses((status = 200, body = Page<Delivery>)))]
 async fn deliveries(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<u64>,
     ApiQuery(query): ApiQuery<DeliveryQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Page<Delivery>>, ApiError> {
     let limit = page_limit(query.limit)?;
     let kind = state_filter(
         query.state.as_deref(),
@@ -130,6 +158,8 @@ async fn deliveries(
 /// Progress as Server-Sent Events: a `progress` event with the job (as `GET` shows it)
 /// whenever its state or counts change, and a final `end` event once it is completed,
 /// cancelled or failed.
+#[utoipa::path(get, path = "/v1/jobs/{id}/events", tag = "jobs", params(("id" = u64, Path)),
+    responses((status = 200, description = "`progress` events, then one `end` event; each carries a JobView", content_type = "text/event-stream")))]
 async fn events(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<u64>,
@@ -185,29 +215,35 @@ fn job_stream(state: AppState, first: Job) -> impl Stream<Item = Result<Event, I
     })
 }
 
-async fn pause(State(state): State<AppState>, ApiPath(id): ApiPath<u64>) -> Result<Json<Value>, ApiError> {
+/// Pauses a job: deliveries in flight finish, no new ones start.
+#[utoipa::path(post, path = "/v1/jobs/{id}/pause", tag = "jobs", params(("id" = u64, Path)), responses((status = 200, body = JobView)))]
+async fn pause(State(state): State<AppState>, ApiPath(id): ApiPath<u64>) -> Result<Json<JobView>, ApiError> {
     let job = state.runner.pause(id).await?;
     Ok(Json(with_progress(&state, job).await))
 }
 
 /// Resumes a paused job (409 if it is not paused).
-async fn resume(State(state): State<AppState>, ApiPath(id): ApiPath<u64>) -> Result<Json<Value>, ApiError> {
+#[utoipa::path(post, path = "/v1/jobs/{id}/resume", tag = "jobs", params(("id" = u64, Path)), responses((status = 200, body = JobView)))]
+async fn resume(State(state): State<AppState>, ApiPath(id): ApiPath<u64>) -> Result<Json<JobView>, ApiError> {
     let job = state.runner.resume(id).await?;
     Ok(Json(with_progress(&state, job).await))
 }
 
-async fn cancel(State(state): State<AppState>, ApiPath(id): ApiPath<u64>) -> Result<Json<Value>, ApiError> {
+/// Cancels a job: recipients not yet sent are marked cancelled.
+#[utoipa::path(post, path = "/v1/jobs/{id}/cancel", tag = "jobs", params(("id" = u64, Path)), responses((status = 200, body = JobView)))]
+async fn cancel(State(state): State<AppState>, ApiPath(id): ApiPath<u64>) -> Result<Json<JobView>, ApiError> {
     let job = state.runner.cancel(id).await?;
     Ok(Json(with_progress(&state, job).await))
 }
 
 /// Requeues only the failed recipients; returns the job and how many were requeued.
+#[utoipa::path(post, path = "/v1/jobs/{id}/retry-failed", tag = "jobs", params(("id" = u64, Path)), responses((status = 200, body = JobView)))]
 async fn retry_failed(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<u64>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<JobView>, ApiError> {
     let (job, requeued) = state.runner.retry_failed(id).await?;
     let mut out = with_progress(&state, job).await;
-    out["requeued"] = json!(requeued);
+    out.requeued = Some(requeued);
     Ok(Json(out))
 }

@@ -1,51 +1,60 @@
 //! Letters, and submitting them as send jobs.
 
+use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
-use axum::routing::{get, post};
-use axum::{Json, Router};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::error::{ApiJson, ApiPath};
 use super::{ApiError, AppState};
-use crate::domain::{Letter, PluginKind, now};
+use crate::domain::{Job, Letter, PluginKind, now};
 use crate::policy::Verdict;
 use crate::policy::builtin::{DEFAULT_FILTER_NAME, DEFAULT_TEMPLATE_NAME};
 use crate::runner::{PreviewTarget, RetryOverride, SendOptions};
 use crate::store::IdempotencyKey;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/v1/newsletters/{id}/letters", post(create))
-        .route("/v1/letters/{id}", get(show))
-        .route("/v1/letters/{id}/send", post(send))
-        .route("/v1/letters/{id}/preview", post(preview))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create))
+        .routes(routes!(show))
+        .routes(routes!(send))
+        .routes(routes!(preview))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateLetter {
     subject: String,
     text: String,
     #[serde(default)]
     html: Option<String>,
+    /// A filter policy's name (default: the built-in one, which sends to everyone).
     #[serde(default)]
     filter: Option<String>,
+    /// A template policy's name (default: the built-in minijinja template).
     #[serde(default)]
     template: Option<String>,
+    /// Data the policies see, the same for every recipient.
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     params: Option<Map<String, Value>>,
 }
 
+/// Writes a letter for a newsletter. Its policies must exist.
+#[utoipa::path(post, path = "/v1/newsletters/{id}/letters", tag = "letters", params(("id" = u64, Path)),
+    request_body = CreateLetter, responses((status = 201, body = Letter)))]
 async fn create(
     State(state): State<AppState>,
     ApiPath(newsletter_id): ApiPath<u64>,
     ApiJson(body): ApiJson<CreateLetter>,
 ) -> Result<(StatusCode, Json<Letter>), ApiError> {
     if body.subject.trim().is_empty() {
-        return Err(ApiError::invalid("subject must not be empty"));
+        return Err(ApiError::field("subject", "must not be empty"));
     }
     let filter = body.filter.unwrap_or_else(|| DEFAULT_FILTER_NAME.to_string());
     let template = body.template.unwrap_or_else(|| DEFAULT_TEMPLATE_NAME.to_string());
@@ -69,13 +78,17 @@ async fn create(
     Ok((StatusCode::CREATED, Json(letter)))
 }
 
+/// One letter.
+#[utoipa::path(get, path = "/v1/letters/{id}", tag = "letters", params(("id" = u64, Path)),
+    responses((status = 200, body = Letter)))]
 async fn show(State(state): State<AppState>, ApiPath(id): ApiPath<u64>) -> Result<Json<Letter>, ApiError> {
     Ok(Json(state.store.letter(id).await?))
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct SendRequest {
+    /// Deliveries in flight for this job (default: the server's).
     #[serde(default)]
     concurrency: Option<u32>,
     /// A configured transport's name; the default one otherwise.
@@ -85,7 +98,15 @@ struct SendRequest {
     retry: Option<RetryOverride>,
     /// RFC 3339 time (`2026-12-01T09:00:00Z`) or unix seconds.
     #[serde(default)]
+    #[schema(value_type = Option<String>)]
     send_at: Option<Value>,
+}
+
+/// A submitted job.
+#[derive(Serialize, ToSchema)]
+struct Submitted {
+    job_id: u64,
+    job: Job,
 }
 
 const IDEMPOTENCY_HEADER: &str = "idempotency-key";
@@ -114,12 +135,16 @@ fn parse_send_at(value: &Value) -> Result<u64, ApiError> {
 /// Starts (or schedules) a send job. The body is optional. With an `Idempotency-Key`
 /// header, repeating the same request returns the same job (`Idempotent-Replayed:
 /// true`) instead of sending twice.
+#[utoipa::path(post, path = "/v1/letters/{id}/send", tag = "letters",
+    params(("id" = u64, Path), ("Idempotency-Key" = Option<String>, Header, description = "Repeat-safe submission")),
+    request_body(content = Option<SendRequest>, description = "Optional"),
+    responses((status = 202, body = Submitted)))]
 async fn send(
     State(state): State<AppState>,
     ApiPath(letter_id): ApiPath<u64>,
     headers: HeaderMap,
     body: Bytes,
-) -> Result<(StatusCode, HeaderMap, Json<Value>), ApiError> {
+) -> Result<(StatusCode, HeaderMap, Json<Submitted>), ApiError> {
     let parsed: Value = if body.iter().all(u8::is_ascii_whitespace) {
         Value::Null
     } else {
@@ -138,7 +163,7 @@ async fn send(
                 .ok()
                 .filter(|k| !k.is_empty() && k.len() <= 255)
                 .ok_or_else(|| {
-                    ApiError::invalid("Idempotency-Key must be 1 to 255 visible ASCII characters")
+                    ApiError::field("Idempotency-Key", "must be 1 to 255 visible ASCII characters")
                 })?;
             // The parsed body re-serialised is canonical (object keys sorted), so the
             // same request with other whitespace or key order is the same request.
@@ -172,11 +197,12 @@ async fn send(
     Ok((
         StatusCode::ACCEPTED,
         out_headers,
-        Json(json!({ "job_id": job.id, "job": job })),
+        Json(Submitted { job_id: job.id, job }),
     ))
 }
 
-#[derive(Deserialize)]
+/// Exactly one of the two.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct PreviewRequest {
     #[serde(default)]
@@ -187,6 +213,9 @@ struct PreviewRequest {
 
 /// Runs the letter's policies for one subscriber (`subscriber_id`) or an inline
 /// `recipient` and shows the decision and the message. Sends nothing.
+#[utoipa::path(post, path = "/v1/letters/{id}/preview", tag = "letters", params(("id" = u64, Path)),
+    request_body = PreviewRequest,
+    responses((status = 200, description = "`decision` (send or skip), the policy versions, and the `rendered` parts and whole `message` or the skip `reason`", body = Object)))]
 async fn preview(
     State(state): State<AppState>,
     ApiPath(letter_id): ApiPath<u64>,

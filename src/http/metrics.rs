@@ -47,6 +47,9 @@ fn handle() -> Option<&'static PrometheusHandle> {
         .as_ref()
 }
 
+/// Prometheus metrics (text exposition format).
+#[utoipa::path(get, path = "/metrics", tag = "meta",
+    responses((status = 200, description = "Metrics", content_type = "text/plain")))]
 pub async fn render(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
     let handle = handle().ok_or_else(|| ApiError::Unavailable("metrics are unavailable".into()))?;
     let overview = state.store.job_overview().await?;

@@ -7,16 +7,20 @@ mod jobs;
 mod letters;
 mod metrics;
 mod newsletters;
+mod openapi;
 mod plugins;
 mod timeout;
 mod unsubscribe;
 
-use axum::Router;
-use axum::http::Request;
-use axum::routing::get;
-use tower_http::trace::TraceLayer;
+use std::collections::BTreeSet;
 
-pub use error::{ApiError, FieldError};
+use axum::http::Request;
+use axum::{Extension, Router};
+use tower_http::trace::TraceLayer;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+pub use error::{ApiError, FieldError, Problem};
 pub use metrics::install as install_metrics;
 
 use crate::runner::Runner;
@@ -38,30 +42,16 @@ pub struct AppState {
     pub request_timeout: std::time::Duration,
 }
 
+/// The routes, and the OpenAPI document that describes them (served at `/openapi.json`).
 pub fn router(state: AppState) -> Router {
-    // The API proper (and `/metrics` unless public): every route needs the bearer token.
-    let metrics = Router::new().route("/metrics", get(metrics::render));
-    let (public_metrics, private_metrics) = match state.public_metrics {
-        true => (metrics, Router::new()),
-        false => (Router::new(), metrics),
-    };
-    let api = Router::new()
-        .merge(private_metrics)
-        .merge(newsletters::router())
-        .merge(letters::router())
-        .merge(plugins::router(state.runner.policy_limits().max_upload_bytes))
-        .merge(jobs::router())
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.api_token.clone(),
-            auth::require_token,
-        ));
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .merge(public_metrics)
-        .merge(api)
-        .merge(unsubscribe::router())
+    let (router, document) = routes_and_document(&state);
+    let document = serde_json::to_vec(&document).unwrap_or_else(|e| {
+        tracing::error!(error = %e, "the OpenAPI document does not serialise");
+        b"{}".to_vec()
+    });
+    router
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
+        .layer(Extension(openapi::Document(document.into())))
         .layer(axum::middleware::from_fn_with_state(
             state.request_timeout,
             timeout::limit_time,
@@ -72,18 +62,55 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// Every route, registered with its OpenAPI description in one step (`routes!`).
+fn routes_and_document(state: &AppState) -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    let metrics = OpenApiRouter::new().routes(routes!(metrics::render));
+    let (public_metrics, private_metrics) = match state.public_metrics {
+        true => (metrics, OpenApiRouter::new()),
+        false => (OpenApiRouter::new(), metrics),
+    };
+    let public = OpenApiRouter::new()
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(openapi::serve))
+        .merge(public_metrics)
+        .merge(unsubscribe::router());
+    let public_paths: BTreeSet<String> = public.get_openapi().paths.paths.keys().cloned().collect();
+    // The API proper (and `/metrics` unless public): every route needs the bearer token.
+    let api = OpenApiRouter::new()
+        .merge(private_metrics)
+        .merge(newsletters::router())
+        .merge(letters::router())
+        .merge(plugins::router(state.runner.policy_limits().max_upload_bytes))
+        .merge(jobs::router())
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.api_token.clone(),
+            auth::require_token,
+        ));
+    let (router, mut document) = OpenApiRouter::with_openapi(openapi::base())
+        .merge(public)
+        .merge(api)
+        .split_for_parts();
+    openapi::finish(&mut document, &public_paths);
+    (router, document)
+}
+
 /// The most items one page of a listing holds.
 const MAX_PAGE: usize = 1000;
 
-/// One page of a listing: `items`, and `next`, the cursor of the following page (the
-/// last item's, when the page is full).
-fn page<T: serde::Serialize>(
-    items: Vec<T>,
-    limit: usize,
-    cursor: fn(&T) -> u64,
-) -> axum::Json<serde_json::Value> {
+/// One page of a listing.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    /// The cursor of the following page (the last item's, when the page is full); pass
+    /// it as `?cursor=`. `null` on the last page.
+    pub next: Option<u64>,
+}
+
+/// `items` as a page of at most `limit`, with `cursor` giving an item's cursor.
+fn page<T>(items: Vec<T>, limit: usize, cursor: fn(&T) -> u64) -> axum::Json<Page<T>> {
     let next = (items.len() == limit).then(|| items.last().map(cursor)).flatten();
-    axum::Json(serde_json::json!({ "items": items, "next": next }))
+    axum::Json(Page { items, next })
 }
 
 /// Whether the request body is CSV (`text/csv`, any parameters): a streamed import.
@@ -99,20 +126,25 @@ fn is_csv(headers: &axum::http::HeaderMap) -> bool {
 fn page_limit(limit: Option<usize>) -> Result<usize, ApiError> {
     let limit = limit.unwrap_or(100);
     if limit == 0 || limit > MAX_PAGE {
-        return Err(ApiError::invalid(format!(
-            "limit must be between 1 and {MAX_PAGE}"
-        )));
+        return Err(ApiError::field(
+            "limit",
+            format!("must be between 1 and {MAX_PAGE}"),
+        ));
     }
     Ok(limit)
 }
 
 /// Alive: the process answers HTTP.
+#[utoipa::path(get, path = "/healthz", tag = "meta", responses((status = 200, description = "Alive")))]
 async fn healthz() -> axum::Json<serde_json::Value> {
     axum::Json(serde_json::json!({ "status": "ok" }))
 }
 
 /// Ready for work: the store answers and the runner is not shutting down (the server
 /// only listens once start-up recovery is done). 503 otherwise, with the reason.
+#[utoipa::path(get, path = "/readyz", tag = "meta", responses(
+    (status = 200, description = "Ready"),
+    (status = 503, description = "Not ready, and why", body = error::Problem, content_type = "application/problem+json")))]
 async fn readyz(
     axum::extract::State(state): axum::extract::State<AppState>,
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {

@@ -1,52 +1,54 @@
 //! Newsletters and their subscribers: create and list them, and read, change or erase
 //! one subscriber.
 
+use axum::Json;
 use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
 use axum::http::StatusCode;
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use serde::Deserialize;
 use serde::Deserializer;
 use serde_json::{Map, Value};
 
 use super::error::{ApiJson, ApiPath, ApiQuery, FieldError};
-use super::{ApiError, AppState, is_csv, page, page_limit};
+use super::{ApiError, AppState, Page, is_csv, page, page_limit};
 use crate::domain::{
     ImportSummary, NewSubscriber, Newsletter, Subscriber, SubscriberPatch, SubscriberStatus,
 };
 use crate::{import, mail};
 use futures_util::TryStreamExt;
 use tokio_util::io::{StreamReader, SyncIoBridge};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 /// JSON subscriber arrays are bigger than the usual request; 32 MiB is ~200k rows. (CSV
 /// is streamed, and not limited.)
 const SUBSCRIBERS_BODY_LIMIT: usize = 32 << 20;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/v1/newsletters", post(create))
-        .route("/v1/newsletters/{id}", get(show))
-        .route(
-            "/v1/newsletters/{id}/subscribers",
-            post(add_subscribers)
-                .layer(DefaultBodyLimit::max(SUBSCRIBERS_BODY_LIMIT))
-                .get(list_subscribers),
-        )
-        .route(
-            "/v1/subscribers/{id}",
-            get(show_subscriber)
-                .patch(change_subscriber)
-                .delete(erase_subscriber),
-        )
+pub fn router() -> OpenApiRouter<AppState> {
+    let (schemas, paths, add) = routes!(add_subscribers);
+    OpenApiRouter::new()
+        .routes(routes!(create))
+        .routes(routes!(show))
+        .routes((
+            schemas,
+            paths,
+            add.layer(DefaultBodyLimit::max(SUBSCRIBERS_BODY_LIMIT)),
+        ))
+        .routes(routes!(list_subscribers))
+        .routes(routes!(show_subscriber, change_subscriber, erase_subscriber))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateNewsletter {
     name: String,
+    /// The From of every letter: `Name <address>` or `address`.
     from: String,
 }
 
+/// Creates a newsletter.
+#[utoipa::path(post, path = "/v1/newsletters", tag = "newsletters", request_body = CreateNewsletter,
+    responses((status = 201, body = Newsletter)))]
 async fn create(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<CreateNewsletter>,
@@ -75,6 +77,9 @@ async fn create(
     Ok((StatusCode::CREATED, Json(newsletter)))
 }
 
+/// One newsletter.
+#[utoipa::path(get, path = "/v1/newsletters/{id}", tag = "newsletters", params(("id" = u64, Path)),
+    responses((status = 200, body = Newsletter)))]
 async fn show(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<u64>,
@@ -82,13 +87,15 @@ async fn show(
     Ok(Json(state.store.newsletter(id).await?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct SubscriberInput {
     email: String,
     #[serde(default)]
     name: Option<String>,
+    /// Free-form data the policies see.
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     attributes: Option<Map<String, Value>>,
 }
 
@@ -106,6 +113,10 @@ impl SubscriberInput {
 /// Adds or updates (by email) subscribers from a JSON array or a CSV file (`text/csv`,
 /// streamed: any length in bounded memory). Bad rows are refused one by one and listed;
 /// the others are imported.
+#[utoipa::path(post, path = "/v1/newsletters/{id}/subscribers", tag = "subscribers", params(("id" = u64, Path)),
+    request_body(description = "A JSON array of subscribers, or CSV with a header row: email, name, then attribute columns",
+        content((Vec<SubscriberInput> = "application/json"), (String = "text/csv"))),
+    responses((status = 201, description = "What was imported, and the rows refused", body = ImportSummary)))]
 async fn add_subscribers(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<u64>,
@@ -126,8 +137,9 @@ async fn add_subscribers(
     Ok((StatusCode::CREATED, Json(summary)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct SubscriberQuery {
     /// The previous page's `next`: subscriber id to continue after.
     #[serde(default)]
@@ -140,17 +152,20 @@ struct SubscriberQuery {
 }
 
 /// A newsletter's subscribers in id order, a page at a time, or the one with an email.
+#[utoipa::path(get, path = "/v1/newsletters/{id}/subscribers", tag = "subscribers", params(("id" = u64, Path), SubscriberQuery),
+    responses((status = 200, body = Page<Subscriber>)))]
 async fn list_subscribers(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<u64>,
     ApiQuery(query): ApiQuery<SubscriberQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Page<Subscriber>>, ApiError> {
     let limit = page_limit(query.limit)?;
     if let Some(email) = query.email {
         let found = state.store.subscriber_by_email(id, email).await?;
-        return Ok(Json(
-            serde_json::json!({ "items": Vec::from_iter(found), "next": null }),
-        ));
+        return Ok(Json(Page {
+            items: Vec::from_iter(found),
+            next: None,
+        }));
     }
     state.store.newsletter(id).await?;
     let items = state
@@ -160,6 +175,9 @@ async fn list_subscribers(
     Ok(page(items, limit, |s| s.id))
 }
 
+/// One subscriber.
+#[utoipa::path(get, path = "/v1/subscribers/{id}", tag = "subscribers", params(("id" = u64, Path)),
+    responses((status = 200, body = Subscriber)))]
 async fn show_subscriber(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<u64>,
@@ -172,15 +190,18 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D:
     Option::<String>::deserialize(d).map(Some)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct SubscriberChange {
     #[serde(default)]
     email: Option<String>,
+    /// `null` clears the name.
     #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>)]
     name: Option<Option<String>>,
     /// Merged as a JSON merge patch: `null` removes a key.
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     attributes: Option<Map<String, Value>>,
     #[serde(default)]
     status: Option<SubscriberStatus>,
@@ -188,6 +209,8 @@ struct SubscriberChange {
 
 /// Changes a subscriber's email, name, attributes or status. A status other than
 /// `active` stops every running job from sending to them, whatever its filter says.
+#[utoipa::path(patch, path = "/v1/subscribers/{id}", tag = "subscribers", params(("id" = u64, Path)),
+    request_body = SubscriberChange, responses((status = 200, body = Subscriber)))]
 async fn change_subscriber(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<u64>,
@@ -214,7 +237,9 @@ async fn change_subscriber(
     Ok(Json(state.store.update_subscriber(id, patch).await?))
 }
 
-/// Erases a subscriber and their personal data (see `Store::delete_subscriber`).
+/// Erases a subscriber and their personal data, also from past deliveries.
+#[utoipa::path(delete, path = "/v1/subscribers/{id}", tag = "subscribers", params(("id" = u64, Path)),
+    responses((status = 204, description = "Erased")))]
 async fn erase_subscriber(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<u64>,

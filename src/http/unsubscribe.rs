@@ -2,19 +2,22 @@
 //! follow links, so a GET changes nothing); `POST /u/{token}` unsubscribes, which is also
 //! the RFC 8058 one-click request mail clients send.
 
-use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Html;
-use axum::routing::get;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::error::ApiPath;
 use super::{ApiError, AppState};
 
-pub fn router() -> Router<AppState> {
-    Router::new().route("/u/{token}", get(confirm).post(unsubscribe))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(confirm, unsubscribe))
 }
 
+/// The confirmation page of an unsubscribe link.
+#[utoipa::path(get, path = "/u/{token}", tag = "unsubscribe", params(("token" = String, Path)),
+    responses((status = 200, description = "A page with an Unsubscribe button", content_type = "text/html")))]
 async fn confirm(
     State(state): State<AppState>,
     ApiPath(token): ApiPath<String>,
@@ -29,6 +32,9 @@ async fn confirm(
     )))
 }
 
+/// Unsubscribes (the page's button, or an RFC 8058 one-click request).
+#[utoipa::path(post, path = "/u/{token}", tag = "unsubscribe", params(("token" = String, Path)),
+    responses((status = 200, description = "Unsubscribed", content_type = "text/html")))]
 async fn unsubscribe(
     State(state): State<AppState>,
     ApiPath(token): ApiPath<String>,

@@ -18,7 +18,9 @@ use lettre::message::header::{ContentType, HeaderName, HeaderValue};
 use lettre::message::{Mailbox, MultiPart};
 use lettre::{Address, Message};
 
-pub use transport::{DEFAULT_TRANSPORT, RateLimit, SmtpSettings, Transport, Transports, redact_url};
+pub use transport::{
+    DEFAULT_TRANSPORT, RateLimit, SmtpSettings, Transport, Transports, check_smtp_settings, redact_url,
+};
 
 use lettre::message::dkim::{
     DkimCanonicalization, DkimCanonicalizationType, DkimConfig, DkimSigningAlgorithm, DkimSigningKey,

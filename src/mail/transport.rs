@@ -120,6 +120,12 @@ struct Parsed {
     rate: Option<RateLimit>,
 }
 
+/// Checks a transport's URL and credentials without connecting; the error never shows
+/// the password.
+pub fn check_smtp_settings(settings: &SmtpSettings) -> Result<(), String> {
+    parse_url(settings).map(|_| ()).map_err(|e| e.to_string())
+}
+
 fn parse_url(settings: &SmtpSettings) -> Result<Parsed, MailError> {
     let shown = redact_url(&settings.url);
     let bad = |why: String| MailError::Config(format!("SMTP URL {shown}: {why}"));

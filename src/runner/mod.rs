@@ -91,7 +91,9 @@ pub struct SendOptions {
     pub idempotency: Option<IdempotencyKey>,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
 #[serde(deny_unknown_fields)]
 pub struct RetryOverride {
     pub max_attempts: Option<u32>,

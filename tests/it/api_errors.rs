@@ -121,6 +121,21 @@ async fn bad_input_is_refused_with_a_named_problem() {
     let (status, body) = api.post(&letters, wrong).await;
     assert_eq!(status, 422, "{body}");
 
+    // Validation problems name their fields.
+    let (status, body) = api.post(&letters, json!({ "subject": " ", "text": "t" })).await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["errors"][0]["field"], "subject", "{body}");
+    let (status, body) = api.get("/v1/jobs?limit=0").await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["errors"][0]["field"], "limit", "{body}");
+    let (status, body) = api.get("/v1/jobs?state=sleeping").await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["errors"][0]["field"], "state", "{body}");
+    assert!(
+        detail(&body).contains("running"),
+        "names the states there are: {body}"
+    );
+
     // A bad send request.
     let letter = api
         .letter(newsletter, json!({ "subject": "s", "text": "t" }))
@@ -136,7 +151,9 @@ async fn bad_input_is_refused_with_a_named_problem() {
     assert_eq!(body["status"], 413, "{body}");
 
     // Error bodies are problem+json.
-    let response = reqwest::Client::new()
+    let response = crate::support::client_builder()
+        .build()
+        .unwrap()
         .get(format!("{}/v1/jobs/999", api.base))
         .bearer_auth(crate::support::TEST_TOKEN)
         .send()

@@ -4,6 +4,7 @@
 
 mod api_errors;
 mod auth;
+mod cli;
 mod crash;
 mod delivery;
 mod e2e;

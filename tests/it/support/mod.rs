@@ -93,6 +93,12 @@ impl TestServer {
     }
 }
 
+/// A reqwest client builder, with the TLS crypto provider the binary uses installed.
+pub fn client_builder() -> reqwest::ClientBuilder {
+    letterbox::client::install_crypto_provider();
+    reqwest::Client::builder()
+}
+
 #[derive(Clone)]
 pub struct Api {
     pub base: String,
@@ -114,7 +120,7 @@ impl Api {
         }
         Api {
             base,
-            client: reqwest::Client::builder()
+            client: client_builder()
                 .timeout(Duration::from_secs(60))
                 .default_headers(headers)
                 .build()

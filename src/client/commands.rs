@@ -1,0 +1,546 @@
+//! The client commands: each one is a request or two and a human summary (or, with
+//! `--json`, the server's JSON as is).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use futures_util::StreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
+use reqwest::Method;
+use serde_json::{Map, Value, json};
+
+use super::{Client, ClientError, Target, events};
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Newsletters: `newsletter create --name … --from …`.
+    #[command(subcommand)]
+    Newsletter(NewsletterCommand),
+    /// Subscribers: `subscribers import FILE.csv --newsletter ID`.
+    #[command(subcommand)]
+    Subscribers(SubscribersCommand),
+    /// Policies: `plugin upload FILE.wasm --kind filter --name NAME`, `plugin list`.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+    /// Letters: `letter create --newsletter ID --subject … --text …`.
+    #[command(subcommand)]
+    Letter(LetterCommand),
+    /// Send a letter: starts a job (and with --follow, shows its progress to the end).
+    Send(SendArgs),
+    /// List jobs, newest first.
+    Jobs {
+        /// Only jobs in this state (scheduled, queued, running, paused, completed,
+        /// cancelled, failed).
+        #[arg(long)]
+        state: Option<String>,
+        /// How many (at most 1000).
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// One job: show, follow, pause, resume, cancel, retry-failed.
+    #[command(subcommand)]
+    Job(JobCommand),
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum NewsletterCommand {
+    Create {
+        #[arg(long)]
+        name: String,
+        /// The From of its letters: `"Name <address>"` or `address`.
+        #[arg(long)]
+        from: String,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum SubscribersCommand {
+    /// Add or update (by email) subscribers from a CSV file (header row: email, name,
+    /// then attribute columns) or a JSON array (`.json`). Streams the file; bad rows are
+    /// listed and the rest imported.
+    Import {
+        file: PathBuf,
+        #[arg(long)]
+        newsletter: u64,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum PluginCommand {
+    /// Upload a WebAssembly component as a new version of a named policy.
+    Upload {
+        file: PathBuf,
+        /// filter or template.
+        #[arg(long)]
+        kind: String,
+        #[arg(long)]
+        name: String,
+    },
+    /// Every policy with its latest version.
+    List,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum LetterCommand {
+    Create {
+        #[arg(long)]
+        newsletter: u64,
+        #[arg(long)]
+        subject: String,
+        /// The plain-text body (or --text-file).
+        #[arg(long, required_unless_present = "text_file", conflicts_with = "text_file")]
+        text: Option<String>,
+        #[arg(long)]
+        text_file: Option<PathBuf>,
+        /// An HTML body, from a file.
+        #[arg(long)]
+        html_file: Option<PathBuf>,
+        /// The filter policy's name (default: the built-in one).
+        #[arg(long)]
+        filter: Option<String>,
+        /// The template policy's name (default: the built-in one).
+        #[arg(long)]
+        template: Option<String>,
+        /// Parameters the policies see, as a JSON object.
+        #[arg(long)]
+        params: Option<String>,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SendArgs {
+    /// The letter's id.
+    letter: u64,
+    /// Show the job's progress until it ends, then a summary. Exits non-zero if the job
+    /// does not complete or some recipients failed.
+    #[arg(long)]
+    follow: bool,
+    /// Deliveries in flight for this job.
+    #[arg(long)]
+    concurrency: Option<u32>,
+    /// A configured transport's name.
+    #[arg(long)]
+    transport: Option<String>,
+    /// Start later: an RFC 3339 time (2026-12-01T09:00:00Z).
+    #[arg(long)]
+    at: Option<String>,
+    /// Makes the request safe to repeat: the same key returns the same job.
+    #[arg(long)]
+    idempotency_key: Option<String>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum JobCommand {
+    Show {
+        id: u64,
+    },
+    /// Show progress until the job ends, then a summary.
+    Follow {
+        id: u64,
+    },
+    Pause {
+        id: u64,
+    },
+    Resume {
+        id: u64,
+    },
+    Cancel {
+        id: u64,
+    },
+    /// Send again to the recipients that failed.
+    RetryFailed {
+        id: u64,
+    },
+}
+
+/// Runs one client command against `target`.
+pub async fn run(target: Target, command: Command) -> Result<(), ClientError> {
+    let client = Client::new(target)?;
+    match command {
+        Command::Newsletter(NewsletterCommand::Create { name, from }) => {
+            let n = client
+                .post("/v1/newsletters", &json!({ "name": name, "from": from }))
+                .await?;
+            print(&client, &n, || {
+                format!("newsletter {} created: {}", n["id"], text(&n["name"]))
+            });
+        }
+        Command::Subscribers(SubscribersCommand::Import { file, newsletter }) => {
+            import(&client, &file, newsletter).await?;
+        }
+        Command::Plugin(PluginCommand::Upload { file, kind, name }) => {
+            let bytes = read(&file).await?;
+            let path = format!("/v1/plugins?kind={}&name={}", encode(&kind), encode(&name));
+            let request = client
+                .request(Method::POST, &path)
+                .header(reqwest::header::CONTENT_TYPE, "application/wasm")
+                .body(bytes);
+            let p = client.send(request).await?;
+            print(&client, &p, || {
+                format!(
+                    "{} {} uploaded: {}",
+                    text(&p["kind"]),
+                    text(&p["name"]),
+                    text(&p["id"])
+                )
+            });
+        }
+        Command::Plugin(PluginCommand::List) => {
+            let list = client.get("/v1/plugins").await?;
+            print(&client, &list, || {
+                let mut out = format!("{:<24} {:<9} {:>8}  LATEST", "NAME", "KIND", "VERSIONS");
+                for p in list.as_array().into_iter().flatten() {
+                    out.push_str(&format!(
+                        "\n{:<24} {:<9} {:>8}  {}",
+                        text(&p["name"]),
+                        text(&p["kind"]),
+                        text(&p["versions"]),
+                        text(&p["latest"]["id"]).chars().take(12).collect::<String>()
+                    ));
+                }
+                out
+            });
+        }
+        Command::Letter(LetterCommand::Create {
+            newsletter,
+            subject,
+            text: body,
+            text_file,
+            html_file,
+            filter,
+            template,
+            params,
+        }) => {
+            let body = match (body, text_file) {
+                (Some(body), _) => body,
+                (None, Some(path)) => read_text(&path).await?,
+                (None, None) => return Err(ClientError::Usage("give --text or --text-file".into())),
+            };
+            let mut letter = json!({ "subject": subject, "text": body });
+            if let Some(path) = html_file {
+                letter["html"] = json!(read_text(&path).await?);
+            }
+            if let Some(filter) = filter {
+                letter["filter"] = json!(filter);
+            }
+            if let Some(template) = template {
+                letter["template"] = json!(template);
+            }
+            if let Some(params) = params {
+                let params: Map<String, Value> = serde_json::from_str(&params)
+                    .map_err(|e| ClientError::Usage(format!("--params must be a JSON object: {e}")))?;
+                letter["params"] = Value::Object(params);
+            }
+            let l = client
+                .post(&format!("/v1/newsletters/{newsletter}/letters"), &letter)
+                .await?;
+            print(&client, &l, || {
+                format!("letter {} created: {}", l["id"], text(&l["subject"]))
+            });
+        }
+        Command::Send(args) => send(&client, args).await?,
+        Command::Jobs { state, limit } => {
+            let mut path = format!("/v1/jobs?limit={limit}");
+            if let Some(state) = state {
+                path.push_str(&format!("&state={}", encode(&state)));
+            }
+            let page = client.get(&path).await?;
+            print(&client, &page, || {
+                let mut out = format!(
+                    "{:>6} {:<10} {:>7} {:>10} {:>10} {:>8}",
+                    "JOB", "STATE", "LETTER", "DONE", "DELIVERED", "FAILED"
+                );
+                for job in page["items"].as_array().into_iter().flatten() {
+                    let c = &job["counts"];
+                    let n = |k: &str| c[k].as_u64().unwrap_or(0);
+                    let total = n("pending")
+                        + n("sending")
+                        + n("delivered")
+                        + n("skipped")
+                        + n("retrying")
+                        + n("failed")
+                        + n("cancelled");
+                    let open = n("pending") + n("sending") + n("retrying");
+                    out.push_str(&format!(
+                        "\n{:>6} {:<10} {:>7} {:>10} {:>10} {:>8}",
+                        text(&job["id"]),
+                        text(&job["state"]),
+                        text(&job["letter_id"]),
+                        format!("{}/{}", total - open, total),
+                        n("delivered"),
+                        n("failed")
+                    ));
+                }
+                out
+            });
+        }
+        Command::Job(JobCommand::Follow { id }) => {
+            let job = events::follow(&client, id).await?;
+            summarise(&client, &job)?;
+        }
+        Command::Job(JobCommand::Show { id }) => {
+            let job = client.get(&format!("/v1/jobs/{id}")).await?;
+            print(&client, &job, || describe(&job));
+        }
+        Command::Job(action) => {
+            let (id, verb) = match action {
+                JobCommand::Pause { id } => (id, "pause"),
+                JobCommand::Resume { id } => (id, "resume"),
+                JobCommand::Cancel { id } => (id, "cancel"),
+                JobCommand::RetryFailed { id } => (id, "retry-failed"),
+                JobCommand::Show { .. } | JobCommand::Follow { .. } => unreachable!("handled above"),
+            };
+            let job = client
+                .post(&format!("/v1/jobs/{id}/{verb}"), &Value::Null)
+                .await?;
+            print(&client, &job, || {
+                let mut out = describe(&job);
+                if let Some(n) = job["requeued"].as_u64() {
+                    out.push_str(&format!("\n{n} failed recipients requeued"));
+                }
+                out
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Prints `value` as JSON with `--json`, else the human text.
+fn print(client: &Client, value: &Value, human: impl FnOnce() -> String) {
+    if client.json_output() {
+        println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
+    } else {
+        println!("{}", human());
+    }
+}
+
+/// `value` for a query string.
+fn encode(value: &str) -> percent_encoding::PercentEncode<'_> {
+    percent_encoding::utf8_percent_encode(value, percent_encoding::NON_ALPHANUMERIC)
+}
+
+/// A JSON string without its quotes (other values as JSON).
+fn text(value: &Value) -> String {
+    value
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| value.to_string())
+}
+
+/// A job in a few lines.
+fn describe(job: &Value) -> String {
+    let c = &job["counts"];
+    let n = |k: &str| c[k].as_u64().unwrap_or(0);
+    let mut out = format!(
+        "job {} ({}) of letter {}\n  delivered {}  skipped {}  failed {}  pending {}  sending {}  retrying {}  cancelled {}",
+        job["id"],
+        text(&job["state"]),
+        job["letter_id"],
+        n("delivered"),
+        n("skipped"),
+        n("failed"),
+        n("pending"),
+        n("sending"),
+        n("retrying"),
+        n("cancelled"),
+    );
+    if let Some(rate) = job["rate_per_second"].as_f64().filter(|r| *r > 0.0) {
+        out.push_str(&format!("\n  {rate:.0}/s"));
+        if let Some(eta) = job["eta_seconds"].as_u64() {
+            out.push_str(&format!(", about {eta} s to go"));
+        }
+    }
+    if let Some(reason) = job["pause_reason"].as_str() {
+        out.push_str(&format!("\n  paused: {reason}"));
+    }
+    if let Some(error) = job["error"].as_str() {
+        out.push_str(&format!("\n  error: {error}"));
+    }
+    out
+}
+
+async fn send(client: &Client, args: SendArgs) -> Result<(), ClientError> {
+    let mut body = Map::new();
+    if let Some(c) = args.concurrency {
+        body.insert("concurrency".into(), json!(c));
+    }
+    if let Some(t) = args.transport {
+        body.insert("transport".into(), json!(t));
+    }
+    if let Some(at) = args.at {
+        body.insert("send_at".into(), json!(at));
+    }
+    let mut request = client
+        .request(Method::POST, &format!("/v1/letters/{}/send", args.letter))
+        .json(&body);
+    if let Some(key) = &args.idempotency_key {
+        request = request.header("idempotency-key", key);
+    }
+    let submitted = client.send(request).await?;
+    let id = submitted["job_id"]
+        .as_u64()
+        .ok_or_else(|| ClientError::Io("the server's answer has no job_id".into()))?;
+    if !args.follow {
+        print(client, &submitted, || {
+            format!(
+                "job {id} {}; follow it with: letterbox job follow {id}",
+                text(&submitted["job"]["state"])
+            )
+        });
+        return Ok(());
+    }
+    if !client.json_output() {
+        eprintln!("job {id} started");
+    }
+    let job = events::follow(client, id).await?;
+    summarise(client, &job)
+}
+
+/// The summary at the end of a followed job; an error (exit code ≠ 0) when the job did
+/// not complete or recipients failed.
+fn summarise(client: &Client, job: &Value) -> Result<(), ClientError> {
+    let c = &job["counts"];
+    let n = |k: &str| c[k].as_u64().unwrap_or(0);
+    let state = text(&job["state"]);
+    let elapsed = match (job["started_at"].as_u64(), job["finished_at"].as_u64()) {
+        (Some(start), Some(end)) => format!(" in {} s", end.saturating_sub(start)),
+        _ => String::new(),
+    };
+    print(client, job, || {
+        format!(
+            "job {} {state}{elapsed}: {} delivered, {} skipped, {} failed, {} cancelled",
+            job["id"],
+            n("delivered"),
+            n("skipped"),
+            n("failed"),
+            n("cancelled")
+        )
+    });
+    if state != "completed" {
+        let why = job["error"]
+            .as_str()
+            .map(|e| format!(": {e}"))
+            .unwrap_or_default();
+        return Err(ClientError::Outcome(format!(
+            "job {} ended {state}{why}",
+            job["id"]
+        )));
+    }
+    if n("failed") > 0 {
+        return Err(ClientError::Outcome(format!(
+            "{} recipients failed; see GET /v1/jobs/{}/deliveries?state=failed, or `letterbox job retry-failed {}`",
+            n("failed"),
+            job["id"],
+            job["id"]
+        )));
+    }
+    Ok(())
+}
+
+async fn read(path: &Path) -> Result<Vec<u8>, ClientError> {
+    tokio::fs::read(path)
+        .await
+        .map_err(|e| ClientError::Io(format!("cannot read {}: {e}", path.display())))
+}
+
+async fn read_text(path: &Path) -> Result<String, ClientError> {
+    String::from_utf8(read(path).await?)
+        .map_err(|_| ClientError::Io(format!("{} is not UTF-8 text", path.display())))
+}
+
+/// Streams a CSV file (or sends a `.json` array) to the import route, with a bar of rows
+/// sent and their rate; then the summary and the first refused rows.
+async fn import(client: &Client, path: &Path, newsletter: u64) -> Result<(), ClientError> {
+    let is_json = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("json"));
+    let url = format!("/v1/newsletters/{newsletter}/subscribers");
+    let started = Instant::now();
+    let summary = if is_json {
+        let body = read(path).await?;
+        let request = client
+            .request(Method::POST, &url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body);
+        client.send(request).await?
+    } else {
+        // Count the lines first (a fast scan) so the bar has a length in rows.
+        let file_error = |e: std::io::Error| ClientError::Io(format!("cannot read {}: {e}", path.display()));
+        let lines = {
+            let path = path.to_path_buf();
+            tokio::task::spawn_blocking(move || count_lines(&path))
+                .await
+                .map_err(|e| ClientError::Io(e.to_string()))?
+                .map_err(file_error)?
+        };
+        let bar = ProgressBar::new(lines.saturating_sub(1));
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {wide_bar} {human_pos}/{human_len} rows ({per_sec}, eta {eta})",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        let file = tokio::fs::File::open(path).await.map_err(file_error)?;
+        let counter = bar.clone();
+        let mut first = true;
+        let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 << 10).map(move |chunk| {
+            if let Ok(chunk) = &chunk {
+                let mut rows = chunk.iter().filter(|b| **b == b'\n').count() as u64;
+                if first && rows > 0 {
+                    rows -= 1; // the header
+                    first = false;
+                }
+                counter.inc(rows);
+            }
+            chunk
+        });
+        let request = client
+            .request(Method::POST, &url)
+            .header(reqwest::header::CONTENT_TYPE, "text/csv")
+            .body(reqwest::Body::wrap_stream(stream));
+        let result = client.send(request).await;
+        bar.finish_and_clear();
+        result?
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    print(client, &summary, || {
+        let n = |k: &str| summary[k].as_u64().unwrap_or(0);
+        let rows = n("inserted") + n("updated") + n("rejected");
+        let mut out = format!(
+            "{} inserted, {} updated, {} rejected ({rows} rows in {seconds:.1} s, {:.0} rows/s)",
+            n("inserted"),
+            n("updated"),
+            n("rejected"),
+            rows as f64 / seconds.max(0.001)
+        );
+        let errors = summary["errors"].as_array().cloned().unwrap_or_default();
+        for e in errors.iter().take(20) {
+            let line = e["line"]
+                .as_u64()
+                .map(|l| format!(" (line {l})"))
+                .unwrap_or_default();
+            out.push_str(&format!("\n  row {}{line}: {}", e["row"], text(&e["reason"])));
+        }
+        if n("rejected") > 20 {
+            out.push_str(&format!("\n  … and {} more", n("rejected") - 20));
+        }
+        out
+    });
+    Ok(())
+}
+
+fn count_lines(path: &Path) -> std::io::Result<u64> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut buffer = vec![0; 1 << 20];
+    let mut lines = 0u64;
+    let mut last = b'\n';
+    loop {
+        let n = file.read(&mut buffer)?;
+        if n == 0 {
+            break;
+        }
+        lines += buffer[..n].iter().filter(|b| **b == b'\n').count() as u64;
+        last = buffer[n - 1];
+    }
+    // A last line without its newline is a line too.
+    Ok(lines + u64::from(last != b'\n'))
+}

@@ -1,0 +1,171 @@
+//! The client commands, run as the real binary against a real server (port 0) and a real
+//! SMTP server: a whole send driven from the command line, followed to its end.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::support::smtp::Reply;
+use crate::support::{SmtpServer, TEST_TOKEN, TestServer, wasm};
+
+/// What one command printed, and how it exited.
+struct Output {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+impl Output {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("{e}: {}", self.stdout))
+    }
+}
+
+async fn letterbox(server: &str, token: &str, args: &[&str]) -> Output {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_letterbox"))
+        .args(args)
+        .args(["--server", server])
+        .env("LETTERBOX_API_TOKEN", token)
+        .env_remove("LETTERBOX_SERVER")
+        .output()
+        .await
+        .expect("run letterbox");
+    Output {
+        ok: output.status.success(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+fn write_csv(path: &Path, rows: usize) {
+    let mut csv = String::from("email,name,plan\n");
+    for i in 0..rows {
+        csv.push_str(&format!("reader{i}@example.com,Reader {i},free\n"));
+    }
+    csv.push_str("not-an-email,Nobody,free\n");
+    csv.push_str("gone@example.com,Gone,free\n");
+    std::fs::write(path, csv).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_send_from_the_command_line() {
+    // One address refuses mail for good, so the first send ends with a failure.
+    let script = Arc::new(|rcpt: &str, _tries: u32| match rcpt.starts_with("gone@") {
+        true => Reply::PermFail,
+        false => Reply::Accept,
+    });
+    let smtp = SmtpServer::scripted(Duration::ZERO, script).await;
+    let server = TestServer::start(Some(&smtp)).await;
+    let base = server.api.base.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: Vec<String>| {
+        let base = base.clone();
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            letterbox(&base, TEST_TOKEN, &args).await
+        }
+    };
+    let args = |s: &str| s.split(' ').map(str::to_string).collect::<Vec<_>>();
+
+    let out = run(vec![
+        "--json".into(),
+        "newsletter".into(),
+        "create".into(),
+        "--name".into(),
+        "CLI weekly".into(),
+        "--from".into(),
+        "CLI <cli@example.com>".into(),
+    ])
+    .await;
+    assert!(out.ok, "{}", out.stderr);
+    let newsletter = out.json()["id"].as_u64().unwrap();
+
+    let csv = dir.path().join("readers.csv");
+    write_csv(&csv, 300);
+    let out = run(args(&format!(
+        "subscribers import {} --newsletter {newsletter}",
+        csv.display()
+    )))
+    .await;
+    assert!(out.ok, "{}", out.stderr);
+    assert!(
+        out.stdout.starts_with("301 inserted, 0 updated, 1 rejected"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("row 301 (line 302): invalid email address"),
+        "{}",
+        out.stdout
+    );
+
+    let component = dir.path().join("everyone.wasm");
+    std::fs::write(&component, wasm("default_filter")).unwrap();
+    let out = run(args(&format!(
+        "plugin upload {} --kind filter --name everyone",
+        component.display()
+    )))
+    .await;
+    assert!(out.ok, "{}", out.stderr);
+    assert!(
+        out.stdout.starts_with("filter everyone uploaded"),
+        "{}",
+        out.stdout
+    );
+
+    let mut create = args(&format!(
+        "--json letter create --newsletter {newsletter} --filter everyone --text"
+    ));
+    create.extend(["Hello {{ name }}".into(), "--subject".into(), "CLI issue".into()]);
+    let out = run(create).await;
+    assert!(out.ok, "{}", out.stderr);
+    let letter = out.json()["id"].as_u64().unwrap();
+
+    // The send, followed to its end: a summary, and a failing exit for the refused one.
+    let out = run(args(&format!("send {letter} --follow"))).await;
+    assert!(!out.ok, "one recipient failed: {}", out.stdout);
+    assert!(
+        out.stdout.contains("completed") && out.stdout.contains("300 delivered, 0 skipped, 1 failed"),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stderr.contains("1 recipients failed"), "{}", out.stderr);
+    assert_eq!(smtp.count(), 300);
+    let job = server.api.get("/v1/jobs?limit=1").await.1["items"][0]["id"]
+        .as_u64()
+        .unwrap();
+
+    // The listing and the job controls.
+    let out = run(args("jobs --state completed")).await;
+    assert!(out.ok, "{}", out.stderr);
+    assert!(
+        out.stdout.lines().nth(1).unwrap().contains("completed"),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stdout.contains("301/301"), "{}", out.stdout);
+    let out = run(args(&format!("--json job retry-failed {job}"))).await;
+    assert!(out.ok, "{}", out.stderr);
+    assert_eq!(out.json()["requeued"], 1);
+    let out = run(args(&format!("job follow {job}"))).await;
+    assert!(!out.ok, "it fails again");
+    assert!(
+        out.stdout.contains("300 delivered, 0 skipped, 1 failed"),
+        "{}",
+        out.stdout
+    );
+
+    // Server errors: the problem's detail and field errors, and a failing exit.
+    let out = run(args("job pause 999")).await;
+    assert!(!out.ok);
+    assert_eq!(out.stderr.trim(), "error: job 999 not found");
+    let out = run(args("newsletter create --name x --from nope")).await;
+    assert!(!out.ok);
+    assert!(out.stderr.contains("from: "), "{}", out.stderr);
+    let out = letterbox(&base, "a-wrong-token-a-wrong-token", &["jobs"]).await;
+    assert!(!out.ok);
+    assert!(out.stderr.contains("LETTERBOX_API_TOKEN"), "{}", out.stderr);
+    server.stop().await;
+}

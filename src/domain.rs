@@ -108,6 +108,9 @@ pub struct ImportSummary {
     pub inserted: u64,
     pub updated: u64,
     pub rejected: u64,
+    /// Imported rows whose name held a line break or another control character, each
+    /// folded to a space (a name is one header line).
+    pub names_folded: u64,
     pub errors: Vec<RowError>,
 }
 
@@ -383,6 +386,13 @@ pub struct Job {
     /// Why the job is paused, while it is.
     #[serde(default)]
     pub pause_reason: Option<String>,
+    /// Random, made once when the job is created and kept with it: the part of every
+    /// Message-ID (`<letterbox.JOB.SUBSCRIBER.NONCE@domain>`) that makes it unique
+    /// across installations, whose job and subscriber ids start again at 1. Kept so a
+    /// message sent again after a crash has the first copy's ID. Jobs created before
+    /// it existed have none and keep their old IDs (`<letterbox.JOB.SUBSCRIBER@domain>`).
+    #[serde(default)]
+    pub message_id_nonce: Option<String>,
     pub created_at: u64,
     pub started_at: Option<u64>,
     pub finished_at: Option<u64>,

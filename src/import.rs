@@ -43,12 +43,49 @@ pub fn subscriber(
     name: Option<&str>,
     attributes: Map<String, Value>,
 ) -> Result<NewSubscriber, String> {
+    checked(email, name, attributes).map(|(subscriber, _)| subscriber)
+}
+
+/// A display name as stored: line breaks and other control characters folded to
+/// spaces (a name is one header line; real exports carry quoted line breaks), trimmed,
+/// `None` when empty. The flag says whether anything but trimming changed it.
+pub fn name(name: &str) -> (Option<String>, bool) {
+    let folded = mail::fold_header_text(name);
+    let changed = folded.as_ref() != name.trim();
+    (Some(folded.into_owned()).filter(|n| !n.is_empty()), changed)
+}
+
+/// A name must fit on a header line whatever it holds (see `mail::MAX_NAME_CHARS`).
+pub fn check_name_length(name: &str) -> Result<(), String> {
+    let chars = name.chars().count();
+    if chars > mail::MAX_NAME_CHARS {
+        return Err(format!(
+            "the name has {chars} characters; at most {} are allowed",
+            mail::MAX_NAME_CHARS
+        ));
+    }
+    Ok(())
+}
+
+/// [`subscriber`], and whether the name had to be folded.
+fn checked(
+    email: &str,
+    raw_name: Option<&str>,
+    attributes: Map<String, Value>,
+) -> Result<(NewSubscriber, bool), String> {
     let email = mail::parse_address(email).map_err(|e| e.to_string())?;
-    Ok(NewSubscriber {
-        email,
-        name: name.map(str::trim).filter(|n| !n.is_empty()).map(str::to_string),
-        attributes,
-    })
+    let (name, folded) = raw_name.map(name).unwrap_or((None, false));
+    if let Some(name) = &name {
+        check_name_length(name)?;
+    }
+    Ok((
+        NewSubscriber {
+            email,
+            name,
+            attributes,
+        },
+        folded,
+    ))
 }
 
 /// A batch of parsed rows on its way to the store.
@@ -56,6 +93,7 @@ struct Batch {
     rows: Vec<NewSubscriber>,
     errors: Vec<RowError>,
     rejected: u64,
+    names_folded: u64,
 }
 
 impl Batch {
@@ -64,7 +102,13 @@ impl Batch {
             rows: Vec::with_capacity(BATCH),
             errors: Vec::new(),
             rejected: 0,
+            names_folded: 0,
         }
+    }
+
+    fn accept(&mut self, (subscriber, folded): (NewSubscriber, bool)) {
+        self.names_folded += u64::from(folded);
+        self.rows.push(subscriber);
     }
 
     fn reject(&mut self, row: u64, line: Option<u64>, reason: String) {
@@ -87,6 +131,7 @@ async fn commit(
         summary.updated += stored.updated;
     }
     summary.rejected += batch.rejected;
+    summary.names_folded += batch.names_folded;
     let room = MAX_ERRORS_LISTED.saturating_sub(summary.errors.len());
     summary.errors.extend(batch.errors.into_iter().take(room));
     Ok(())
@@ -99,7 +144,7 @@ pub async fn json(store: &Store, newsletter_id: u64, rows: Vec<Value>) -> Result
     let mut batch = Batch::new();
     for (i, row) in rows.into_iter().enumerate() {
         match json_row(row) {
-            Ok(subscriber) => batch.rows.push(subscriber),
+            Ok(checked) => batch.accept(checked),
             Err(reason) => batch.reject(i as u64 + 1, None, reason),
         }
         if batch.rows.len() == BATCH {
@@ -126,9 +171,9 @@ struct JsonRow {
     attributes: Option<Map<String, Value>>,
 }
 
-fn json_row(row: Value) -> Result<NewSubscriber, String> {
+fn json_row(row: Value) -> Result<(NewSubscriber, bool), String> {
     let row: JsonRow = serde_json::from_value(row).map_err(|e| e.to_string())?;
-    subscriber(
+    checked(
         &row.email,
         row.name.as_deref(),
         row.attributes.unwrap_or_default(),
@@ -175,7 +220,7 @@ impl Columns {
         })
     }
 
-    fn row(&self, record: &csv::StringRecord) -> Result<NewSubscriber, String> {
+    fn row(&self, record: &csv::StringRecord) -> Result<(NewSubscriber, bool), String> {
         if record.len() != self.width {
             return Err(format!(
                 "has {} fields where the header has {}",
@@ -191,7 +236,7 @@ impl Columns {
             }
         }
         let email = record.get(self.email).unwrap_or_default();
-        subscriber(email, self.name.and_then(|i| record.get(i)), attributes)
+        checked(email, self.name.and_then(|i| record.get(i)), attributes)
     }
 }
 
@@ -245,7 +290,7 @@ fn parse_csv<R: Read>(reader: R, tx: mpsc::Sender<Batch>) -> Result<(), Parse> {
             Ok(true) => {
                 let line = record.position().map(|p| p.line());
                 match columns.row(&record) {
-                    Ok(subscriber) => batch.rows.push(subscriber),
+                    Ok(checked) => batch.accept(checked),
                     Err(reason) => batch.reject(number, line, reason),
                 }
             }
@@ -272,6 +317,19 @@ fn parse_csv<R: Read>(reader: R, tx: mpsc::Sender<Batch>) -> Result<(), Parse> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn names_are_folded_to_one_line() {
+        assert_eq!(name("  Ann Lee "), (Some("Ann Lee".into()), false));
+        assert_eq!(
+            name("Eve\r\nBcc: x@example.org"),
+            (Some("Eve Bcc: x@example.org".into()), true)
+        );
+        assert_eq!(name("Ann \n Lee\t"), (Some("Ann Lee".into()), true));
+        assert_eq!(name("\u{0}\u{7f}"), (None, true));
+        assert_eq!(name(" "), (None, false));
+        assert_eq!(name("Zoë\u{2028}Ng"), (Some("Zoë Ng".into()), true));
+    }
+
     fn header(fields: &[&str]) -> Result<Columns, String> {
         Columns::from_header(&csv::StringRecord::from(fields.to_vec()))
     }
@@ -290,10 +348,10 @@ mod tests {
     #[test]
     fn empty_cells_are_no_attribute() {
         let columns = header(&["email", "name", "plan", "city"]).unwrap();
-        let row = columns
+        let (row, folded) = columns
             .row(&csv::StringRecord::from(vec!["a@example.org", "", "pro", ""]))
             .unwrap();
-        assert_eq!(row.name, None);
+        assert_eq!((row.name, folded), (None, false));
         assert_eq!(
             Value::Object(row.attributes),
             serde_json::json!({ "plan": "pro" })

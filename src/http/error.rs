@@ -175,6 +175,19 @@ impl From<RunnerError> for ApiError {
             RunnerError::Store(e) => e.into(),
             RunnerError::Policy(e) => e.into(),
             RunnerError::Invalid(detail) => ApiError::invalid(detail),
+            e @ RunnerError::InvalidFields(_) => {
+                let detail = e.to_string();
+                let RunnerError::InvalidFields(fields) = e else {
+                    unreachable!()
+                };
+                ApiError::Invalid {
+                    detail,
+                    errors: fields
+                        .into_iter()
+                        .map(|(field, message)| FieldError { field, message })
+                        .collect(),
+                }
+            }
             RunnerError::Conflict(detail) => ApiError::Conflict(detail),
             RunnerError::ShuttingDown => ApiError::Unavailable(e.to_string()),
         }

@@ -12,7 +12,7 @@ use utoipa_axum::routes;
 
 use super::error::{ApiJson, ApiPath};
 use super::{ApiError, AppState};
-use crate::domain::{Job, Letter, PluginKind, now};
+use crate::domain::{Job, Letter, now};
 use crate::policy::Verdict;
 use crate::policy::builtin::{DEFAULT_FILTER_NAME, DEFAULT_TEMPLATE_NAME};
 use crate::runner::{PreviewTarget, RetryOverride, SendOptions};
@@ -56,25 +56,31 @@ async fn create(
     if body.subject.trim().is_empty() {
         return Err(ApiError::field("subject", "must not be empty"));
     }
+    // A subject is one header line. Folding a line break away silently would send
+    // something other than what was written; the author decides instead.
+    if body.subject.contains(['\r', '\n']) {
+        return Err(ApiError::field(
+            "subject",
+            "must be one line (it contains a line break)",
+        ));
+    }
     let filter = body.filter.unwrap_or_else(|| DEFAULT_FILTER_NAME.to_string());
     let template = body.template.unwrap_or_else(|| DEFAULT_TEMPLATE_NAME.to_string());
-    // Named policies must exist now (their version is fixed only when a job starts).
-    state.runner.resolve(&filter, PluginKind::Filter).await?;
-    state.runner.resolve(&template, PluginKind::Template).await?;
-    let letter = state
-        .store
-        .create_letter(Letter {
-            id: 0,
-            newsletter_id,
-            subject: body.subject,
-            text: body.text,
-            html: body.html,
-            filter,
-            template,
-            params: body.params.unwrap_or_default(),
-            created_at: now(),
-        })
-        .await?;
+    let letter = Letter {
+        id: 0,
+        newsletter_id,
+        subject: body.subject,
+        text: body.text,
+        html: body.html,
+        filter,
+        template,
+        params: body.params.unwrap_or_default(),
+        created_at: now(),
+    };
+    // Named policies must exist now (their version is fixed only when a job starts),
+    // and the letter must render.
+    state.runner.check_letter(&letter).await?;
+    let letter = state.store.create_letter(letter).await?;
     Ok((StatusCode::CREATED, Json(letter)))
 }
 

@@ -226,11 +226,14 @@ async fn change_subscriber(
         })?),
         None => None,
     };
+    let name = change.name.map(|n| n.and_then(|n| import::name(&n).0));
+    if let Some(Some(name)) = &name {
+        import::check_name_length(name).map_err(|message| ApiError::field("name", message))?;
+    }
     let patch = SubscriberPatch {
         email,
-        name: change
-            .name
-            .map(|n| n.map(|n| n.trim().to_string()).filter(|n| !n.is_empty())),
+        // Folded like an imported name: one header line.
+        name,
         attributes: change.attributes,
         status: change.status,
     };

@@ -10,7 +10,7 @@ use std::time::Duration;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 use super::smtp::{Endpoint, Security, SmtpPool, Timeouts};
-use super::{Dkim, MailError, Outgoing, build};
+use super::{Dkim, MailError, Outgoing, build, formatted};
 
 /// The transport used when a job names none.
 pub const DEFAULT_TRANSPORT: &str = "default";
@@ -372,13 +372,13 @@ impl Transport {
                 let tmp = dir.join(format!(".{stem}.eml.tmp"));
                 // A full disk or similar may pass: worth retrying.
                 let io = |e: std::io::Error| MailError::Transient(format!("outbox {}: {e}", path.display()));
-                tokio::fs::write(&tmp, message.formatted()).await.map_err(io)?;
+                tokio::fs::write(&tmp, formatted(&message)).await.map_err(io)?;
                 tokio::fs::rename(&tmp, &path).await.map_err(io)?;
                 Ok(format!("written to {}", path.display()))
             }
             Sink::Smtp(pool) => {
                 let started = std::time::Instant::now();
-                let sent = pool.send(message.envelope(), &message.formatted()).await;
+                let sent = pool.send(message.envelope(), &formatted(&message)).await;
                 let outcome = if sent.is_ok() { "ok" } else { "error" };
                 metrics::histogram!("letterbox_smtp_send_seconds", "transport" => self.inner.name.clone(), "outcome" => outcome)
                     .record(started.elapsed().as_secs_f64());

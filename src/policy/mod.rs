@@ -21,6 +21,9 @@
 
 pub mod builtin;
 mod output;
+mod template_check;
+
+pub use template_check::{TemplateProblem, check_default_template};
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -594,9 +597,6 @@ impl Evaluator {
         let Prepared::Filter(filter_pre) = &self.filter.pre else {
             unreachable!("checked in PolicyHost::evaluator")
         };
-        let Prepared::Template(template_pre) = &self.template.pre else {
-            unreachable!("checked in PolicyHost::evaluator")
-        };
 
         let decision = self.call(
             &self.filter,
@@ -608,11 +608,42 @@ impl Evaluator {
             return Ok(Verdict::Skip(truncate(reason)));
         }
 
+        self.render_with(warm, &recipient).map(Verdict::Send)
+    }
+
+    /// The template alone for one recipient, filter or not: a letter's check when it
+    /// is written (the letter must render for someone). On the blocking pool, within
+    /// the process-wide evaluation limit.
+    pub async fn render_async(
+        self: &Arc<Self>,
+        subscriber: Subscriber,
+        unsubscribe_url: String,
+    ) -> Result<Rendered, PolicyError> {
+        let _permit = self
+            .host
+            .evaluations
+            .acquire()
+            .await
+            .map_err(|_| PolicyError::Engine("the policy engine is shut down".into()))?;
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let recipient = recipient_input(&subscriber, unsubscribe_url);
+            this.render_with(&mut Warm::default(), &recipient)
+        })
+        .await
+        .map_err(|e| PolicyError::Engine(format!("policy evaluation panicked: {e}")))?
+    }
+
+    fn render_with(&self, warm: &mut Warm, recipient: &types::Recipient) -> Result<Rendered, PolicyError> {
+        let letter = &self.letter.0;
+        let Prepared::Template(template_pre) = &self.template.pre else {
+            unreachable!("checked in PolicyHost::evaluator")
+        };
         let rendered = self.call(
             &self.template,
             &mut warm.template,
             |store| template_pre.instantiate(store),
-            |bindings, store| bindings.call_render(store, &recipient, letter),
+            |bindings, store| bindings.call_render(store, recipient, letter),
         )?;
         let size = rendered.subject.len()
             + rendered.text.len()
@@ -630,12 +661,12 @@ impl Evaluator {
                 limit,
             });
         }
-        Ok(Verdict::Send(Rendered {
+        Ok(Rendered {
             subject: rendered.subject,
             text: rendered.text,
             html: rendered.html,
             headers: rendered.headers.into_iter().map(|h| (h.name, h.value)).collect(),
-        }))
+        })
     }
 
     /// One call on a warm (or new) instance in `slot`. The instance goes back into the

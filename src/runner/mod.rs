@@ -36,7 +36,8 @@ use tracing::Instrument;
 
 use crate::domain::*;
 use crate::mail::{self, Outgoing, Transports};
-use crate::policy::{LetterInput, Policy, PolicyError, PolicyHost, Rendered, Verdict};
+use crate::policy::builtin::DEFAULT_TEMPLATE_NAME;
+use crate::policy::{self, LetterInput, Policy, PolicyError, PolicyHost, Rendered, Verdict};
 use crate::store::{IdempotencyKey, NewJob, Store, StoreError};
 use crate::tokens::UnsubscribeKey;
 
@@ -58,6 +59,9 @@ pub enum RunnerError {
     /// The request cannot be carried out as asked (names what is wrong).
     #[error("{0}")]
     Invalid(String),
+    /// Fields of the request that are wrong: (field, why).
+    #[error("{}", .0.iter().map(|(field, message)| format!("{field}: {message}")).collect::<Vec<_>>().join("; "))]
+    InvalidFields(Vec<(String, String)>),
     /// The request conflicts with the job's state or a request in progress.
     #[error("{0}")]
     Conflict(String),
@@ -301,6 +305,7 @@ impl Runner {
                     resent_after_crash: 0,
                     error: None,
                     pause_reason: None,
+                    message_id_nonce: Some(message_id_nonce()),
                     created_at: now(),
                     started_at: None,
                     finished_at: None,
@@ -591,6 +596,65 @@ impl Runner {
         Ok((version, policy))
     }
 
+    /// Checks a letter before it is stored, so that a letter that would fail for every
+    /// recipient is refused when it is written, not found out at send time: its
+    /// policies must exist and be of their kinds; the built-in template's subject, text
+    /// and HTML must parse (`policy::check_default_template`); a custom template must
+    /// render the letter for a sample recipient, as a preview would, into a message
+    /// that can be built.
+    pub async fn check_letter(&self, letter: &Letter) -> Result<(), RunnerError> {
+        let ((_, filter), (_, template)) = self.resolve_letter(letter).await?;
+        let builtin = letter.template == DEFAULT_TEMPLATE_NAME
+            || letter.template.starts_with(&format!("{DEFAULT_TEMPLATE_NAME}@"));
+        if builtin {
+            let problems = policy::check_default_template(
+                &letter.subject,
+                &letter.text,
+                letter.html.as_deref(),
+                &letter.params,
+            );
+            if problems.is_empty() {
+                return Ok(());
+            }
+            return Err(RunnerError::InvalidFields(
+                problems
+                    .into_iter()
+                    .map(|p| (p.field.to_string(), p.message))
+                    .collect(),
+            ));
+        }
+        let newsletter = self.inner.store.newsletter(letter.newsletter_id).await?;
+        // A sample recipient, not a real one: a template that fails for one subscriber's
+        // data is that subscriber's failure at send time, not a reason to refuse the
+        // letter. What fails for a plain recipient fails for everyone.
+        let subscriber = Subscriber {
+            id: 0,
+            newsletter_id: newsletter.id,
+            email: "preview@example.org".into(),
+            name: Some("Preview".into()),
+            attributes: Default::default(),
+            status: SubscriberStatus::Active,
+            created_at: now(),
+        };
+        let evaluator = Arc::new(self.inner.policies.evaluator(
+            filter,
+            template,
+            LetterInput::new(letter, &newsletter),
+        )?);
+        let url = self.unsubscribe_url(newsletter.id, subscriber.id);
+        let who = "a sample recipient (preview@example.org, no attributes)";
+        let refused = |message: String| RunnerError::InvalidFields(vec![("template".into(), message)]);
+        let rendered = match evaluator.render_async(subscriber.clone(), url.clone()).await {
+            Ok(rendered) => rendered,
+            Err(e @ PolicyError::Engine(_)) => return Err(e.into()),
+            Err(e) => return Err(refused(format!("rendering for {who} failed: {e}"))),
+        };
+        let message_id = format!("letterbox.check@{}", mail::mailbox_domain(&newsletter.from));
+        mail::format(&outgoing(&newsletter, subscriber, rendered, message_id, url))
+            .map_err(|e| refused(format!("the message rendered for {who} cannot be built: {e}")))?;
+        Ok(())
+    }
+
     fn unsubscribe_url(&self, newsletter_id: u64, subscriber_id: u64) -> String {
         let token = self.inner.unsubscribe.token(newsletter_id, subscriber_id);
         format!("{}/u/{token}", self.inner.config.public_url.trim_end_matches('/'))
@@ -664,6 +728,29 @@ impl Runner {
             self.inner.abandon.cancel();
             self.inner.tracker.wait().await;
         }
+    }
+}
+
+/// 64 random bits in hex: with the job's id, no two installations (or a restored
+/// backup and its original) give two messages the same Message-ID.
+/// Should the OS have no randomness to give, the clock's nanoseconds serve.
+fn message_id_nonce() -> String {
+    let random = getrandom::u64().unwrap_or_else(|_| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        nanos ^ u64::from(std::process::id()).rotate_left(48)
+    });
+    format!("{random:016x}")
+}
+
+/// The Message-ID (without angle brackets) of a job's message to one subscriber: the
+/// same for every attempt and every copy, so a re-send is recognisable as a duplicate.
+fn message_id(job_id: u64, nonce: Option<&str>, subscriber_id: u64, domain: &str) -> String {
+    match nonce {
+        Some(nonce) => format!("letterbox.{job_id}.{subscriber_id}.{nonce}@{domain}"),
+        None => format!("letterbox.{job_id}.{subscriber_id}@{domain}"),
     }
 }
 

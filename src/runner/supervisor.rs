@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::limits::{DomainPermit, FailureWindow, RateMeter};
-use super::{BULK_BATCH, CLAIM_BATCH, Control, Runner, RunnerError, outgoing};
+use super::{BULK_BATCH, CLAIM_BATCH, Control, Runner, RunnerError, message_id, outgoing};
 use crate::domain::*;
 use crate::mail::{self, Transport};
 use crate::policy::{Evaluator, LetterInput, PolicyError, Verdict};
@@ -26,6 +26,7 @@ struct JobContext {
     job_id: u64,
     newsletter: Newsletter,
     message_domain: String,
+    message_id_nonce: Option<String>,
     transport: Transport,
     retry: RetryPolicy,
     /// The job's own concurrency.
@@ -430,6 +431,7 @@ impl Runner {
             evaluations: eval_tx,
             guard,
             message_domain: mail::mailbox_domain(&newsletter.from),
+            message_id_nonce: job.message_id_nonce.clone(),
             newsletter,
             transport,
             retry: job.retry,
@@ -702,10 +704,11 @@ impl Runner {
             Verdict::Skip(reason) => return Ok(Outcome::Skipped { reason }),
         };
 
-        // The same for every attempt, so a re-send is recognisable as a duplicate.
-        let message_id = format!(
-            "letterbox.{}.{}@{}",
-            ctx.job_id, delivery.subscriber_id, ctx.message_domain
+        let message_id = message_id(
+            ctx.job_id,
+            ctx.message_id_nonce.as_deref(),
+            delivery.subscriber_id,
+            &ctx.message_domain,
         );
         let outgoing = outgoing(&ctx.newsletter, subscriber, rendered, message_id, unsubscribe_url);
         tokio::select! {

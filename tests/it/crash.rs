@@ -122,6 +122,17 @@ async fn kill_9_mid_send_loses_nobody_and_resends_within_the_bound() {
         );
     }
     assert_eq!(copies.len(), RECIPIENTS);
+    // A copy sent again after the crash carries the first copy's Message-ID.
+    let mut ids: HashMap<String, std::collections::HashSet<String>> = HashMap::new();
+    for message in smtp.received() {
+        ids.entry(message.recipients[0].clone())
+            .or_default()
+            .insert(message.header("Message-ID").unwrap());
+    }
+    assert!(
+        ids.values().all(|set| set.len() == 1),
+        "a re-sent copy changed its Message-ID"
+    );
     let duplicates: usize = copies.values().map(|n| n - 1).sum();
     let resent = done["resent_after_crash"].as_u64().unwrap() as usize;
     eprintln!("crash: killed at {at_kill}/{RECIPIENTS} received; {duplicates} duplicates, {resent} re-sent");

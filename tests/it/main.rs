@@ -8,6 +8,7 @@ mod cli;
 mod crash;
 mod delivery;
 mod e2e;
+mod hardening;
 mod policies;
 mod subscribers;
 mod support;

@@ -162,8 +162,17 @@ impl SmtpServer {
         format!("smtp://127.0.0.1:{}", self.port)
     }
 
+    /// Every message accepted so far, each checked to be well-formed MIME by an
+    /// independent parser (`support::mime`): a test that reads what was sent fails on
+    /// a malformed message, whatever it is about.
     pub fn received(&self) -> Vec<Received> {
-        self.state.lock().unwrap().received.clone()
+        let received = self.state.lock().unwrap().received.clone();
+        for message in &received {
+            if let Err(why) = super::mime::check_message(&message.data) {
+                panic!("a malformed message: {why}\n{}", message.data);
+            }
+        }
+        received
     }
 
     pub fn count(&self) -> usize {

@@ -9,6 +9,7 @@
 //! the runner's retries go by.
 
 mod smtp;
+mod tls;
 mod transport;
 
 use std::borrow::Cow;

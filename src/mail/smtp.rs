@@ -11,22 +11,23 @@
 //! together when the server offers PIPELINING (RFC 2920), then the dot-stuffed message
 //! and its final dot together. lettre alone would make five writes and four waits.
 //!
-//! Plain and STARTTLS connections are opened on a tokio `TcpStream` with `TCP_NODELAY`.
-//! Implicit TLS (`smtps://`) goes through lettre's own connect, which cannot set it; such
-//! connections pay the Nagle delay (see ARCHITECTURE.md).
+//! Every connection is opened on a tokio `TcpStream` with `TCP_NODELAY`: plain ones,
+//! STARTTLS ones (lettre upgrades them) and implicit TLS ones (`smtps://`, our own
+//! handshake in `tls.rs`, since lettre's own connect cannot set it).
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use lettre::address::Envelope;
 use lettre::transport::smtp::authentication::{Credentials, DEFAULT_MECHANISMS};
-use lettre::transport::smtp::client::{AsyncSmtpConnection, TlsParameters};
+use lettre::transport::smtp::client::AsyncSmtpConnection;
 use lettre::transport::smtp::commands::{Data, Ehlo, Mail, Rcpt, Rset};
 use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
 use lettre::transport::smtp::response::Response;
 use tokio::sync::Semaphore;
 
 use super::MailError;
+use super::tls::{Stream, TlsOptions};
 
 /// How the connection is secured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +51,7 @@ pub struct Endpoint {
     pub credentials: Option<(String, String)>,
     /// The name we give in EHLO.
     pub hello: String,
+    pub tls: TlsOptions,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -284,22 +286,19 @@ impl SmtpPool {
     async fn connect_inner(&self) -> Result<Session, MailError> {
         let e = &self.endpoint;
         let hello = ClientId::Domain(e.hello.clone());
-        let tls = || {
-            TlsParameters::new(e.host.clone())
-                .map_err(|err| MailError::Config(format!("TLS for {}: {}", e.host, full_error(&err))))
-        };
+        let stream = tokio::net::TcpStream::connect((e.host.as_str(), e.port))
+            .await
+            .map_err(|err| MailError::Transient(format!("connect to {}:{}: {err}", e.host, e.port)))?;
+        // The point of owning the connection: see the module docs.
+        stream
+            .set_nodelay(true)
+            .map_err(|err| MailError::Transient(format!("TCP_NODELAY: {err}")))?;
         let mut conn = if e.security == Security::Implicit {
-            AsyncSmtpConnection::connect_tokio1((e.host.as_str(), e.port), None, &hello, Some(tls()?), None)
+            let tls = e.tls.connect(&e.host, stream).await?;
+            AsyncSmtpConnection::connect_with_transport(Box::new(Stream(tls)), &hello)
                 .await
-                .map_err(|err| step_error("connect", err))?
+                .map_err(|err| step_error("greeting", err))?
         } else {
-            let stream = tokio::net::TcpStream::connect((e.host.as_str(), e.port))
-                .await
-                .map_err(|err| MailError::Transient(format!("connect to {}:{}: {err}", e.host, e.port)))?;
-            // The point of owning the connection: see the module docs.
-            stream
-                .set_nodelay(true)
-                .map_err(|err| MailError::Transient(format!("TCP_NODELAY: {err}")))?;
             let mut conn = AsyncSmtpConnection::connect_with_transport(Box::new(stream), &hello)
                 .await
                 .map_err(|err| step_error("greeting", err))?;
@@ -313,7 +312,8 @@ impl SmtpPool {
                     )));
                 }
                 Security::Required | Security::Opportunistic if offers_tls => {
-                    conn.starttls(tls()?, &hello)
+                    let parameters = e.tls.lettre_parameters(&e.host)?;
+                    conn.starttls(parameters, &hello)
                         .await
                         .map_err(|err| step_error("STARTTLS", err))?;
                 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 use super::smtp::{Endpoint, Security, SmtpPool, Timeouts};
+use super::tls::TlsOptions;
 use super::{Dkim, MailError, Outgoing, build, formatted};
 
 /// The transport used when a job names none.
@@ -58,7 +59,9 @@ impl std::fmt::Display for RateLimit {
 #[derive(Clone)]
 pub struct SmtpSettings {
     /// `smtp://` or `smtps://`, with optional `user:password@`, host, port and the query
-    /// parameters `tls` (none, opportunistic, required), `pool`, `rate`, `hello`.
+    /// parameters `tls` (none, opportunistic, required), `pool`, `rate`, `hello`,
+    /// `tls_ca` (a PEM file of CA certificates to trust besides the built-in roots) and
+    /// `tls_verify_hostname` (`false` accepts a certificate for another name).
     pub url: String,
     /// Override or supply the credentials outside the URL (e.g. from the environment).
     pub username: Option<String>,
@@ -148,6 +151,10 @@ fn parse_url(settings: &SmtpSettings) -> Result<Parsed, MailError> {
         Security::None
     };
     let (mut pool, mut rate, mut hello) = (None, None, None);
+    let mut tls = TlsOptions {
+        extra_roots: Vec::new(),
+        verify_hostname: true,
+    };
     for (key, value) in url.query_pairs() {
         match key.as_ref() {
             "tls" if !implicit => {
@@ -173,9 +180,21 @@ fn parse_url(settings: &SmtpSettings) -> Result<Parsed, MailError> {
             }
             "rate" => rate = Some(value.parse::<RateLimit>().map_err(bad)?),
             "hello" => hello = Some(value.into_owned()),
+            "tls_ca" => tls.extra_roots = TlsOptions::load_roots(&value).map_err(bad)?,
+            "tls_verify_hostname" => {
+                tls.verify_hostname = match value.as_ref() {
+                    "true" => true,
+                    "false" => false,
+                    other => {
+                        return Err(bad(format!(
+                            "tls_verify_hostname must be true or false, not {other:?}"
+                        )));
+                    }
+                }
+            }
             other => {
                 return Err(bad(format!(
-                    "unknown parameter {other:?} (known: tls, pool, rate, hello)"
+                    "unknown parameter {other:?} (known: tls, pool, rate, hello, tls_ca, tls_verify_hostname)"
                 )));
             }
         }
@@ -210,6 +229,7 @@ fn parse_url(settings: &SmtpSettings) -> Result<Parsed, MailError> {
             security,
             credentials,
             hello,
+            tls,
         },
         pool,
         rate,

@@ -12,3 +12,4 @@ mod hardening;
 mod policies;
 mod subscribers;
 mod support;
+mod tls;

@@ -5,14 +5,18 @@
 //! accepting (a slow sink), and it records arrival times and how many transactions were
 //! open at once per recipient domain. It announces PIPELINING (RFC 2920) unless told not
 //! to, and counts the commands a client sent ahead of a reply, and those it sent ahead
-//! when PIPELINING was not announced (a protocol violation).
+//! when PIPELINING was not announced (a protocol violation). It can speak TLS, by
+//! STARTTLS or from the first byte, with a CA and a certificate for `localhost` made by
+//! `rcgen` when the test starts, and require AUTH PLAIN or LOGIN.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use base64::Engine;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
 
 /// What the server does with one recipient's transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,13 +85,64 @@ struct State {
     pipelined: usize,
     /// The same, from a session where PIPELINING was not announced.
     unannounced_pipelining: usize,
+    /// Sessions that completed a TLS handshake, and logins accepted.
+    tls_sessions: usize,
+    logins: usize,
 }
 
 /// How a server behaves beyond its script.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Behaviour {
     close_after_message: bool,
     pipelining: bool,
+    tls: Option<Tls>,
+    /// AUTH is offered (after TLS, when there is TLS) and required before MAIL.
+    login: Option<(String, String)>,
+}
+
+#[derive(Clone)]
+struct Tls {
+    acceptor: TlsAcceptor,
+    /// TLS from the first byte (smtps); else STARTTLS.
+    implicit: bool,
+}
+
+/// A certificate authority made for one test, and a server certificate it issued.
+pub struct TestCa {
+    /// The CA certificate, PEM: what letterbox's `tls_ca` must point to.
+    pub ca_pem: String,
+    config: Arc<rustls::ServerConfig>,
+}
+
+impl TestCa {
+    /// A CA, and a certificate for `names` (e.g. `localhost`) signed by it.
+    pub fn new(names: &[&str]) -> TestCa {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "letterbox test CA");
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let cert = rcgen::CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&key, &ca, &ca_key)
+            .unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.der().clone()], key)
+            .unwrap();
+        TestCa {
+            ca_pem: ca.pem(),
+            config: Arc::new(config),
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -111,6 +166,8 @@ impl SmtpServer {
         let behaviour = Behaviour {
             close_after_message: false,
             pipelining: true,
+            tls: None,
+            login: None,
         };
         Self::scripted_with(delay, script, behaviour).await
     }
@@ -120,6 +177,8 @@ impl SmtpServer {
         let behaviour = Behaviour {
             close_after_message: false,
             pipelining: false,
+            tls: None,
+            login: None,
         };
         Self::scripted_with(
             Duration::ZERO,
@@ -135,6 +194,8 @@ impl SmtpServer {
         let behaviour = Behaviour {
             close_after_message: true,
             pipelining: true,
+            tls: None,
+            login: None,
         };
         Self::scripted_with(
             Duration::ZERO,
@@ -144,6 +205,32 @@ impl SmtpServer {
         .await
     }
 
+    /// Accepts every message over TLS with `ca`'s certificate: STARTTLS, or TLS from the
+    /// first byte when `implicit`; with `login`, AUTH is required before MAIL.
+    pub async fn with_tls(ca: &TestCa, implicit: bool, login: Option<(&str, &str)>) -> SmtpServer {
+        let behaviour = Behaviour {
+            close_after_message: false,
+            pipelining: true,
+            tls: Some(Tls {
+                acceptor: TlsAcceptor::from(ca.config.clone()),
+                implicit,
+            }),
+            login: login.map(|(u, p)| (u.to_string(), p.to_string())),
+        };
+        Self::scripted_with(
+            Duration::ZERO,
+            Arc::new(|_: &str, _: u32| Reply::Accept),
+            behaviour,
+        )
+        .await
+    }
+
+    /// Sessions that completed a TLS handshake, and logins accepted.
+    pub fn tls_and_logins(&self) -> (usize, usize) {
+        let s = self.state.lock().unwrap();
+        (s.tls_sessions, s.logins)
+    }
+
     async fn scripted_with(delay: Duration, script: Script, behaviour: Behaviour) -> SmtpServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -151,8 +238,16 @@ impl SmtpServer {
         let shared = state.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
+                // Replies are small writes: without this, Nagle holds them back.
+                let _ = stream.set_nodelay(true);
                 shared.lock().unwrap().connections += 1;
-                tokio::spawn(session(stream, shared.clone(), delay, script.clone(), behaviour));
+                tokio::spawn(serve(
+                    stream,
+                    shared.clone(),
+                    delay,
+                    script.clone(),
+                    behaviour.clone(),
+                ));
             }
         });
         SmtpServer { port, state }
@@ -258,36 +353,142 @@ impl Drop for Open {
     }
 }
 
-async fn session(
+/// One client: plain, STARTTLS (a plain session that hands its socket back for the
+/// handshake, then a TLS one) or implicit TLS.
+async fn serve(
     stream: TcpStream,
     state: Arc<Mutex<State>>,
     delay: Duration,
     script: Script,
     behaviour: Behaviour,
 ) {
-    let (read, mut write) = stream.into_split();
+    let handshake = |tls: Tls, stream: TcpStream| async move {
+        let stream = tls.acceptor.accept(stream).await.ok()?;
+        Some(stream)
+    };
+    match behaviour.tls.clone() {
+        Some(tls) if tls.implicit => {
+            if let Some(stream) = handshake(tls, stream).await {
+                state.lock().unwrap().tls_sessions += 1;
+                session(stream, state, delay, script, behaviour, true).await;
+            }
+        }
+        Some(tls) => {
+            let upgrade = session(
+                stream,
+                state.clone(),
+                delay,
+                script.clone(),
+                behaviour.clone(),
+                false,
+            )
+            .await;
+            if let Some(stream) = upgrade
+                && let Some(stream) = handshake(tls, stream).await
+            {
+                state.lock().unwrap().tls_sessions += 1;
+                session(stream, state, delay, script, behaviour, true).await;
+            }
+        }
+        None => {
+            session(stream, state, delay, script, behaviour, false).await;
+        }
+    }
+}
+
+/// Speaks SMTP on `stream` until the client leaves; returns the stream when the
+/// client asked for STARTTLS and the server offers it.
+async fn session<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    state: Arc<Mutex<State>>,
+    delay: Duration,
+    script: Script,
+    behaviour: Behaviour,
+    secure: bool,
+) -> Option<S> {
+    let (read, mut write) = tokio::io::split(stream);
     let mut lines = BufReader::new(read);
     let mut recipients: Vec<String> = Vec::new();
     let mut planned = Reply::Accept;
-    if write.write_all(b"220 test-smtp ready\r\n").await.is_err() {
-        return;
+    let offers_starttls = behaviour.tls.is_some() && !secure;
+    // Credentials travel only once the session is encrypted, when it can be.
+    let offers_auth = behaviour.login.is_some() && (secure || behaviour.tls.is_none());
+    let mut logged_in = false;
+    let mut ehlo = String::from("250-test-smtp\r\n250-8BITMIME\r\n");
+    if behaviour.pipelining {
+        ehlo.push_str("250-PIPELINING\r\n");
+    }
+    if offers_starttls {
+        ehlo.push_str("250-STARTTLS\r\n");
+    }
+    if offers_auth {
+        ehlo.push_str("250-AUTH PLAIN LOGIN\r\n");
+    }
+    ehlo.push_str("250 SMTPUTF8\r\n");
+    // After STARTTLS the client speaks first (EHLO again); otherwise the server greets.
+    if (!secure || behaviour.tls.as_ref().is_some_and(|t| t.implicit))
+        && write.write_all(b"220 test-smtp ready\r\n").await.is_err()
+    {
+        return None;
     }
     let mut line = String::new();
     loop {
         line.clear();
         match lines.read_line(&mut line).await {
-            Ok(0) | Err(_) => return,
+            Ok(0) | Err(_) => return None,
             Ok(_) => {}
         }
         let command = line.trim_end().to_ascii_uppercase();
         let reply: &[u8] = if command.starts_with("EHLO") {
-            if behaviour.pipelining {
-                b"250-test-smtp\r\n250-8BITMIME\r\n250-PIPELINING\r\n250 SMTPUTF8\r\n"
-            } else {
-                b"250-test-smtp\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n"
-            }
+            ehlo.as_bytes()
         } else if command.starts_with("HELO") || command.starts_with("NOOP") {
             b"250 ok\r\n"
+        } else if command == "STARTTLS" && offers_starttls {
+            if write.write_all(b"220 2.0.0 go ahead\r\n").await.is_err() {
+                return None;
+            }
+            return Some(lines.into_inner().unsplit(write));
+        } else if command.starts_with("AUTH ") && offers_auth {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let mechanism = words.get(1).map(|m| m.to_ascii_uppercase()).unwrap_or_default();
+            let decode = |b64: &str| {
+                base64::engine::general_purpose::STANDARD
+                    .decode(b64.trim())
+                    .ok()
+                    .and_then(|b| String::from_utf8(b).ok())
+                    .unwrap_or_default()
+            };
+            let mut ask = async |prompt: &[u8]| -> Option<String> {
+                write.write_all(prompt).await.ok()?;
+                let mut answer = String::new();
+                lines.read_line(&mut answer).await.ok()?;
+                Some(decode(&answer))
+            };
+            let given = match (mechanism.as_str(), words.get(2)) {
+                ("PLAIN", Some(initial)) => {
+                    let plain = decode(initial);
+                    let mut parts = plain.split('\0').skip(1);
+                    parts
+                        .next()
+                        .zip(parts.next())
+                        .map(|(u, p)| (u.to_string(), p.to_string()))
+                }
+                ("LOGIN", _) => {
+                    let user = ask(b"334 VXNlcm5hbWU6\r\n").await?;
+                    let password = ask(b"334 UGFzc3dvcmQ6\r\n").await?;
+                    Some((user, password))
+                }
+                _ => None,
+            };
+            if given.is_some() && given == behaviour.login {
+                logged_in = true;
+                state.lock().unwrap().logins += 1;
+                b"235 2.7.0 authenticated\r\n"
+            } else {
+                b"535 5.7.8 bad credentials\r\n"
+            }
+        } else if command.starts_with("MAIL FROM") && behaviour.login.is_some() && !logged_in {
+            b"530 5.7.0 authentication required\r\n"
         } else if command.starts_with("MAIL FROM") || command.starts_with("RSET") {
             if command.starts_with("MAIL FROM") && !lines.buffer().is_empty() {
                 let mut s = state.lock().unwrap();
@@ -323,17 +524,17 @@ async fn session(
             } else {
                 let _open = Open::new(&state, &recipients);
                 if write.write_all(b"354 go ahead\r\n").await.is_err() {
-                    return;
+                    return None;
                 }
                 let mut data = String::new();
                 loop {
                     line.clear();
                     match lines.read_line(&mut line).await {
-                        Ok(0) | Err(_) => return,
+                        Ok(0) | Err(_) => return None,
                         Ok(_) => {}
                     }
                     if planned == Reply::DropInData && data.len() > 100 {
-                        return; // closes the connection mid-DATA
+                        return None; // closes the connection mid-DATA
                     }
                     if line == ".\r\n" {
                         break;
@@ -342,7 +543,7 @@ async fn session(
                 }
                 if planned == Reply::Stall {
                     tokio::time::sleep(Duration::from_secs(3600)).await;
-                    return;
+                    return None;
                 }
                 if !delay.is_zero() {
                     tokio::time::sleep(delay).await;
@@ -356,15 +557,15 @@ async fn session(
             }
         } else if command.starts_with("QUIT") {
             let _ = write.write_all(b"221 bye\r\n").await;
-            return;
+            return None;
         } else {
             b"502 command not implemented\r\n"
         };
         if write.write_all(reply).await.is_err() {
-            return;
+            return None;
         }
         if behaviour.close_after_message && reply.starts_with(b"250 2.0.0") {
-            return;
+            return None;
         }
     }
 }

@@ -55,7 +55,8 @@ pub fn name(name: &str) -> (Option<String>, bool) {
     (Some(folded.into_owned()).filter(|n| !n.is_empty()), changed)
 }
 
-/// A name must fit on a header line whatever it holds (see `mail::MAX_NAME_CHARS`).
+/// A name must fit on a header line whatever it holds (see `mail::MAX_NAME_CHARS`);
+/// counted as given, so that the API's documented `maxLength` is the rule.
 pub fn check_name_length(name: &str) -> Result<(), String> {
     let chars = name.chars().count();
     if chars > mail::MAX_NAME_CHARS {
@@ -74,10 +75,10 @@ fn checked(
     attributes: Map<String, Value>,
 ) -> Result<(NewSubscriber, bool), String> {
     let email = mail::parse_address(email).map_err(|e| e.to_string())?;
-    let (name, folded) = raw_name.map(name).unwrap_or((None, false));
-    if let Some(name) = &name {
-        check_name_length(name)?;
+    if let Some(raw) = raw_name {
+        check_name_length(raw)?;
     }
+    let (name, folded) = raw_name.map(name).unwrap_or((None, false));
     Ok((
         NewSubscriber {
             email,

@@ -14,7 +14,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::error::{ApiPath, ApiQuery};
-use super::{ApiError, AppState, Page, page, page_limit};
+use super::{ApiError, AppState, Page, page, page_cursor, page_limit};
 use crate::domain::{Counts, Delivery, Job, JobState, StateKind};
 
 /// How often an event stream looks for progress.
@@ -46,6 +46,22 @@ pub struct JobView {
     requeued: Option<u64>,
 }
 
+/// A string that is one of `names`, for the OpenAPI document.
+fn one_of(names: impl IntoIterator<Item = &'static str>) -> utoipa::openapi::schema::Object {
+    utoipa::openapi::schema::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .enum_values(Some(names))
+        .build()
+}
+
+fn job_states() -> utoipa::openapi::schema::Object {
+    one_of(JobState::ALL.map(JobState::as_str))
+}
+
+fn delivery_states() -> utoipa::openapi::schema::Object {
+    one_of(StateKind::ALL.map(StateKind::as_str))
+}
+
 /// A `?state=` filter: `parse`d, or 422 naming the states there are (`all`, by `name`).
 fn state_filter<T: Copy>(
     value: Option<&str>,
@@ -71,10 +87,13 @@ struct JobQuery {
     /// Only jobs in this state (scheduled, queued, running, paused, completed,
     /// cancelled, failed).
     #[serde(default)]
+    #[param(schema_with = job_states)]
     state: Option<String>,
     /// The previous page's `next`: jobs older than this id.
     #[serde(default)]
     cursor: Option<u64>,
+    /// Items per page: 1 to 1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     #[serde(default)]
     limit: Option<usize>,
 }
@@ -93,7 +112,10 @@ async fn list(
         &JobState::ALL,
         JobState::as_str,
     )?;
-    let items = state.store.list_jobs(wanted, query.cursor, limit).await?;
+    let items = state
+        .store
+        .list_jobs(wanted, page_cursor(query.cursor)?, limit)
+        .await?;
     Ok(page(items, limit, |j| j.id))
 }
 
@@ -122,10 +144,13 @@ struct DeliveryQuery {
     /// Only deliveries in this state (pending, sending, delivered, skipped, retrying,
     /// failed, cancelled).
     #[serde(default)]
+    #[param(schema_with = delivery_states)]
     state: Option<String>,
     /// The previous page's `next`: subscriber id to continue after.
     #[serde(default)]
     cursor: Option<u64>,
+    /// Items per page: 1 to 1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     #[serde(default)]
     limit: Option<usize>,
 }
@@ -150,7 +175,7 @@ async fn deliveries(
     state.store.job(id).await?;
     let items = state
         .store
-        .deliveries(id, kind, query.cursor.unwrap_or(0), limit)
+        .deliveries(id, kind, page_cursor(query.cursor)?.unwrap_or(0), limit)
         .await?;
     Ok(page(items, limit, |d| d.subscriber_id))
 }

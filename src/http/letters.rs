@@ -29,6 +29,8 @@ pub fn router() -> OpenApiRouter<AppState> {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateLetter {
+    /// One line, not blank: a template for the built-in template policy.
+    #[schema(min_length = 1, pattern = r"^[^\r\n]*\S[^\r\n]*$")]
     subject: String,
     text: String,
     #[serde(default)]
@@ -95,16 +97,17 @@ async fn show(State(state): State<AppState>, ApiPath(id): ApiPath<u64>) -> Resul
 #[serde(deny_unknown_fields)]
 struct SendRequest {
     /// Deliveries in flight for this job (default: the server's).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::domain::whole_number")]
+    #[schema(minimum = 1, maximum = 1000)]
     concurrency: Option<u32>,
     /// A configured transport's name; the default one otherwise.
     #[serde(default)]
     transport: Option<String>,
     #[serde(default)]
     retry: Option<RetryOverride>,
-    /// RFC 3339 time (`2026-12-01T09:00:00Z`) or unix seconds.
+    /// RFC 3339 time (`2026-12-01T09:00:00Z`) or unix seconds; a time past is now.
     #[serde(default)]
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<SendAt>)]
     send_at: Option<Value>,
 }
 
@@ -128,21 +131,123 @@ fn parse_send_at(value: &Value) -> Result<u64, ApiError> {
     match value {
         Value::Number(n) => n
             .as_u64()
+            .or_else(|| {
+                n.as_f64()
+                    .filter(|f| f.fract() == 0.0 && *f >= 0.0)
+                    .map(|f| f as u64)
+            })
             .ok_or_else(|| field_error("unix seconds must be a whole number ≥ 0".into())),
-        Value::String(s) => humantime::parse_rfc3339_weak(s)
-            .map_err(|e| field_error(format!("{s:?} is not an RFC 3339 time: {e}")))?
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .map_err(|_| field_error("times before 1970 are not supported".into())),
+        // A time before 1970 is in the past like any other: the job starts now.
+        Value::String(s) => parse_rfc3339(s)
+            .map(|seconds| seconds.max(0) as u64)
+            .ok_or_else(|| {
+                field_error(format!(
+                    "{s:?} is not an RFC 3339 time (e.g. 2026-12-01T09:00:00Z)"
+                ))
+            }),
         _ => Err(field_error("expected an RFC 3339 string or unix seconds".into())),
     }
+}
+
+/// `send_at` as the OpenAPI document describes it: an RFC 3339 date-time or unix seconds.
+struct SendAt;
+
+impl utoipa::PartialSchema for SendAt {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, OneOfBuilder, SchemaFormat, Type};
+        OneOfBuilder::new()
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .format(Some(SchemaFormat::KnownFormat(KnownFormat::DateTime))),
+            )
+            .item(ObjectBuilder::new().schema_type(Type::Integer).minimum(Some(0)))
+            .into()
+    }
+}
+
+impl ToSchema for SendAt {}
+
+/// Seconds since 1970 (negative before) of an RFC 3339 date-time:
+/// `YYYY-MM-DD(T|t| )HH:MM:SS(.fraction)?(Z|z|±HH:MM)`.
+fn parse_rfc3339(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    let num = |from: usize, len: usize| -> Option<i64> {
+        let digits = b.get(from..from + len)?;
+        digits.iter().try_fold(0i64, |n, d| {
+            d.is_ascii_digit().then(|| n * 10 + i64::from(d - b'0'))
+        })
+    };
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
+        return None;
+    }
+    if b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    let (year, month, day) = (num(0, 4)?, num(5, 2)?, num(8, 2)?);
+    let (hour, minute, second) = (num(11, 2)?, num(14, 2)?, num(17, 2)?);
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let month_days = [
+        31,
+        if leap { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
+    if !(1..=12).contains(&month) || day < 1 || day > month_days[month as usize - 1] {
+        return None;
+    }
+    if hour > 23 || minute > 59 || second > 60 {
+        return None;
+    }
+    let mut rest = &s[19..];
+    if let Some(fraction) = rest.strip_prefix('.') {
+        let digits = fraction.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return None;
+        }
+        rest = &fraction[digits..];
+    }
+    let offset = match rest.as_bytes() {
+        [b'Z' | b'z'] => 0,
+        [sign @ (b'+' | b'-'), h1, h2, b':', m1, m2] => {
+            let hours = i64::from(h1.checked_sub(b'0')?) * 10 + i64::from(h2.checked_sub(b'0')?);
+            let minutes = i64::from(m1.checked_sub(b'0')?) * 10 + i64::from(m2.checked_sub(b'0')?);
+            if !(h1.is_ascii_digit() && h2.is_ascii_digit() && m1.is_ascii_digit() && m2.is_ascii_digit())
+                || hours > 23
+                || minutes > 59
+            {
+                return None;
+            }
+            let offset = hours * 3600 + minutes * 60;
+            if *sign == b'+' { offset } else { -offset }
+        }
+        _ => return None,
+    };
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86_400 + hour * 3600 + minute * 60 + second - offset)
 }
 
 /// Starts (or schedules) a send job. The body is optional. With an `Idempotency-Key`
 /// header, repeating the same request returns the same job (`Idempotent-Replayed:
 /// true`) instead of sending twice.
 #[utoipa::path(post, path = "/v1/letters/{id}/send", tag = "letters",
-    params(("id" = u64, Path), ("Idempotency-Key" = Option<String>, Header, description = "Repeat-safe submission")),
+    params(("id" = u64, Path), ("Idempotency-Key" = Option<String>, Header, description = "Repeat-safe submission: 1 to 255 visible ASCII characters",
+        min_length = 1, max_length = 255, pattern = "^[!-~]+$")),
     request_body(content = Option<SendRequest>, description = "Optional"),
     responses((status = 202, body = Submitted)))]
 async fn send(
@@ -167,7 +272,7 @@ async fn send(
             let key = value
                 .to_str()
                 .ok()
-                .filter(|k| !k.is_empty() && k.len() <= 255)
+                .filter(|k| !k.is_empty() && k.len() <= 255 && k.bytes().all(|b| b.is_ascii_graphic()))
                 .ok_or_else(|| {
                     ApiError::field("Idempotency-Key", "must be 1 to 255 visible ASCII characters")
                 })?;
@@ -207,20 +312,43 @@ async fn send(
     ))
 }
 
-/// Exactly one of the two.
-#[derive(Deserialize, ToSchema)]
+/// Exactly one of the two; documented as `PreviewFor`.
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PreviewRequest {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::domain::whole_number")]
     subscriber_id: Option<u64>,
     #[serde(default)]
     recipient: Option<super::newsletters::SubscriberInput>,
 }
 
+/// Whom a preview is for: a stored subscriber, or a recipient given inline.
+#[derive(Deserialize, ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)] // describes PreviewRequest in the OpenAPI document
+enum PreviewFor {
+    Subscriber(PreviewSubscriber),
+    Recipient(PreviewRecipient),
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct PreviewSubscriber {
+    subscriber_id: u64,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct PreviewRecipient {
+    recipient: super::newsletters::SubscriberInput,
+}
+
 /// Runs the letter's policies for one subscriber (`subscriber_id`) or an inline
 /// `recipient` and shows the decision and the message. Sends nothing.
 #[utoipa::path(post, path = "/v1/letters/{id}/preview", tag = "letters", params(("id" = u64, Path)),
-    request_body = PreviewRequest,
+    request_body = PreviewFor,
     responses((status = 200, description = "`decision` (send or skip), the policy versions, and the `rendered` parts and whole `message` or the skip `reason`", body = Object)))]
 async fn preview(
     State(state): State<AppState>,
@@ -263,4 +391,28 @@ async fn preview(
         }
     }
     Ok(Json(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_rfc3339;
+
+    #[test]
+    fn rfc3339_times_parse_with_offsets_and_before_1970() {
+        assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(parse_rfc3339("2026-12-01T09:00:00Z"), Some(1_796_115_600));
+        assert_eq!(parse_rfc3339("2026-12-01t10:30:00.25+01:30"), Some(1_796_115_600));
+        assert_eq!(parse_rfc3339("1969-12-31T23:59:59z"), Some(-1));
+        assert_eq!(parse_rfc3339("2000-02-29 00:00:00-00:00"), Some(951_782_400));
+        for bad in [
+            "2001-02-29T00:00:00Z",
+            "2026-13-01T00:00:00Z",
+            "2026-12-01T09:00:00",
+            "tomorrow",
+            "2026-12-01T09:00:00+1:00",
+            "2026-12-01T09:00:00.Z",
+        ] {
+            assert_eq!(parse_rfc3339(bad), None, "{bad}");
+        }
+    }
 }

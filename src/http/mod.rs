@@ -45,10 +45,16 @@ pub struct AppState {
 /// The routes, and the OpenAPI document that describes them (served at `/openapi.json`).
 pub fn router(state: AppState) -> Router {
     let (router, document) = routes_and_document(&state);
-    let document = serde_json::to_vec(&document).unwrap_or_else(|e| {
-        tracing::error!(error = %e, "the OpenAPI document does not serialise");
-        b"{}".to_vec()
-    });
+    let document = serde_json::to_value(&document)
+        .map(|mut document| {
+            openapi::describe_transports(&mut document, state.runner.transport_names());
+            document
+        })
+        .and_then(|document| serde_json::to_vec(&document))
+        .unwrap_or_else(|e| {
+            tracing::error!(error = %e, "the OpenAPI document does not serialise");
+            b"{}".to_vec()
+        });
     router
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .layer(Extension(openapi::Document(document.into())))
@@ -120,6 +126,17 @@ fn is_csv(headers: &axum::http::HeaderMap) -> bool {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').next())
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("text/csv"))
+}
+
+/// A listing's `?cursor=`: ids are int64 in the OpenAPI document (what JSON clients
+/// can hold), so a larger one is refused rather than read as an id no row has.
+fn page_cursor(cursor: Option<u64>) -> Result<Option<u64>, ApiError> {
+    match cursor {
+        Some(c) if c > i64::MAX as u64 => {
+            Err(ApiError::field("cursor", format!("must be at most {}", i64::MAX)))
+        }
+        other => Ok(other),
+    }
 }
 
 /// A listing's `?limit=`: 100 when absent, 422 outside 1..=`MAX_PAGE`.

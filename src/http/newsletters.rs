@@ -9,7 +9,7 @@ use serde::Deserializer;
 use serde_json::{Map, Value};
 
 use super::error::{ApiJson, ApiPath, ApiQuery, FieldError};
-use super::{ApiError, AppState, Page, is_csv, page, page_limit};
+use super::{ApiError, AppState, Page, is_csv, page, page_cursor, page_limit};
 use crate::domain::{
     ImportSummary, NewSubscriber, Newsletter, Subscriber, SubscriberPatch, SubscriberStatus,
 };
@@ -41,8 +41,12 @@ pub fn router() -> OpenApiRouter<AppState> {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateNewsletter {
+    /// Not blank.
+    #[schema(min_length = 1, pattern = r"\S")]
     name: String,
-    /// The From of every letter: `Name <address>` or `address`.
+    /// The From of every letter: `Name <address>` or `address` (format `mailbox`: an
+    /// RFC 5322 mailbox, its name one line of at most 256 characters).
+    #[schema(format = "mailbox")]
     from: String,
 }
 
@@ -90,8 +94,11 @@ async fn show(
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct SubscriberInput {
+    #[schema(format = Email)]
     email: String,
+    /// At most 256 characters; line breaks and control characters become spaces.
     #[serde(default)]
+    #[schema(max_length = 256)]
     name: Option<String>,
     /// Free-form data the policies see.
     #[serde(default)]
@@ -114,8 +121,8 @@ impl SubscriberInput {
 /// streamed: any length in bounded memory). Bad rows are refused one by one and listed;
 /// the others are imported.
 #[utoipa::path(post, path = "/v1/newsletters/{id}/subscribers", tag = "subscribers", params(("id" = u64, Path)),
-    request_body(description = "A JSON array of subscribers, or CSV with a header row: email, name, then attribute columns",
-        content((Vec<SubscriberInput> = "application/json"), (String = "text/csv"))),
+    request_body(description = "A JSON array of subscribers (`SubscriberInput`; each row is checked on its own, and a bad row is refused and listed, not the request), or CSV with a header row: email, name, then attribute columns",
+        content((Vec<serde_json::Value> = "application/json"), (String = "text/csv"))),
     responses((status = 201, description = "What was imported, and the rows refused", body = ImportSummary)))]
 async fn add_subscribers(
     State(state): State<AppState>,
@@ -144,10 +151,13 @@ struct SubscriberQuery {
     /// The previous page's `next`: subscriber id to continue after.
     #[serde(default)]
     cursor: Option<u64>,
+    /// Items per page: 1 to 1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     #[serde(default)]
     limit: Option<usize>,
     /// Only the subscriber with this email (domain case-insensitive).
     #[serde(default)]
+    #[param(format = Email)]
     email: Option<String>,
 }
 
@@ -161,6 +171,7 @@ async fn list_subscribers(
 ) -> Result<Json<Page<Subscriber>>, ApiError> {
     let limit = page_limit(query.limit)?;
     if let Some(email) = query.email {
+        let email = mail::parse_address(&email).map_err(|e| ApiError::field("email", e.to_string()))?;
         let found = state.store.subscriber_by_email(id, email).await?;
         return Ok(Json(Page {
             items: Vec::from_iter(found),
@@ -170,7 +181,7 @@ async fn list_subscribers(
     state.store.newsletter(id).await?;
     let items = state
         .store
-        .subscribers_after(id, query.cursor.unwrap_or(0), limit)
+        .subscribers_after(id, page_cursor(query.cursor)?.unwrap_or(0), limit)
         .await?;
     Ok(page(items, limit, |s| s.id))
 }
@@ -194,10 +205,12 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D:
 #[serde(deny_unknown_fields)]
 struct SubscriberChange {
     #[serde(default)]
+    #[schema(format = Email)]
     email: Option<String>,
-    /// `null` clears the name.
+    /// `null` clears the name; at most 256 characters, line breaks and control
+    /// characters become spaces.
     #[serde(default, deserialize_with = "present")]
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<String>, max_length = 256)]
     name: Option<Option<String>>,
     /// Merged as a JSON merge patch: `null` removes a key.
     #[serde(default)]
@@ -226,10 +239,10 @@ async fn change_subscriber(
         })?),
         None => None,
     };
-    let name = change.name.map(|n| n.and_then(|n| import::name(&n).0));
-    if let Some(Some(name)) = &name {
+    if let Some(Some(name)) = &change.name {
         import::check_name_length(name).map_err(|message| ApiError::field("name", message))?;
     }
+    let name = change.name.map(|n| n.and_then(|n| import::name(&n).0));
     let patch = SubscriberPatch {
         email,
         // Folded like an imported name: one header line.

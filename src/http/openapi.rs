@@ -52,6 +52,19 @@ pub fn base() -> OpenApi {
 /// Finishes the document once every route is in: operations under `public` need no
 /// token, every other one needs the bearer token and may answer 401; every operation's
 /// other failures are problem+json (the `default` response).
+/// A send's `transport` is one of the names this server was configured with: only
+/// known at start, so written into the document then.
+pub fn describe_transports(document: &mut serde_json::Value, names: Vec<String>) {
+    let transport = document
+        .pointer_mut("/components/schemas/SendRequest/properties/transport")
+        .and_then(|t| t.as_object_mut());
+    if let Some(transport) = transport {
+        let mut values: Vec<serde_json::Value> = names.into_iter().map(Into::into).collect();
+        values.push(serde_json::Value::Null);
+        transport.insert("enum".into(), values.into());
+    }
+}
+
 pub fn finish(doc: &mut OpenApi, public: &BTreeSet<String>) {
     let problem = ResponseBuilder::new()
         .description("An error, as RFC 9457 problem+json")

@@ -62,7 +62,8 @@ async fn remove(
     ApiPath(name): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
     if [DEFAULT_FILTER_NAME, DEFAULT_TEMPLATE_NAME].contains(&name.as_str()) {
-        return Err(ApiError::invalid(format!(
+        // The server's own state forbids it, not the request's form: 409.
+        return Err(ApiError::Conflict(format!(
             "{name} is built in and cannot be deleted"
         )));
     }

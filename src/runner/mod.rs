@@ -100,8 +100,17 @@ pub struct SendOptions {
 )]
 #[serde(deny_unknown_fields)]
 pub struct RetryOverride {
+    /// Attempts in all, the first included.
+    #[schema(minimum = 1, maximum = 100)]
+    #[serde(default, deserialize_with = "crate::domain::whole_number")]
     pub max_attempts: Option<u32>,
+    /// The first retry's delay (doubling, with jitter).
+    #[schema(minimum = 1, maximum = 604_800_000)]
+    #[serde(default, deserialize_with = "crate::domain::whole_number")]
     pub base_ms: Option<u64>,
+    /// The longest delay; one below `base_ms` counts as `base_ms`.
+    #[schema(minimum = 0, maximum = 604_800_000)]
+    #[serde(default, deserialize_with = "crate::domain::whole_number")]
     pub cap_ms: Option<u64>,
 }
 
@@ -269,10 +278,13 @@ impl Runner {
                 "concurrency must be between 1 and {MAX_CONCURRENCY}, got {concurrency}"
             )));
         }
+        let base_ms = options.retry.base_ms.unwrap_or(config.retry.base_ms);
         let retry = RetryPolicy {
             max_attempts: options.retry.max_attempts.unwrap_or(config.retry.max_attempts),
-            base_ms: options.retry.base_ms.unwrap_or(config.retry.base_ms),
-            cap_ms: options.retry.cap_ms.unwrap_or(config.retry.cap_ms),
+            base_ms,
+            // A cap below the first delay would make every delay the cap; read it as
+            // "no longer than the first delay" instead of refusing the send.
+            cap_ms: options.retry.cap_ms.unwrap_or(config.retry.cap_ms).max(base_ms),
         };
         retry.validate().map_err(RunnerError::Invalid)?;
         self.inner
@@ -594,6 +606,15 @@ impl Runner {
         let version = self.resolve(reference, kind).await?;
         let policy = self.load_policy(&version, kind).await?;
         Ok((version, policy))
+    }
+
+    /// The names of the configured transports.
+    pub fn transport_names(&self) -> Vec<String> {
+        self.inner
+            .transports
+            .iter()
+            .map(|t| t.name().to_string())
+            .collect()
     }
 
     /// Checks a letter before it is stored, so that a letter that would fail for every

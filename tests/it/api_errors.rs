@@ -189,3 +189,65 @@ async fn a_slow_request_times_out_but_its_work_completes() {
     assert!(uploaded, "the upload finished after its request timed out");
     server.stop().await;
 }
+
+/// What the OpenAPI document declares is what the server enforces (schemathesis checks
+/// this at large in CI, `.ci/schemathesis/run`); here, the rules that changed for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_document_and_the_server_agree() {
+    let server = TestServer::start(None).await;
+    let api = &server.api;
+    let (_, doc) = api.get("/openapi.json").await;
+    let schemas = &doc["components"]["schemas"];
+    assert_eq!(
+        schemas["SendRequest"]["properties"]["transport"]["enum"],
+        json!(["default", null]),
+        "the configured transports"
+    );
+    assert_eq!(schemas["SendRequest"]["properties"]["concurrency"]["minimum"], 1);
+    assert!(
+        schemas["PreviewFor"]["oneOf"].is_array(),
+        "{}",
+        schemas["PreviewFor"]
+    );
+
+    let newsletter = api.newsletter().await;
+    api.add_subscribers(newsletter, json!([{ "email": "ann@example.org" }]))
+        .await;
+    let letter = api
+        .letter(newsletter, json!({ "subject": "S", "text": "T" }))
+        .await;
+    let send = format!("/v1/letters/{letter}/send");
+    // JSON Schema's integers include 2.0; a cap below the first delay is the delay; a
+    // time with an offset, or before 1970, is a time (the past means now).
+    let at = "2100-01-01T01:00:00+01:00";
+    let body = json!({ "concurrency": 2.0, "retry": { "base_ms": 5000, "cap_ms": 10 }, "send_at": at });
+    let (status, job) = api.post(&send, body).await;
+    assert_eq!(status, 202, "{job}");
+    assert_eq!(job["job"]["send_at"], 4_102_444_800u64, "{job}");
+    assert_eq!(job["job"]["retry"]["cap_ms"], 5000, "{job}");
+    assert_eq!(job["job"]["concurrency"], 2, "{job}");
+    let (status, job) = api
+        .post(&send, json!({ "send_at": "1969-07-20T20:17:00Z" }))
+        .await;
+    assert_eq!(status, 202, "{job}");
+    assert_eq!(job["job"]["send_at"], Value::Null, "started now: {job}");
+
+    for (path, field) in [
+        (format!("/v1/jobs?cursor={}", u64::MAX), "cursor"),
+        (
+            format!("/v1/newsletters/{newsletter}/subscribers?email=not-an-address"),
+            "email",
+        ),
+    ] {
+        let (status, body) = api.get(&path).await;
+        assert_eq!(status, 422, "{path}: {body}");
+        assert_eq!(body["errors"][0]["field"], field, "{body}");
+    }
+    let (status, _, body) = api
+        .post_with_headers(&send, &[("Idempotency-Key", "has space")], json!({}))
+        .await;
+    assert_eq!(status, 422, "{body}");
+    let (status, body) = api.delete("/v1/plugins/default-filter").await;
+    assert_eq!(status, 409, "{body}");
+    server.stop().await;
+}

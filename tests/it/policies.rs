@@ -262,7 +262,7 @@ async fn versions_pins_listing_and_delete() {
     let (status, _) = api.get("/v1/plugins/tpl").await;
     assert_eq!(status, 404);
     let (status, body) = api.delete("/v1/plugins/default-template").await;
-    assert_eq!(status, 422, "{body}");
+    assert_eq!(status, 409, "{body}");
     // The bytes tpl shared with default-template are still there.
     let letter = json!({ "subject": "S", "text": "still {{ email }}" });
     let letter = api.letter(newsletter, letter).await;

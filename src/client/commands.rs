@@ -511,6 +511,12 @@ async fn import(client: &Client, path: &Path, newsletter: u64) -> Result<(), Cli
             n("rejected"),
             rows as f64 / seconds.max(0.001)
         );
+        if n("names_folded") > 0 {
+            out.push_str(&format!(
+                "\n  names folded to one line: {} (a line break or control character became a space)",
+                n("names_folded")
+            ));
+        }
         let errors = summary["errors"].as_array().cloned().unwrap_or_default();
         for e in errors.iter().take(20) {
             let line = e["line"]

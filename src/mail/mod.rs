@@ -303,8 +303,8 @@ fn build(o: &Outgoing) -> Result<Message, MailError> {
 
 /// Text for a one-line header (a display name, a subject): every control character
 /// (CR, LF, TAB, NUL, DEL, C1) and the Unicode line and paragraph separators become a
-/// space, with the spaces around them, and the ends are trimmed of whitespace. `Borrowed` when
-/// nothing changes, which is nearly always.
+/// space, with the spaces around them, and the ends are trimmed of whitespace.
+/// `Borrowed` when nothing changes, which is nearly always.
 pub fn fold_header_text(text: &str) -> Cow<'_, str> {
     let folds = |c: char| c.is_control() || c == '\u{2028}' || c == '\u{2029}';
     if !text.contains(folds) {
@@ -336,8 +336,8 @@ pub fn fold_header_text(text: &str) -> Cow<'_, str> {
 fn crlf(text: &str) -> String {
     let mut out = String::with_capacity(text.len() + text.len() / 32 + 2);
     if text.contains('\r') {
-        // Rare: CRLF already, or a bare CR (old Mac line ends), which SMTP forbids
-        // (RFC 5321 2.3.8). Every CR, LF and CRLF becomes one CRLF.
+        // CRLF already, or a bare CR (old Mac line ends), which SMTP forbids (RFC 5321
+        // 2.3.8): every CR, LF and CRLF becomes one CRLF, a character at a time.
         let mut chars = text.chars().peekable();
         while let Some(c) = chars.next() {
             match c {

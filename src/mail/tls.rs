@@ -20,8 +20,8 @@ use tokio_rustls::client::TlsStream;
 
 use super::MailError;
 
-/// What a transport trusts.
-#[derive(Clone, Default)]
+/// What a transport trusts. No `Default`: checking the name must be asked for off.
+#[derive(Clone)]
 pub struct TlsOptions {
     /// CA certificates (DER) trusted besides the built-in roots: a private CA, or a
     /// server's self-signed certificate made a CA.

@@ -45,7 +45,8 @@ fn write_csv(path: &Path, rows: usize) {
         csv.push_str(&format!("reader{i}@example.com,Reader {i},free\n"));
     }
     csv.push_str("not-an-email,Nobody,free\n");
-    csv.push_str("gone@example.com,Gone,free\n");
+    // A tab in a name: folded to a space, and said so.
+    csv.push_str("gone@example.com,Gone\tAway,free\n");
     std::fs::write(path, csv).unwrap();
 }
 
@@ -92,6 +93,11 @@ async fn a_whole_send_from_the_command_line() {
     assert!(out.ok, "{}", out.stderr);
     assert!(
         out.stdout.starts_with("301 inserted, 0 updated, 1 rejected"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("names folded to one line: 1 ("),
         "{}",
         out.stdout
     );

@@ -16,7 +16,9 @@ use std::borrow::Cow;
 use std::str::FromStr;
 
 use lettre::address::Envelope;
-use lettre::message::header::{ContentType, HeaderName, HeaderValue, MIME_VERSION_1_0};
+use lettre::message::header::{
+    ContentTransferEncoding, ContentType, HeaderName, HeaderValue, MIME_VERSION_1_0,
+};
 use lettre::message::{Mailbox, MultiPart};
 use lettre::{Address, Message};
 
@@ -209,9 +211,9 @@ pub fn format(outgoing: &Outgoing) -> Result<String, MailError> {
     Ok(String::from_utf8_lossy(&formatted(&build(outgoing)?)).into_owned())
 }
 
-/// The message's bytes, ending in CRLF. lettre ends a quoted-printable or base64 body
-/// without one; SMTP adds it before the final dot, so the outbox and previews must
-/// too to hold what is sent (and DKIM's body hash already counts it: RFC 6376 3.4.4).
+/// The message's bytes, ending in CRLF as on the wire before SMTP's final dot, so the
+/// outbox and previews hold what is sent. `build` already has lettre end every body in
+/// CRLF (before DKIM signs it: see `seven_bit`); this is the last guard.
 fn formatted(message: &Message) -> Vec<u8> {
     let mut bytes = message.formatted();
     if !bytes.ends_with(b"\r\n") {
@@ -275,11 +277,19 @@ fn build(o: &Outgoing) -> Result<Message, MailError> {
             .map_err(build_err)?,
         // lettre adds MIME-Version only to multipart bodies; RFC 2045 4 wants it on
         // every message that uses MIME headers, and Content-Type is one.
-        None => builder
-            .header(MIME_VERSION_1_0)
-            .header(ContentType::TEXT_PLAIN)
-            .body(crlf(&o.text))
-            .map_err(build_err)?,
+        None => {
+            let text = crlf(&o.text);
+            let builder = builder.header(MIME_VERSION_1_0).header(ContentType::TEXT_PLAIN);
+            // lettre would pick base64 for some text, and writes a base64 body without
+            // a final CRLF, which DKIM then signs without the CRLF the wire carries.
+            // Quoted-printable keeps it (and stays readable).
+            let builder = if seven_bit(&text) {
+                builder
+            } else {
+                builder.header(ContentTransferEncoding::QuotedPrintable)
+            };
+            builder.body(text).map_err(build_err)?
+        }
     };
     let headers = message.headers_mut();
     headers.insert_raw(subject);
@@ -362,6 +372,25 @@ fn crlf(text: &str) -> String {
         out.push_str("\r\n");
     }
     out
+}
+
+/// Whether CRLF text can go as it is (`7bit`, RFC 2045 2.7): ASCII without control
+/// characters but tab, CR and LF, in lines of at most 998 characters.
+fn seven_bit(text: &str) -> bool {
+    let mut line = 0usize;
+    for b in text.bytes() {
+        match b {
+            b'\n' => line = 0,
+            b'\r' | b'\t' | 0x20..=0x7e => {
+                line += 1;
+                if line > 999 {
+                    return false;
+                }
+            }
+            _ => return false,
+        }
+    }
+    true
 }
 
 /// A header a template or the host adds. The name must be RFC 5322 `ftext` (printable
@@ -538,6 +567,23 @@ mod tests {
         assert_eq!(to.address(), Some("ann@example.org"));
         assert_eq!(parsed.subject(), Some("Hi Bcc: y@example.org"));
         assert!(parsed.bcc().is_none(), "{text}");
+    }
+
+    #[test]
+    fn lettre_ends_every_text_body_in_crlf() {
+        // Signed before `formatted` adds a missing final CRLF, so the DKIM body hash
+        // must already see it: lettre's own formatting has to end in one.
+        let mut o = outgoing();
+        o.html = None;
+        for html in [None, Some("<p>᨞</p>".to_string())] {
+            o.html = html;
+            for text in ["plain", "᨞", "ünïcödé\nlines", &"x".repeat(2000), "\u{0}nul"] {
+                o.text = text.to_string();
+                let raw = build(&o).unwrap().formatted();
+                let end = String::from_utf8_lossy(&raw[raw.len().saturating_sub(40)..]).into_owned();
+                assert!(raw.ends_with(b"\r\n"), "{text:?}, html {:?}: {end:?}", o.html);
+            }
+        }
     }
 
     #[test]

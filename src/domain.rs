@@ -543,8 +543,18 @@ impl Outcome {
     }
 }
 
-/// Deserializes an optional whole number that JSON may write as `5` or `5.0`: JSON
-/// Schema counts both as integers, so generated clients may send either.
+/// A JSON number as a whole number ≥ 0, written `5` or `5.0`: JSON Schema counts both
+/// as integers, so generated clients may send either.
+pub fn whole(number: &serde_json::Number) -> Option<u64> {
+    number.as_u64().or_else(|| {
+        number
+            .as_f64()
+            .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f <= u64::MAX as f64)
+            .map(|f| f as u64)
+    })
+}
+
+/// Deserializes an optional [`whole`] number.
 pub fn whole_number<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
 where
     D: serde::Deserializer<'de>,
@@ -554,13 +564,8 @@ where
     let Some(value) = Option::<serde_json::Number>::deserialize(deserializer)? else {
         return Ok(None);
     };
-    let whole = value.as_u64().or_else(|| {
-        value
-            .as_f64()
-            .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f <= u64::MAX as f64)
-            .map(|f| f as u64)
-    });
-    let whole = whole.ok_or_else(|| D::Error::custom(format!("expected a whole number ≥ 0, got {value}")))?;
+    let whole =
+        whole(&value).ok_or_else(|| D::Error::custom(format!("expected a whole number ≥ 0, got {value}")))?;
     T::try_from(whole)
         .map(Some)
         .map_err(|_| D::Error::custom(format!("{whole} is too large")))

@@ -129,13 +129,7 @@ fn parse_send_at(value: &Value) -> Result<u64, ApiError> {
         }],
     };
     match value {
-        Value::Number(n) => n
-            .as_u64()
-            .or_else(|| {
-                n.as_f64()
-                    .filter(|f| f.fract() == 0.0 && *f >= 0.0)
-                    .map(|f| f as u64)
-            })
+        Value::Number(n) => crate::domain::whole(n)
             .ok_or_else(|| field_error("unix seconds must be a whole number ≥ 0".into())),
         // A time before 1970 is in the past like any other: the job starts now.
         Value::String(s) => parse_rfc3339(s)

@@ -7,7 +7,7 @@
 //! Mozilla roots lettre ships (`webpki-roots`), plus the CA certificates of
 //! `tls_ca=FILE`, and the server's name checked unless `tls_verify_hostname=false`.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use lettre::transport::smtp::client::{Certificate, TlsParameters};
 use rustls::client::WebPkiServerVerifier;
@@ -31,6 +31,9 @@ pub struct TlsOptions {
     /// not name; it gives up protection against a man in the middle who holds any
     /// certificate from a trusted CA.
     pub verify_hostname: bool,
+    /// The implicit-TLS client configuration, built at the first connection and shared
+    /// by the transport's later ones (parsing the roots each time is wasted work).
+    pub client_config: Arc<OnceLock<Result<Arc<ClientConfig>, String>>>,
 }
 
 impl TlsOptions {
@@ -61,8 +64,16 @@ impl TlsOptions {
             .map_err(|e| MailError::Config(format!("TLS for {host}: {e}")))
     }
 
-    fn client_config(&self) -> Result<ClientConfig, MailError> {
-        let config_err = |e: rustls::Error| MailError::Config(format!("TLS: {e}"));
+    fn client_config(&self) -> Result<Arc<ClientConfig>, MailError> {
+        self.client_config
+            .get_or_init(|| self.build_client_config().map(Arc::new))
+            .clone()
+            .map_err(MailError::Config)
+    }
+
+    /// `Err` is the message of a `MailError::Config`.
+    fn build_client_config(&self) -> Result<ClientConfig, String> {
+        let config_err = |e: rustls::Error| format!("TLS: {e}");
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut roots = RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
@@ -77,7 +88,7 @@ impl TlsOptions {
         } else {
             let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
                 .build()
-                .map_err(|e| MailError::Config(format!("TLS: {e}")))?;
+                .map_err(|e| format!("TLS: {e}"))?;
             builder
                 .dangerous()
                 .with_custom_certificate_verifier(Arc::new(AnyName(inner)))
@@ -89,7 +100,7 @@ impl TlsOptions {
     pub async fn connect(&self, host: &str, stream: TcpStream) -> Result<TlsStream<TcpStream>, MailError> {
         let name = ServerName::try_from(host.to_string())
             .map_err(|e| MailError::Config(format!("TLS server name {host:?}: {e}")))?;
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(self.client_config()?));
+        let connector = tokio_rustls::TlsConnector::from(self.client_config()?);
         // Transient like every connection failure, a refused certificate included: a
         // provider's expired certificate is renewed, and retries with backoff bridge it.
         connector

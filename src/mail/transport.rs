@@ -154,6 +154,7 @@ fn parse_url(settings: &SmtpSettings) -> Result<Parsed, MailError> {
     let mut tls = TlsOptions {
         extra_roots: Vec::new(),
         verify_hostname: true,
+        client_config: Default::default(),
     };
     for (key, value) in url.query_pairs() {
         match key.as_ref() {

@@ -561,14 +561,7 @@ impl Evaluator {
     where
         F: FnMut(&Result<Verdict, PolicyError>) -> bool + Send + 'static,
     {
-        let _permit = self
-            .host
-            .evaluations
-            .acquire()
-            .await
-            .map_err(|_| PolicyError::Engine("the policy engine is shut down".into()))?;
-        let this = self.clone();
-        tokio::task::spawn_blocking(move || {
+        self.on_blocking_pool(move |this| {
             let mut going = true;
             items
                 .into_iter()
@@ -583,7 +576,23 @@ impl Evaluator {
                 .collect()
         })
         .await
-        .map_err(|e| PolicyError::Engine(format!("policy evaluation panicked: {e}")))
+    }
+
+    /// Runs `work` on the blocking pool, within the process-wide evaluation limit.
+    async fn on_blocking_pool<R: Send + 'static>(
+        self: &Arc<Self>,
+        work: impl FnOnce(&Evaluator) -> R + Send + 'static,
+    ) -> Result<R, PolicyError> {
+        let _permit = self
+            .host
+            .evaluations
+            .acquire()
+            .await
+            .map_err(|_| PolicyError::Engine("the policy engine is shut down".into()))?;
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || work(&this))
+            .await
+            .map_err(|e| PolicyError::Engine(format!("policy evaluation panicked: {e}")))
     }
 
     fn evaluate_with(
@@ -619,19 +628,11 @@ impl Evaluator {
         subscriber: Subscriber,
         unsubscribe_url: String,
     ) -> Result<Rendered, PolicyError> {
-        let _permit = self
-            .host
-            .evaluations
-            .acquire()
-            .await
-            .map_err(|_| PolicyError::Engine("the policy engine is shut down".into()))?;
-        let this = self.clone();
-        tokio::task::spawn_blocking(move || {
+        self.on_blocking_pool(move |this| {
             let recipient = recipient_input(&subscriber, unsubscribe_url);
             this.render_with(&mut Warm::default(), &recipient)
         })
-        .await
-        .map_err(|e| PolicyError::Engine(format!("policy evaluation panicked: {e}")))?
+        .await?
     }
 
     fn render_with(&self, warm: &mut Warm, recipient: &types::Recipient) -> Result<Rendered, PolicyError> {

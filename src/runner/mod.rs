@@ -624,10 +624,12 @@ impl Runner {
     /// render the letter for a sample recipient, as a preview would, into a message
     /// that can be built.
     pub async fn check_letter(&self, letter: &Letter) -> Result<(), RunnerError> {
-        let ((_, filter), (_, template)) = self.resolve_letter(letter).await?;
         let builtin = letter.template == DEFAULT_TEMPLATE_NAME
             || letter.template.starts_with(&format!("{DEFAULT_TEMPLATE_NAME}@"));
         if builtin {
+            // The names must exist; nothing runs, so nothing needs compiling.
+            self.resolve(&letter.filter, PluginKind::Filter).await?;
+            self.resolve(&letter.template, PluginKind::Template).await?;
             let problems = policy::check_default_template(
                 &letter.subject,
                 &letter.text,
@@ -644,6 +646,7 @@ impl Runner {
                     .collect(),
             ));
         }
+        let ((_, filter), (_, template)) = self.resolve_letter(letter).await?;
         let newsletter = self.inner.store.newsletter(letter.newsletter_id).await?;
         // A sample recipient, not a real one: a template that fails for one subscriber's
         // data is that subscriber's failure at send time, not a reason to refuse the

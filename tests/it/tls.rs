@@ -35,6 +35,16 @@ async fn send_through(url: String, n: usize) -> Value {
     done
 }
 
+/// The URL of a TLS test server up to its query, ready for more parameters:
+/// `smtps://` for implicit TLS, else `smtp://` with STARTTLS required.
+fn tls_url(implicit: bool, userinfo: &str, port: u16) -> String {
+    if implicit {
+        format!("smtps://{userinfo}localhost:{port}?")
+    } else {
+        format!("smtp://{userinfo}localhost:{port}?tls=required&")
+    }
+}
+
 fn ca_file(ca: &TestCa) -> tempfile::NamedTempFile {
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(file.path(), &ca.ca_pem).unwrap();
@@ -48,14 +58,7 @@ async fn starttls_and_implicit_tls_with_auth_deliver() {
     let ca_path = ca_path.path().display();
     for implicit in [false, true] {
         let smtp = SmtpServer::with_tls(&ca, implicit, Some(("me", "s3cret"))).await;
-        let url = if implicit {
-            format!("smtps://me:s3cret@localhost:{}?tls_ca={ca_path}", smtp.port)
-        } else {
-            format!(
-                "smtp://me:s3cret@localhost:{}?tls=required&tls_ca={ca_path}",
-                smtp.port
-            )
-        };
+        let url = format!("{}tls_ca={ca_path}", tls_url(implicit, "me:s3cret@", smtp.port));
         let done = send_through(url, 20).await;
         assert_eq!(done["counts"]["delivered"], 20, "implicit={implicit}: {done}");
         assert_eq!(smtp.received().len(), 20);
@@ -66,14 +69,7 @@ async fn starttls_and_implicit_tls_with_auth_deliver() {
         );
 
         // A wrong password is refused at AUTH, over TLS.
-        let url = if implicit {
-            format!("smtps://me:wrong@localhost:{}?tls_ca={ca_path}", smtp.port)
-        } else {
-            format!(
-                "smtp://me:wrong@localhost:{}?tls=required&tls_ca={ca_path}",
-                smtp.port
-            )
-        };
+        let url = format!("{}tls_ca={ca_path}", tls_url(implicit, "me:wrong@", smtp.port));
         let done = send_through(url, 1).await;
         assert_eq!(done["counts"]["failed"], 1, "{done}");
         assert!(done["first_failure"].as_str().unwrap().contains("AUTH"), "{done}");
@@ -88,11 +84,7 @@ async fn certificates_that_do_not_match_are_refused_unless_the_user_opts_out() {
     let ca_path = ca_path.path().display();
     for implicit in [false, true] {
         let smtp = SmtpServer::with_tls(&ca, implicit, None).await;
-        let base = if implicit {
-            format!("smtps://localhost:{}?", smtp.port)
-        } else {
-            format!("smtp://localhost:{}?tls=required&", smtp.port)
-        };
+        let base = tls_url(implicit, "", smtp.port);
 
         // The CA is not trusted by default.
         let done = send_through(base.clone(), 1).await;
@@ -150,14 +142,11 @@ async fn tls_throughput() {
         ("plain", format!("smtp://localhost:{}?pool=8", plain.port)),
         (
             "starttls",
-            format!(
-                "smtp://localhost:{}?pool=8&tls=required&tls_ca={ca_path}",
-                starttls.port
-            ),
+            format!("{}pool=8&tls_ca={ca_path}", tls_url(false, "", starttls.port)),
         ),
         (
             "implicit",
-            format!("smtps://localhost:{}?pool=8&tls_ca={ca_path}", implicit.port),
+            format!("{}pool=8&tls_ca={ca_path}", tls_url(true, "", implicit.port)),
         ),
     ];
     for round in 0..2 {

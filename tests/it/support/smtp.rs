@@ -100,6 +100,18 @@ struct Behaviour {
     login: Option<(String, String)>,
 }
 
+/// A plain server that announces PIPELINING and keeps connections open.
+impl Default for Behaviour {
+    fn default() -> Behaviour {
+        Behaviour {
+            close_after_message: false,
+            pipelining: true,
+            tls: None,
+            login: None,
+        }
+    }
+}
+
 #[derive(Clone)]
 struct Tls {
     acceptor: TlsAcceptor,
@@ -163,60 +175,44 @@ impl SmtpServer {
 
     /// Answers each recipient as `script` says, after `delay` for accepted messages.
     pub async fn scripted(delay: Duration, script: Script) -> SmtpServer {
-        let behaviour = Behaviour {
-            close_after_message: false,
-            pipelining: true,
-            tls: None,
-            login: None,
-        };
-        Self::scripted_with(delay, script, behaviour).await
+        Self::scripted_with(delay, script, Behaviour::default()).await
     }
 
     /// Accepts every message but does not announce PIPELINING.
     pub async fn without_pipelining() -> SmtpServer {
-        let behaviour = Behaviour {
-            close_after_message: false,
+        Self::accepting(Behaviour {
             pipelining: false,
-            tls: None,
-            login: None,
-        };
-        Self::scripted_with(
-            Duration::ZERO,
-            Arc::new(|_: &str, _: u32| Reply::Accept),
-            behaviour,
-        )
+            ..Behaviour::default()
+        })
         .await
     }
 
     /// Accepts every message, then silently closes the connection after its reply (as a
     /// server does to idle or over-used clients): the next message on it finds it dead.
     pub async fn closing_after_each_message() -> SmtpServer {
-        let behaviour = Behaviour {
+        Self::accepting(Behaviour {
             close_after_message: true,
-            pipelining: true,
-            tls: None,
-            login: None,
-        };
-        Self::scripted_with(
-            Duration::ZERO,
-            Arc::new(|_: &str, _: u32| Reply::Accept),
-            behaviour,
-        )
+            ..Behaviour::default()
+        })
         .await
     }
 
     /// Accepts every message over TLS with `ca`'s certificate: STARTTLS, or TLS from the
     /// first byte when `implicit`; with `login`, AUTH is required before MAIL.
     pub async fn with_tls(ca: &TestCa, implicit: bool, login: Option<(&str, &str)>) -> SmtpServer {
-        let behaviour = Behaviour {
-            close_after_message: false,
-            pipelining: true,
+        Self::accepting(Behaviour {
             tls: Some(Tls {
                 acceptor: TlsAcceptor::from(ca.config.clone()),
                 implicit,
             }),
             login: login.map(|(u, p)| (u.to_string(), p.to_string())),
-        };
+            ..Behaviour::default()
+        })
+        .await
+    }
+
+    /// Accepts every message at once, behaving as `behaviour` says.
+    async fn accepting(behaviour: Behaviour) -> SmtpServer {
         Self::scripted_with(
             Duration::ZERO,
             Arc::new(|_: &str, _: u32| Reply::Accept),

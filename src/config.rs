@@ -12,7 +12,7 @@ use crate::runner::{DomainLimits, FailureLimit};
 /// `Debug` leaves the API token out (see below).
 #[derive(Clone)]
 pub struct Config {
-    /// Holds `letterbox.redb`, `unsubscribe.key` and (without SMTP) `outbox/`.
+    /// Holds `letterbox.redb`, the compiled-policy cache and (without SMTP) `outbox/`.
     pub data_dir: PathBuf,
     /// The default transport; `None` writes `.eml` files to `data_dir/outbox`.
     pub smtp: Option<SmtpSettings>,
@@ -21,7 +21,7 @@ pub struct Config {
     /// Sign every message with DKIM.
     pub dkim: Option<DkimSettings>,
     /// The bearer token of the `/v1` API; `None`: the one generated at first start
-    /// (its hash is in `data_dir/api-token.sha256`).
+    /// (its hash is in the store).
     pub api_token: Option<String>,
     /// Serve `/metrics` without the API token (for a scraper on a private network).
     pub public_metrics: bool,

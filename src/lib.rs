@@ -41,6 +41,8 @@ pub enum Error {
     DataDir { path: String, source: std::io::Error },
     #[error("opening the store: {0}")]
     Store(#[from] store::StoreError),
+    #[error("loading secrets: {0}")]
+    Secret(#[from] tokens::SecretError),
     #[error("policy engine: {0}")]
     Policy(#[from] policy::PolicyError),
     #[error("mail transport: {0}")]
@@ -66,11 +68,14 @@ pub async fn run(
     };
     std::fs::create_dir_all(data_dir).map_err(io_error)?;
     http::install_metrics();
-    let store = Store::open(&data_dir.join("letterbox.redb"))?;
-    let unsubscribe = UnsubscribeKey::load_or_create(&data_dir.join("unsubscribe.key")).map_err(io_error)?;
-    let (api_token, generated) =
-        ApiToken::load_or_create(config.api_token.as_deref(), &data_dir.join("api-token.sha256"))
-            .map_err(io_error)?;
+    let store = Store::open(store::Location::Redb(&data_dir.join("letterbox.redb"))).await?;
+    let unsubscribe = UnsubscribeKey::load_or_create(&store, Some(&data_dir.join("unsubscribe.key"))).await?;
+    let (api_token, generated) = ApiToken::load_or_create(
+        config.api_token.as_deref(),
+        &store,
+        Some(&data_dir.join("api-token.sha256")),
+    )
+    .await?;
     if let Some(token) = generated {
         // Straight to the terminal, not through the logs (which may be shipped
         // elsewhere); only its hash is kept, so this is the one time it is shown.

@@ -1,16 +1,22 @@
-//! Secrets kept in the data directory.
+//! Secrets, kept in the store so that every node of a fleet agrees on them.
 //!
 //! Signed unsubscribe tokens: a token names a newsletter and a subscriber and carries an
 //! HMAC-SHA256 over both, so `/u/{token}` needs no lookup table and cannot be forged or
-//! enumerated. The key is generated at first start and kept in the data directory.
+//! enumerated. The key is generated at first start and kept in the store: a link made by
+//! one node works on every other.
 //!
 //! The API token: configured, or generated at first start and shown once; only its
-//! SHA-256 is kept (in memory, and on disk when generated), so the data directory does
+//! SHA-256 is kept (in memory, and in the store when generated), so the database does
 //! not give it away.
+//!
+//! Versions before the store kept secrets wrote them to files in the data directory
+//! (`unsubscribe.key`, `api-token.sha256`); at the first start after an upgrade those
+//! become the stored secrets, so old links and tokens keep working.
 
-use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
+
+use crate::store::{Store, StoreError};
 
 use hmac::{KeyInit, Mac};
 use sha2::{Digest, Sha256};
@@ -24,33 +30,70 @@ const MAC_BYTES: usize = 16;
 /// The shortest API token accepted from configuration.
 pub const MIN_TOKEN_LEN: usize = 16;
 
+/// Why a secret could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{path}: {message}")]
+    Legacy { path: String, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Store names of the secrets.
+const UNSUBSCRIBE_KEY: &str = "unsubscribe-key";
+const API_TOKEN_HASH: &str = "api-token-sha256";
+
+fn random_32() -> Result<[u8; 32], SecretError> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| SecretError::Invalid(format!("no randomness: {e}")))?;
+    Ok(bytes)
+}
+
+/// The contents of a secret file an older version wrote, if there is one.
+fn legacy(path: Option<&Path>) -> Result<Option<(String, Vec<u8>)>, SecretError> {
+    let Some(path) = path else { return Ok(None) };
+    match std::fs::read(path) {
+        Ok(bytes) => Ok(Some((path.display().to_string(), bytes))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(SecretError::Legacy {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        }),
+    }
+}
+
+fn exactly_32(bytes: Vec<u8>, what: &str) -> Result<[u8; 32], SecretError> {
+    bytes
+        .try_into()
+        .map_err(|_| SecretError::Invalid(format!("the stored {what} is not 32 bytes")))
+}
+
 #[derive(Clone)]
 pub struct UnsubscribeKey(Arc<[u8; 32]>);
 
 impl UnsubscribeKey {
-    /// Reads the key from `path`, creating it (mode 0600) with fresh random bytes if absent.
-    pub fn load_or_create(path: &Path) -> std::io::Result<UnsubscribeKey> {
-        match std::fs::read(path) {
-            Ok(bytes) => {
-                let key: [u8; 32] = bytes.try_into().map_err(|_| {
-                    std::io::Error::other(format!("{} must hold exactly 32 bytes", path.display()))
-                })?;
-                Ok(UnsubscribeKey(Arc::new(key)))
+    /// The key the store holds. At the first start it is the one in `legacy_file` (written
+    /// by an older version), or else fresh random bytes.
+    pub async fn load_or_create(
+        store: &Store,
+        legacy_file: Option<&Path>,
+    ) -> Result<UnsubscribeKey, SecretError> {
+        let candidate = match legacy(legacy_file)? {
+            Some((path, bytes)) => {
+                if bytes.len() != 32 {
+                    return Err(SecretError::Legacy {
+                        path,
+                        message: "must hold exactly 32 bytes".into(),
+                    });
+                }
+                bytes
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let mut key = [0u8; 32];
-                getrandom::fill(&mut key).map_err(|e| std::io::Error::other(e.to_string()))?;
-                let mut options = std::fs::OpenOptions::new();
-                options.write(true).create_new(true);
-                #[cfg(unix)]
-                std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-                let mut file = options.open(path)?;
-                file.write_all(&key)?;
-                file.sync_all()?;
-                Ok(UnsubscribeKey(Arc::new(key)))
-            }
-            Err(e) => Err(e),
-        }
+            None => random_32()?.to_vec(),
+        };
+        let (key, _) = store.secret(UNSUBSCRIBE_KEY, candidate).await?;
+        Ok(UnsubscribeKey(Arc::new(exactly_32(key, "unsubscribe key")?)))
     }
 
     fn mac(&self, newsletter_id: u64, subscriber_id: u64) -> HmacSha256 {
@@ -91,47 +134,42 @@ impl UnsubscribeKey {
 pub struct ApiToken(Arc<[u8; 32]>);
 
 impl ApiToken {
-    /// The configured token if there is one; else the one whose hash `path` holds; else a
-    /// new one, whose hash is written to `path` (mode 0600) and which is returned as the
-    /// second value so it can be shown once.
-    pub fn load_or_create(
+    /// The configured token if there is one; else the one whose hash the store holds
+    /// (or `legacy_file`, written by an older version, held); else a new one, whose hash
+    /// is stored and which is returned as the second value so it can be shown once. When
+    /// several nodes start at once, one token wins and only its node shows it.
+    pub async fn load_or_create(
         configured: Option<&str>,
-        path: &Path,
-    ) -> std::io::Result<(ApiToken, Option<String>)> {
+        store: &Store,
+        legacy_file: Option<&Path>,
+    ) -> Result<(ApiToken, Option<String>), SecretError> {
         if let Some(token) = configured {
             if token.trim().len() < MIN_TOKEN_LEN {
-                return Err(std::io::Error::other(format!(
+                return Err(SecretError::Invalid(format!(
                     "the API token must be at least {MIN_TOKEN_LEN} characters (LETTERBOX_API_TOKEN)"
                 )));
             }
             return Ok((ApiToken::of(token.trim()), None));
         }
-        match std::fs::read_to_string(path) {
-            Ok(text) => {
-                let hash: [u8; 32] = hex::decode(text.trim())
+        let (candidate, new_token) = match legacy(legacy_file)? {
+            Some((path, text)) => {
+                let hash: [u8; 32] = hex::decode(String::from_utf8_lossy(&text).trim())
                     .ok()
                     .and_then(|b| b.try_into().ok())
-                    .ok_or_else(|| {
-                        std::io::Error::other(format!("{} must hold a SHA-256 in hex", path.display()))
+                    .ok_or_else(|| SecretError::Legacy {
+                        path,
+                        message: "must hold a SHA-256 in hex".into(),
                     })?;
-                Ok((ApiToken(Arc::new(hash)), None))
+                (hash, None)
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let mut secret = [0u8; 32];
-                getrandom::fill(&mut secret).map_err(|e| std::io::Error::other(e.to_string()))?;
-                let token = format!("lbx_{}", hex::encode(secret));
-                let api = ApiToken::of(&token);
-                let mut options = std::fs::OpenOptions::new();
-                options.write(true).create_new(true);
-                #[cfg(unix)]
-                std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-                let mut file = options.open(path)?;
-                writeln!(file, "{}", hex::encode(api.0.as_slice()))?;
-                file.sync_all()?;
-                Ok((api, Some(token)))
+            None => {
+                let token = format!("lbx_{}", hex::encode(random_32()?));
+                (*ApiToken::of(&token).0, Some(token))
             }
-            Err(e) => Err(e),
-        }
+        };
+        let (hash, stored_now) = store.secret(API_TOKEN_HASH, candidate.to_vec()).await?;
+        let api = ApiToken(Arc::new(exactly_32(hash, "API token hash")?));
+        Ok((api, new_token.filter(|_| stored_now)))
     }
 
     fn of(token: &str) -> ApiToken {
@@ -152,12 +190,18 @@ impl ApiToken {
 mod tests {
     use super::*;
 
-    #[test]
-    fn tokens_round_trip_and_resist_tampering() {
+    async fn open_store(dir: &Path) -> Store {
+        Store::open(crate::store::Location::Redb(&dir.join("db.redb")))
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn tokens_round_trip_and_resist_tampering() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("key");
-        let key = UnsubscribeKey::load_or_create(&path).unwrap();
-        let again = UnsubscribeKey::load_or_create(&path).unwrap();
+        let store = open_store(dir.path()).await;
+        let key = UnsubscribeKey::load_or_create(&store, None).await.unwrap();
+        let again = UnsubscribeKey::load_or_create(&store, None).await.unwrap();
         let token = key.token(3, 42);
         assert_eq!(again.verify(&token), Some((3, 42)));
         let forged = token.replacen("3.42.", "3.43.", 1);
@@ -166,25 +210,66 @@ mod tests {
         assert_eq!(key.verify(""), None);
     }
 
-    #[test]
-    fn a_generated_api_token_is_shown_once_and_only_its_hash_kept() {
+    #[tokio::test]
+    async fn secrets_written_by_an_older_version_are_adopted() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("api-token.sha256");
-        let (first, shown) = ApiToken::load_or_create(None, &path).unwrap();
+        let key_file = dir.path().join("unsubscribe.key");
+        std::fs::write(&key_file, [7u8; 32]).unwrap();
+        let hash_file = dir.path().join("api-token.sha256");
+        let old_token = "an-old-generated-token";
+        std::fs::write(
+            &hash_file,
+            format!("{}\n", hex::encode(Sha256::digest(old_token))),
+        )
+        .unwrap();
+        let store = open_store(dir.path()).await;
+        let key = UnsubscribeKey::load_or_create(&store, Some(&key_file))
+            .await
+            .unwrap();
+        assert_eq!(*key.0, [7u8; 32]);
+        let (api, shown) = ApiToken::load_or_create(None, &store, Some(&hash_file))
+            .await
+            .unwrap();
+        assert!(shown.is_none() && api.matches(old_token));
+        // Adopted once: the store answers even without the files.
+        let key = UnsubscribeKey::load_or_create(&store, None).await.unwrap();
+        assert_eq!(*key.0, [7u8; 32]);
+        std::fs::write(&key_file, [1u8; 3]).unwrap();
+        std::fs::create_dir(dir.path().join("other")).unwrap();
+        let fresh = open_store(&dir.path().join("other")).await;
+        let err = UnsubscribeKey::load_or_create(&fresh, Some(&key_file))
+            .await
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("exactly 32 bytes"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_generated_api_token_is_shown_once_and_only_its_hash_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_store(dir.path()).await;
+        let (first, shown) = ApiToken::load_or_create(None, &store, None).await.unwrap();
         let token = shown.expect("a new token is returned to be shown");
         assert!(first.matches(&token));
         assert!(!first.matches("lbx_guess"));
-        let stored = std::fs::read_to_string(&path).unwrap();
+        let (stored, _) = store.secret(API_TOKEN_HASH, Vec::new()).await.unwrap();
         assert!(
-            !stored.contains(&token[4..]),
-            "the file holds the hash, not the token"
+            !String::from_utf8_lossy(&stored).contains(&token[4..])
+                && !hex::encode(&stored).contains(&token[4..]),
+            "the store holds the hash, not the token"
         );
-        let (again, shown) = ApiToken::load_or_create(None, &path).unwrap();
+        let (again, shown) = ApiToken::load_or_create(None, &store, None).await.unwrap();
         assert!(shown.is_none(), "shown only once");
         assert!(again.matches(&token));
         // A configured token wins, and must not be trivially short.
-        let (configured, _) = ApiToken::load_or_create(Some("a-long-enough-token"), &path).unwrap();
+        let (configured, _) = ApiToken::load_or_create(Some("a-long-enough-token"), &store, None)
+            .await
+            .unwrap();
         assert!(configured.matches("a-long-enough-token") && !configured.matches(&token));
-        assert!(ApiToken::load_or_create(Some("short"), &path).is_err());
+        assert!(
+            ApiToken::load_or_create(Some("short"), &store, None)
+                .await
+                .is_err()
+        );
     }
 }

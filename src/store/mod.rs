@@ -1,35 +1,33 @@
-//! Durable state: the only module that knows redb.
+//! Durable state: the storage interface, and one backend per database.
 //!
-//! Reads run on the blocking pool in short read transactions. Every write goes through
-//! one writer thread that groups the operations waiting for it into a single redb
-//! transaction and commits it with `Durability::Immediate` before answering any of them
-//! (group commit). A caller that got `Ok` knows its change is on disk; many concurrent
-//! deliveries share one fsync instead of paying one each (≈4 ms per commit here).
+//! The runner, the HTTP layer and the importer see only `Store`, a cheap handle on a
+//! `Backend`: operations in domain terms (claim a batch of recipients, record their
+//! outcomes, list deliveries by state, ...) with domain types in and out. Each backend
+//! lives in its own folder and is the only code that knows its database:
+//! `store/redb` (the embedded default, one process) and `store/postgres` (a fleet of
+//! nodes on one PostgreSQL). The conformance suite (`store/tests.rs`) runs the same
+//! tests against every backend.
 //!
-//! Invariant for every write operation: it validates before it writes, so an operation
-//! that returns a logical error (not found, conflict) has changed nothing and the other
-//! operations of its batch still commit. A database error aborts the whole batch.
+//! Invariants every backend keeps:
+//! - an operation that returns `Ok` is durable;
+//! - an operation that returns a logical error (`NotFound`, `Conflict`) changed
+//!   nothing;
+//! - a delivery's state, the index by state, the retry schedule and the job's counts
+//!   change together, in one transaction;
+//! - recipients are moved to `sending` durably before any of their messages is sent
+//!   (`claim`), and only a recipient in `sending` can have an outcome recorded.
 
-mod deliveries;
-mod ops;
-mod plugins;
-pub mod tables;
+mod redb;
 
-use std::panic::AssertUnwindSafe;
+use std::ops::Deref;
 use std::path::Path;
 use std::sync::Arc;
 
-use redb::{Database, ReadTransaction, ReadableDatabase, WriteTransaction};
-use serde::Serialize;
-use serde::de::DeserializeOwned;
-use tokio::sync::{mpsc, oneshot};
+use async_trait::async_trait;
 
-/// Most operations committed in one transaction. Bounds the latency one commit adds to
-/// the first operation of a batch.
-const MAX_BATCH: usize = 1024;
+use crate::domain::*;
 
-/// redb's page cache.
-const CACHE_BYTES: usize = 16 << 20;
+pub use self::redb::RedbStore;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -37,8 +35,9 @@ pub enum StoreError {
     NotFound { kind: &'static str, id: String },
     #[error("{0}")]
     Conflict(String),
+    /// The database failed the operation (I/O, a full disk, a lost connection, ...).
     #[error("database error: {0}")]
-    Db(#[from] redb::Error),
+    Db(String),
     #[error("corrupt record: {0}")]
     Corrupt(#[from] serde_json::Error),
     /// The tables disagree with each other (an index names a missing row).
@@ -57,247 +56,293 @@ impl StoreError {
             id: id.to_string(),
         }
     }
+}
 
-    /// Errors after which the transaction may hold a half-applied operation.
-    fn aborts_batch(&self) -> bool {
-        matches!(
-            self,
-            StoreError::Db(_) | StoreError::Corrupt(_) | StoreError::Inconsistent(_)
-        )
+/// The form an email takes in the upsert index: the domain is case-insensitive
+/// (RFC 5321 §2.4); the local part is kept as written.
+pub fn normalise_email(email: &str) -> String {
+    match email.rsplit_once('@') {
+        Some((local, domain)) => format!("{local}@{}", domain.to_ascii_lowercase()),
+        None => email.to_string(),
     }
 }
 
-// redb has one error type per step; fold them all into `redb::Error` so `?` works.
-macro_rules! from_redb {
-    ($($t:ty),*) => {$(
-        impl From<$t> for StoreError {
-            fn from(e: $t) -> Self {
-                StoreError::Db(e.into())
-            }
-        }
-    )*};
-}
-from_redb!(
-    redb::TransactionError,
-    redb::TableError,
-    redb::StorageError,
-    redb::CommitError,
-    redb::DatabaseError
-);
-
-type Completion = Box<dyn FnOnce(Result<(), &str>) + Send>;
-type Op = Box<dyn FnOnce(&WriteTransaction) -> (bool, Completion) + Send>;
-
-/// A cheap, cloneable handle on the database.
-#[derive(Clone)]
-pub struct Store {
-    inner: Arc<Inner>,
+/// A client's `Idempotency-Key` and a hash of the request it came with.
+#[derive(Debug, Clone)]
+pub struct IdempotencyKey {
+    pub key: String,
+    pub request_hash: String,
 }
 
-struct Inner {
-    db: Arc<Database>,
-    /// Bumped after every committed change of a subscriber's status (see
-    /// `status_epoch`).
-    status_epoch: std::sync::atomic::AtomicU64,
-    /// `None` only while dropping.
-    writer: Option<mpsc::Sender<Op>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+/// What `create_job` did.
+#[derive(Debug)]
+pub enum NewJob {
+    Created(Job),
+    /// The idempotency key was used before for the same request: this is its job.
+    Existing(Job),
+    /// The idempotency key was used before for a different request.
+    KeyReused,
 }
 
-/// When the last handle goes, close the writer's queue and wait for it to finish its
-/// batch and drop its database handle: the file is released when this returns, so the
-/// same process can open it again at once (a restart in tests, for instance).
-impl Drop for Inner {
-    fn drop(&mut self) {
-        self.writer.take();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
+/// A change to a job, applied inside the backend's transaction.
+pub type JobChange = Box<dyn FnOnce(&mut Job) + Send>;
+
+/// A recipient as `claim` hands it out: its delivery (now `sending`) and its subscriber
+/// as of the claim (`None` if the subscriber was deleted).
+pub type ClaimedRecipient = (Delivery, Option<Subscriber>);
+
+/// Newsletters, their subscribers and letters.
+#[async_trait]
+pub trait Lists: Send + Sync {
+    async fn create_newsletter(&self, name: String, from: String) -> Result<Newsletter, StoreError>;
+
+    async fn newsletter(&self, id: u64) -> Result<Newsletter, StoreError>;
+
+    /// Inserts new subscribers and updates existing ones (matched by `normalise_email`),
+    /// all in one transaction. An update merges attributes and keeps the old name when
+    /// none is given.
+    async fn upsert_subscribers(
+        &self,
+        newsletter_id: u64,
+        subscribers: Vec<NewSubscriber>,
+    ) -> Result<ImportSummary, StoreError>;
+
+    /// Up to `limit` subscribers of a newsletter with ids greater than `after`, in id order.
+    async fn subscribers_after(
+        &self,
+        newsletter_id: u64,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Subscriber>, StoreError>;
+
+    async fn subscriber(&self, newsletter_id: u64, id: u64) -> Result<Subscriber, StoreError>;
+
+    /// A subscriber by id alone (ids are unique across newsletters).
+    async fn subscriber_by_id(&self, id: u64) -> Result<Subscriber, StoreError>;
+
+    /// The subscriber of a newsletter with this email (domain case-insensitive), if any.
+    async fn subscriber_by_email(
+        &self,
+        newsletter_id: u64,
+        email: String,
+    ) -> Result<Option<Subscriber>, StoreError>;
+
+    /// Marks a subscriber unsubscribed. Idempotent.
+    async fn unsubscribe(&self, newsletter_id: u64, id: u64) -> Result<Subscriber, StoreError>;
+
+    /// Applies a change to a subscriber. A new email must not belong to another
+    /// subscriber of the newsletter (`Conflict`).
+    async fn update_subscriber(&self, id: u64, patch: SubscriberPatch) -> Result<Subscriber, StoreError>;
+
+    /// Erases a subscriber: their row goes, and their email is blanked in the delivery
+    /// records of every job of the newsletter (and in recorded replies and reasons that
+    /// quote it), so no personal data is left.
+    async fn delete_subscriber(&self, id: u64) -> Result<(), StoreError>;
+
+    /// Stores a letter, giving it an id. The newsletter must exist.
+    async fn create_letter(&self, letter: Letter) -> Result<Letter, StoreError>;
+
+    async fn letter(&self, id: u64) -> Result<Letter, StoreError>;
 }
 
-impl Store {
-    /// Opens (or creates) the database file and starts its writer thread. The thread
-    /// ends, and the file is closed, when the last `Store` handle is dropped.
-    pub fn open(path: &Path) -> Result<Store, StoreError> {
-        // redb's default page cache is 1 GiB, which a million-recipient job would fill:
-        // memory would grow with the list. The hot pages (the job's state index, the
-        // tail of the tables) fit in far less.
-        let db = Arc::new(Database::builder().set_cache_size(CACHE_BYTES).create(path)?);
-        // Create every table up front so readers never meet a missing table.
-        let txn = db.begin_write()?;
-        {
-            use tables::*;
-            txn.open_table(SEQUENCES)?;
-            txn.open_table(NEWSLETTERS)?;
-            txn.open_table(SUBSCRIBERS)?;
-            txn.open_table(SUBSCRIBER_EMAILS)?;
-            txn.open_table(SUBSCRIBER_HOMES)?;
-            txn.open_table(LETTERS)?;
-            txn.open_table(PLUGINS)?;
-            txn.open_table(PLUGIN_BLOBS)?;
-            txn.open_table(PLUGIN_NAMES)?;
-            txn.open_table(PLUGIN_VERSIONS)?;
-            txn.open_table(JOBS)?;
-            txn.open_table(DELIVERIES)?;
-            txn.open_table(DELIVERY_STATES)?;
-            txn.open_table(RETRY_SCHEDULE)?;
-            txn.open_table(IDEMPOTENCY_KEYS)?;
-        }
-        ops::backfill_subscriber_homes(&txn)?;
-        txn.commit()?;
+/// Send jobs and their per-recipient deliveries.
+#[async_trait]
+pub trait Jobs: Send + Sync {
+    /// Stores a new job, giving it an id. With an idempotency key, the key is recorded
+    /// in the same transaction; if it was recorded before, nothing is created and the
+    /// earlier job is returned (same request) or the reuse refused (different request).
+    async fn create_job(&self, job: Job, idempotency: Option<IdempotencyKey>) -> Result<NewJob, StoreError>;
 
-        let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
-        let writer_db = db.clone();
-        let thread = std::thread::Builder::new()
-            .name("letterbox-store-writer".into())
-            .spawn(move || writer_loop(writer_db, rx))
-            .map_err(|e| StoreError::BatchFailed(format!("cannot start writer thread: {e}")))?;
-        Ok(Store {
-            inner: Arc::new(Inner {
-                db,
-                writer: Some(tx),
-                status_epoch: Default::default(),
-                thread: Some(thread),
-            }),
-        })
-    }
+    async fn job(&self, id: u64) -> Result<Job, StoreError>;
+
+    /// Jobs a restart must look at: unfinished ones (to resume), any with recipients
+    /// left in flight (to requeue them), and cancelled ones whose cancellation had not
+    /// finished marking recipients.
+    async fn jobs_to_recover(&self) -> Result<Vec<Job>, StoreError>;
+
+    /// Jobs newest first, optionally only those in `state`, with ids below `before`.
+    async fn list_jobs(
+        &self,
+        state: Option<JobState>,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<Job>, StoreError>;
+
+    /// How many jobs are in each state, and how many recipients the unfinished ones still
+    /// have to deliver (pending, sending or waiting for a retry).
+    async fn job_overview(&self) -> Result<JobOverview, StoreError>;
+
+    /// Changes a job with `change`, if it is in one of the states `from` (any state when
+    /// `None`); a `Conflict` naming the states otherwise.
+    async fn change_job(
+        &self,
+        id: u64,
+        from: Option<&'static [JobState]>,
+        change: JobChange,
+    ) -> Result<Job, StoreError>;
+
+    /// Completes a running job if none of its recipients needs more work. Returns the
+    /// job and whether it is now completed.
+    async fn complete_if_done(&self, job_id: u64) -> Result<(Job, bool), StoreError>;
+
+    /// Records part of a job's recipient snapshot: a pending delivery for each recipient
+    /// not recorded yet (so re-running after a crash is harmless). Returns how many were new.
+    async fn add_recipients(&self, job_id: u64, recipients: Vec<(u64, String)>) -> Result<u64, StoreError>;
+
+    /// Claims up to `max` recipients of a job, durably moving them to `sending` before any
+    /// of their messages is sent: first the retries due at `now_ms`, then pending ones in
+    /// subscriber order. Each claim counts as an attempt.
+    async fn claim(&self, job_id: u64, max: usize, now_ms: u64) -> Result<Vec<ClaimedRecipient>, StoreError>;
+
+    /// Records the outcomes of claimed deliveries (sending → delivered | skipped |
+    /// retrying | failed | pending when released). All of them must be in flight, or
+    /// nothing is recorded (`Conflict`).
+    async fn record(&self, job_id: u64, outcomes: Vec<(u64, Outcome)>) -> Result<Job, StoreError>;
+
+    /// When the earliest retry of a job is due (unix ms), if it has any.
+    async fn next_retry_at(&self, job_id: u64) -> Result<Option<u64>, StoreError>;
+
+    /// After a crash: puts every recipient that was in flight back in `pending` and counts
+    /// them in `resent_after_crash`. Returns how many there were.
+    async fn requeue_inflight(&self, job_id: u64) -> Result<u64, StoreError>;
+
+    /// Marks up to `max` of a job's pending or retrying recipients cancelled. Returns
+    /// how many it marked; call again until that is 0.
+    async fn cancel_open(&self, job_id: u64, max: usize) -> Result<u64, StoreError>;
+
+    /// Puts up to `max` failed recipients of a job back in `pending` with a fresh attempt
+    /// budget. A completed job is running again from the first call. Returns how many it
+    /// requeued; call again until that is 0.
+    async fn requeue_failed(&self, job_id: u64, max: usize) -> Result<u64, StoreError>;
+
+    /// Up to `limit` deliveries of a job with subscriber ids greater than `after`, all of
+    /// them or only those in state `kind`, in subscriber id order.
+    async fn deliveries(
+        &self,
+        job_id: u64,
+        kind: Option<StateKind>,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Delivery>, StoreError>;
+}
+
+/// Policy components: bytes by sha256, metadata, and each name's version history.
+#[async_trait]
+pub trait Plugins: Send + Sync {
+    /// Stores a plugin and makes it the latest version of its name. Storing bytes that
+    /// are already the name's latest version is idempotent. Returns the plugin and
+    /// whether these bytes were new to the store. A name keeps one kind, and bytes keep
+    /// the kind they were first stored as (`Conflict`).
+    async fn put_plugin(&self, plugin: Plugin, bytes: Vec<u8>) -> Result<(Plugin, bool), StoreError>;
+
+    /// The latest version of the plugin called `name`, if any.
+    async fn plugin_by_name(&self, name: String) -> Result<Option<Plugin>, StoreError>;
+
+    /// Version `id` of the plugin called `name`, if it is one of that name's versions.
+    async fn plugin_version(&self, name: String, id: String) -> Result<Option<Plugin>, StoreError>;
+
+    /// Every plugin name with its latest version, by name.
+    async fn list_plugins(&self) -> Result<Vec<PluginSummary>, StoreError>;
+
+    /// A plugin name's kind and versions, oldest first; `None` for an unknown name.
+    async fn plugin_versions(
+        &self,
+        name: String,
+    ) -> Result<Option<(PluginKind, Vec<PluginVersion>)>, StoreError>;
+
+    /// Deletes a plugin name and all its versions, and the bytes no other name uses.
+    /// Refused (`Conflict`) while an unfinished job uses one of its versions.
+    async fn delete_plugin(&self, name: String) -> Result<(), StoreError>;
+
+    /// A plugin's component bytes.
+    async fn plugin_bytes(&self, id: String) -> Result<Vec<u8>, StoreError>;
+}
+
+/// A whole database: every operation, plus what the server needs to run on it.
+#[async_trait]
+pub trait Backend: Lists + Jobs + Plugins {
+    /// "redb" or "postgres", for logs and metrics.
+    fn name(&self) -> &'static str;
+
+    /// Whether the database answers a trivial read.
+    async fn ping(&self) -> Result<(), StoreError>;
 
     /// A number that changes whenever a subscriber's status changes (unsubscribe, ...),
     /// after the change is committed. A caller holding subscriber rows read after it saw
     /// epoch E knows they are still current while the epoch is E: the runner re-reads a
     /// claimed subscriber just before sending only when it moved.
-    pub fn status_epoch(&self) -> u64 {
-        self.inner.status_epoch.load(std::sync::atomic::Ordering::SeqCst)
+    fn status_epoch(&self) -> u64;
+
+    /// The secret called `name`: the stored one, or else `candidate`, stored now. Returns
+    /// the secret and whether `candidate` became it. Secrets every node must agree on
+    /// (the unsubscribe signing key, the API token's hash) live here.
+    async fn secret(&self, name: &str, candidate: Vec<u8>) -> Result<(Vec<u8>, bool), StoreError>;
+}
+
+/// Where the state lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location<'a> {
+    /// An embedded redb file.
+    Redb(&'a Path),
+}
+
+/// A cheap, cloneable handle on the backend. Every operation of `Backend` is callable
+/// on it directly.
+#[derive(Clone)]
+pub struct Store(Arc<dyn Backend>);
+
+impl Deref for Store {
+    type Target = dyn Backend;
+
+    fn deref(&self) -> &Self::Target {
+        &*self.0
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the database at `location`.
+    pub async fn open(location: Location<'_>) -> Result<Store, StoreError> {
+        match location {
+            Location::Redb(path) => Ok(Store::from_backend(RedbStore::open(path)?)),
+        }
     }
 
-    /// A read transaction on the jobs table: the store answers.
-    pub async fn ping(&self) -> Result<(), StoreError> {
-        self.read(|txn| {
-            txn.open_table(tables::JOBS)?;
-            Ok(())
-        })
-        .await
+    pub fn from_backend(backend: impl Backend + 'static) -> Store {
+        Store(Arc::new(backend))
     }
 
-    fn bump_status_epoch(&self) {
-        self.inner
-            .status_epoch
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    }
-
-    /// Runs `f` in a read transaction on the blocking pool.
-    async fn read<R, F>(&self, f: F) -> Result<R, StoreError>
+    /// Changes a job with `f` and returns the result.
+    pub async fn update_job<F>(&self, id: u64, f: F) -> Result<Job, StoreError>
     where
-        R: Send + 'static,
-        F: FnOnce(&ReadTransaction) -> Result<R, StoreError> + Send + 'static,
+        F: FnOnce(&mut Job) + Send + 'static,
     {
-        let db = self.inner.db.clone();
-        tokio::task::spawn_blocking(move || f(&db.begin_read()?))
-            .await
-            .map_err(|e| StoreError::BatchFailed(format!("read task failed: {e}")))?
+        self.change_job(id, None, Box::new(f)).await
     }
 
-    /// Queues `f` for the writer and waits until the transaction holding it is durable.
-    async fn write<R, F>(&self, f: F) -> Result<R, StoreError>
+    /// Changes a job with `f` if it is in one of the states `from`; a conflict otherwise.
+    pub async fn update_job_from<F>(
+        &self,
+        id: u64,
+        from: &'static [JobState],
+        f: F,
+    ) -> Result<Job, StoreError>
     where
-        R: Send + 'static,
-        F: FnOnce(&WriteTransaction) -> Result<R, StoreError> + Send + 'static,
+        F: FnOnce(&mut Job) + Send + 'static,
     {
-        let (tx, rx) = oneshot::channel();
-        let op: Op = Box::new(move |txn| {
-            let result = f(txn);
-            let aborts = result.as_ref().is_err_and(StoreError::aborts_batch);
-            let complete: Completion = Box::new(move |commit| {
-                let out = match (result, commit) {
-                    (Err(e), _) => Err(e),
-                    (Ok(_), Err(why)) => Err(StoreError::BatchFailed(why.to_string())),
-                    (Ok(r), Ok(())) => Ok(r),
-                };
-                let _ = tx.send(out);
-            });
-            (aborts, complete)
-        });
-        let writer = self.inner.writer.as_ref().ok_or(StoreError::Closed)?;
-        writer.send(op).await.map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        self.change_job(id, Some(from), Box::new(f)).await
     }
 }
 
-fn writer_loop(db: Arc<Database>, mut rx: mpsc::Receiver<Op>) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    let (mut commits, mut operations, mut busy) = (0u64, 0u64, std::time::Duration::ZERO);
-    while let Some(first) = rx.blocking_recv() {
-        let started = std::time::Instant::now();
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(op) => batch.push(op),
-                Err(_) => break,
-            }
-        }
-        let txn = match db.begin_write() {
-            Ok(txn) => txn,
-            Err(e) => {
-                // Nothing was applied. Dropping the operations drops their reply
-                // channels, so every caller gets `StoreError::Closed` at once.
-                tracing::error!(error = %e, "cannot begin a write transaction");
-                batch.clear();
-                continue;
-            }
-        };
-        let mut completions = Vec::with_capacity(batch.len());
-        let mut abort: Option<String> = None;
-        for op in batch.drain(..) {
-            // A panic inside one operation must not kill the writer (and with it every
-            // later write): treat it like a database error and abort the batch.
-            match std::panic::catch_unwind(AssertUnwindSafe(|| op(&txn))) {
-                Ok((aborts, complete)) => {
-                    if aborts && abort.is_none() {
-                        abort = Some("another operation in the same commit failed".into());
-                    }
-                    completions.push(complete);
-                }
-                Err(_) => abort = Some("a store operation panicked".into()),
-            }
-        }
-        let outcome = match abort {
-            Some(why) => {
-                let _ = txn.abort();
-                Err(why)
-            }
-            None => txn.commit().map_err(|e| {
-                tracing::error!(error = %e, "store commit failed");
-                e.to_string()
-            }),
-        };
-        commits += 1;
-        operations += completions.len() as u64;
-        let took = started.elapsed();
-        busy += took;
-        metrics::histogram!("letterbox_store_commit_seconds").record(took.as_secs_f64());
-        for complete in completions {
-            complete(outcome.as_ref().map(|_| ()).map_err(String::as_str));
-        }
-    }
-    if let Some(mean_batch) = operations.checked_div(commits) {
-        tracing::info!(
-            commits,
-            operations,
-            mean_batch,
-            mean_commit_ms = format!("{:.2}", busy.as_secs_f64() * 1000.0 / commits as f64),
-            "store writer stopped"
-        );
-    }
+/// The refusal `change_job` gives when a job is not in one of the states `from`.
+pub(crate) fn wrong_state(job: &Job, from: &[JobState]) -> StoreError {
+    let expected: Vec<&str> = from.iter().map(|s| s.as_str()).collect();
+    StoreError::Conflict(format!(
+        "job {} is {}, but this needs it to be {}",
+        job.id,
+        job.state.as_str(),
+        expected.join(" or ")
+    ))
 }
 
-fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    // Serialising our own plain data types to JSON cannot fail.
-    serde_json::to_vec(value).expect("domain types serialise to JSON")
-}
-
-fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
-    Ok(serde_json::from_slice(bytes)?)
-}
-
-pub use ops::{IdempotencyKey, NewJob, normalise_email};
+#[cfg(test)]
+mod tests;

@@ -1,13 +1,32 @@
-//! Per-recipient delivery state. Every change of a delivery's state goes through
-//! `Tables::set_state`, which keeps the delivery row, the state index, the retry schedule
-//! and the job's counts in step inside the same transaction.
+//! Jobs and per-recipient delivery state in redb. Every change of a delivery's state
+//! goes through `Tables::set_state`, which keeps the delivery row, the state index, the
+//! retry schedule and the job's counts in step inside the same transaction.
 
 use redb::{ReadableTable, Table, WriteTransaction};
 
-use super::ops::{job_in, put_job};
+use super::lists::next_id;
 use super::tables::*;
-use super::{Store, StoreError, decode, encode};
+use super::{RedbStore, decode, encode};
 use crate::domain::*;
+use crate::store::{ClaimedRecipient, IdempotencyKey, JobChange, Jobs, NewJob, StoreError, wrong_state};
+
+pub(super) fn job_in(txn: &WriteTransaction, id: u64) -> Result<Job, StoreError> {
+    let table = txn.open_table(JOBS)?;
+    let job = table.get(id)?.ok_or_else(|| StoreError::not_found("job", id))?;
+    decode(job.value())
+}
+
+pub(super) fn put_job(txn: &WriteTransaction, job: &Job) -> Result<(), StoreError> {
+    txn.open_table(JOBS)?.insert(job.id, encode(job).as_slice())?;
+    Ok(())
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct IdempotencyRecord {
+    request_hash: String,
+    job_id: u64,
+    created_at: u64,
+}
 
 /// The tables a delivery state change touches, opened once per operation.
 struct Tables<'t> {
@@ -81,14 +100,136 @@ impl<'t> Tables<'t> {
     }
 }
 
-impl Store {
+#[async_trait::async_trait]
+impl Jobs for RedbStore {
+    /// Stores a new job, giving it an id. With an idempotency key, the key is recorded
+    /// in the same transaction; if it was recorded before, nothing is created and the
+    /// earlier job is returned (same request) or the reuse refused (different request).
+    async fn create_job(
+        &self,
+        mut job: Job,
+        idempotency: Option<IdempotencyKey>,
+    ) -> Result<NewJob, StoreError> {
+        self.write(move |txn| {
+            if let Some(key) = &idempotency {
+                let keys = txn.open_table(IDEMPOTENCY_KEYS)?;
+                if let Some(row) = keys.get(key.key.as_str())? {
+                    let earlier: IdempotencyRecord = decode(row.value())?;
+                    if earlier.request_hash != key.request_hash {
+                        return Ok(NewJob::KeyReused);
+                    }
+                    return Ok(NewJob::Existing(job_in(txn, earlier.job_id)?));
+                }
+            }
+            job.id = next_id(txn, "job")?;
+            put_job(txn, &job)?;
+            if let Some(key) = idempotency {
+                let record = IdempotencyRecord {
+                    request_hash: key.request_hash,
+                    job_id: job.id,
+                    created_at: now(),
+                };
+                txn.open_table(IDEMPOTENCY_KEYS)?
+                    .insert(key.key.as_str(), encode(&record).as_slice())?;
+            }
+            Ok(NewJob::Created(job))
+        })
+        .await
+    }
+
+    async fn job(&self, id: u64) -> Result<Job, StoreError> {
+        self.read(move |txn| {
+            let table = txn.open_table(JOBS)?;
+            let row = table.get(id)?.ok_or_else(|| StoreError::not_found("job", id))?;
+            decode(row.value())
+        })
+        .await
+    }
+
+    /// Jobs a restart must look at: unfinished ones (to resume), any with recipients
+    /// left in flight (to requeue them), and cancelled ones whose cancellation had not
+    /// finished marking recipients.
+    async fn jobs_to_recover(&self) -> Result<Vec<Job>, StoreError> {
+        self.read(|txn| {
+            let table = txn.open_table(JOBS)?;
+            let mut out = Vec::new();
+            for row in table.iter()? {
+                let job: Job = decode(row?.1.value())?;
+                let cancelling = job.state == JobState::Cancelled && job.counts.open() > 0;
+                if job.state.is_unfinished() || job.counts.sending > 0 || cancelling {
+                    out.push(job);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Jobs newest first, optionally only those in `state`, with ids below `before`.
+    async fn list_jobs(
+        &self,
+        state: Option<JobState>,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<Job>, StoreError> {
+        self.read(move |txn| {
+            let table = txn.open_table(JOBS)?;
+            let end = before.unwrap_or(u64::MAX);
+            let mut out = Vec::with_capacity(limit.min(1024));
+            for row in table.range(..end)?.rev() {
+                if out.len() == limit {
+                    break;
+                }
+                let job: Job = decode(row?.1.value())?;
+                if state.is_none_or(|s| s == job.state) {
+                    out.push(job);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// How many jobs are in each state, and how many recipients the unfinished ones still
+    /// have to deliver (pending, sending or waiting for a retry). Read per metrics scrape.
+    async fn job_overview(&self) -> Result<JobOverview, StoreError> {
+        self.read(|txn| {
+            let mut overview = JobOverview::default();
+            for row in txn.open_table(JOBS)?.iter()? {
+                let job: Job = decode(row?.1.value())?;
+                *overview.by_state.entry(job.state).or_default() += 1;
+                if job.state.is_unfinished() {
+                    overview.open_recipients += job.counts.pending + job.counts.sending + job.counts.retrying;
+                }
+            }
+            Ok(overview)
+        })
+        .await
+    }
+
+    async fn change_job(
+        &self,
+        id: u64,
+        from: Option<&'static [JobState]>,
+        change: JobChange,
+    ) -> Result<Job, StoreError> {
+        self.write(move |txn| {
+            let mut job = job_in(txn, id)?;
+            if let Some(from) = from
+                && !from.contains(&job.state)
+            {
+                return Err(wrong_state(&job, from));
+            }
+            change(&mut job);
+            put_job(txn, &job)?;
+            Ok(job)
+        })
+        .await
+    }
+
     /// Records part of a job's recipient snapshot: a pending delivery for each recipient
     /// not recorded yet (so re-running after a crash is harmless).
-    pub async fn add_recipients(
-        &self,
-        job_id: u64,
-        recipients: Vec<(u64, String)>,
-    ) -> Result<u64, StoreError> {
+    async fn add_recipients(&self, job_id: u64, recipients: Vec<(u64, String)>) -> Result<u64, StoreError> {
         self.write(move |txn| {
             let mut job = job_in(txn, job_id)?;
             let mut t = Tables::open(txn)?;
@@ -120,12 +261,7 @@ impl Store {
     /// of their messages is sent: first the retries due at `now_ms`, then pending ones in
     /// subscriber order. Each claim counts as an attempt. Each comes with its subscriber
     /// as of the claim (`None` if it was deleted), read in the same transaction.
-    pub async fn claim(
-        &self,
-        job_id: u64,
-        max: usize,
-        now_ms: u64,
-    ) -> Result<Vec<(Delivery, Option<Subscriber>)>, StoreError> {
+    async fn claim(&self, job_id: u64, max: usize, now_ms: u64) -> Result<Vec<ClaimedRecipient>, StoreError> {
         self.write(move |txn| {
             let mut job = job_in(txn, job_id)?;
             let subscribers = txn.open_table(SUBSCRIBERS)?;
@@ -157,7 +293,7 @@ impl Store {
 
     /// Records the outcomes of claimed deliveries (sending → delivered | skipped |
     /// retrying | failed). All of them must be in flight, or nothing is recorded.
-    pub async fn record(&self, job_id: u64, outcomes: Vec<(u64, Outcome)>) -> Result<Job, StoreError> {
+    async fn record(&self, job_id: u64, outcomes: Vec<(u64, Outcome)>) -> Result<Job, StoreError> {
         self.write(move |txn| {
             let mut job = job_in(txn, job_id)?;
             let mut t = Tables::open(txn)?;
@@ -186,7 +322,7 @@ impl Store {
     }
 
     /// When the earliest retry of a job is due (unix ms), if it has any.
-    pub async fn next_retry_at(&self, job_id: u64) -> Result<Option<u64>, StoreError> {
+    async fn next_retry_at(&self, job_id: u64) -> Result<Option<u64>, StoreError> {
         self.read(move |txn| {
             let table = txn.open_table(RETRY_SCHEDULE)?;
             let first = table
@@ -200,7 +336,7 @@ impl Store {
 
     /// After a crash: puts every recipient that was in flight back in `pending` and counts
     /// them in `resent_after_crash`. Returns how many there were.
-    pub async fn requeue_inflight(&self, job_id: u64) -> Result<u64, StoreError> {
+    async fn requeue_inflight(&self, job_id: u64) -> Result<u64, StoreError> {
         self.write(move |txn| {
             let mut job = job_in(txn, job_id)?;
             let mut t = Tables::open(txn)?;
@@ -218,7 +354,7 @@ impl Store {
 
     /// Marks up to `max` of a cancelled job's pending or retrying recipients cancelled.
     /// Returns how many it marked; call again until that is 0.
-    pub async fn cancel_open(&self, job_id: u64, max: usize) -> Result<u64, StoreError> {
+    async fn cancel_open(&self, job_id: u64, max: usize) -> Result<u64, StoreError> {
         self.write(move |txn| {
             let mut job = job_in(txn, job_id)?;
             let mut t = Tables::open(txn)?;
@@ -238,7 +374,7 @@ impl Store {
     /// Puts up to `max` failed recipients of a job back in `pending` with a fresh attempt
     /// budget. A completed job is running again from the first call. Returns how many it
     /// requeued; call again until that is 0.
-    pub async fn requeue_failed(&self, job_id: u64, max: usize) -> Result<u64, StoreError> {
+    async fn requeue_failed(&self, job_id: u64, max: usize) -> Result<u64, StoreError> {
         self.write(move |txn| {
             let mut job = job_in(txn, job_id)?;
             let mut t = Tables::open(txn)?;
@@ -260,7 +396,7 @@ impl Store {
 
     /// Completes a running job if none of its recipients needs more work. Returns the
     /// job and whether it is now completed.
-    pub async fn complete_if_done(&self, job_id: u64) -> Result<(Job, bool), StoreError> {
+    async fn complete_if_done(&self, job_id: u64) -> Result<(Job, bool), StoreError> {
         self.write(move |txn| {
             let mut job = job_in(txn, job_id)?;
             if job.state != JobState::Running || job.counts.open() > 0 {
@@ -276,7 +412,7 @@ impl Store {
 
     /// Up to `limit` deliveries of a job with subscriber ids greater than `after`, all of
     /// them or only those in state `kind`, in subscriber id order.
-    pub async fn deliveries(
+    async fn deliveries(
         &self,
         job_id: u64,
         kind: Option<StateKind>,

@@ -53,3 +53,6 @@ pub const RETRY_SCHEDULE: TableDefinition<(u64, u64, u64), ()> = TableDefinition
 
 /// Idempotency key → `IdempotentSend` (the request's hash and the job it created).
 pub const IDEMPOTENCY_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("idempotency_keys");
+
+/// Secret name → its bytes (see `Backend::secret`).
+pub const SECRETS: TableDefinition<&str, &[u8]> = TableDefinition::new("secrets");

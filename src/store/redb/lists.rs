@@ -1,28 +1,19 @@
-//! The store's domain operations. Each write closure runs inside the writer's shared
-//! transaction; see the invariant in `store/mod.rs` (validate before writing).
+//! Newsletters, subscribers and letters in redb. Each write closure runs inside the
+//! writer's shared transaction; see the invariant in `store/redb/mod.rs` (validate
+//! before writing).
 
 use redb::{ReadableTable, WriteTransaction};
 
 use super::tables::*;
-use super::{Store, StoreError, decode, encode};
+use super::{RedbStore, decode, encode};
 use crate::domain::*;
+use crate::store::{Lists, StoreError, normalise_email};
 
 pub(super) fn next_id(txn: &WriteTransaction, sequence: &str) -> Result<u64, StoreError> {
     let mut table = txn.open_table(SEQUENCES)?;
     let next = table.get(sequence)?.map(|v| v.value()).unwrap_or(0) + 1;
     table.insert(sequence, next)?;
     Ok(next)
-}
-
-pub(super) fn job_in(txn: &WriteTransaction, id: u64) -> Result<Job, StoreError> {
-    let table = txn.open_table(JOBS)?;
-    let job = table.get(id)?.ok_or_else(|| StoreError::not_found("job", id))?;
-    decode(job.value())
-}
-
-pub(super) fn put_job(txn: &WriteTransaction, job: &Job) -> Result<(), StoreError> {
-    txn.open_table(JOBS)?.insert(job.id, encode(job).as_slice())?;
-    Ok(())
 }
 
 /// Subscriber id → (newsletter id, subscriber), from the tables of a read or a write.
@@ -70,41 +61,9 @@ fn newsletter_exists(txn: &WriteTransaction, id: u64) -> Result<bool, StoreError
     Ok(txn.open_table(NEWSLETTERS)?.get(id)?.is_some())
 }
 
-/// The form an email takes in the upsert index: the domain is case-insensitive
-/// (RFC 5321 §2.4); the local part is kept as written.
-pub fn normalise_email(email: &str) -> String {
-    match email.rsplit_once('@') {
-        Some((local, domain)) => format!("{local}@{}", domain.to_ascii_lowercase()),
-        None => email.to_string(),
-    }
-}
-
-/// A client's `Idempotency-Key` and a hash of the request it came with.
-#[derive(Debug, Clone)]
-pub struct IdempotencyKey {
-    pub key: String,
-    pub request_hash: String,
-}
-
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-struct IdempotencyRecord {
-    request_hash: String,
-    job_id: u64,
-    created_at: u64,
-}
-
-/// What `create_job` did.
-#[derive(Debug)]
-pub enum NewJob {
-    Created(Job),
-    /// The idempotency key was used before for the same request: this is its job.
-    Existing(Job),
-    /// The idempotency key was used before for a different request.
-    KeyReused,
-}
-
-impl Store {
-    pub async fn create_newsletter(&self, name: String, from: String) -> Result<Newsletter, StoreError> {
+#[async_trait::async_trait]
+impl Lists for RedbStore {
+    async fn create_newsletter(&self, name: String, from: String) -> Result<Newsletter, StoreError> {
         self.write(move |txn| {
             let newsletter = Newsletter {
                 id: next_id(txn, "newsletter")?,
@@ -119,7 +78,7 @@ impl Store {
         .await
     }
 
-    pub async fn newsletter(&self, id: u64) -> Result<Newsletter, StoreError> {
+    async fn newsletter(&self, id: u64) -> Result<Newsletter, StoreError> {
         self.read(move |txn| {
             let table = txn.open_table(NEWSLETTERS)?;
             let row = table
@@ -132,7 +91,7 @@ impl Store {
 
     /// Inserts new subscribers and updates existing ones (matched by email), all in one
     /// transaction.
-    pub async fn upsert_subscribers(
+    async fn upsert_subscribers(
         &self,
         newsletter_id: u64,
         subscribers: Vec<NewSubscriber>,
@@ -190,7 +149,7 @@ impl Store {
     }
 
     /// Up to `limit` subscribers of a newsletter with ids greater than `after`, in id order.
-    pub async fn subscribers_after(
+    async fn subscribers_after(
         &self,
         newsletter_id: u64,
         after: u64,
@@ -213,7 +172,7 @@ impl Store {
         .await
     }
 
-    pub async fn subscriber(&self, newsletter_id: u64, id: u64) -> Result<Subscriber, StoreError> {
+    async fn subscriber(&self, newsletter_id: u64, id: u64) -> Result<Subscriber, StoreError> {
         self.read(move |txn| {
             let table = txn.open_table(SUBSCRIBERS)?;
             let row = table
@@ -225,7 +184,7 @@ impl Store {
     }
 
     /// Marks a subscriber unsubscribed. Idempotent.
-    pub async fn unsubscribe(&self, newsletter_id: u64, id: u64) -> Result<Subscriber, StoreError> {
+    async fn unsubscribe(&self, newsletter_id: u64, id: u64) -> Result<Subscriber, StoreError> {
         let result = self
             .write(move |txn| {
                 let mut table = txn.open_table(SUBSCRIBERS)?;
@@ -243,25 +202,8 @@ impl Store {
         result
     }
 
-    /// How many jobs are in each state, and how many recipients the unfinished ones still
-    /// have to deliver (pending, sending or waiting for a retry). Read per metrics scrape.
-    pub async fn job_overview(&self) -> Result<JobOverview, StoreError> {
-        self.read(|txn| {
-            let mut overview = JobOverview::default();
-            for row in txn.open_table(JOBS)?.iter()? {
-                let job: Job = decode(row?.1.value())?;
-                *overview.by_state.entry(job.state).or_default() += 1;
-                if job.state.is_unfinished() {
-                    overview.open_recipients += job.counts.pending + job.counts.sending + job.counts.retrying;
-                }
-            }
-            Ok(overview)
-        })
-        .await
-    }
-
     /// A subscriber by id alone.
-    pub async fn subscriber_by_id(&self, id: u64) -> Result<Subscriber, StoreError> {
+    async fn subscriber_by_id(&self, id: u64) -> Result<Subscriber, StoreError> {
         self.read(move |txn| {
             let homes = txn.open_table(SUBSCRIBER_HOMES)?;
             Ok(find_subscriber(&homes, &txn.open_table(SUBSCRIBERS)?, id)?.1)
@@ -270,7 +212,7 @@ impl Store {
     }
 
     /// The subscriber of a newsletter with this email (domain case-insensitive), if any.
-    pub async fn subscriber_by_email(
+    async fn subscriber_by_email(
         &self,
         newsletter_id: u64,
         email: String,
@@ -293,7 +235,7 @@ impl Store {
     /// Applies a change to a subscriber. A new email must not belong to another
     /// subscriber of the newsletter (`Conflict`). Running jobs see the change before
     /// their next message to this subscriber.
-    pub async fn update_subscriber(&self, id: u64, patch: SubscriberPatch) -> Result<Subscriber, StoreError> {
+    async fn update_subscriber(&self, id: u64, patch: SubscriberPatch) -> Result<Subscriber, StoreError> {
         let result = self
             .write(move |txn| {
                 let (home, mut subscriber) = subscriber_in(txn, id)?;
@@ -337,7 +279,7 @@ impl Store {
     /// in the delivery records of every job of the newsletter (and in recorded replies
     /// and reasons that quote it), so no personal data is left. A running job skips
     /// them ("subscriber was deleted").
-    pub async fn delete_subscriber(&self, id: u64) -> Result<(), StoreError> {
+    async fn delete_subscriber(&self, id: u64) -> Result<(), StoreError> {
         let result = self
             .write(move |txn| {
                 let (home, subscriber) = subscriber_in(txn, id)?;
@@ -378,7 +320,7 @@ impl Store {
     }
 
     /// Stores a letter, giving it an id. The newsletter must exist.
-    pub async fn create_letter(&self, mut letter: Letter) -> Result<Letter, StoreError> {
+    async fn create_letter(&self, mut letter: Letter) -> Result<Letter, StoreError> {
         self.write(move |txn| {
             if !newsletter_exists(txn, letter.newsletter_id)? {
                 return Err(StoreError::not_found("newsletter", letter.newsletter_id));
@@ -391,142 +333,13 @@ impl Store {
         .await
     }
 
-    pub async fn letter(&self, id: u64) -> Result<Letter, StoreError> {
+    async fn letter(&self, id: u64) -> Result<Letter, StoreError> {
         self.read(move |txn| {
             let table = txn.open_table(LETTERS)?;
             let row = table
                 .get(id)?
                 .ok_or_else(|| StoreError::not_found("letter", id))?;
             decode(row.value())
-        })
-        .await
-    }
-
-    /// Stores a new job, giving it an id. With an idempotency key, the key is recorded
-    /// in the same transaction; if it was recorded before, nothing is created and the
-    /// earlier job is returned (same request) or the reuse refused (different request).
-    pub async fn create_job(
-        &self,
-        mut job: Job,
-        idempotency: Option<IdempotencyKey>,
-    ) -> Result<NewJob, StoreError> {
-        self.write(move |txn| {
-            if let Some(key) = &idempotency {
-                let keys = txn.open_table(IDEMPOTENCY_KEYS)?;
-                if let Some(row) = keys.get(key.key.as_str())? {
-                    let earlier: IdempotencyRecord = decode(row.value())?;
-                    if earlier.request_hash != key.request_hash {
-                        return Ok(NewJob::KeyReused);
-                    }
-                    return Ok(NewJob::Existing(job_in(txn, earlier.job_id)?));
-                }
-            }
-            job.id = next_id(txn, "job")?;
-            put_job(txn, &job)?;
-            if let Some(key) = idempotency {
-                let record = IdempotencyRecord {
-                    request_hash: key.request_hash,
-                    job_id: job.id,
-                    created_at: now(),
-                };
-                txn.open_table(IDEMPOTENCY_KEYS)?
-                    .insert(key.key.as_str(), encode(&record).as_slice())?;
-            }
-            Ok(NewJob::Created(job))
-        })
-        .await
-    }
-
-    pub async fn job(&self, id: u64) -> Result<Job, StoreError> {
-        self.read(move |txn| {
-            let table = txn.open_table(JOBS)?;
-            let row = table.get(id)?.ok_or_else(|| StoreError::not_found("job", id))?;
-            decode(row.value())
-        })
-        .await
-    }
-
-    /// Jobs a restart must look at: unfinished ones (to resume), any with recipients
-    /// left in flight (to requeue them), and cancelled ones whose cancellation had not
-    /// finished marking recipients.
-    pub async fn jobs_to_recover(&self) -> Result<Vec<Job>, StoreError> {
-        self.read(|txn| {
-            let table = txn.open_table(JOBS)?;
-            let mut out = Vec::new();
-            for row in table.iter()? {
-                let job: Job = decode(row?.1.value())?;
-                let cancelling = job.state == JobState::Cancelled && job.counts.open() > 0;
-                if job.state.is_unfinished() || job.counts.sending > 0 || cancelling {
-                    out.push(job);
-                }
-            }
-            Ok(out)
-        })
-        .await
-    }
-
-    /// Jobs newest first, optionally only those in `state`, with ids below `before`.
-    pub async fn list_jobs(
-        &self,
-        state: Option<JobState>,
-        before: Option<u64>,
-        limit: usize,
-    ) -> Result<Vec<Job>, StoreError> {
-        self.read(move |txn| {
-            let table = txn.open_table(JOBS)?;
-            let end = before.unwrap_or(u64::MAX);
-            let mut out = Vec::with_capacity(limit.min(1024));
-            for row in table.range(..end)?.rev() {
-                if out.len() == limit {
-                    break;
-                }
-                let job: Job = decode(row?.1.value())?;
-                if state.is_none_or(|s| s == job.state) {
-                    out.push(job);
-                }
-            }
-            Ok(out)
-        })
-        .await
-    }
-
-    /// Changes a job with `f` and returns the result.
-    pub async fn update_job<F>(&self, id: u64, f: F) -> Result<Job, StoreError>
-    where
-        F: FnOnce(&mut Job) + Send + 'static,
-    {
-        self.write(move |txn| {
-            let mut job = job_in(txn, id)?;
-            f(&mut job);
-            put_job(txn, &job)?;
-            Ok(job)
-        })
-        .await
-    }
-
-    /// Changes a job with `f` if it is in one of the states `from`; a conflict otherwise.
-    pub async fn update_job_from<F>(
-        &self,
-        id: u64,
-        from: &'static [JobState],
-        f: F,
-    ) -> Result<Job, StoreError>
-    where
-        F: FnOnce(&mut Job) + Send + 'static,
-    {
-        self.write(move |txn| {
-            let mut job = job_in(txn, id)?;
-            if !from.contains(&job.state) {
-                let expected: Vec<&str> = from.iter().map(|s| s.as_str()).collect();
-                return Err(StoreError::Conflict(format!(
-                    "job {id} is {}, but this needs it to be {}",
-                    job.state.as_str(),
-                    expected.join(" or ")
-                )));
-            }
-            f(&mut job);
-            put_job(txn, &job)?;
-            Ok(job)
         })
         .await
     }

@@ -3,8 +3,9 @@
 use redb::{ReadTransaction, ReadableTable, WriteTransaction};
 
 use super::tables::*;
-use super::{Store, StoreError, decode, encode};
+use super::{RedbStore, decode, encode};
 use crate::domain::*;
+use crate::store::{Plugins, StoreError};
 
 fn plugin_in(txn: &ReadTransaction, id: &str) -> Result<Plugin, StoreError> {
     let table = txn.open_table(PLUGINS)?;
@@ -26,11 +27,12 @@ fn versions_of(
     Ok(out)
 }
 
-impl Store {
+#[async_trait::async_trait]
+impl Plugins for RedbStore {
     /// Stores a plugin and makes it the latest version of its name. Storing bytes that
     /// are already the name's latest version is idempotent. Returns the plugin and
     /// whether these bytes were new to the store.
-    pub async fn put_plugin(&self, plugin: Plugin, bytes: Vec<u8>) -> Result<(Plugin, bool), StoreError> {
+    async fn put_plugin(&self, plugin: Plugin, bytes: Vec<u8>) -> Result<(Plugin, bool), StoreError> {
         self.write(move |txn| {
             let mut metas = txn.open_table(PLUGINS)?;
             let mut names = txn.open_table(PLUGIN_NAMES)?;
@@ -97,7 +99,7 @@ impl Store {
     }
 
     /// The latest version of the plugin called `name`, if any.
-    pub async fn plugin_by_name(&self, name: String) -> Result<Option<Plugin>, StoreError> {
+    async fn plugin_by_name(&self, name: String) -> Result<Option<Plugin>, StoreError> {
         self.read(move |txn| {
             let names = txn.open_table(PLUGIN_NAMES)?;
             let Some(id) = names.get(name.as_str())?.map(|v| v.value().to_string()) else {
@@ -109,7 +111,7 @@ impl Store {
     }
 
     /// Version `id` of the plugin called `name`, if it is one of that name's versions.
-    pub async fn plugin_version(&self, name: String, id: String) -> Result<Option<Plugin>, StoreError> {
+    async fn plugin_version(&self, name: String, id: String) -> Result<Option<Plugin>, StoreError> {
         self.read(move |txn| {
             let versions = txn.open_table(PLUGIN_VERSIONS)?;
             if !versions_of(&versions, &name)?.iter().any(|v| v.id == id) {
@@ -121,7 +123,7 @@ impl Store {
     }
 
     /// Every plugin name with its latest version.
-    pub async fn list_plugins(&self) -> Result<Vec<PluginSummary>, StoreError> {
+    async fn list_plugins(&self) -> Result<Vec<PluginSummary>, StoreError> {
         self.read(|txn| {
             let names = txn.open_table(PLUGIN_NAMES)?;
             let versions = txn.open_table(PLUGIN_VERSIONS)?;
@@ -152,7 +154,7 @@ impl Store {
     }
 
     /// A plugin name's kind and versions, oldest first; `None` for an unknown name.
-    pub async fn plugin_versions(
+    async fn plugin_versions(
         &self,
         name: String,
     ) -> Result<Option<(PluginKind, Vec<PluginVersion>)>, StoreError> {
@@ -169,12 +171,12 @@ impl Store {
 
     /// Deletes a plugin name and all its versions, and the bytes no other name uses.
     /// Refused while an unfinished job uses one of its versions.
-    pub async fn delete_plugin(&self, name: String) -> Result<(), StoreError> {
+    async fn delete_plugin(&self, name: String) -> Result<(), StoreError> {
         self.write(move |txn| delete_plugin_in(txn, &name)).await
     }
 
     /// A plugin's component bytes.
-    pub async fn plugin_bytes(&self, id: String) -> Result<Vec<u8>, StoreError> {
+    async fn plugin_bytes(&self, id: String) -> Result<Vec<u8>, StoreError> {
         self.read(move |txn| {
             let table = txn.open_table(PLUGIN_BLOBS)?;
             let row = table

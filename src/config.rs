@@ -12,8 +12,12 @@ use crate::runner::{DomainLimits, FailureLimit};
 /// `Debug` leaves the API token out (see below).
 #[derive(Clone)]
 pub struct Config {
-    /// Holds `letterbox.redb`, the compiled-policy cache and (without SMTP) `outbox/`.
+    /// Holds `letterbox.redb` (without `database_url`), the compiled-policy cache and
+    /// (without SMTP) `outbox/`.
     pub data_dir: PathBuf,
+    /// A PostgreSQL URL: shared state lives there, and several nodes may share it.
+    /// `None`: redb in `data_dir`.
+    pub database_url: Option<String>,
     /// The default transport; `None` writes `.eml` files to `data_dir/outbox`.
     pub smtp: Option<SmtpSettings>,
     /// More transports a job may choose by name.
@@ -52,6 +56,7 @@ impl Config {
     pub fn new(data_dir: impl Into<PathBuf>) -> Config {
         Config {
             data_dir: data_dir.into(),
+            database_url: None,
             smtp: None,
             transports: Vec::new(),
             dkim: None,
@@ -81,6 +86,10 @@ impl std::fmt::Debug for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Config")
             .field("data_dir", &self.data_dir)
+            .field(
+                "database_url",
+                &self.database_url.as_deref().map(crate::mail::redact_url),
+            )
             .field("smtp", &self.smtp)
             .field("transports", &self.transports)
             .field("dkim", &self.dkim)

@@ -68,7 +68,12 @@ pub async fn run(
     };
     std::fs::create_dir_all(data_dir).map_err(io_error)?;
     http::install_metrics();
-    let store = Store::open(store::Location::Redb(&data_dir.join("letterbox.redb"))).await?;
+    let redb_file = data_dir.join("letterbox.redb");
+    let location = match &config.database_url {
+        Some(url) => store::Location::Postgres(url),
+        None => store::Location::Redb(&redb_file),
+    };
+    let store = Store::open(location).await?;
     let unsubscribe = UnsubscribeKey::load_or_create(&store, Some(&data_dir.join("unsubscribe.key"))).await?;
     let (api_token, generated) = ApiToken::load_or_create(
         config.api_token.as_deref(),
@@ -94,7 +99,7 @@ pub async fn run(
         transports.push(Transport::smtp(name, smtp, dkim.clone())?);
     }
     let transports = Transports::new(transports)?;
-    tracing::info!(data = %data_dir.display(), "starting");
+    tracing::info!(data = %data_dir.display(), store = store.name(), "starting");
     for transport in transports.iter() {
         tracing::info!(name = transport.name(), transport = %transport.describe(), "transport");
     }

@@ -89,9 +89,15 @@ struct ServeArgs {
     /// Address to listen on [default: 127.0.0.1:8080].
     #[arg(long, env = "LETTERBOX_LISTEN")]
     listen: Option<String>,
-    /// Directory for the database, keys and the outbox [default: ./letterbox-data].
+    /// Directory for the database (redb), the compiled-policy cache and the outbox
+    /// [default: ./letterbox-data]. With --database it holds only the node's own files.
     #[arg(long, env = "LETTERBOX_DATA")]
     data: Option<PathBuf>,
+    /// Keep shared state in PostgreSQL (postgres://user:password@host:port/database)
+    /// instead of redb in DATA: several nodes on one database form a fleet. Prefer the
+    /// environment variable when the URL holds a password.
+    #[arg(long = "database", env = "LETTERBOX_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
     /// The default SMTP transport: smtp://host:25 (plain), smtp://host:587?tls=required
     /// (STARTTLS) or smtps://user:pass@host:465 (TLS). Query parameters: tls, pool
     /// (connections), rate (N/s, N/min or N/h), hello (EHLO name).
@@ -194,6 +200,7 @@ impl ServeArgs {
         let values = [
             ("listen", self.listen),
             ("data", self.data.map(|d| d.display().to_string())),
+            ("database.url", self.database_url),
             ("smtp.url", self.smtp),
             ("smtp.username", self.smtp_user),
             ("smtp.password", self.smtp_password),

@@ -52,6 +52,8 @@ struct File {
     #[serde(default)]
     transports: BTreeMap<String, Smtp>,
     dkim: Option<Dkim>,
+    #[serde(default)]
+    database: Database,
     /// Read by the client commands only.
     #[serde(default)]
     #[allow(dead_code)]
@@ -106,6 +108,13 @@ struct Dkim {
     key_file: PathBuf,
     selector: String,
     domain: String,
+}
+
+/// Where shared state lives: without a URL, redb in `data`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Database {
+    url: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -272,6 +281,15 @@ fn resolve(
         )
     })?;
     let mut config = Config::new(file.data);
+    if let Some(url) = file.database.url {
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(invalid(
+                "database.url",
+                "must be a PostgreSQL URL: postgres://user:password@host:port/database",
+            ));
+        }
+        config.database_url = Some(url);
+    }
     if let Some(token) = &file.api_token
         && token.trim().len() < crate::tokens::MIN_TOKEN_LEN
     {
@@ -428,6 +446,10 @@ mod tests {
                 .starts_with("transports.bulk.rate: ")
         );
         assert!(error("[smtp]\nurl = \"ftp://h\"\n").starts_with("smtp.url: "));
+        assert!(
+            error("[database]\nurl = \"mysql://h/db\"\n")
+                .starts_with("database.url: must be a PostgreSQL URL")
+        );
         assert!(error("api_token = \"short\"\n").starts_with("api_token: "));
         let unknown = error("[delivery]\nconcurency = 3\n");
         assert!(unknown.contains("concurency"), "{unknown}");
@@ -438,12 +460,21 @@ mod tests {
     #[test]
     fn secrets_stay_out_of_debug_output() {
         let settings = load_text(
-            "api_token = \"a-very-secret-token-123\"\n[smtp]\nurl = \"smtp://u:pw-in-url@h:25\"\npassword = \"hunter2-password\"\nusername = \"u\"\n",
+            "api_token = \"a-very-secret-token-123\"\n[smtp]\nurl = \"smtp://u:pw-in-url@h:25\"\npassword = \"hunter2-password\"\nusername = \"u\"\n[database]\nurl = \"postgres://lb:db-password@h/lb\"\n",
             Vec::new(),
         )
         .unwrap();
         let shown = format!("{settings:?}");
-        for secret in ["a-very-secret-token-123", "pw-in-url", "hunter2-password"] {
+        assert_eq!(
+            settings.config.database_url.as_deref(),
+            Some("postgres://lb:db-password@h/lb")
+        );
+        for secret in [
+            "a-very-secret-token-123",
+            "pw-in-url",
+            "hunter2-password",
+            "db-password",
+        ] {
             assert!(!shown.contains(secret), "{secret} in {shown}");
         }
     }

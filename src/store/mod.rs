@@ -17,6 +17,7 @@
 //! - recipients are moved to `sending` durably before any of their messages is sent
 //!   (`claim`), and only a recipient in `sending` can have an outcome recorded.
 
+pub mod postgres;
 mod redb;
 
 use std::ops::Deref;
@@ -27,6 +28,7 @@ use async_trait::async_trait;
 
 use crate::domain::*;
 
+pub use self::postgres::PgStore;
 pub use self::redb::RedbStore;
 
 #[derive(Debug, thiserror::Error)]
@@ -284,6 +286,8 @@ pub trait Backend: Lists + Jobs + Plugins {
 pub enum Location<'a> {
     /// An embedded redb file.
     Redb(&'a Path),
+    /// A PostgreSQL database, by URL (`postgres://user:password@host:port/database`).
+    Postgres(&'a str),
 }
 
 /// A cheap, cloneable handle on the backend. Every operation of `Backend` is callable
@@ -304,6 +308,7 @@ impl Store {
     pub async fn open(location: Location<'_>) -> Result<Store, StoreError> {
         match location {
             Location::Redb(path) => Ok(Store::from_backend(RedbStore::open(path)?)),
+            Location::Postgres(url) => Ok(Store::from_backend(PgStore::open(url).await?)),
         }
     }
 

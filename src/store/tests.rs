@@ -29,6 +29,22 @@ pub(crate) async fn redb() -> Fixture {
     }
 }
 
+/// A fresh database on the test server, or `None` (skip) when there is none and none
+/// is required.
+pub(crate) async fn postgres() -> Option<Fixture> {
+    let Ok(admin) = std::env::var("LETTERBOX_TEST_DATABASE_URL") else {
+        assert!(
+            std::env::var("LETTERBOX_REQUIRE_POSTGRES").is_err(),
+            "LETTERBOX_REQUIRE_POSTGRES is set but LETTERBOX_TEST_DATABASE_URL is not"
+        );
+        eprintln!("skipped: no PostgreSQL (set LETTERBOX_TEST_DATABASE_URL, or run under .ci/with-postgres)");
+        return None;
+    };
+    let url = postgres::scratch_database(&admin).await.unwrap();
+    let store = Store::open(Location::Postgres(&url)).await.unwrap();
+    Some(Fixture { store, _dir: None })
+}
+
 fn job_for(newsletter_id: u64) -> Job {
     let version = |name: &str| PolicyVersion {
         name: name.into(),
@@ -913,6 +929,16 @@ macro_rules! conformance {
                 async fn $name() {
                     let fixture = super::redb().await;
                     super::$name(fixture.store.clone()).await;
+                }
+            )*
+        }
+        mod postgres_backend {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if let Some(fixture) = super::postgres().await {
+                        super::$name(fixture.store.clone()).await;
+                    }
                 }
             )*
         }

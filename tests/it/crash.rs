@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -31,14 +30,35 @@ impl Drop for Server {
     }
 }
 
-/// `letterbox serve` on port 0 over `data`, with the test API token, stdout piped (for
+/// Where a node's state lives across its restarts: a data directory, and the test
+/// backend's database if it is PostgreSQL.
+pub struct Home {
+    pub data: tempfile::TempDir,
+    pub database: Option<String>,
+}
+
+impl Home {
+    pub async fn new() -> Home {
+        Home {
+            data: tempfile::tempdir().unwrap(),
+            database: crate::support::test_database().await,
+        }
+    }
+}
+
+/// `letterbox serve` on port 0 over `home`, with the test API token, stdout piped (for
 /// the listen address) and stderr passed through.
-fn letterbox_command(data: &Path) -> Command {
+fn letterbox_command(home: &Home) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_letterbox"));
     command
         .args(["serve", "--listen", "127.0.0.1:0"])
         .arg("--data")
-        .arg(data)
+        .arg(home.data.path())
+        .env_remove("LETTERBOX_DATABASE_URL");
+    if let Some(url) = &home.database {
+        command.env("LETTERBOX_DATABASE_URL", url);
+    }
+    command
         .env("NO_COLOR", "1")
         .env("LETTERBOX_API_TOKEN", crate::support::TEST_TOKEN)
         .stdout(Stdio::piped())
@@ -47,8 +67,8 @@ fn letterbox_command(data: &Path) -> Command {
 }
 
 /// Starts `letterbox serve` on port 0 and returns it with the API it listens on.
-fn spawn_letterbox(data: &Path, smtp: &SmtpServer) -> (Server, Api) {
-    let mut child = letterbox_command(data)
+fn spawn_letterbox(home: &Home, smtp: &SmtpServer) -> (Server, Api) {
+    let mut child = letterbox_command(home)
         .args(["--concurrency", &CONCURRENCY.to_string()])
         .args(["--smtp", &smtp.url()])
         .env("LETTERBOX_LOG", "info")
@@ -80,9 +100,9 @@ async fn kill_9_mid_send_loses_nobody_and_resends_within_the_bound() {
     // ~5 ms per message on top of SMTP round trips: the send takes seconds, so the kill
     // lands mid-send.
     let smtp = SmtpServer::start_with_delay(Duration::from_millis(5)).await;
-    let data = tempfile::tempdir().unwrap();
+    let home = Home::new().await;
 
-    let (mut child, api) = spawn_letterbox(data.path(), &smtp);
+    let (mut child, api) = spawn_letterbox(&home, &smtp);
     api.wait_healthy().await;
     let newsletter = api.newsletter().await;
     let people: Vec<_> = (0..RECIPIENTS)
@@ -106,7 +126,7 @@ async fn kill_9_mid_send_loses_nobody_and_resends_within_the_bound() {
         "the kill came after the send finished ({at_kill})"
     );
 
-    let (_child, api) = spawn_letterbox(data.path(), &smtp);
+    let (_child, api) = spawn_letterbox(&home, &smtp);
     let done = api.wait_job(job, Duration::from_secs(180)).await;
 
     assert_eq!(done["state"], "completed", "{done}");
@@ -201,8 +221,8 @@ async fn kill_loop_loses_nobody_and_resends_within_the_bound() {
     const N: usize = 5000;
     const KILLS: usize = 6;
     let smtp = SmtpServer::start_with_delay(Duration::from_millis(10)).await;
-    let data = tempfile::tempdir().unwrap();
-    let (mut child, mut api) = spawn_letterbox(data.path(), &smtp);
+    let home = Home::new().await;
+    let (mut child, mut api) = spawn_letterbox(&home, &smtp);
     api.wait_healthy().await;
     let newsletter = api.newsletter().await;
     let people: Vec<_> = (0..N)
@@ -224,7 +244,7 @@ async fn kill_loop_loses_nobody_and_resends_within_the_bound() {
         tokio::time::sleep(Duration::from_millis(random_below(30))).await;
         child.kill(); // SIGKILL
         kills_at.push(smtp.count());
-        (child, api) = spawn_letterbox(data.path(), &smtp);
+        (child, api) = spawn_letterbox(&home, &smtp);
     }
     assert!(
         *kills_at.last().unwrap() < N,
@@ -248,7 +268,7 @@ async fn kill_loop_loses_nobody_and_resends_within_the_bound() {
     assert!(status.success());
     let exit = child.0.wait().unwrap();
     assert!(exit.success(), "SIGTERM exits 0, got {exit}");
-    let (_child, api) = spawn_letterbox(data.path(), &smtp);
+    let (_child, api) = spawn_letterbox(&home, &smtp);
     let done = api.wait_job(job, Duration::from_secs(180)).await;
 
     assert_eq!(done["state"], "completed", "{done}");
@@ -276,8 +296,8 @@ async fn kill_loop_loses_nobody_and_resends_within_the_bound() {
 /// job spans included; `/readyz` answers once it listens; SIGTERM exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_and_readiness() {
-    let data = tempfile::tempdir().unwrap();
-    let mut child = letterbox_command(data.path())
+    let home = Home::new().await;
+    let mut child = letterbox_command(&home)
         .args(["--log-format", "json"])
         // tower-http logs each response at debug, inside the request's span.
         .env("LETTERBOX_LOG", "info,tower_http=debug")

@@ -26,6 +26,27 @@ pub fn wasm_default_template() -> Vec<u8> {
 /// The API token test servers are started with.
 pub const TEST_TOKEN: &str = "letterbox-test-token-0123456789";
 
+/// Where the test servers keep their state: redb in their data directory, or with
+/// `LETTERBOX_TEST_BACKEND=postgres` a fresh database on the PostgreSQL server that
+/// `LETTERBOX_TEST_DATABASE_URL` names (`.ci/with-postgres` starts one). The whole suite
+/// runs once per backend (`.ci/test`).
+pub async fn test_database() -> Option<String> {
+    match std::env::var("LETTERBOX_TEST_BACKEND").as_deref() {
+        Err(_) | Ok("redb") => None,
+        Ok("postgres") => {
+            let admin = std::env::var("LETTERBOX_TEST_DATABASE_URL").expect(
+                "LETTERBOX_TEST_BACKEND=postgres needs LETTERBOX_TEST_DATABASE_URL (see .ci/with-postgres)",
+            );
+            Some(
+                letterbox::store::postgres::scratch_database(&admin)
+                    .await
+                    .expect("create a test database"),
+            )
+        }
+        Ok(other) => panic!("LETTERBOX_TEST_BACKEND={other:?}: expected redb or postgres"),
+    }
+}
+
 /// letterbox running in-process on 127.0.0.1:0 over a temporary data directory.
 pub struct TestServer {
     pub api: Api,
@@ -47,6 +68,9 @@ impl TestServer {
     /// Starts with `config`; its API token is `TEST_TOKEN` unless it names one.
     pub async fn start_with(mut config: letterbox::Config, data: tempfile::TempDir) -> TestServer {
         config.api_token.get_or_insert_with(|| TEST_TOKEN.to_string());
+        if config.database_url.is_none() {
+            config.database_url = test_database().await;
+        }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();

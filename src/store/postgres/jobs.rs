@@ -1,0 +1,670 @@
+//! Jobs, idempotency keys and per-recipient delivery state in PostgreSQL.
+//!
+//! A delivery's state, its `due_ms` and the job's counts change in one transaction.
+//! Counts change by increments (`apply_counts`), the last statement before the commit,
+//! so concurrent claims and records of one job (from any node) hold the job's row only
+//! briefly and never lose an update.
+
+use deadpool_postgres::GenericClient;
+use tokio_postgres::Row;
+
+use super::lists::{SUBSCRIBER_COLUMNS, subscriber};
+use super::{PgStore, commit, domain_int, execute, query, query_opt, sql_int, sql_limit};
+use crate::domain::*;
+use crate::store::{ClaimedRecipient, IdempotencyKey, JobChange, Jobs, NewJob, StoreError, wrong_state};
+
+const JOB_COLUMNS: &str =
+    "doc, state, pending, sending, delivered, skipped, retrying, failed, cancelled, resent_after_crash";
+
+/// A row of `JOB_COLUMNS`: the document, with the columns that are the truth.
+fn job(row: &Row) -> Result<Job, StoreError> {
+    let mut job: Job = serde_json::from_value(row.get(0))?;
+    let state: &str = row.get(1);
+    job.state = JobState::parse(state)
+        .ok_or_else(|| StoreError::Inconsistent(format!("unknown job state {state:?}")))?;
+    job.counts = Counts {
+        pending: domain_int(row.get(2)),
+        sending: domain_int(row.get(3)),
+        delivered: domain_int(row.get(4)),
+        skipped: domain_int(row.get(5)),
+        retrying: domain_int(row.get(6)),
+        failed: domain_int(row.get(7)),
+        cancelled: domain_int(row.get(8)),
+    };
+    job.resent_after_crash = domain_int(row.get(9));
+    Ok(job)
+}
+
+/// The job, locked for the rest of the transaction.
+async fn job_for_update(tx: &impl GenericClient, id: u64) -> Result<Job, StoreError> {
+    let row = query_opt(
+        tx,
+        &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1 FOR UPDATE"),
+        &[&sql_int(id)],
+    )
+    .await?
+    .ok_or_else(|| StoreError::not_found("job", id))?;
+    job(&row)
+}
+
+/// The job's newsletter and how many recipients it has retrying; `NotFound` if there is
+/// no such job. Takes no lock.
+async fn job_basics(tx: &impl GenericClient, id: u64) -> Result<(u64, u64), StoreError> {
+    let row = query_opt(
+        tx,
+        "SELECT newsletter_id, retrying FROM jobs WHERE id = $1",
+        &[&sql_int(id)],
+    )
+    .await?
+    .ok_or_else(|| StoreError::not_found("job", id))?;
+    Ok((domain_int(row.get(0)), domain_int(row.get(1))))
+}
+
+/// Writes the whole job (the caller holds its row lock).
+async fn put_job(tx: &impl GenericClient, job: &Job) -> Result<(), StoreError> {
+    let c = job.counts;
+    execute(
+        tx,
+        "UPDATE jobs SET state = $2, doc = $3, pending = $4, sending = $5, delivered = $6, skipped = $7,
+                retrying = $8, failed = $9, cancelled = $10, resent_after_crash = $11
+         WHERE id = $1",
+        &[
+            &sql_int(job.id),
+            &job.state.as_str(),
+            &serde_json::to_value(job)?,
+            &sql_int(c.pending),
+            &sql_int(c.sending),
+            &sql_int(c.delivered),
+            &sql_int(c.skipped),
+            &sql_int(c.retrying),
+            &sql_int(c.failed),
+            &sql_int(c.cancelled),
+            &sql_int(job.resent_after_crash),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Changes in a job's counts, by `StateKind::code`.
+#[derive(Default)]
+struct Delta([i64; 7]);
+
+impl Delta {
+    fn moved(&mut self, from: StateKind, to: StateKind, n: i64) {
+        self.0[from.code() as usize] -= n;
+        self.0[to.code() as usize] += n;
+    }
+}
+
+/// Adds `delta` to the job's counts (and `resent` to `resent_after_crash`); returns the
+/// job as it now is. The last statement of a transaction: it locks the job's row.
+async fn apply_counts(
+    tx: &impl GenericClient,
+    job_id: u64,
+    delta: &Delta,
+    resent: i64,
+) -> Result<Job, StoreError> {
+    let d = &delta.0;
+    let row = query_opt(
+        tx,
+        &format!(
+            "UPDATE jobs SET pending = pending + $2, sending = sending + $3, delivered = delivered + $4,
+                    skipped = skipped + $5, retrying = retrying + $6, failed = failed + $7,
+                    cancelled = cancelled + $8, resent_after_crash = resent_after_crash + $9
+             WHERE id = $1 RETURNING {JOB_COLUMNS}"
+        ),
+        &[
+            &sql_int(job_id),
+            &d[0],
+            &d[1],
+            &d[2],
+            &d[3],
+            &d[4],
+            &d[5],
+            &d[6],
+            &resent,
+        ],
+    )
+    .await?
+    .ok_or_else(|| StoreError::not_found("job", job_id))?;
+    job(&row)
+}
+
+/// A delivery from `subscriber_id, email, attempts, detail`.
+fn delivery(job_id: u64, row: &Row) -> Result<Delivery, StoreError> {
+    Ok(Delivery {
+        job_id,
+        subscriber_id: domain_int(row.get(0)),
+        email: row.get(1),
+        attempts: u32::try_from(row.get::<_, i32>(2)).unwrap_or(0),
+        state: serde_json::from_value(row.get(3))?,
+    })
+}
+
+fn state_code(kind: StateKind) -> i16 {
+    i16::from(kind.code())
+}
+
+/// The retry time a state is indexed under.
+fn due_ms(state: &DeliveryState) -> Option<i64> {
+    match state {
+        DeliveryState::Retrying {
+            next_attempt_at_ms, ..
+        } => Some(sql_int(*next_attempt_at_ms)),
+        _ => None,
+    }
+}
+
+/// Moves up to `max` of a job's recipients in state `from` (in subscriber order) to
+/// `to`, with a fresh attempt budget if `reset_attempts`. Returns how many moved, by
+/// their state before.
+async fn move_state(
+    tx: &impl GenericClient,
+    job_id: u64,
+    from: &[StateKind],
+    to: &DeliveryState,
+    reset_attempts: bool,
+    max: usize,
+) -> Result<Vec<StateKind>, StoreError> {
+    let from: Vec<i16> = from.iter().map(|k| state_code(*k)).collect();
+    let rows = query(
+        tx,
+        // The locked rows are re-checked against the WHERE clause, and `picked.state` is
+        // their state as locked, so a row another transaction moved meanwhile is skipped.
+        "WITH picked AS (
+             SELECT subscriber_id, state FROM deliveries
+             WHERE job_id = $1 AND state = ANY($2) ORDER BY state, subscriber_id LIMIT $3 FOR UPDATE
+         )
+         UPDATE deliveries d
+            SET state = $4, due_ms = $5, detail = $6,
+                attempts = CASE WHEN $7 THEN 0 ELSE d.attempts END
+         FROM picked WHERE d.job_id = $1 AND d.subscriber_id = picked.subscriber_id
+         RETURNING picked.state",
+        &[
+            &sql_int(job_id),
+            &from,
+            &sql_limit(max),
+            &state_code(to.kind()),
+            &due_ms(to),
+            &serde_json::to_value(to)?,
+            &reset_attempts,
+        ],
+    )
+    .await?;
+    rows.iter()
+        .map(|row| {
+            let code: i16 = row.get(0);
+            StateKind::ALL
+                .into_iter()
+                .find(|k| state_code(*k) == code)
+                .ok_or_else(|| StoreError::Inconsistent(format!("unknown delivery state {code}")))
+        })
+        .collect()
+}
+
+#[async_trait::async_trait]
+impl Jobs for PgStore {
+    async fn create_job(
+        &self,
+        mut job: Job,
+        idempotency: Option<IdempotencyKey>,
+    ) -> Result<NewJob, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        if let Some(key) = &idempotency {
+            // Two nodes given the same key at once: the second waits here, then finds
+            // the first one's job.
+            execute(
+                &tx,
+                "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+                &[&key.key],
+            )
+            .await?;
+            let earlier = query_opt(
+                &tx,
+                "SELECT request_hash, job_id FROM idempotency_keys WHERE key = $1",
+                &[&key.key],
+            )
+            .await?;
+            if let Some(earlier) = earlier {
+                if earlier.get::<_, &str>(0) != key.request_hash {
+                    return Ok(NewJob::KeyReused);
+                }
+                let id = domain_int(earlier.get(1));
+                let row = query_opt(
+                    &tx,
+                    &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"),
+                    &[&sql_int(id)],
+                )
+                .await?
+                .ok_or_else(|| StoreError::Inconsistent(format!("idempotency key names missing job {id}")))?;
+                return Ok(NewJob::Existing(self::job(&row)?));
+            }
+        }
+        let id = query(&tx, "SELECT nextval(pg_get_serial_sequence('jobs', 'id'))", &[]).await?;
+        job.id = domain_int(id[0].get(0));
+        let c = job.counts;
+        execute(
+            &tx,
+            "INSERT INTO jobs (id, newsletter_id, state, doc, pending, sending, delivered, skipped, retrying,
+                               failed, cancelled, resent_after_crash)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+            &[
+                &sql_int(job.id),
+                &sql_int(job.newsletter_id),
+                &job.state.as_str(),
+                &serde_json::to_value(&job)?,
+                &sql_int(c.pending),
+                &sql_int(c.sending),
+                &sql_int(c.delivered),
+                &sql_int(c.skipped),
+                &sql_int(c.retrying),
+                &sql_int(c.failed),
+                &sql_int(c.cancelled),
+                &sql_int(job.resent_after_crash),
+            ],
+        )
+        .await?;
+        if let Some(key) = idempotency {
+            execute(
+                &tx,
+                "INSERT INTO idempotency_keys (key, request_hash, job_id, created_at) VALUES ($1, $2, $3, $4)",
+                &[&key.key, &key.request_hash, &sql_int(job.id), &sql_int(now())],
+            )
+            .await?;
+        }
+        commit(tx).await?;
+        Ok(NewJob::Created(job))
+    }
+
+    async fn job(&self, id: u64) -> Result<Job, StoreError> {
+        let client = self.client().await?;
+        let row = query_opt(
+            &client,
+            &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"),
+            &[&sql_int(id)],
+        )
+        .await?
+        .ok_or_else(|| StoreError::not_found("job", id))?;
+        job(&row)
+    }
+
+    async fn jobs_to_recover(&self) -> Result<Vec<Job>, StoreError> {
+        let client = self.client().await?;
+        let rows = query(
+            &client,
+            &format!(
+                "SELECT {JOB_COLUMNS} FROM jobs
+                 WHERE state IN ('scheduled', 'queued', 'running') OR sending > 0
+                    OR (state = 'cancelled' AND pending + sending + retrying > 0)
+                 ORDER BY id"
+            ),
+            &[],
+        )
+        .await?;
+        rows.iter().map(job).collect()
+    }
+
+    async fn list_jobs(
+        &self,
+        state: Option<JobState>,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<Job>, StoreError> {
+        let client = self.client().await?;
+        let rows = query(
+            &client,
+            &format!(
+                "SELECT {JOB_COLUMNS} FROM jobs WHERE ($1::text IS NULL OR state = $1) AND id < $2
+                 ORDER BY id DESC LIMIT $3"
+            ),
+            &[
+                &state.map(JobState::as_str),
+                &before.map_or(i64::MAX, sql_int),
+                &sql_limit(limit),
+            ],
+        )
+        .await?;
+        rows.iter().map(job).collect()
+    }
+
+    async fn job_overview(&self) -> Result<JobOverview, StoreError> {
+        let client = self.client().await?;
+        let rows = query(
+            &client,
+            "SELECT state, count(*), coalesce(sum(pending + sending + retrying), 0)::bigint
+             FROM jobs GROUP BY state",
+            &[],
+        )
+        .await?;
+        let mut overview = JobOverview::default();
+        for row in rows {
+            let name: &str = row.get(0);
+            let state = JobState::parse(name)
+                .ok_or_else(|| StoreError::Inconsistent(format!("unknown job state {name:?}")))?;
+            overview.by_state.insert(state, domain_int(row.get(1)));
+            if state.is_unfinished() {
+                overview.open_recipients += domain_int(row.get(2));
+            }
+        }
+        Ok(overview)
+    }
+
+    async fn change_job(
+        &self,
+        id: u64,
+        from: Option<&'static [JobState]>,
+        change: JobChange,
+    ) -> Result<Job, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let mut job = job_for_update(&tx, id).await?;
+        if let Some(from) = from
+            && !from.contains(&job.state)
+        {
+            return Err(wrong_state(&job, from));
+        }
+        change(&mut job);
+        put_job(&tx, &job).await?;
+        commit(tx).await?;
+        Ok(job)
+    }
+
+    async fn complete_if_done(&self, job_id: u64) -> Result<(Job, bool), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let mut job = job_for_update(&tx, job_id).await?;
+        if job.state != JobState::Running || job.counts.open() > 0 {
+            return Ok((job, false));
+        }
+        job.state = JobState::Completed;
+        job.finished_at = Some(now());
+        put_job(&tx, &job).await?;
+        commit(tx).await?;
+        Ok((job, true))
+    }
+
+    async fn add_recipients(&self, job_id: u64, recipients: Vec<(u64, String)>) -> Result<u64, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        job_basics(&tx, job_id).await?;
+        let (ids, emails): (Vec<i64>, Vec<String>) = recipients
+            .into_iter()
+            .map(|(id, email)| (sql_int(id), email))
+            .unzip();
+        let pending = serde_json::to_value(DeliveryState::Pending)?;
+        let added = execute(
+            &tx,
+            "INSERT INTO deliveries (job_id, subscriber_id, state, attempts, email, detail)
+             SELECT $1, u.id, 0, 0, u.email, $4 FROM unnest($2::bigint[], $3::text[]) AS u(id, email)
+             ON CONFLICT (job_id, subscriber_id) DO NOTHING",
+            &[&sql_int(job_id), &ids, &emails, &pending],
+        )
+        .await?;
+        let mut delta = Delta::default();
+        delta.0[StateKind::Pending.code() as usize] = added as i64;
+        apply_counts(&tx, job_id, &delta, 0).await?;
+        commit(tx).await?;
+        Ok(added)
+    }
+
+    async fn claim(&self, job_id: u64, max: usize, now_ms: u64) -> Result<Vec<ClaimedRecipient>, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let (newsletter_id, retrying) = job_basics(&tx, job_id).await?;
+        let sending = serde_json::to_value(DeliveryState::Sending { since: now() })?;
+        // (due, delivery): retries due first, earliest first; then pending by id.
+        let mut claimed: Vec<(i64, Delivery)> = Vec::with_capacity(max);
+        let mut delta = Delta::default();
+        if retrying > 0 {
+            let rows = query(
+                &tx,
+                "WITH picked AS (
+                     SELECT subscriber_id, due_ms FROM deliveries
+                     WHERE job_id = $1 AND state = 4 AND due_ms <= $2
+                     ORDER BY due_ms, subscriber_id LIMIT $3 FOR UPDATE SKIP LOCKED
+                 )
+                 UPDATE deliveries d SET state = 1, attempts = d.attempts + 1, due_ms = NULL, detail = $4
+                 FROM picked WHERE d.job_id = $1 AND d.subscriber_id = picked.subscriber_id
+                 RETURNING d.subscriber_id, d.email, d.attempts, d.detail, picked.due_ms",
+                &[&sql_int(job_id), &sql_int(now_ms), &sql_limit(max), &sending],
+            )
+            .await?;
+            for row in &rows {
+                claimed.push((row.get(4), delivery(job_id, row)?));
+            }
+            delta.moved(StateKind::Retrying, StateKind::Sending, rows.len() as i64);
+        }
+        let room = max - claimed.len();
+        if room > 0 {
+            let rows = query(
+                &tx,
+                "WITH picked AS (
+                     SELECT subscriber_id FROM deliveries WHERE job_id = $1 AND state = 0
+                     ORDER BY subscriber_id LIMIT $2 FOR UPDATE SKIP LOCKED
+                 )
+                 UPDATE deliveries d SET state = 1, attempts = d.attempts + 1, detail = $3
+                 FROM picked WHERE d.job_id = $1 AND d.subscriber_id = picked.subscriber_id
+                 RETURNING d.subscriber_id, d.email, d.attempts, d.detail",
+                &[&sql_int(job_id), &sql_limit(room), &sending],
+            )
+            .await?;
+            for row in &rows {
+                claimed.push((i64::MAX, delivery(job_id, row)?));
+            }
+            delta.moved(StateKind::Pending, StateKind::Sending, rows.len() as i64);
+        }
+        if claimed.is_empty() {
+            return Ok(Vec::new());
+        }
+        claimed.sort_by_key(|(due, d)| (*due, d.subscriber_id));
+        let ids: Vec<i64> = claimed.iter().map(|(_, d)| sql_int(d.subscriber_id)).collect();
+        let rows = query(
+            &tx,
+            &format!(
+                "SELECT {SUBSCRIBER_COLUMNS} FROM subscribers WHERE id = ANY($1) AND newsletter_id = $2"
+            ),
+            &[&ids, &sql_int(newsletter_id)],
+        )
+        .await?;
+        let mut subscribers = std::collections::HashMap::with_capacity(rows.len());
+        for row in &rows {
+            let s = subscriber(row)?;
+            subscribers.insert(s.id, s);
+        }
+        apply_counts(&tx, job_id, &delta, 0).await?;
+        commit(tx).await?;
+        Ok(claimed
+            .into_iter()
+            .map(|(_, d)| {
+                let subscriber = subscribers.remove(&d.subscriber_id);
+                (d, subscriber)
+            })
+            .collect())
+    }
+
+    async fn record(&self, job_id: u64, outcomes: Vec<(u64, Outcome)>) -> Result<Job, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        job_basics(&tx, job_id).await?;
+        let ids: Vec<i64> = outcomes.iter().map(|(id, _)| sql_int(*id)).collect();
+        let rows = query(
+            &tx,
+            "SELECT subscriber_id, state, attempts FROM deliveries
+             WHERE job_id = $1 AND subscriber_id = ANY($2) ORDER BY subscriber_id FOR UPDATE",
+            &[&sql_int(job_id), &ids],
+        )
+        .await?;
+        let mut current = std::collections::HashMap::with_capacity(rows.len());
+        for row in &rows {
+            current.insert(
+                domain_int(row.get(0)),
+                (row.get::<_, i16>(1), row.get::<_, i32>(2)),
+            );
+        }
+        let at = now();
+        let (mut sids, mut states, mut attempts, mut dues, mut details) = (
+            Vec::with_capacity(outcomes.len()),
+            Vec::with_capacity(outcomes.len()),
+            Vec::with_capacity(outcomes.len()),
+            Vec::with_capacity(outcomes.len()),
+            Vec::with_capacity(outcomes.len()),
+        );
+        let mut delta = Delta::default();
+        for (sid, outcome) in outcomes {
+            let Some(&(state, tries)) = current.get(&sid) else {
+                return Err(StoreError::Inconsistent(format!(
+                    "job {job_id} has no delivery {sid}"
+                )));
+            };
+            if state != state_code(StateKind::Sending) {
+                let kind = StateKind::ALL.into_iter().find(|k| state_code(*k) == state);
+                return Err(StoreError::Conflict(format!(
+                    "delivery {sid} of job {job_id} is not in flight ({})",
+                    kind.map_or("unknown", StateKind::as_str)
+                )));
+            }
+            let tries = if matches!(outcome, Outcome::Released) {
+                (tries - 1).max(0)
+            } else {
+                tries
+            };
+            let new = outcome.into_state(at);
+            delta.moved(StateKind::Sending, new.kind(), 1);
+            sids.push(sql_int(sid));
+            states.push(state_code(new.kind()));
+            attempts.push(tries);
+            dues.push(due_ms(&new));
+            details.push(serde_json::to_value(&new)?);
+        }
+        execute(
+            &tx,
+            "UPDATE deliveries d SET state = u.state, attempts = u.attempts, due_ms = u.due, detail = u.detail
+             FROM unnest($2::bigint[], $3::smallint[], $4::int[], $5::bigint[], $6::jsonb[])
+                  AS u(id, state, attempts, due, detail)
+             WHERE d.job_id = $1 AND d.subscriber_id = u.id",
+            &[&sql_int(job_id), &sids, &states, &attempts, &dues, &details],
+        )
+        .await?;
+        let job = apply_counts(&tx, job_id, &delta, 0).await?;
+        commit(tx).await?;
+        Ok(job)
+    }
+
+    async fn next_retry_at(&self, job_id: u64) -> Result<Option<u64>, StoreError> {
+        let client = self.client().await?;
+        let row = query(
+            &client,
+            "SELECT min(due_ms) FROM deliveries WHERE job_id = $1 AND state = 4",
+            &[&sql_int(job_id)],
+        )
+        .await?;
+        Ok(row[0].get::<_, Option<i64>>(0).map(domain_int))
+    }
+
+    async fn requeue_inflight(&self, job_id: u64) -> Result<u64, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        job_basics(&tx, job_id).await?;
+        let moved = move_state(
+            &tx,
+            job_id,
+            &[StateKind::Sending],
+            &DeliveryState::Pending,
+            false,
+            usize::MAX,
+        )
+        .await?;
+        let n = moved.len() as i64;
+        let mut delta = Delta::default();
+        delta.moved(StateKind::Sending, StateKind::Pending, n);
+        apply_counts(&tx, job_id, &delta, n).await?;
+        commit(tx).await?;
+        Ok(moved.len() as u64)
+    }
+
+    async fn cancel_open(&self, job_id: u64, max: usize) -> Result<u64, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        job_basics(&tx, job_id).await?;
+        let moved = move_state(
+            &tx,
+            job_id,
+            &[StateKind::Pending, StateKind::Retrying],
+            &DeliveryState::Cancelled { at: now() },
+            false,
+            max,
+        )
+        .await?;
+        let mut delta = Delta::default();
+        for from in &moved {
+            delta.moved(*from, StateKind::Cancelled, 1);
+        }
+        apply_counts(&tx, job_id, &delta, 0).await?;
+        commit(tx).await?;
+        Ok(moved.len() as u64)
+    }
+
+    async fn requeue_failed(&self, job_id: u64, max: usize) -> Result<u64, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        job_basics(&tx, job_id).await?;
+        let moved = move_state(
+            &tx,
+            job_id,
+            &[StateKind::Failed],
+            &DeliveryState::Pending,
+            true,
+            max,
+        )
+        .await?;
+        let n = moved.len() as i64;
+        let mut delta = Delta::default();
+        delta.moved(StateKind::Failed, StateKind::Pending, n);
+        let mut job = apply_counts(&tx, job_id, &delta, 0).await?;
+        if n > 0 && job.state == JobState::Completed {
+            job.state = JobState::Running;
+            job.finished_at = None;
+            put_job(&tx, &job).await?;
+        }
+        commit(tx).await?;
+        Ok(moved.len() as u64)
+    }
+
+    async fn deliveries(
+        &self,
+        job_id: u64,
+        kind: Option<StateKind>,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        let client = self.client().await?;
+        let rows = match kind {
+            None => {
+                query(
+                    &client,
+                    "SELECT subscriber_id, email, attempts, detail FROM deliveries
+                     WHERE job_id = $1 AND subscriber_id > $2 ORDER BY subscriber_id LIMIT $3",
+                    &[&sql_int(job_id), &sql_int(after), &sql_limit(limit)],
+                )
+                .await?
+            }
+            Some(kind) => {
+                query(
+                    &client,
+                    "SELECT subscriber_id, email, attempts, detail FROM deliveries
+                     WHERE job_id = $1 AND state = $2 AND subscriber_id > $3 ORDER BY subscriber_id LIMIT $4",
+                    &[
+                        &sql_int(job_id),
+                        &state_code(kind),
+                        &sql_int(after),
+                        &sql_limit(limit),
+                    ],
+                )
+                .await?
+            }
+        };
+        rows.iter().map(|row| delivery(job_id, row)).collect()
+    }
+}

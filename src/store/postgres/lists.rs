@@ -1,0 +1,377 @@
+//! Newsletters, subscribers and letters in PostgreSQL.
+
+use std::collections::HashMap;
+
+use serde_json::Value;
+use tokio_postgres::Row;
+
+use super::{
+    PgStore, commit, domain_int, execute, is_unique_violation, query, query_opt, sql_int, sql_limit,
+};
+use crate::domain::*;
+use crate::store::{Lists, StoreError, normalise_email};
+
+pub(super) const SUBSCRIBER_COLUMNS: &str = "id, newsletter_id, email, name, attributes, status, created_at";
+
+fn status_of(text: &str) -> Result<SubscriberStatus, StoreError> {
+    SubscriberStatus::ALL
+        .into_iter()
+        .find(|s| s.as_str() == text)
+        .ok_or_else(|| StoreError::Inconsistent(format!("unknown subscriber status {text:?}")))
+}
+
+/// A row of `SUBSCRIBER_COLUMNS`.
+pub(super) fn subscriber(row: &Row) -> Result<Subscriber, StoreError> {
+    let attributes: Value = row.get(4);
+    let Value::Object(attributes) = attributes else {
+        return Err(StoreError::Inconsistent(
+            "subscriber attributes are not an object".into(),
+        ));
+    };
+    Ok(Subscriber {
+        id: domain_int(row.get(0)),
+        newsletter_id: domain_int(row.get(1)),
+        email: row.get(2),
+        name: row.get(3),
+        attributes,
+        status: status_of(row.get(5))?,
+        created_at: domain_int(row.get(6)),
+    })
+}
+
+fn newsletter(row: &Row) -> Newsletter {
+    Newsletter {
+        id: domain_int(row.get(0)),
+        name: row.get(1),
+        from: row.get(2),
+        created_at: domain_int(row.get(3)),
+    }
+}
+
+async fn newsletter_exists(tx: &impl deadpool_postgres::GenericClient, id: u64) -> Result<bool, StoreError> {
+    Ok(
+        query_opt(tx, "SELECT 1 FROM newsletters WHERE id = $1", &[&sql_int(id)])
+            .await?
+            .is_some(),
+    )
+}
+
+/// Rows of one import merged by email key, in first-seen order, as applying them one
+/// after the other would leave them: a later row's name wins if it has one, attributes
+/// merge. Returns the merged rows and how many rows were folded into an earlier one
+/// (each an update of a subscriber this import inserts or updates).
+fn merge_duplicates(subscribers: Vec<NewSubscriber>) -> (Vec<(String, NewSubscriber)>, u64) {
+    let mut order: Vec<(String, NewSubscriber)> = Vec::with_capacity(subscribers.len());
+    let mut index: HashMap<String, usize> = HashMap::with_capacity(subscribers.len());
+    let mut folded = 0;
+    for new in subscribers {
+        let key = normalise_email(&new.email);
+        match index.get(&key) {
+            Some(&i) => {
+                let earlier = &mut order[i].1;
+                if new.name.is_some() {
+                    earlier.name = new.name;
+                }
+                earlier.attributes.extend(new.attributes);
+                folded += 1;
+            }
+            None => {
+                index.insert(key.clone(), order.len());
+                order.push((key, new));
+            }
+        }
+    }
+    (order, folded)
+}
+
+#[async_trait::async_trait]
+impl Lists for PgStore {
+    async fn create_newsletter(&self, name: String, from: String) -> Result<Newsletter, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let row = query(
+            &tx,
+            "INSERT INTO newsletters (name, from_addr, created_at) VALUES ($1, $2, $3)
+             RETURNING id, name, from_addr, created_at",
+            &[&name, &from, &sql_int(now())],
+        )
+        .await?;
+        commit(tx).await?;
+        Ok(newsletter(&row[0]))
+    }
+
+    async fn newsletter(&self, id: u64) -> Result<Newsletter, StoreError> {
+        let client = self.client().await?;
+        let tx = &client;
+        let row = query_opt(
+            tx,
+            "SELECT id, name, from_addr, created_at FROM newsletters WHERE id = $1",
+            &[&sql_int(id)],
+        )
+        .await?
+        .ok_or_else(|| StoreError::not_found("newsletter", id))?;
+        Ok(newsletter(&row))
+    }
+
+    async fn upsert_subscribers(
+        &self,
+        newsletter_id: u64,
+        subscribers: Vec<NewSubscriber>,
+    ) -> Result<ImportSummary, StoreError> {
+        let (rows, folded) = merge_duplicates(subscribers);
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        if !newsletter_exists(&tx, newsletter_id).await? {
+            return Err(StoreError::not_found("newsletter", newsletter_id));
+        }
+        let (mut emails, mut keys, mut names, mut attributes) = (
+            Vec::with_capacity(rows.len()),
+            Vec::with_capacity(rows.len()),
+            Vec::with_capacity(rows.len()),
+            Vec::with_capacity(rows.len()),
+        );
+        for (key, new) in rows {
+            keys.push(key);
+            emails.push(new.email);
+            names.push(new.name);
+            attributes.push(Value::Object(new.attributes));
+        }
+        // One statement for the batch; `xmax = 0` tells a fresh row from an updated one.
+        // WITH ORDINALITY keeps the rows in import order, so ids follow it.
+        let inserted_flags = query(
+            &tx,
+            "INSERT INTO subscribers (newsletter_id, email, email_key, name, attributes, status, created_at)
+             SELECT $1, u.email, u.key, u.name, u.attributes, 'active', $6
+             FROM unnest($2::text[], $3::text[], $4::text[], $5::jsonb[]) WITH ORDINALITY
+                  AS u(email, key, name, attributes, n)
+             ORDER BY u.n
+             ON CONFLICT (newsletter_id, email_key) DO UPDATE
+                SET name = coalesce(EXCLUDED.name, subscribers.name),
+                    attributes = subscribers.attributes || EXCLUDED.attributes
+             RETURNING (xmax = 0)",
+            &[
+                &sql_int(newsletter_id),
+                &emails,
+                &keys,
+                &names,
+                &attributes,
+                &sql_int(now()),
+            ],
+        )
+        .await?;
+        commit(tx).await?;
+        let inserted = inserted_flags.iter().filter(|r| r.get::<_, bool>(0)).count() as u64;
+        Ok(ImportSummary {
+            inserted,
+            updated: inserted_flags.len() as u64 - inserted + folded,
+            ..Default::default()
+        })
+    }
+
+    async fn subscribers_after(
+        &self,
+        newsletter_id: u64,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Subscriber>, StoreError> {
+        let client = self.client().await?;
+        let tx = &client;
+        let rows = query(
+            tx,
+            &format!(
+                "SELECT {SUBSCRIBER_COLUMNS} FROM subscribers
+                 WHERE newsletter_id = $1 AND id > $2 ORDER BY id LIMIT $3"
+            ),
+            &[&sql_int(newsletter_id), &sql_int(after), &sql_limit(limit)],
+        )
+        .await?;
+        rows.iter().map(subscriber).collect()
+    }
+
+    async fn subscriber(&self, newsletter_id: u64, id: u64) -> Result<Subscriber, StoreError> {
+        let client = self.client().await?;
+        let tx = &client;
+        let row = query_opt(
+            tx,
+            &format!("SELECT {SUBSCRIBER_COLUMNS} FROM subscribers WHERE id = $1 AND newsletter_id = $2"),
+            &[&sql_int(id), &sql_int(newsletter_id)],
+        )
+        .await?
+        .ok_or_else(|| StoreError::not_found("subscriber", id))?;
+        subscriber(&row)
+    }
+
+    async fn subscriber_by_id(&self, id: u64) -> Result<Subscriber, StoreError> {
+        let client = self.client().await?;
+        let tx = &client;
+        let row = query_opt(
+            tx,
+            &format!("SELECT {SUBSCRIBER_COLUMNS} FROM subscribers WHERE id = $1"),
+            &[&sql_int(id)],
+        )
+        .await?
+        .ok_or_else(|| StoreError::not_found("subscriber", id))?;
+        subscriber(&row)
+    }
+
+    async fn subscriber_by_email(
+        &self,
+        newsletter_id: u64,
+        email: String,
+    ) -> Result<Option<Subscriber>, StoreError> {
+        let client = self.client().await?;
+        let tx = &client;
+        if !newsletter_exists(tx, newsletter_id).await? {
+            return Err(StoreError::not_found("newsletter", newsletter_id));
+        }
+        let row = query_opt(
+            tx,
+            &format!(
+                "SELECT {SUBSCRIBER_COLUMNS} FROM subscribers WHERE newsletter_id = $1 AND email_key = $2"
+            ),
+            &[&sql_int(newsletter_id), &normalise_email(&email)],
+        )
+        .await?;
+        row.as_ref().map(subscriber).transpose()
+    }
+
+    async fn unsubscribe(&self, newsletter_id: u64, id: u64) -> Result<Subscriber, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let row = query_opt(
+            &tx,
+            &format!(
+                "UPDATE subscribers SET status = 'unsubscribed' WHERE id = $1 AND newsletter_id = $2
+                 RETURNING {SUBSCRIBER_COLUMNS}"
+            ),
+            &[&sql_int(id), &sql_int(newsletter_id)],
+        )
+        .await?
+        .ok_or_else(|| StoreError::not_found("subscriber", id))?;
+        commit(tx).await?;
+        self.bump_status_epoch();
+        subscriber(&row)
+    }
+
+    async fn update_subscriber(&self, id: u64, patch: SubscriberPatch) -> Result<Subscriber, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let row = query_opt(
+            &tx,
+            &format!("SELECT {SUBSCRIBER_COLUMNS} FROM subscribers WHERE id = $1 FOR UPDATE"),
+            &[&sql_int(id)],
+        )
+        .await?
+        .ok_or_else(|| StoreError::not_found("subscriber", id))?;
+        let mut subscriber = subscriber(&row)?;
+        let home = subscriber.newsletter_id;
+        if let Some(email) = patch.email {
+            subscriber.email = email;
+        }
+        if let Some(name) = patch.name {
+            subscriber.name = name;
+        }
+        for (key, value) in patch.attributes.unwrap_or_default() {
+            if value.is_null() {
+                subscriber.attributes.remove(&key);
+            } else {
+                subscriber.attributes.insert(key, value);
+            }
+        }
+        if let Some(status) = patch.status {
+            subscriber.status = status;
+        }
+        let statement = tx
+            .prepare_cached(
+                "UPDATE subscribers SET email = $2, email_key = $3, name = $4, attributes = $5, status = $6
+                 WHERE id = $1",
+            )
+            .await?;
+        let attributes = Value::Object(std::mem::take(&mut subscriber.attributes));
+        let written = tx
+            .execute(
+                &statement,
+                &[
+                    &sql_int(id),
+                    &subscriber.email,
+                    &normalise_email(&subscriber.email),
+                    &subscriber.name,
+                    &attributes,
+                    &subscriber.status.as_str(),
+                ],
+            )
+            .await;
+        match written {
+            Err(e) if is_unique_violation(&e) => {
+                return Err(StoreError::Conflict(format!(
+                    "another subscriber of newsletter {home} has the email {}",
+                    subscriber.email
+                )));
+            }
+            other => other?,
+        };
+        commit(tx).await?;
+        self.bump_status_epoch();
+        let Value::Object(attributes) = attributes else {
+            unreachable!("made from an object above")
+        };
+        subscriber.attributes = attributes;
+        Ok(subscriber)
+    }
+
+    async fn delete_subscriber(&self, id: u64) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let row = query_opt(
+            &tx,
+            "DELETE FROM subscribers WHERE id = $1 RETURNING newsletter_id, email",
+            &[&sql_int(id)],
+        )
+        .await?
+        .ok_or_else(|| StoreError::not_found("subscriber", id))?;
+        let (home, email): (i64, String) = (row.get(0), row.get(1));
+        // Replies and reasons may quote the address ("550 <ann@…>: no such user").
+        execute(
+            &tx,
+            "UPDATE deliveries SET email = '', detail = replace(detail::text, $3, '[erased]')::jsonb
+             WHERE subscriber_id = $1 AND job_id IN (SELECT id FROM jobs WHERE newsletter_id = $2)",
+            &[&sql_int(id), &home, &email],
+        )
+        .await?;
+        commit(tx).await?;
+        self.bump_status_epoch();
+        Ok(())
+    }
+
+    async fn create_letter(&self, mut letter: Letter) -> Result<Letter, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        if !newsletter_exists(&tx, letter.newsletter_id).await? {
+            return Err(StoreError::not_found("newsletter", letter.newsletter_id));
+        }
+        let row = query(
+            &tx,
+            "INSERT INTO letters (newsletter_id, doc) VALUES ($1, '{}') RETURNING id",
+            &[&sql_int(letter.newsletter_id)],
+        )
+        .await?;
+        letter.id = domain_int(row[0].get(0));
+        execute(
+            &tx,
+            "UPDATE letters SET doc = $2 WHERE id = $1",
+            &[&sql_int(letter.id), &serde_json::to_value(&letter)?],
+        )
+        .await?;
+        commit(tx).await?;
+        Ok(letter)
+    }
+
+    async fn letter(&self, id: u64) -> Result<Letter, StoreError> {
+        let client = self.client().await?;
+        let tx = &client;
+        let row = query_opt(tx, "SELECT doc FROM letters WHERE id = $1", &[&sql_int(id)])
+            .await?
+            .ok_or_else(|| StoreError::not_found("letter", id))?;
+        Ok(serde_json::from_value(row.get(0))?)
+    }
+}

@@ -1,0 +1,219 @@
+//! The fleet backend: the only module that knows SQL and PostgreSQL.
+//!
+//! Every operation is one transaction on a pooled connection (deadpool-postgres over
+//! tokio-postgres), at READ COMMITTED. Statements are prepared once per connection
+//! (`prepare_cached`). Several nodes share one database, so:
+//! - recipients are claimed with `FOR UPDATE SKIP LOCKED`: concurrent claimers never
+//!   wait for each other nor get the same recipient;
+//! - a job's counts are columns changed by increments, written last in a transaction,
+//!   so the job's row is locked only from that statement to the commit;
+//! - rows are locked in one order everywhere (deliveries by subscriber id, then the
+//!   job), so transactions do not deadlock each other;
+//! - schema migrations (`schema.rs`) run at start under an advisory lock.
+
+mod jobs;
+mod lists;
+mod plugins;
+mod schema;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::NoTls;
+use tokio_postgres::types::ToSql;
+
+use super::StoreError;
+
+/// Connections per node. Deliveries write in batches (a claim per 128 recipients, a
+/// record per up to 256 outcomes), so a few connections carry a node's whole load; the
+/// rest serve the API.
+const POOL_SIZE: usize = 16;
+
+/// How long an operation waits to connect, or for a free connection, before it fails
+/// (and the failure shows) instead of hanging.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        // tokio-postgres's own text for a server error is just "db error": say what
+        // the server said.
+        match e.as_db_error() {
+            Some(db) => StoreError::Db(format!("{} ({})", db.message(), db.code().code())),
+            None => StoreError::Db(e.to_string()),
+        }
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for StoreError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        match e {
+            deadpool_postgres::PoolError::Backend(e) => e.into(),
+            other => StoreError::Db(format!("no database connection: {other}")),
+        }
+    }
+}
+
+/// Whether a database error is a unique violation (another writer got there first).
+fn is_unique_violation(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION)
+}
+
+/// Ids and counts are u64 in the domain and BIGINT in SQL; every value letterbox makes
+/// fits in 63 bits. Larger ones (a client's id in a URL) saturate and match nothing.
+fn sql_int(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn domain_int(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+/// A limit as SQL takes it.
+fn sql_limit(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+type Params<'a> = [&'a (dyn ToSql + Sync)];
+
+/// The PostgreSQL backend. Cheap to clone.
+#[derive(Clone)]
+pub struct PgStore {
+    pool: Pool,
+    /// Bumped after every committed change of a subscriber's status made through this
+    /// node.
+    status_epoch: Arc<AtomicU64>,
+}
+
+impl PgStore {
+    /// Connects to `url` (`postgres://user:password@host:port/database`) and brings the
+    /// schema up to date. Refuses a database whose schema is newer than this binary.
+    pub async fn open(url: &str) -> Result<PgStore, StoreError> {
+        let mut config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| StoreError::Db(format!("invalid database URL: {e}")))?;
+        config.connect_timeout(CONNECT_TIMEOUT);
+        config.application_name("letterbox");
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .runtime(Runtime::Tokio1)
+            .create_timeout(Some(CONNECT_TIMEOUT))
+            .wait_timeout(Some(CONNECT_TIMEOUT * 2))
+            .build()
+            .map_err(|e| StoreError::Db(format!("database pool: {e}")))?;
+        let store = PgStore {
+            pool,
+            status_epoch: Default::default(),
+        };
+        let mut client = store.client().await?;
+        schema::migrate(&mut client).await?;
+        Ok(store)
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        Ok(self.pool.get().await?)
+    }
+
+    fn bump_status_epoch(&self) {
+        self.status_epoch.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// Runs a prepared (and per connection cached) statement, returning its rows. `tx` is a
+/// transaction, or a connection for a read of one statement.
+async fn query(
+    tx: &impl GenericClient,
+    sql: &str,
+    params: &Params<'_>,
+) -> Result<Vec<tokio_postgres::Row>, StoreError> {
+    let statement = tx.prepare_cached(sql).await?;
+    Ok(tx.query(&statement, params).await?)
+}
+
+/// `query` for at most one row.
+async fn query_opt(
+    tx: &impl GenericClient,
+    sql: &str,
+    params: &Params<'_>,
+) -> Result<Option<tokio_postgres::Row>, StoreError> {
+    let statement = tx.prepare_cached(sql).await?;
+    Ok(tx.query_opt(&statement, params).await?)
+}
+
+/// `query` for a statement without rows; returns how many rows it changed.
+async fn execute(tx: &impl GenericClient, sql: &str, params: &Params<'_>) -> Result<u64, StoreError> {
+    let statement = tx.prepare_cached(sql).await?;
+    Ok(tx.execute(&statement, params).await?)
+}
+
+/// Commits, timing the commit (the wait for the WAL to be flushed) as redb's writer
+/// times its commits.
+async fn commit(tx: deadpool_postgres::Transaction<'_>) -> Result<(), StoreError> {
+    let started = std::time::Instant::now();
+    tx.commit().await?;
+    metrics::histogram!("letterbox_store_commit_seconds").record(started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+#[async_trait::async_trait]
+impl super::Backend for PgStore {
+    fn name(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client.simple_query("SELECT 1").await?;
+        Ok(())
+    }
+
+    fn status_epoch(&self) -> u64 {
+        self.status_epoch.load(Ordering::SeqCst)
+    }
+
+    async fn secret(&self, name: &str, candidate: Vec<u8>) -> Result<(Vec<u8>, bool), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        // Whoever inserts first wins; the others read the winner's value.
+        let inserted = execute(
+            &tx,
+            "INSERT INTO secrets (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+            &[&name, &candidate],
+        )
+        .await?;
+        let row = query_opt(&tx, "SELECT value FROM secrets WHERE name = $1", &[&name])
+            .await?
+            .ok_or_else(|| StoreError::Inconsistent(format!("secret {name} vanished")))?;
+        commit(tx).await?;
+        Ok((row.get(0), inserted == 1))
+    }
+}
+
+/// A new, empty database on the server `admin_url` points at, for a test or a benchmark:
+/// returns its URL. The user must be allowed to create databases.
+pub async fn scratch_database(admin_url: &str) -> Result<String, StoreError> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let mut url =
+        url::Url::parse(admin_url).map_err(|e| StoreError::Db(format!("invalid database URL: {e}")))?;
+    let name = format!(
+        "letterbox_{}_{}_{:08x}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::SeqCst),
+        getrandom::u32().unwrap_or(0)
+    );
+    let (client, connection) = tokio_postgres::connect(admin_url, NoTls).await?;
+    let driver = tokio::spawn(connection);
+    client.simple_query(&format!("CREATE DATABASE {name}")).await?;
+    drop(client);
+    let _ = driver.await;
+    url.set_path(&name);
+    Ok(url.to_string())
+}

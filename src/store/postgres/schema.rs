@@ -1,0 +1,48 @@
+//! Versioned schema migrations. Each is applied once, in order, in one transaction with
+//! its row in `letterbox_schema`; all of them run under a transaction-level advisory
+//! lock, so nodes starting together migrate once and the others wait, then find nothing
+//! to do. A database migrated by a newer letterbox is refused: this binary would not
+//! know its tables.
+
+use super::StoreError;
+
+/// (version, SQL), in order. Never edit a released one: add the next.
+const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("migrations/0001_initial.sql"))];
+
+/// The newest schema version this binary knows.
+pub const LATEST: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
+
+/// The advisory lock key migrations hold ("letterbx" in ASCII).
+const LOCK_KEY: i64 = 0x6c65_7474_6572_6278;
+
+/// Brings the schema to `LATEST`; returns the version found before.
+pub async fn migrate(client: &mut deadpool_postgres::Object) -> Result<i32, StoreError> {
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY])
+        .await?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS letterbox_schema (
+            version INTEGER PRIMARY KEY,
+            applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+        )",
+    )
+    .await?;
+    let found: i32 = tx
+        .query_one("SELECT coalesce(max(version), 0) FROM letterbox_schema", &[])
+        .await?
+        .get(0);
+    if found > LATEST {
+        return Err(StoreError::Db(format!(
+            "the database's schema is version {found}, newer than this letterbox knows \
+             ({LATEST}): run a letterbox at least as new as the one that migrated it"
+        )));
+    }
+    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > found) {
+        tx.batch_execute(sql).await?;
+        tx.execute("INSERT INTO letterbox_schema (version) VALUES ($1)", &[version])
+            .await?;
+        tracing::info!(version, "database schema migrated");
+    }
+    tx.commit().await?;
+    Ok(found)
+}

@@ -18,6 +18,10 @@ pub struct Config {
     /// A PostgreSQL URL: shared state lives there, and several nodes may share it.
     /// `None`: redb in `data_dir`.
     pub database_url: Option<String>,
+    /// How long a node's claims stay its own without a heartbeat (with `database_url`):
+    /// a node that stops is noticed, and its in-flight recipients sent by others, after
+    /// about this long.
+    pub lease: Duration,
     /// The default transport; `None` writes `.eml` files to `data_dir/outbox`.
     pub smtp: Option<SmtpSettings>,
     /// More transports a job may choose by name.
@@ -57,6 +61,7 @@ impl Config {
         Config {
             data_dir: data_dir.into(),
             database_url: None,
+            lease: Duration::from_secs(10),
             smtp: None,
             transports: Vec::new(),
             dkim: None,
@@ -90,6 +95,7 @@ impl std::fmt::Debug for Config {
                 "database_url",
                 &self.database_url.as_deref().map(crate::mail::redact_url),
             )
+            .field("lease", &self.lease)
             .field("smtp", &self.smtp)
             .field("transports", &self.transports)
             .field("dkim", &self.dkim)

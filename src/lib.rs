@@ -121,6 +121,7 @@ pub async fn run(
             retry: config.retry,
             policy_failures: config.policy_failures,
             public_url,
+            lease: config.lease,
         },
         unsubscribe,
     );

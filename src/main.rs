@@ -98,6 +98,10 @@ struct ServeArgs {
     /// environment variable when the URL holds a password.
     #[arg(long = "database", env = "LETTERBOX_DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
+    /// With --database: how long a node's claims stay its own without a heartbeat; a
+    /// node that stops is noticed after about this long (1s to 10m) [default: 10s].
+    #[arg(long, env = "LETTERBOX_LEASE")]
+    lease: Option<String>,
     /// The default SMTP transport: smtp://host:25 (plain), smtp://host:587?tls=required
     /// (STARTTLS) or smtps://user:pass@host:465 (TLS). Query parameters: tls, pool
     /// (connections), rate (N/s, N/min or N/h), hello (EHLO name).
@@ -201,6 +205,7 @@ impl ServeArgs {
             ("listen", self.listen),
             ("data", self.data.map(|d| d.display().to_string())),
             ("database.url", self.database_url),
+            ("database.lease", self.lease),
             ("smtp.url", self.smtp),
             ("smtp.username", self.smtp_user),
             ("smtp.password", self.smtp_password),

@@ -115,6 +115,7 @@ struct Dkim {
 #[serde(deny_unknown_fields)]
 struct Database {
     url: Option<String>,
+    lease: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -289,6 +290,13 @@ fn resolve(
             ));
         }
         config.database_url = Some(url);
+    }
+    if let Some(lease) = &file.database.lease {
+        let lease = positive_duration("database.lease", lease)?;
+        if lease < std::time::Duration::from_secs(1) || lease > std::time::Duration::from_secs(600) {
+            return Err(invalid("database.lease", "must be between 1s and 10m"));
+        }
+        config.lease = lease;
     }
     if let Some(token) = &file.api_token
         && token.trim().len() < crate::tokens::MIN_TOKEN_LEN

@@ -40,6 +40,9 @@ pub enum Command {
     /// One job: show, follow, pause, resume, cancel, retry-failed.
     #[command(subcommand)]
     Job(JobCommand),
+    /// The live nodes working on the server's store (one with redb; a fleet's nodes on
+    /// PostgreSQL): id, address, version, heartbeat age, recipients claimed.
+    Nodes,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -269,6 +272,27 @@ pub async fn run(target: Target, command: Command) -> Result<(), ClientError> {
                         format!("{}/{}", total - open, total),
                         n("delivered"),
                         n("failed")
+                    ));
+                }
+                out
+            });
+        }
+        Command::Nodes => {
+            let nodes = client.get("/v1/nodes").await?;
+            print(&client, &nodes, || {
+                let mut out = format!(
+                    "{:<20} {:<28} {:<9} {:>10} {:>7}",
+                    "NODE", "ADDRESS", "VERSION", "HEARTBEAT", "CLAIMS"
+                );
+                for node in nodes.as_array().into_iter().flatten() {
+                    let age = node["heartbeat_age_ms"].as_u64().unwrap_or(0);
+                    out.push_str(&format!(
+                        "\n{:<20} {:<28} {:<9} {:>10} {:>7}",
+                        text(&node["id"]),
+                        text(&node["address"]),
+                        text(&node["version"]),
+                        format!("{:.1}s ago", age as f64 / 1000.0),
+                        text(&node["claims"])
                     ));
                 }
                 out

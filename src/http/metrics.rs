@@ -58,6 +58,9 @@ pub async fn render(State(state): State<AppState>) -> Result<impl IntoResponse, 
         metrics::gauge!("letterbox_jobs", "state" => job_state.as_str()).set(count as f64);
     }
     metrics::gauge!("letterbox_queue_depth").set(overview.open_recipients as f64);
+    let nodes = state.store.nodes().await?;
+    metrics::gauge!("letterbox_nodes").set(nodes.len() as f64);
+    metrics::gauge!("letterbox_node_claims").set(nodes.iter().map(|n| n.claims).sum::<u64>() as f64);
     Ok((
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         handle.render(),

@@ -7,6 +7,7 @@ mod jobs;
 mod letters;
 mod metrics;
 mod newsletters;
+mod nodes;
 mod openapi;
 mod plugins;
 mod timeout;
@@ -89,6 +90,7 @@ fn routes_and_document(state: &AppState) -> (Router<AppState>, utoipa::openapi::
         .merge(letters::router())
         .merge(plugins::router(state.runner.policy_limits().max_upload_bytes))
         .merge(jobs::router())
+        .merge(nodes::router())
         .route_layer(axum::middleware::from_fn_with_state(
             state.api_token.clone(),
             auth::require_token,

@@ -9,19 +9,22 @@
 //!
 //! **Re-send bound.** A supervisor never has more than `concurrency + 2 × CLAIM_BATCH`
 //! recipients claimed and not yet recorded, and only those can be in `sending` in the
-//! store; after a crash they are the only recipients sent again.
+//! store; after a crash (of this node) they are the only recipients sent again.
 //!
 //! Control (pause, resume, cancel, retry-failed) writes the new job state durably, then
 //! tells the job's supervisor, if it has one. The map of live supervisors is locked
 //! across both steps and across a supervisor's decision to exit, so a job is never left
-//! running without a supervisor, nor given two.
+//! running without a supervisor here, nor given two. On a shared store the other nodes
+//! learn of it through their watcher (`fleet.rs`).
 //!
-//! On start-up every job is recovered: recipients left in `sending` go back to pending
-//! (counted in `resent_after_crash`), unfinished jobs resume, unfinished cancellations
-//! finish. A panic in one delivery fails that recipient only; a policy trap or error
+//! On start-up the node registers (`fleet.rs`): recipients a dead node (with redb, the
+//! previous process) left in `sending` go back to pending (counted in
+//! `resent_after_crash`); then every unfinished job gets a supervisor and unfinished
+//! cancellations finish. A panic in one delivery fails that recipient only; a policy trap or error
 //! likewise, and when a job's policies fail too often (restart intensity,
 //! `FailureLimit`) the job pauses until someone resumes it.
 
+mod fleet;
 mod limits;
 mod supervisor;
 
@@ -80,8 +83,11 @@ pub struct RunnerConfig {
     pub retry: RetryPolicy,
     /// Restart intensity for policy failures.
     pub policy_failures: FailureLimit,
-    /// Base URL under which `/u/{token}` is reachable, for unsubscribe links.
+    /// Base URL under which `/u/{token}` is reachable, for unsubscribe links; also the
+    /// address this node shows in the list of nodes.
     pub public_url: String,
+    /// How long a node's claims stay its own without a heartbeat (a shared store).
+    pub lease: Duration,
 }
 
 /// Per-job choices of a send request; `None` means the server's default.
@@ -163,7 +169,12 @@ struct Inner {
     active: tokio::sync::Mutex<HashMap<u64, ActiveJob>>,
     /// Idempotency keys whose job is being created right now.
     creating: std::sync::Mutex<HashSet<String>>,
-    job_slots: Arc<Semaphore>,
+    /// Woken when a local job ends, so queued jobs ask for its slot at once.
+    slot_freed: tokio::sync::Notify,
+    /// This node's identity and lease.
+    node: fleet::Node,
+    /// Stops the heartbeat and the watcher, after the drain.
+    fleet_stop: CancellationToken,
     delivery_slots: Arc<Semaphore>,
     domains: DomainLimiter,
 }
@@ -193,10 +204,12 @@ impl Runner {
     ) -> Runner {
         Runner {
             inner: Arc::new(Inner {
+                node: fleet::Node::new(config.lease, store.is_shared(), config.public_url.clone()),
+                fleet_stop: CancellationToken::new(),
+                slot_freed: tokio::sync::Notify::new(),
                 store,
                 policies,
                 transports,
-                job_slots: Arc::new(Semaphore::new(config.max_running_jobs.max(1) as usize)),
                 delivery_slots: Arc::new(Semaphore::new(config.max_deliveries.max(1) as usize)),
                 domains: DomainLimiter::new(config.domain_limits.clone()),
                 config,
@@ -225,27 +238,21 @@ impl Runner {
         Ok(())
     }
 
-    /// Recovers every job the previous process left behind (see the module docs).
-    /// Returns how many jobs got a supervisor.
+    /// Registers this node, which puts what dead nodes (or, with redb, the previous
+    /// process) had in flight back to pending, and starts a supervisor for every job
+    /// to work on (see the module docs). Returns how many jobs got a supervisor.
     pub async fn recover(&self) -> Result<usize, RunnerError> {
+        self.join().await?;
         let store = &self.inner.store;
         let mut started = 0;
-        for job in store.jobs_to_recover().await? {
-            if job.counts.sending > 0 {
-                let requeued = store.requeue_inflight(job.id).await?;
-                tracing::info!(
-                    job = job.id,
-                    requeued,
-                    "recipients in flight at the last stop will be sent again"
-                );
-            }
-            if job.state.is_unfinished() || job.state == JobState::Cancelled {
-                let control = if job.state == JobState::Cancelled {
-                    Control::Cancel
-                } else {
-                    Control::Run
-                };
-                let mut active = self.inner.active.lock().await;
+        for job in store.jobs_to_work().await? {
+            let control = if job.state == JobState::Cancelled {
+                Control::Cancel
+            } else {
+                Control::Run
+            };
+            let mut active = self.inner.active.lock().await;
+            if !active.contains_key(&job.id) {
                 self.spawn(&mut active, job.id, control);
                 started += 1;
             }
@@ -375,10 +382,9 @@ impl Runner {
         let mut active = self.inner.active.lock().await;
         let job = store
             .update_job_from(job_id, &[JobState::Paused], move |job| {
+                // It asks for a job slot again (`Store::start_job`).
                 job.state = if job.send_at.is_some_and(|at| at > now()) {
                     JobState::Scheduled
-                } else if job.prepared {
-                    JobState::Running
                 } else {
                     JobState::Queued
                 };
@@ -752,6 +758,7 @@ impl Runner {
             self.inner.abandon.cancel();
             self.inner.tracker.wait().await;
         }
+        self.leave().await;
     }
 }
 

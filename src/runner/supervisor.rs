@@ -132,8 +132,15 @@ async fn evaluator(
     }
 }
 
-/// One outcome for the recorder, and where to say it is durable.
-type Recording = (u64, Outcome, oneshot::Sender<Result<(), StoreError>>);
+/// One outcome for the recorder: the recipient, its outcome, the node id it was
+/// claimed under, and where to say it is durable.
+type Recording = (u64, Outcome, String, Reply);
+
+/// Where a delivery hears that its outcome is durable.
+type Reply = oneshot::Sender<Result<(), StoreError>>;
+
+/// Outcomes to record, and whom to answer, per node id.
+type ByNode = HashMap<String, (Vec<(u64, Outcome)>, Vec<Reply>)>;
 
 /// Records outcomes in batches until every sender is gone. A batch is sent once it has
 /// `RECORD_BATCH` outcomes or its first is `RECORD_LINGER` old, and up to
@@ -141,6 +148,10 @@ type Recording = (u64, Outcome, oneshot::Sender<Result<(), StoreError>>);
 /// whatever it holds (an fsync and its pages), so fewer, fuller commits are what keeps
 /// the store's CPU per message low; the linger adds a few milliseconds to each record,
 /// which only the claim window sees.
+///
+/// On a shared store, outcomes the store refuses because their claims were taken over
+/// (this node's lease had expired) are dropped: the recipients belong to other nodes
+/// now, which send and record them.
 async fn recorder(store: crate::store::Store, job_id: u64, mut rx: mpsc::UnboundedReceiver<Recording>) {
     const RECORD_BATCH: usize = 256;
     const RECORD_LINGER: std::time::Duration = std::time::Duration::from_millis(3);
@@ -167,22 +178,50 @@ async fn recorder(store: crate::store::Store, job_id: u64, mut rx: mpsc::Unbound
                         Err(_) => break,
                     }
                 }
-                let (outcomes, replies): (Vec<_>, Vec<_>) =
-                    batch.drain(..).map(|(sid, o, tx)| ((sid, o), tx)).unzip();
+                // A batch holds one node id, but for the moment this node registers
+                // again under a new one.
+                let mut by_node: ByNode = HashMap::new();
+                for (sid, outcome, node, tx) in batch.drain(..) {
+                    let entry = by_node.entry(node).or_default();
+                    entry.0.push((sid, outcome));
+                    entry.1.push(tx);
+                }
                 let store = store.clone();
                 in_flight.spawn(async move {
-                    let result = store.record(job_id, outcomes).await.map(|_| ());
-                    for reply in replies {
-                        let shared = match &result {
-                            Ok(()) => Ok(()),
-                            Err(e) => Err(StoreError::BatchFailed(e.to_string())),
-                        };
-                        let _ = reply.send(shared);
+                    for (node, (outcomes, replies)) in by_node {
+                        record_for(&store, &node, job_id, outcomes, replies).await;
                     }
                 });
             }
             Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
         }
+    }
+}
+
+/// Records one node's outcomes and answers their deliveries.
+async fn record_for(
+    store: &crate::store::Store,
+    node: &str,
+    job_id: u64,
+    outcomes: Vec<(u64, Outcome)>,
+    replies: Vec<Reply>,
+) {
+    let n = outcomes.len();
+    let result = match store.record(node, job_id, outcomes).await {
+        Ok(_) => Ok(()),
+        Err(StoreError::TakenOver(why) | StoreError::Conflict(why)) if store.is_shared() => {
+            tracing::warn!(node, recipients = n, %why, "outcomes not recorded: the claims were taken over");
+            metrics::counter!("letterbox_outcomes_taken_over_total").increment(n as u64);
+            Ok(())
+        }
+        Err(e) => Err(e),
+    };
+    for reply in replies {
+        let shared = match &result {
+            Ok(()) => Ok(()),
+            Err(e) => Err(StoreError::BatchFailed(e.to_string())),
+        };
+        let _ = reply.send(shared);
     }
 }
 
@@ -196,11 +235,13 @@ enum JobEnd {
     PolicyPaused(String),
 }
 
-/// A claimed recipient, with its subscriber as read by the claim at status epoch `epoch`.
+/// A claimed recipient, with its subscriber as read by the claim at status epoch
+/// `epoch`, and the node id it was claimed under.
 struct Claimed {
     delivery: Delivery,
     subscriber: Option<Subscriber>,
     epoch: u64,
+    node: String,
 }
 
 /// What a delivery task tells its supervisor.
@@ -244,9 +285,8 @@ impl Runner {
         mut control: watch::Receiver<Control>,
         meter: Arc<std::sync::Mutex<RateMeter>>,
     ) {
-        let mut job_slot = None;
         loop {
-            let end = self.drive(job_id, &mut control, &meter, &mut job_slot).await;
+            let end = self.drive(job_id, &mut control, &meter).await;
             let mut active = self.inner.active.lock().await;
             let now_control = *control.borrow_and_update();
             let shutting_down = self.inner.shutdown.is_cancelled();
@@ -293,6 +333,8 @@ impl Runner {
                 Err(e) => self.fail_job(job_id, e).await,
             }
             active.remove(&job_id);
+            // Its job slot may be free: queued jobs ask again.
+            self.inner.slot_freed.notify_waiters();
             return;
         }
     }
@@ -349,7 +391,6 @@ impl Runner {
         job_id: u64,
         control: &mut watch::Receiver<Control>,
         meter: &Arc<std::sync::Mutex<RateMeter>>,
-        job_slot: &mut Option<OwnedSemaphorePermit>,
     ) -> Result<JobEnd, RunnerError> {
         let inner = &self.inner;
         let store = &inner.store;
@@ -381,19 +422,36 @@ impl Runner {
                 .await
             {
                 Ok(job) => job,
-                Err(StoreError::Conflict(_)) => return Ok(JobEnd::Stopped),
+                // Another node started it, or someone paused or cancelled it.
+                Err(StoreError::Conflict(_)) => {
+                    let job = store.job(job_id).await?;
+                    if !matches!(job.state, JobState::Queued | JobState::Running) {
+                        return Ok(JobEnd::Stopped);
+                    }
+                    job
+                }
                 Err(e) => return Err(e.into()),
             };
         }
 
-        // Kept by `supervise` until the job's end is recorded (so the next queued job
-        // starts after this one is completed), and across a quick pause and resume.
-        if job_slot.is_none() {
-            let slot = inner.job_slots.clone().acquire_owned();
-            let Some(Ok(slot)) = self.until_stopped(control, slot).await else {
+        // A job slot, counted across every node of the store: the job is `running`
+        // while it holds one, until its end is recorded.
+        while job.state == JobState::Queued {
+            let (now, started) = store.start_job(job_id, inner.config.max_running_jobs).await?;
+            job = now;
+            if started || job.state != JobState::Queued {
+                break;
+            }
+            // A local job ending wakes this at once; a job ending on another node is
+            // seen by polling.
+            let freed =
+                tokio::time::timeout(std::time::Duration::from_millis(500), inner.slot_freed.notified());
+            if self.until_stopped(control, freed).await.is_none() {
                 return Ok(JobEnd::Stopped);
-            };
-            *job_slot = Some(slot);
+            }
+        }
+        if job.state != JobState::Running {
+            return Ok(JobEnd::Stopped);
         }
 
         let letter = store.letter(job.letter_id).await?;
@@ -457,15 +515,7 @@ impl Runner {
                     .collect();
                 store.add_recipients(job_id, recipients).await?;
             }
-            job = store
-                .update_job(job_id, |job| {
-                    job.prepared = true;
-                    if job.state == JobState::Queued {
-                        job.state = JobState::Running;
-                        job.started_at = Some(now());
-                    }
-                })
-                .await?;
+            job = store.update_job(job_id, |job| job.prepared = true).await?;
             tracing::info!(recipients = job.counts.total(), "job started");
         }
         if job.state != JobState::Running {
@@ -475,7 +525,7 @@ impl Runner {
         let concurrency = job.concurrency as usize;
         let window = concurrency + 2 * CLAIM_BATCH;
         let mut running: JoinSet<Result<Report, StoreError>> = JoinSet::new();
-        let mut in_flight: HashMap<tokio::task::Id, u64> = HashMap::new();
+        let mut in_flight: HashMap<tokio::task::Id, (u64, String)> = HashMap::new();
         // The last claim came back short: nothing is pending until a retry falls due or
         // someone requeues recipients.
         let mut dry = false;
@@ -486,11 +536,14 @@ impl Runner {
             if stopping {
                 ctx.stop.cancel();
             }
-            if !stopping && !dry && running.len() <= concurrency + CLAIM_BATCH {
+            // Claims are made only under a fresh lease (see `fleet`).
+            let node = inner.node.id();
+            let leased = inner.node.holds(&node);
+            if !stopping && !dry && leased && running.len() <= concurrency + CLAIM_BATCH {
                 let want = window - running.len();
                 // Read before the claim reads the subscribers: see `Store::status_epoch`.
                 let epoch = store.status_epoch();
-                let claimed = store.claim(job_id, want, now_ms()).await?;
+                let claimed = store.claim(&node, job_id, want, now_ms()).await?;
                 if claimed.len() < want {
                     dry = true;
                     next_retry = store.next_retry_at(job_id).await?;
@@ -503,11 +556,25 @@ impl Runner {
                         delivery,
                         subscriber,
                         epoch,
+                        node: node.clone(),
                     };
                     let span = tracing::info_span!("delivery", subscriber = subscriber_id);
                     let handle =
                         running.spawn(async move { runner.deliver(&ctx, claimed).await }.instrument(span));
-                    in_flight.insert(handle.id(), subscriber_id);
+                    in_flight.insert(handle.id(), (subscriber_id, node.clone()));
+                }
+                continue;
+            }
+            if !leased && !stopping {
+                // No fresh lease (the database is slow or unreachable, or this node was
+                // just taken over): claim again once the heartbeat has renewed it.
+                tokio::select! {
+                    Some(joined) = running.join_next_with_id(), if !running.is_empty() => {
+                        self.joined(joined, &mut in_flight, meter, &mut next_retry, job_id).await?;
+                    }
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+                    _ = control.changed() => {}
+                    _ = inner.shutdown.cancelled(), if !inner.shutdown.is_cancelled() => {}
                 }
                 continue;
             }
@@ -544,30 +611,49 @@ impl Runner {
                 _ = inner.abandon.cancelled() => return Ok(JobEnd::Stopped),
                 _ = tokio::time::sleep(retry_wait), if retry_wait != std::time::Duration::MAX => { dry = false; continue }
             };
-            match joined {
-                Some(Ok((id, report))) => {
-                    in_flight.remove(&id);
-                    let report = report?;
-                    if report.finished {
-                        meter.lock().unwrap_or_else(|e| e.into_inner()).add(1);
-                    }
-                    if let Some(at) = report.retry_at_ms {
-                        next_retry = Some(next_retry.map_or(at, |n| n.min(at)));
-                    }
-                }
-                Some(Err(join_error)) => {
-                    let Some(subscriber_id) = in_flight.remove(&join_error.id()) else {
-                        continue;
-                    };
-                    tracing::error!(subscriber = subscriber_id, error = %join_error, "delivery task panicked");
-                    let reason = "internal error: the delivery task panicked".to_string();
-                    store
-                        .record(job_id, vec![(subscriber_id, Outcome::Failed { reason })])
-                        .await?;
-                }
-                None => {}
+            if let Some(joined) = joined {
+                self.joined(joined, &mut in_flight, meter, &mut next_retry, job_id)
+                    .await?;
             }
         }
+    }
+
+    /// Takes in a finished delivery task.
+    async fn joined(
+        &self,
+        joined: Result<(tokio::task::Id, Result<Report, StoreError>), tokio::task::JoinError>,
+        in_flight: &mut HashMap<tokio::task::Id, (u64, String)>,
+        meter: &Arc<std::sync::Mutex<RateMeter>>,
+        next_retry: &mut Option<u64>,
+        job_id: u64,
+    ) -> Result<(), RunnerError> {
+        match joined {
+            Ok((id, report)) => {
+                in_flight.remove(&id);
+                let report = report?;
+                if report.finished {
+                    meter.lock().unwrap_or_else(|e| e.into_inner()).add(1);
+                }
+                if let Some(at) = report.retry_at_ms {
+                    *next_retry = Some(next_retry.map_or(at, |n| n.min(at)));
+                }
+            }
+            Err(join_error) => {
+                let Some((subscriber_id, node)) = in_flight.remove(&join_error.id()) else {
+                    return Ok(());
+                };
+                tracing::error!(subscriber = subscriber_id, error = %join_error, "delivery task panicked");
+                let reason = "internal error: the delivery task panicked".to_string();
+                let outcome = vec![(subscriber_id, Outcome::Failed { reason })];
+                match self.inner.store.record(&node, job_id, outcome).await {
+                    Ok(_) => {}
+                    Err(StoreError::TakenOver(_) | StoreError::Conflict(_))
+                        if self.inner.store.is_shared() => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Waits for a slot for the recipient's domain, then the job's, then the server's;
@@ -603,6 +689,7 @@ impl Runner {
     /// failures become the recipient's state; only a store failure is returned.
     async fn deliver(&self, ctx: &Arc<JobContext>, claimed: Claimed) -> Result<Report, StoreError> {
         let delivery = claimed.delivery.clone();
+        let node = claimed.node.clone();
         let outcome = match self.slots(ctx, &delivery.email, &ctx.stop).await {
             None => Outcome::Released,
             Some(permits) => {
@@ -639,7 +726,7 @@ impl Runner {
         );
         let (tx, rx) = oneshot::channel();
         ctx.recorder
-            .send((delivery.subscriber_id, outcome, tx))
+            .send((delivery.subscriber_id, outcome, node, tx))
             .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)??;
         Ok(report)
@@ -664,6 +751,7 @@ impl Runner {
             return Ok(Outcome::Released);
         }
         let delivery = &claimed.delivery;
+        let claimed_node = claimed.node.clone();
         // The claim read the subscriber; read again only if a status changed since.
         let subscriber = if inner.store.status_epoch() == claimed.epoch {
             claimed.subscriber
@@ -715,7 +803,8 @@ impl Runner {
             _ = ctx.transport.ready() => {}
             _ = stop.cancelled() => return Ok(Outcome::Released),
         }
-        if stop.is_cancelled() {
+        // Fencing: nothing goes out under a claim this node may no longer hold.
+        if stop.is_cancelled() || !inner.node.holds(&claimed_node) {
             return Ok(Outcome::Released);
         }
         Ok(match ctx.transport.send(&outgoing).await {

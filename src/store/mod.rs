@@ -49,6 +49,10 @@ pub enum StoreError {
     BatchFailed(String),
     #[error("the store is closed")]
     Closed,
+    /// This node's lease expired and its claims went to other nodes: it must not record
+    /// or send them (fencing).
+    #[error("{0}")]
+    TakenOver(String),
 }
 
 impl StoreError {
@@ -157,10 +161,9 @@ pub trait Jobs: Send + Sync {
 
     async fn job(&self, id: u64) -> Result<Job, StoreError>;
 
-    /// Jobs a restart must look at: unfinished ones (to resume), any with recipients
-    /// left in flight (to requeue them), and cancelled ones whose cancellation had not
-    /// finished marking recipients.
-    async fn jobs_to_recover(&self) -> Result<Vec<Job>, StoreError>;
+    /// Jobs a node must work on: unfinished ones, and cancelled ones whose cancellation
+    /// has not finished marking recipients.
+    async fn jobs_to_work(&self) -> Result<Vec<Job>, StoreError>;
 
     /// Jobs newest first, optionally only those in `state`, with ids below `before`.
     async fn list_jobs(
@@ -187,26 +190,37 @@ pub trait Jobs: Send + Sync {
     /// job and whether it is now completed.
     async fn complete_if_done(&self, job_id: u64) -> Result<(Job, bool), StoreError>;
 
+    /// Gives a queued job one of the `max_running` job slots (across every node sharing
+    /// the store): it becomes `running` if fewer than `max_running` jobs are running and
+    /// no job queued before it is waiting. Returns the job as it now is, and whether it
+    /// holds a slot (it is `running`).
+    async fn start_job(&self, job_id: u64, max_running: u32) -> Result<(Job, bool), StoreError>;
+
     /// Records part of a job's recipient snapshot: a pending delivery for each recipient
     /// not recorded yet (so re-running after a crash is harmless). Returns how many were new.
     async fn add_recipients(&self, job_id: u64, recipients: Vec<(u64, String)>) -> Result<u64, StoreError>;
 
-    /// Claims up to `max` recipients of a job, durably moving them to `sending` before any
-    /// of their messages is sent: first the retries due at `now_ms`, then pending ones in
-    /// subscriber order. Each claim counts as an attempt.
-    async fn claim(&self, job_id: u64, max: usize, now_ms: u64) -> Result<Vec<ClaimedRecipient>, StoreError>;
+    /// Claims up to `max` recipients of a job for `node`, durably moving them to
+    /// `sending` before any of their messages is sent: first the retries due at
+    /// `now_ms`, then pending ones in subscriber order. Each claim counts as an attempt.
+    /// Concurrent claimers never get the same recipient.
+    async fn claim(
+        &self,
+        node: &str,
+        job_id: u64,
+        max: usize,
+        now_ms: u64,
+    ) -> Result<Vec<ClaimedRecipient>, StoreError>;
 
-    /// Records the outcomes of claimed deliveries (sending → delivered | skipped |
-    /// retrying | failed | pending when released). All of them must be in flight, or
-    /// nothing is recorded (`Conflict`).
-    async fn record(&self, job_id: u64, outcomes: Vec<(u64, Outcome)>) -> Result<Job, StoreError>;
+    /// Records the outcomes of deliveries `node` claimed (sending → delivered | skipped
+    /// | retrying | failed | pending when released). All of them must be in flight, or
+    /// nothing is recorded: `Conflict`, or `TakenOver` when a shared backend gave them
+    /// to another node because `node`'s lease had expired (fencing).
+    async fn record(&self, node: &str, job_id: u64, outcomes: Vec<(u64, Outcome)>)
+    -> Result<Job, StoreError>;
 
     /// When the earliest retry of a job is due (unix ms), if it has any.
     async fn next_retry_at(&self, job_id: u64) -> Result<Option<u64>, StoreError>;
-
-    /// After a crash: puts every recipient that was in flight back in `pending` and counts
-    /// them in `resent_after_crash`. Returns how many there were.
-    async fn requeue_inflight(&self, job_id: u64) -> Result<u64, StoreError>;
 
     /// Marks up to `max` of a job's pending or retrying recipients cancelled. Returns
     /// how many it marked; call again until that is 0.
@@ -260,9 +274,69 @@ pub trait Plugins: Send + Sync {
     async fn plugin_bytes(&self, id: String) -> Result<Vec<u8>, StoreError>;
 }
 
+/// A node working on the store, as `nodes` lists it.
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct NodeInfo {
+    /// Made afresh at every start of the process (`n-` and 16 hex digits).
+    pub id: String,
+    /// Where the node serves HTTP.
+    pub address: String,
+    /// The letterbox version it runs.
+    pub version: String,
+    /// When it registered (unix seconds).
+    pub started_at: u64,
+    /// Milliseconds since its last heartbeat, by the database's clock.
+    pub heartbeat_age_ms: u64,
+    /// Recipients it holds claimed (in flight) right now.
+    pub claims: u64,
+}
+
+/// The nodes sharing a store, their leases, and the recipients a dead one held.
+///
+/// A node registers when it starts, with a lease that its heartbeat renews. A node
+/// whose lease ran out is dead: whichever node notices first (`rescue`) removes it and
+/// puts the recipients it had claimed and not recorded back to pending, counted in
+/// their job's `resent_after_crash`. A dead node's later records are refused
+/// (`TakenOver`) and its heartbeat fails (`TakenOver`): it must register again, as a
+/// new node, before it works again.
+#[async_trait]
+pub trait Fleet: Send + Sync {
+    /// Whether other processes may share this store (PostgreSQL), so jobs, controls
+    /// and limits must be coordinated through it.
+    fn is_shared(&self) -> bool;
+
+    /// Registers `node` (its id, address and version; the rest is ignored) with a lease
+    /// of `lease`, then rescues what dead nodes held. With redb, which one process
+    /// holds, every earlier process is dead. Returns the rescue.
+    async fn register_node(&self, node: &NodeInfo, lease: std::time::Duration)
+    -> Result<Rescued, StoreError>;
+
+    /// Renews `node`'s lease; `TakenOver` if it was declared dead meanwhile.
+    async fn heartbeat(&self, node: &str, lease: std::time::Duration) -> Result<(), StoreError>;
+
+    /// Removes the nodes whose lease has expired and returns their claimed recipients
+    /// to pending.
+    async fn rescue(&self) -> Result<Rescued, StoreError>;
+
+    /// Removes `node` (a graceful stop, after its deliveries were recorded).
+    async fn leave(&self, node: &str) -> Result<(), StoreError>;
+
+    /// The registered nodes, by id: the live ones, and any whose lease has just
+    /// expired and whose claims are about to be rescued (its heartbeat age shows it).
+    async fn nodes(&self) -> Result<Vec<NodeInfo>, StoreError>;
+}
+
+/// What a rescue did: the dead nodes removed, and per job how many recipients went back
+/// to pending.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Rescued {
+    pub nodes: Vec<String>,
+    pub requeued: Vec<(u64, u64)>,
+}
+
 /// A whole database: every operation, plus what the server needs to run on it.
 #[async_trait]
-pub trait Backend: Lists + Jobs + Plugins {
+pub trait Backend: Lists + Jobs + Plugins + Fleet {
     /// "redb" or "postgres", for logs and metrics.
     fn name(&self) -> &'static str;
 

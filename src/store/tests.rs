@@ -12,6 +12,9 @@ use serde_json::json;
 
 use super::*;
 
+/// The node id the single-node tests claim under.
+const NODE: &str = "n-test";
+
 /// A store and whatever must outlive it (a temporary directory).
 pub(crate) struct Fixture {
     pub store: Store,
@@ -138,8 +141,8 @@ async fn assert_counts_match_index(store: &Store, job_id: u64) {
 async fn claim_moves_pending_to_sending_in_subscriber_order(store: Store) {
     let (newsletter, job) = job_with(&store, 10).await;
     assert_eq!(job.counts.pending, 10);
-    let first = store.claim(job.id, 4, now_ms()).await.unwrap();
-    let second = store.claim(job.id, 4, now_ms()).await.unwrap();
+    let first = store.claim(NODE, job.id, 4, now_ms()).await.unwrap();
+    let second = store.claim(NODE, job.id, 4, now_ms()).await.unwrap();
     let all = store.subscribers_after(newsletter, 0, 100).await.unwrap();
     let expected: Vec<u64> = all.iter().map(|s| s.id).collect();
     assert_eq!(ids(&first), expected[..4]);
@@ -153,15 +156,15 @@ async fn claim_moves_pending_to_sending_in_subscriber_order(store: Store) {
     }
     let c = counts(&store, job.id).await;
     assert_eq!((c.pending, c.sending), (2, 8));
-    let rest = store.claim(job.id, 100, now_ms()).await.unwrap();
+    let rest = store.claim(NODE, job.id, 100, now_ms()).await.unwrap();
     assert_eq!(ids(&rest), expected[8..]);
-    assert!(store.claim(job.id, 100, now_ms()).await.unwrap().is_empty());
+    assert!(store.claim(NODE, job.id, 100, now_ms()).await.unwrap().is_empty());
     assert_counts_match_index(&store, job.id).await;
 }
 
 async fn record_moves_sending_to_outcomes_and_keeps_counts(store: Store) {
     let (_, job) = job_with(&store, 5).await;
-    let claimed = ids(&store.claim(job.id, 5, now_ms()).await.unwrap());
+    let claimed = ids(&store.claim(NODE, job.id, 5, now_ms()).await.unwrap());
     let later = now_ms() + 60_000;
     let outcomes = vec![
         (
@@ -191,7 +194,7 @@ async fn record_moves_sending_to_outcomes_and_keeps_counts(store: Store) {
         ),
         (claimed[4], Outcome::Released),
     ];
-    let job_after = store.record(job.id, outcomes).await.unwrap();
+    let job_after = store.record(NODE, job.id, outcomes).await.unwrap();
     let c = job_after.counts;
     assert_eq!(
         (c.pending, c.sending, c.delivered, c.skipped, c.retrying, c.failed),
@@ -213,7 +216,7 @@ async fn record_moves_sending_to_outcomes_and_keeps_counts(store: Store) {
 
 async fn record_refuses_what_is_not_in_flight_and_changes_nothing(store: Store) {
     let (_, job) = job_with(&store, 3).await;
-    let claimed = ids(&store.claim(job.id, 1, now_ms()).await.unwrap());
+    let claimed = ids(&store.claim(NODE, job.id, 1, now_ms()).await.unwrap());
     let pending = store
         .deliveries(job.id, Some(StateKind::Pending), 0, 10)
         .await
@@ -221,7 +224,11 @@ async fn record_refuses_what_is_not_in_flight_and_changes_nothing(store: Store) 
         .subscriber_id;
     let delivered = || Outcome::Delivered { reply: "250".into() };
     let err = store
-        .record(job.id, vec![(claimed[0], delivered()), (pending, delivered())])
+        .record(
+            NODE,
+            job.id,
+            vec![(claimed[0], delivered()), (pending, delivered())],
+        )
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
@@ -229,20 +236,20 @@ async fn record_refuses_what_is_not_in_flight_and_changes_nothing(store: Store) 
     assert_eq!((c.pending, c.sending, c.delivered), (2, 1, 0), "nothing recorded");
     // A recipient recorded once cannot be recorded again.
     store
-        .record(job.id, vec![(claimed[0], delivered())])
+        .record(NODE, job.id, vec![(claimed[0], delivered())])
         .await
         .unwrap();
-    let err = store.record(job.id, vec![(claimed[0], delivered())]).await;
+    let err = store.record(NODE, job.id, vec![(claimed[0], delivered())]).await;
     assert!(matches!(err, Err(StoreError::Conflict(_))), "{err:?}");
     assert!(matches!(
-        store.record(job.id + 1000, vec![]).await,
+        store.record(NODE, job.id + 1000, vec![]).await,
         Err(StoreError::NotFound { .. })
     ));
 }
 
 async fn retries_come_due_first_and_in_time_order(store: Store) {
     let (_, job) = job_with(&store, 6).await;
-    let claimed = ids(&store.claim(job.id, 3, now_ms()).await.unwrap());
+    let claimed = ids(&store.claim(NODE, job.id, 3, now_ms()).await.unwrap());
     let base = now_ms();
     let retry = |at_ms| Outcome::Retry {
         at_ms,
@@ -250,6 +257,7 @@ async fn retries_come_due_first_and_in_time_order(store: Store) {
     };
     store
         .record(
+            NODE,
             job.id,
             vec![
                 (claimed[0], retry(base + 20_000)),
@@ -261,10 +269,10 @@ async fn retries_come_due_first_and_in_time_order(store: Store) {
         .unwrap();
     assert_eq!(store.next_retry_at(job.id).await.unwrap(), Some(base + 10_000));
     // Not due yet: only pending ones are claimed.
-    let now_claim = store.claim(job.id, 1, base).await.unwrap();
+    let now_claim = store.claim(NODE, job.id, 1, base).await.unwrap();
     assert!(!claimed.contains(&now_claim[0].0.subscriber_id));
     // Two are due at base + 25 s: they come first, earliest first, then pending.
-    let later = store.claim(job.id, 3, base + 25_000).await.unwrap();
+    let later = store.claim(NODE, job.id, 3, base + 25_000).await.unwrap();
     assert_eq!(ids(&later)[..2], [claimed[1], claimed[0]]);
     assert!(!claimed.contains(&ids(&later)[2]));
     assert_eq!(later[0].0.attempts, 2, "a retry's claim is another attempt");
@@ -274,28 +282,116 @@ async fn retries_come_due_first_and_in_time_order(store: Store) {
     assert_eq!(store.next_retry_at(other.id).await.unwrap(), None);
 }
 
-async fn requeue_inflight_counts_resends(store: Store) {
+fn node(id: &str) -> NodeInfo {
+    NodeInfo {
+        id: id.into(),
+        address: "http://127.0.0.1:0".into(),
+        version: "test".into(),
+        started_at: 0,
+        heartbeat_age_ms: 0,
+        claims: 0,
+    }
+}
+
+/// A node that stops heartbeating loses its claims to the others, which count them as
+/// re-sent; its late records are refused (fencing) and its heartbeat tells it so. With
+/// redb the earlier node is the previous process, and registering is the rescue.
+async fn a_dead_nodes_claims_go_back_to_pending_and_it_is_fenced(store: Store) {
+    let lease = std::time::Duration::from_millis(400);
+    store.register_node(&node("n-a"), lease).await.unwrap();
     let (_, job) = job_with(&store, 5).await;
-    store.claim(job.id, 3, now_ms()).await.unwrap();
-    assert_eq!(store.requeue_inflight(job.id).await.unwrap(), 3);
-    let job = store.job(job.id).await.unwrap();
-    assert_eq!((job.counts.pending, job.counts.sending), (5, 0));
-    assert_eq!(job.resent_after_crash, 3);
-    // The attempt made before the crash still counts.
-    let again = store.claim(job.id, 5, now_ms()).await.unwrap();
+    let claimed = ids(&store.claim("n-a", job.id, 3, now_ms()).await.unwrap());
+    let listed = store.nodes().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!((listed[0].id.as_str(), listed[0].claims), ("n-a", 3));
+    if store.is_shared() {
+        store.heartbeat("n-a", lease).await.unwrap();
+        // Not dead yet: a rescue now finds nothing.
+        assert_eq!(store.rescue().await.unwrap(), Rescued::default());
+        tokio::time::sleep(lease + std::time::Duration::from_millis(300)).await;
+    }
+    let rescued = store
+        .register_node(&node("n-b"), std::time::Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(rescued.requeued, vec![(job.id, 3)]);
+    let job_now = store.job(job.id).await.unwrap();
+    assert_eq!((job_now.counts.pending, job_now.counts.sending), (5, 0));
+    assert_eq!(job_now.resent_after_crash, 3);
+    let delivered = || vec![(claimed[0], Outcome::Delivered { reply: "250".into() })];
+    let late = store.record("n-a", job.id, delivered()).await;
+    assert!(
+        matches!(late, Err(StoreError::Conflict(_) | StoreError::TakenOver(_))),
+        "{late:?}"
+    );
+    // Claimed again: the attempt made before still counts.
+    let again = store.claim("n-b", job.id, 5, now_ms()).await.unwrap();
     let attempts: Vec<u32> = again.iter().map(|(d, _)| d.attempts).collect();
     assert_eq!(attempts.iter().filter(|&&a| a == 2).count(), 3);
+    if store.is_shared() {
+        let late = store.record("n-a", job.id, delivered()).await;
+        assert!(matches!(late, Err(StoreError::TakenOver(_))), "{late:?}");
+        let beat = store.heartbeat("n-a", lease).await;
+        assert!(matches!(beat, Err(StoreError::TakenOver(_))), "{beat:?}");
+        let ids: Vec<String> = store.nodes().await.unwrap().into_iter().map(|n| n.id).collect();
+        assert_eq!(ids, vec!["n-b".to_string()]);
+    }
+    store.record("n-b", job.id, delivered()).await.unwrap();
+    // Leaving hands back what is still claimed.
+    store.leave("n-b").await.unwrap();
+    if store.is_shared() {
+        assert_eq!(store.job(job.id).await.unwrap().counts.sending, 0);
+        assert!(store.nodes().await.unwrap().is_empty());
+    }
     assert_counts_match_index(&store, job.id).await;
+}
+
+async fn job_slots_go_to_the_oldest_queued_jobs(store: Store) {
+    let newsletter = store
+        .create_newsletter("N".into(), "n@example.com".into())
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let mut job = job_for(newsletter.id);
+        job.state = JobState::Queued;
+        job.started_at = None;
+        let NewJob::Created(job) = store.create_job(job, None).await.unwrap() else {
+            panic!()
+        };
+        ids.push(job.id);
+    }
+    let (first, started) = store.start_job(ids[0], 2).await.unwrap();
+    assert!(started && first.state == JobState::Running && first.started_at.is_some());
+    assert!(
+        !store.start_job(ids[2], 2).await.unwrap().1,
+        "the second came first"
+    );
+    assert!(store.start_job(ids[1], 2).await.unwrap().1);
+    let (third, started) = store.start_job(ids[2], 2).await.unwrap();
+    assert!(!started && third.state == JobState::Queued, "both slots taken");
+    assert!(
+        store.start_job(ids[1], 2).await.unwrap().1,
+        "a running job holds its slot"
+    );
+    store
+        .update_job(ids[0], |j| j.state = JobState::Completed)
+        .await
+        .unwrap();
+    assert!(store.start_job(ids[2], 2).await.unwrap().1);
+    let (done, started) = store.start_job(ids[0], 2).await.unwrap();
+    assert!(!started && done.state == JobState::Completed);
 }
 
 async fn cancel_and_retry_failed_move_in_bounded_batches(store: Store) {
     let (_, job) = job_with(&store, 7).await;
-    let claimed = ids(&store.claim(job.id, 3, now_ms()).await.unwrap());
+    let claimed = ids(&store.claim(NODE, job.id, 3, now_ms()).await.unwrap());
     let failed = |reason: &str| Outcome::Failed {
         reason: reason.into(),
     };
     store
         .record(
+            NODE,
             job.id,
             vec![
                 (claimed[0], failed("a")),
@@ -353,13 +449,13 @@ async fn cancel_and_retry_failed_move_in_bounded_batches(store: Store) {
 async fn complete_if_done_only_when_nothing_is_open(store: Store) {
     let (_, job) = job_with(&store, 2).await;
     assert!(!store.complete_if_done(job.id).await.unwrap().1);
-    let claimed = ids(&store.claim(job.id, 2, now_ms()).await.unwrap());
+    let claimed = ids(&store.claim(NODE, job.id, 2, now_ms()).await.unwrap());
     assert!(!store.complete_if_done(job.id).await.unwrap().1, "in flight");
     let done = claimed
         .into_iter()
         .map(|id| (id, Outcome::Delivered { reply: "250".into() }))
         .collect();
-    store.record(job.id, done).await.unwrap();
+    store.record(NODE, job.id, done).await.unwrap();
     let (job_now, completed) = store.complete_if_done(job.id).await.unwrap();
     assert!(completed);
     assert_eq!(job_now.state, JobState::Completed);
@@ -385,7 +481,7 @@ async fn deliveries_page_by_subscriber_and_state(store: Store) {
             .unwrap()
             .is_empty()
     );
-    store.claim(job.id, 3, now_ms()).await.unwrap();
+    store.claim(NODE, job.id, 3, now_ms()).await.unwrap();
     let sending = store
         .deliveries(job.id, Some(StateKind::Sending), 0, 2)
         .await
@@ -429,13 +525,7 @@ async fn jobs_list_recover_change_and_overview(store: Store) {
     assert_eq!(only.len(), 1);
     assert_eq!(only[0].id, paused.id);
 
-    let recover: HashSet<u64> = store
-        .jobs_to_recover()
-        .await
-        .unwrap()
-        .iter()
-        .map(|j| j.id)
-        .collect();
+    let recover: HashSet<u64> = store.jobs_to_work().await.unwrap().iter().map(|j| j.id).collect();
     assert_eq!(recover, HashSet::from([running.id]));
 
     let overview = store.job_overview().await.unwrap();
@@ -624,11 +714,12 @@ async fn subscriber_updates_status_and_email_conflicts(store: Store) {
 
 async fn erasure_removes_the_subscriber_and_blanks_their_deliveries(store: Store) {
     let (newsletter, job) = job_with(&store, 2).await;
-    let claimed = store.claim(job.id, 2, now_ms()).await.unwrap();
+    let claimed = store.claim(NODE, job.id, 2, now_ms()).await.unwrap();
     let (victim, email) = (claimed[0].0.subscriber_id, claimed[0].0.email.clone());
     let reason = format!("550 <{email}>: no such user");
     store
         .record(
+            NODE,
             job.id,
             vec![
                 (victim, Outcome::Failed { reason }),
@@ -655,7 +746,7 @@ async fn erasure_removes_the_subscriber_and_blanks_their_deliveries(store: Store
     assert!(!text.contains(&email), "no trace of the address: {text}");
     assert!(text.contains("[erased]"), "{text}");
     // The claim of a deleted subscriber says so.
-    let claimed = store.claim(job.id, 2, now_ms()).await.unwrap();
+    let claimed = store.claim(NODE, job.id, 2, now_ms()).await.unwrap();
     assert_eq!(claimed.len(), 1);
     assert!(claimed[0].1.is_some());
     assert!(matches!(
@@ -674,7 +765,7 @@ async fn a_claimed_subscriber_deleted_before_the_claim_is_none(store: Store) {
     let (_, job) = job_with(&store, 1).await;
     let only = store.deliveries(job.id, None, 0, 1).await.unwrap()[0].subscriber_id;
     store.delete_subscriber(only).await.unwrap();
-    let claimed = store.claim(job.id, 1, now_ms()).await.unwrap();
+    let claimed = store.claim(NODE, job.id, 1, now_ms()).await.unwrap();
     assert_eq!(claimed[0].0.subscriber_id, only);
     assert!(claimed[0].1.is_none());
 }
@@ -859,12 +950,13 @@ async fn secrets_are_kept_once(store: Store) {
 async fn concurrent_claims_never_overlap(store: Store) {
     let (_, job) = job_with(&store, 600).await;
     let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..6 {
+    for i in 0..6 {
         let store = store.clone();
+        let node = format!("n-{i}");
         tasks.spawn(async move {
             let mut mine = Vec::new();
             loop {
-                let claimed = store.claim(job.id, 17, now_ms()).await.unwrap();
+                let claimed = store.claim(&node, job.id, 17, now_ms()).await.unwrap();
                 if claimed.is_empty() {
                     return mine;
                 }
@@ -873,7 +965,7 @@ async fn concurrent_claims_never_overlap(store: Store) {
                     .iter()
                     .map(|&id| (id, Outcome::Delivered { reply: "250".into() }))
                     .collect();
-                store.record(job.id, outcomes).await.unwrap();
+                store.record(&node, job.id, outcomes).await.unwrap();
                 mine.extend(got);
             }
         });
@@ -950,7 +1042,8 @@ conformance!(
     record_moves_sending_to_outcomes_and_keeps_counts,
     record_refuses_what_is_not_in_flight_and_changes_nothing,
     retries_come_due_first_and_in_time_order,
-    requeue_inflight_counts_resends,
+    a_dead_nodes_claims_go_back_to_pending_and_it_is_fenced,
+    job_slots_go_to_the_oldest_queued_jobs,
     cancel_and_retry_failed_move_in_bounded_batches,
     complete_if_done_only_when_nothing_is_open,
     deliveries_page_by_subscriber_and_state,

@@ -1,6 +1,7 @@
 //! Integration tests. Everything here is real: the server runs via `letterbox::run` on
 //! port 0 (or as the built binary), mail goes over TCP to a real SMTP server in the test,
-//! policies are the Wasm components built by build.rs, state lives in a redb file.
+//! policies are the Wasm components built by build.rs, state lives in a redb file or, in
+//! the PostgreSQL pass (`.ci/test`), a PostgreSQL database.
 
 mod api_errors;
 mod auth;
@@ -8,6 +9,7 @@ mod cli;
 mod crash;
 mod delivery;
 mod e2e;
+mod fleet;
 mod hardening;
 mod policies;
 mod subscribers;

@@ -88,10 +88,10 @@ async fn put_job(tx: &impl GenericClient, job: &Job) -> Result<(), StoreError> {
 
 /// Changes in a job's counts, by `StateKind::code`.
 #[derive(Default)]
-struct Delta([i64; 7]);
+pub(super) struct Delta(pub(super) [i64; 7]);
 
 impl Delta {
-    fn moved(&mut self, from: StateKind, to: StateKind, n: i64) {
+    pub(super) fn moved(&mut self, from: StateKind, to: StateKind, n: i64) {
         self.0[from.code() as usize] -= n;
         self.0[to.code() as usize] += n;
     }
@@ -99,7 +99,7 @@ impl Delta {
 
 /// Adds `delta` to the job's counts (and `resent` to `resent_after_crash`); returns the
 /// job as it now is. The last statement of a transaction: it locks the job's row.
-async fn apply_counts(
+pub(super) async fn apply_counts(
     tx: &impl GenericClient,
     job_id: u64,
     delta: &Delta,
@@ -177,7 +177,7 @@ async fn move_state(
              WHERE job_id = $1 AND state = ANY($2) ORDER BY state, subscriber_id LIMIT $3 FOR UPDATE
          )
          UPDATE deliveries d
-            SET state = $4, due_ms = $5, detail = $6,
+            SET state = $4, due_ms = $5, detail = $6, claimed_by = NULL,
                 attempts = CASE WHEN $7 THEN 0 ELSE d.attempts END
          FROM picked WHERE d.job_id = $1 AND d.subscriber_id = picked.subscriber_id
          RETURNING picked.state",
@@ -290,13 +290,13 @@ impl Jobs for PgStore {
         job(&row)
     }
 
-    async fn jobs_to_recover(&self) -> Result<Vec<Job>, StoreError> {
+    async fn jobs_to_work(&self) -> Result<Vec<Job>, StoreError> {
         let client = self.client().await?;
         let rows = query(
             &client,
             &format!(
                 "SELECT {JOB_COLUMNS} FROM jobs
-                 WHERE state IN ('scheduled', 'queued', 'running') OR sending > 0
+                 WHERE state IN ('scheduled', 'queued', 'running')
                     OR (state = 'cancelled' AND pending + sending + retrying > 0)
                  ORDER BY id"
             ),
@@ -371,6 +371,39 @@ impl Jobs for PgStore {
         Ok(job)
     }
 
+    async fn start_job(&self, job_id: u64, max_running: u32) -> Result<(Job, bool), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        // One slot decision at a time across the fleet.
+        execute(
+            &tx,
+            "SELECT pg_advisory_xact_lock(hashtextextended('letterbox:job-slots', 0))",
+            &[],
+        )
+        .await?;
+        let mut job = job_for_update(&tx, job_id).await?;
+        if job.state != JobState::Queued {
+            let running = job.state == JobState::Running;
+            return Ok((job, running));
+        }
+        let taken = query(
+            &tx,
+            "SELECT count(*) FILTER (WHERE state = 'running')
+                  + count(*) FILTER (WHERE state = 'queued' AND id < $1)
+             FROM jobs WHERE state IN ('running', 'queued')",
+            &[&sql_int(job_id)],
+        )
+        .await?;
+        if domain_int(taken[0].get(0)) >= u64::from(max_running.max(1)) {
+            return Ok((job, false));
+        }
+        job.state = JobState::Running;
+        job.started_at.get_or_insert_with(now);
+        put_job(&tx, &job).await?;
+        commit(tx).await?;
+        Ok((job, true))
+    }
+
     async fn complete_if_done(&self, job_id: u64) -> Result<(Job, bool), StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
@@ -409,7 +442,13 @@ impl Jobs for PgStore {
         Ok(added)
     }
 
-    async fn claim(&self, job_id: u64, max: usize, now_ms: u64) -> Result<Vec<ClaimedRecipient>, StoreError> {
+    async fn claim(
+        &self,
+        node: &str,
+        job_id: u64,
+        max: usize,
+        now_ms: u64,
+    ) -> Result<Vec<ClaimedRecipient>, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         let (newsletter_id, retrying) = job_basics(&tx, job_id).await?;
@@ -425,10 +464,17 @@ impl Jobs for PgStore {
                      WHERE job_id = $1 AND state = 4 AND due_ms <= $2
                      ORDER BY due_ms, subscriber_id LIMIT $3 FOR UPDATE SKIP LOCKED
                  )
-                 UPDATE deliveries d SET state = 1, attempts = d.attempts + 1, due_ms = NULL, detail = $4
+                 UPDATE deliveries d
+                    SET state = 1, attempts = d.attempts + 1, due_ms = NULL, detail = $4, claimed_by = $5
                  FROM picked WHERE d.job_id = $1 AND d.subscriber_id = picked.subscriber_id
                  RETURNING d.subscriber_id, d.email, d.attempts, d.detail, picked.due_ms",
-                &[&sql_int(job_id), &sql_int(now_ms), &sql_limit(max), &sending],
+                &[
+                    &sql_int(job_id),
+                    &sql_int(now_ms),
+                    &sql_limit(max),
+                    &sending,
+                    &node,
+                ],
             )
             .await?;
             for row in &rows {
@@ -444,10 +490,10 @@ impl Jobs for PgStore {
                      SELECT subscriber_id FROM deliveries WHERE job_id = $1 AND state = 0
                      ORDER BY subscriber_id LIMIT $2 FOR UPDATE SKIP LOCKED
                  )
-                 UPDATE deliveries d SET state = 1, attempts = d.attempts + 1, detail = $3
+                 UPDATE deliveries d SET state = 1, attempts = d.attempts + 1, detail = $3, claimed_by = $4
                  FROM picked WHERE d.job_id = $1 AND d.subscriber_id = picked.subscriber_id
                  RETURNING d.subscriber_id, d.email, d.attempts, d.detail",
-                &[&sql_int(job_id), &sql_limit(room), &sending],
+                &[&sql_int(job_id), &sql_limit(room), &sending, &node],
             )
             .await?;
             for row in &rows {
@@ -484,24 +530,37 @@ impl Jobs for PgStore {
             .collect())
     }
 
-    async fn record(&self, job_id: u64, outcomes: Vec<(u64, Outcome)>) -> Result<Job, StoreError> {
+    async fn record(
+        &self,
+        node: &str,
+        job_id: u64,
+        outcomes: Vec<(u64, Outcome)>,
+    ) -> Result<Job, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         job_basics(&tx, job_id).await?;
         let ids: Vec<i64> = outcomes.iter().map(|(id, _)| sql_int(*id)).collect();
         let rows = query(
             &tx,
-            "SELECT subscriber_id, state, attempts FROM deliveries
+            "SELECT subscriber_id, state, attempts, claimed_by FROM deliveries
              WHERE job_id = $1 AND subscriber_id = ANY($2) ORDER BY subscriber_id FOR UPDATE",
             &[&sql_int(job_id), &ids],
         )
         .await?;
         let mut current = std::collections::HashMap::with_capacity(rows.len());
         for row in &rows {
-            current.insert(
-                domain_int(row.get(0)),
-                (row.get::<_, i16>(1), row.get::<_, i32>(2)),
-            );
+            let sid = domain_int(row.get(0));
+            let state: i16 = row.get(1);
+            // Fencing: a claim that is no longer this node's was taken over after its
+            // lease expired (put back to pending and claimed again elsewhere). One that
+            // is not in flight at all is a `Conflict` below.
+            if state == state_code(StateKind::Sending) && row.get::<_, Option<&str>>(3) != Some(node) {
+                return Err(StoreError::TakenOver(format!(
+                    "delivery {sid} of job {job_id} is no longer claimed by node {node}: its lease expired \
+                     and another node took the recipient over"
+                )));
+            }
+            current.insert(sid, (state, row.get::<_, i32>(2)));
         }
         let at = now();
         let (mut sids, mut states, mut attempts, mut dues, mut details) = (
@@ -540,7 +599,8 @@ impl Jobs for PgStore {
         }
         execute(
             &tx,
-            "UPDATE deliveries d SET state = u.state, attempts = u.attempts, due_ms = u.due, detail = u.detail
+            "UPDATE deliveries d
+                SET state = u.state, attempts = u.attempts, due_ms = u.due, detail = u.detail, claimed_by = NULL
              FROM unnest($2::bigint[], $3::smallint[], $4::int[], $5::bigint[], $6::jsonb[])
                   AS u(id, state, attempts, due, detail)
              WHERE d.job_id = $1 AND d.subscriber_id = u.id",
@@ -561,27 +621,6 @@ impl Jobs for PgStore {
         )
         .await?;
         Ok(row[0].get::<_, Option<i64>>(0).map(domain_int))
-    }
-
-    async fn requeue_inflight(&self, job_id: u64) -> Result<u64, StoreError> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await?;
-        job_basics(&tx, job_id).await?;
-        let moved = move_state(
-            &tx,
-            job_id,
-            &[StateKind::Sending],
-            &DeliveryState::Pending,
-            false,
-            usize::MAX,
-        )
-        .await?;
-        let n = moved.len() as i64;
-        let mut delta = Delta::default();
-        delta.moved(StateKind::Sending, StateKind::Pending, n);
-        apply_counts(&tx, job_id, &delta, n).await?;
-        commit(tx).await?;
-        Ok(moved.len() as u64)
     }
 
     async fn cancel_open(&self, job_id: u64, max: usize) -> Result<u64, StoreError> {

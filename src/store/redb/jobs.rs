@@ -149,14 +149,14 @@ impl Jobs for RedbStore {
     /// Jobs a restart must look at: unfinished ones (to resume), any with recipients
     /// left in flight (to requeue them), and cancelled ones whose cancellation had not
     /// finished marking recipients.
-    async fn jobs_to_recover(&self) -> Result<Vec<Job>, StoreError> {
+    async fn jobs_to_work(&self) -> Result<Vec<Job>, StoreError> {
         self.read(|txn| {
             let table = txn.open_table(JOBS)?;
             let mut out = Vec::new();
             for row in table.iter()? {
                 let job: Job = decode(row?.1.value())?;
                 let cancelling = job.state == JobState::Cancelled && job.counts.open() > 0;
-                if job.state.is_unfinished() || job.counts.sending > 0 || cancelling {
+                if job.state.is_unfinished() || cancelling {
                     out.push(job);
                 }
             }
@@ -261,7 +261,14 @@ impl Jobs for RedbStore {
     /// of their messages is sent: first the retries due at `now_ms`, then pending ones in
     /// subscriber order. Each claim counts as an attempt. Each comes with its subscriber
     /// as of the claim (`None` if it was deleted), read in the same transaction.
-    async fn claim(&self, job_id: u64, max: usize, now_ms: u64) -> Result<Vec<ClaimedRecipient>, StoreError> {
+    /// One process holds a redb file, so claims need no owner.
+    async fn claim(
+        &self,
+        _node: &str,
+        job_id: u64,
+        max: usize,
+        now_ms: u64,
+    ) -> Result<Vec<ClaimedRecipient>, StoreError> {
         self.write(move |txn| {
             let mut job = job_in(txn, job_id)?;
             let subscribers = txn.open_table(SUBSCRIBERS)?;
@@ -293,7 +300,12 @@ impl Jobs for RedbStore {
 
     /// Records the outcomes of claimed deliveries (sending → delivered | skipped |
     /// retrying | failed). All of them must be in flight, or nothing is recorded.
-    async fn record(&self, job_id: u64, outcomes: Vec<(u64, Outcome)>) -> Result<Job, StoreError> {
+    async fn record(
+        &self,
+        _node: &str,
+        job_id: u64,
+        outcomes: Vec<(u64, Outcome)>,
+    ) -> Result<Job, StoreError> {
         self.write(move |txn| {
             let mut job = job_in(txn, job_id)?;
             let mut t = Tables::open(txn)?;
@@ -330,24 +342,6 @@ impl Jobs for RedbStore {
                 .next()
                 .transpose()?;
             Ok(first.map(|(k, _)| k.value().1))
-        })
-        .await
-    }
-
-    /// After a crash: puts every recipient that was in flight back in `pending` and counts
-    /// them in `resent_after_crash`. Returns how many there were.
-    async fn requeue_inflight(&self, job_id: u64) -> Result<u64, StoreError> {
-        self.write(move |txn| {
-            let mut job = job_in(txn, job_id)?;
-            let mut t = Tables::open(txn)?;
-            let ids = t.ids_in(job_id, StateKind::Sending, usize::MAX)?;
-            for &sid in &ids {
-                let mut delivery = t.get(job_id, sid)?;
-                t.set_state(&mut job, &mut delivery, DeliveryState::Pending)?;
-            }
-            job.resent_after_crash += ids.len() as u64;
-            put_job(txn, &job)?;
-            Ok(ids.len() as u64)
         })
         .await
     }
@@ -396,6 +390,34 @@ impl Jobs for RedbStore {
 
     /// Completes a running job if none of its recipients needs more work. Returns the
     /// job and whether it is now completed.
+    async fn start_job(&self, job_id: u64, max_running: u32) -> Result<(Job, bool), StoreError> {
+        self.write(move |txn| {
+            let mut job = job_in(txn, job_id)?;
+            if job.state != JobState::Queued {
+                let running = job.state == JobState::Running;
+                return Ok((job, running));
+            }
+            let (mut running, mut queued_before) = (0u64, 0u64);
+            for row in txn.open_table(JOBS)?.iter()? {
+                let (id, value) = row?;
+                let other: Job = decode(value.value())?;
+                match other.state {
+                    JobState::Running => running += 1,
+                    JobState::Queued if id.value() < job_id => queued_before += 1,
+                    _ => {}
+                }
+            }
+            if running + queued_before >= u64::from(max_running.max(1)) {
+                return Ok((job, false));
+            }
+            job.state = JobState::Running;
+            job.started_at.get_or_insert_with(now);
+            put_job(txn, &job)?;
+            Ok((job, true))
+        })
+        .await
+    }
+
     async fn complete_if_done(&self, job_id: u64) -> Result<(Job, bool), StoreError> {
         self.write(move |txn| {
             let mut job = job_in(txn, job_id)?;
@@ -450,6 +472,26 @@ impl Jobs for RedbStore {
                 }
             }
             Ok(out)
+        })
+        .await
+    }
+}
+
+impl RedbStore {
+    /// After a crash: puts every recipient that was in flight back in `pending` and counts
+    /// them in `resent_after_crash`. Returns how many there were.
+    pub(super) async fn requeue_inflight(&self, job_id: u64) -> Result<u64, StoreError> {
+        self.write(move |txn| {
+            let mut job = job_in(txn, job_id)?;
+            let mut t = Tables::open(txn)?;
+            let ids = t.ids_in(job_id, StateKind::Sending, usize::MAX)?;
+            for &sid in &ids {
+                let mut delivery = t.get(job_id, sid)?;
+                t.set_state(&mut job, &mut delivery, DeliveryState::Pending)?;
+            }
+            job.resent_after_crash += ids.len() as u64;
+            put_job(txn, &job)?;
+            Ok(ids.len() as u64)
         })
         .await
     }

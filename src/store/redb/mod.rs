@@ -19,12 +19,12 @@ use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::sync::Arc;
 
-use redb::{Database, ReadTransaction, ReadableDatabase, WriteTransaction};
+use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, WriteTransaction};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, oneshot};
 
-use super::StoreError;
+use super::{NodeInfo, Rescued, StoreError};
 
 /// Most operations committed in one transaction. Bounds the latency one commit adds to
 /// the first operation of a batch.
@@ -74,6 +74,8 @@ struct Inner {
     /// Bumped after every committed change of a subscriber's status (see
     /// `status_epoch`).
     status_epoch: std::sync::atomic::AtomicU64,
+    /// The node this process registered (redb has one).
+    node: std::sync::Mutex<Option<NodeInfo>>,
     /// `None` only while dropping.
     writer: Option<mpsc::Sender<Op>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -134,6 +136,7 @@ impl RedbStore {
                 db,
                 writer: Some(tx),
                 status_epoch: Default::default(),
+                node: Default::default(),
                 thread: Some(thread),
             }),
         })
@@ -183,6 +186,76 @@ impl RedbStore {
     }
 }
 
+/// One process holds a redb file (redb locks it), so the fleet is this one node.
+#[async_trait::async_trait]
+impl super::Fleet for RedbStore {
+    fn is_shared(&self) -> bool {
+        false
+    }
+
+    /// Every recipient left in flight belongs to an earlier process, which is dead.
+    async fn register_node(
+        &self,
+        node: &NodeInfo,
+        _lease: std::time::Duration,
+    ) -> Result<Rescued, StoreError> {
+        *self.inner.node.lock().unwrap_or_else(|e| e.into_inner()) = Some(NodeInfo {
+            started_at: crate::domain::now(),
+            heartbeat_age_ms: 0,
+            claims: 0,
+            ..node.clone()
+        });
+        let mut rescued = Rescued::default();
+        let in_flight: Vec<u64> = self
+            .read(|txn| {
+                let mut out = Vec::new();
+                for row in txn.open_table(tables::JOBS)?.iter()? {
+                    let job: crate::domain::Job = decode(row?.1.value())?;
+                    if job.counts.sending > 0 {
+                        out.push(job.id);
+                    }
+                }
+                Ok(out)
+            })
+            .await?;
+        for job_id in in_flight {
+            let n = self.requeue_inflight(job_id).await?;
+            rescued.requeued.push((job_id, n));
+        }
+        Ok(rescued)
+    }
+
+    async fn heartbeat(&self, _node: &str, _lease: std::time::Duration) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn rescue(&self) -> Result<Rescued, StoreError> {
+        Ok(Rescued::default())
+    }
+
+    async fn leave(&self, _node: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeInfo>, StoreError> {
+        let node = self.inner.node.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let Some(mut node) = node else {
+            return Ok(Vec::new());
+        };
+        node.claims = self
+            .read(|txn| {
+                let mut claims = 0;
+                for row in txn.open_table(tables::JOBS)?.iter()? {
+                    let job: crate::domain::Job = decode(row?.1.value())?;
+                    claims += job.counts.sending;
+                }
+                Ok(claims)
+            })
+            .await?;
+        Ok(vec![node])
+    }
+}
+
 #[async_trait::async_trait]
 impl super::Backend for RedbStore {
     fn name(&self) -> &'static str {
@@ -206,7 +279,6 @@ impl super::Backend for RedbStore {
     async fn secret(&self, name: &str, candidate: Vec<u8>) -> Result<(Vec<u8>, bool), StoreError> {
         let name = name.to_string();
         self.write(move |txn| {
-            use redb::ReadableTable;
             let mut table = txn.open_table(tables::SECRETS)?;
             if let Some(stored) = table.get(name.as_str())? {
                 return Ok((stored.value().to_vec(), false));

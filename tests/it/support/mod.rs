@@ -2,6 +2,7 @@
 //! and the test policies built by build.rs.
 
 pub mod mime;
+pub mod process;
 pub mod smtp;
 
 use std::path::{Path, PathBuf};
@@ -70,6 +71,8 @@ impl TestServer {
         config.api_token.get_or_insert_with(|| TEST_TOKEN.to_string());
         if config.database_url.is_none() {
             config.database_url = test_database().await;
+            // What a killed node held comes back after its lease: keep tests quick.
+            config.lease = Duration::from_secs(2);
         }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());

@@ -41,6 +41,9 @@ pub struct Received {
     pub recipients: Vec<String>,
     /// The message as sent after DATA, dot-unstuffed, with CRLF line ends.
     pub data: String,
+    /// When its transaction began (MAIL FROM).
+    pub started: Instant,
+    /// When it was accepted.
     pub at: Instant,
 }
 
@@ -405,6 +408,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     let (read, mut write) = tokio::io::split(stream);
     let mut lines = BufReader::new(read);
     let mut recipients: Vec<String> = Vec::new();
+    let mut started = Instant::now();
     let mut planned = Reply::Accept;
     let offers_starttls = behaviour.tls.is_some() && !secure;
     // Credentials travel only once the session is encrypted, when it can be.
@@ -494,6 +498,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                 }
             }
             recipients.clear();
+            started = Instant::now();
             planned = Reply::Accept;
             b"250 ok\r\n"
         } else if command.starts_with("RCPT TO:") {
@@ -547,6 +552,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                 state.lock().unwrap().received.push(Received {
                     recipients: std::mem::take(&mut recipients),
                     data,
+                    started,
                     at: Instant::now(),
                 });
                 b"250 2.0.0 accepted\r\n"

@@ -1,0 +1,252 @@
+//! This process as a node of a fleet: its identity and lease, the heartbeat that renews
+//! the lease and rescues what dead nodes held, and (on a shared store) the watcher
+//! that picks up jobs and controls that other nodes wrote.
+//!
+//! **Lease and fencing.** A node may send or record a claimed recipient only while the
+//! claim was made under its current id and its lease is fresh by its own monotonic
+//! clock: renewed less than `3/4 × lease` ago. The database declares it dead only
+//! after a whole lease without a heartbeat, so by then the node has stopped sending on
+//! its own; a node that was frozen (SIGSTOP, a stalled VM) finds on waking that its
+//! lease is stale, sends nothing more, and the store refuses its records (`TakenOver`).
+//! Its heartbeat then fails, and it registers again under a new id.
+
+use std::sync::RwLock;
+use std::time::{Duration, Instant};
+
+use super::{Control, Runner};
+use crate::domain::*;
+use crate::store::{NodeInfo, Rescued, StoreError};
+
+/// How often the watcher looks for jobs and controls written by other nodes.
+const WATCH_EVERY: Duration = Duration::from_millis(250);
+
+/// This node's identity and lease.
+pub(super) struct Node {
+    lease: Duration,
+    /// Whether other nodes share the store; without them there is nothing to fence.
+    shared: bool,
+    address: String,
+    state: RwLock<Lease>,
+}
+
+struct Lease {
+    id: String,
+    /// Claims made under `id` may be sent and recorded until then.
+    fresh_until: Option<Instant>,
+}
+
+fn new_id() -> String {
+    let random = getrandom::u64().unwrap_or_else(|_| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0)
+            ^ u64::from(std::process::id())
+    });
+    format!("n-{random:016x}")
+}
+
+impl Node {
+    pub(super) fn new(lease: Duration, shared: bool, address: String) -> Node {
+        Node {
+            lease,
+            shared,
+            address,
+            state: RwLock::new(Lease {
+                id: new_id(),
+                fresh_until: None,
+            }),
+        }
+    }
+
+    /// The id claims are made under now.
+    pub(super) fn id(&self) -> String {
+        self.state.read().unwrap_or_else(|e| e.into_inner()).id.clone()
+    }
+
+    fn info(&self) -> NodeInfo {
+        NodeInfo {
+            id: self.id(),
+            address: self.address.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            started_at: now(),
+            heartbeat_age_ms: 0,
+            claims: 0,
+        }
+    }
+
+    /// Whether a claim made under `id` may still be sent or recorded.
+    pub(super) fn holds(&self, id: &str) -> bool {
+        if !self.shared {
+            return true;
+        }
+        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+        state.id == id && state.fresh_until.is_some_and(|until| Instant::now() < until)
+    }
+
+    /// The lease was renewed by a heartbeat that started at `at`.
+    fn renewed(&self, at: Instant) {
+        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        state.fresh_until = Some(at + self.lease * 3 / 4);
+    }
+
+    /// Taken over: a new id, with no lease until it is registered.
+    fn rename(&self) -> String {
+        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        state.id = new_id();
+        state.fresh_until = None;
+        state.id.clone()
+    }
+}
+
+fn log_rescue(rescued: &Rescued) {
+    for (job, requeued) in &rescued.requeued {
+        tracing::warn!(
+            job,
+            requeued,
+            dead_nodes = ?rescued.nodes,
+            "recipients in flight on a node that stopped will be sent again"
+        );
+    }
+    if !rescued.nodes.is_empty() {
+        metrics::counter!("letterbox_nodes_rescued_total").increment(rescued.nodes.len() as u64);
+    }
+}
+
+impl Runner {
+    /// Registers this node (rescuing what dead nodes held) and, on a shared store,
+    /// starts the heartbeat and the watcher.
+    pub(super) async fn join(&self) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let started = Instant::now();
+        let rescued = inner
+            .store
+            .register_node(&inner.node.info(), inner.node.lease)
+            .await?;
+        inner.node.renewed(started);
+        log_rescue(&rescued);
+        tracing::info!(
+            node = inner.node.id(),
+            store = inner.store.name(),
+            "node registered"
+        );
+        if inner.store.is_shared() {
+            let runner = self.clone();
+            tokio::spawn(async move { runner.heartbeat().await });
+            let runner = self.clone();
+            tokio::spawn(async move { runner.watch().await });
+        }
+        Ok(())
+    }
+
+    /// Leaves the fleet after the drain: what is still claimed goes back to pending.
+    pub(super) async fn leave(&self) {
+        let inner = &self.inner;
+        inner.fleet_stop.cancel();
+        if let Err(e) = inner.store.leave(&inner.node.id()).await {
+            tracing::warn!(error = %e, "could not deregister the node; its lease will expire");
+        }
+    }
+
+    /// Renews the lease every quarter of it, and rescues dead nodes' claims.
+    async fn heartbeat(&self) {
+        let inner = &self.inner;
+        let every = inner.node.lease / 4;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = inner.fleet_stop.cancelled() => return,
+            }
+            let started = Instant::now();
+            match inner.store.heartbeat(&inner.node.id(), inner.node.lease).await {
+                Ok(()) => inner.node.renewed(started),
+                Err(StoreError::TakenOver(why)) => {
+                    tracing::warn!(%why, "this node's lease expired; registering again under a new id");
+                    let id = inner.node.rename();
+                    match inner
+                        .store
+                        .register_node(&inner.node.info(), inner.node.lease)
+                        .await
+                    {
+                        Ok(rescued) => {
+                            inner.node.renewed(started);
+                            log_rescue(&rescued);
+                            tracing::info!(node = id, "node registered again");
+                        }
+                        Err(e) => tracing::error!(error = %e, "cannot register the node again"),
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "heartbeat failed; claiming stops once the lease is stale")
+                }
+            }
+            match inner.store.rescue().await {
+                Ok(rescued) => log_rescue(&rescued),
+                Err(e) => tracing::debug!(error = %e, "rescue failed"),
+            }
+        }
+    }
+
+    /// Picks up jobs other nodes started or resumed, and passes on the pauses and
+    /// cancellations they wrote; wakes idle supervisors so they see recipients that
+    /// another node requeued.
+    async fn watch(&self) {
+        let inner = &self.inner;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(WATCH_EVERY) => {}
+                _ = inner.fleet_stop.cancelled() => return,
+            }
+            if inner.shutdown.is_cancelled() {
+                continue;
+            }
+            // The states are read under the lock local controls hold across their
+            // write and signal, so a stale read never undoes a local control.
+            let mut active = inner.active.lock().await;
+            let jobs = match inner.store.jobs_to_work().await {
+                Ok(jobs) => jobs,
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot read the jobs to work on");
+                    continue;
+                }
+            };
+            let mut seen = std::collections::HashSet::new();
+            for job in &jobs {
+                seen.insert(job.id);
+                let wanted = if job.state == JobState::Cancelled {
+                    Control::Cancel
+                } else {
+                    Control::Run
+                };
+                match active.get(&job.id) {
+                    None => self.spawn(&mut active, job.id, wanted),
+                    Some(entry) => {
+                        let current = *entry.control.borrow();
+                        if current != wanted && current != Control::Cancel {
+                            let _ = entry.control.send(wanted);
+                        } else if wanted == Control::Run {
+                            // A nudge: an idle supervisor claims again.
+                            entry.control.send_modify(|_| {});
+                        }
+                    }
+                }
+            }
+            let others: Vec<u64> = active.keys().copied().filter(|id| !seen.contains(id)).collect();
+            for id in others {
+                let Ok(job) = inner.store.job(id).await else {
+                    continue;
+                };
+                let wanted = match job.state {
+                    JobState::Paused => Control::Pause,
+                    JobState::Cancelled => Control::Cancel,
+                    _ => continue,
+                };
+                if let Some(entry) = active.get(&id)
+                    && *entry.control.borrow() != wanted
+                {
+                    let _ = entry.control.send(wanted);
+                }
+            }
+        }
+    }
+}

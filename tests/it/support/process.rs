@@ -1,0 +1,101 @@
+//! The real `letterbox` binary as a child process: started on port 0 over a data
+//! directory (and the test backend's database), killed when dropped.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use super::Api;
+
+/// A child process killed (SIGKILL) when dropped, so a failing test leaves none behind.
+pub struct Server(pub Child);
+
+impl Server {
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Where a node's state lives across its restarts: a data directory, and the test
+/// backend's database if it is PostgreSQL.
+pub struct Home {
+    pub data: tempfile::TempDir,
+    pub database: Option<String>,
+}
+
+impl Home {
+    pub async fn new() -> Home {
+        Home {
+            data: tempfile::tempdir().unwrap(),
+            database: super::test_database().await,
+        }
+    }
+}
+
+/// `letterbox serve` on port 0 over `home`, with the test API token, stdout piped (for
+/// the listen address) and stderr passed through.
+pub fn letterbox_command(home: &Home) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_letterbox"));
+    command
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .arg("--data")
+        .arg(home.data.path())
+        .env_remove("LETTERBOX_DATABASE_URL");
+    if let Some(url) = &home.database {
+        // A killed node's claims are rescued once its lease expires: keep that short.
+        command
+            .env("LETTERBOX_DATABASE_URL", url)
+            .env("LETTERBOX_LEASE", "2s");
+    }
+    command
+        .env("NO_COLOR", "1")
+        .env("LETTERBOX_API_TOKEN", super::TEST_TOKEN)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    command
+}
+
+/// Starts `letterbox serve` on port 0 with `args` and returns it with the API it
+/// listens on, once it listens.
+pub fn spawn_node(home: &Home, args: &[&str]) -> (Server, Api) {
+    let mut child = letterbox_command(home)
+        .args(args)
+        .env("LETTERBOX_LOG", "info")
+        .spawn()
+        .expect("spawn letterbox");
+    let stdout = child.stdout.take().unwrap();
+    let child = Server(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Keep draining stdout so the child never blocks on a full pipe.
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if let Some(rest) = line.split("listening on http://").nth(1)
+                && let Some(tx) = tx.take()
+            {
+                let _ = tx.send(rest.split_whitespace().next().unwrap_or_default().to_string());
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(120))
+        .expect("letterbox printed its listen address");
+    (child, Api::new(format!("http://{addr}")))
+}
+
+/// Sends `signal` (e.g. "-STOP") to a child.
+pub fn signal(server: &Server, signal: &str) {
+    let status = Command::new("kill")
+        .args([signal, &server.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill {signal}");
+}

@@ -15,7 +15,13 @@ use std::time::{Duration, Instant};
 
 use super::{Control, Runner};
 use crate::domain::*;
+use crate::mail::Transport;
 use crate::store::{NodeInfo, Rescued, StoreError};
+
+/// Tokens of fleet-wide rate buckets this node has taken and not yet spent, by
+/// transport. A refill holds its pool's lock, so one delivery asks the store at a time.
+pub(super) type RatePools =
+    std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<tokio::sync::Mutex<u32>>>>;
 
 /// How often the watcher looks for jobs and controls written by other nodes.
 const WATCH_EVERY: Duration = Duration::from_millis(250);
@@ -245,6 +251,45 @@ impl Runner {
                     && *entry.control.borrow() != wanted
                 {
                     let _ = entry.control.send(wanted);
+                }
+            }
+        }
+    }
+}
+
+impl Runner {
+    /// On a shared store, waits for a token of the transport's fleet-wide rate (its
+    /// `rate` counts for the whole fleet, not per node): tokens come from the store's
+    /// bucket for the transport, a tenth of a second's worth at a time, so no node can
+    /// run ahead of the others by more than that. The transport's own limiter still
+    /// spaces this node's messages evenly. If the store cannot be asked, nothing is
+    /// sent: a rate limit fails closed.
+    pub(super) async fn fleet_rate_token(&self, transport: &Transport) {
+        let inner = &self.inner;
+        let Some(rate) = transport.rate() else { return };
+        if !inner.store.is_shared() {
+            return;
+        }
+        let per_second = f64::from(rate.messages) / rate.per.as_secs_f64();
+        let burst = (per_second / 10.0).max(1.0);
+        let want = burst.floor() as u32;
+        let pool = {
+            let mut pools = inner.rate_pools.lock().unwrap_or_else(|e| e.into_inner());
+            pools.entry(transport.name().to_string()).or_default().clone()
+        };
+        let bucket = format!("transport:{}", transport.name());
+        let mut pool = pool.lock().await;
+        loop {
+            if *pool > 0 {
+                *pool -= 1;
+                return;
+            }
+            match inner.store.take_tokens(&bucket, per_second, burst, want).await {
+                Ok((granted, _)) if granted > 0 => *pool += granted,
+                Ok((_, wait)) => tokio::time::sleep(wait).await,
+                Err(e) => {
+                    tracing::warn!(error = %e, transport = transport.name(), "cannot take a rate token; waiting");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
                 }
             }
         }

@@ -175,6 +175,8 @@ struct Inner {
     node: fleet::Node,
     /// Stops the heartbeat and the watcher, after the drain.
     fleet_stop: CancellationToken,
+    /// Fleet-wide rate tokens taken and not yet spent.
+    rate_pools: fleet::RatePools,
     delivery_slots: Arc<Semaphore>,
     domains: DomainLimiter,
 }
@@ -206,6 +208,7 @@ impl Runner {
             inner: Arc::new(Inner {
                 node: fleet::Node::new(config.lease, store.is_shared(), config.public_url.clone()),
                 fleet_stop: CancellationToken::new(),
+                rate_pools: Default::default(),
                 slot_freed: tokio::sync::Notify::new(),
                 store,
                 policies,

@@ -398,6 +398,17 @@ impl Runner {
         if self.stopping(control) || !job.state.is_unfinished() {
             return Ok(JobEnd::Stopped);
         }
+        // Nothing of this job is in flight here now: a claim this node still holds was
+        // left by a supervisor that stopped on a store error. Give it back.
+        if job.counts.sending > 0 {
+            let released = store.release_claims(&inner.node.id(), job_id).await?;
+            if released > 0 {
+                tracing::warn!(
+                    released,
+                    "recipients claimed by an earlier run of this job here go back to the queue"
+                );
+            }
+        }
 
         if job.state == JobState::Scheduled {
             let at_ms = job.send_at.unwrap_or(0).saturating_mul(1000);
@@ -523,7 +534,16 @@ impl Runner {
         }
 
         let concurrency = job.concurrency as usize;
-        let window = concurrency + 2 * CLAIM_BATCH;
+        // Recipients claimed and not yet recorded: at most `concurrency + 2 × CLAIM_BATCH`,
+        // refilled a batch at a time. Behind a rate limit, at most two seconds' worth
+        // (and never less than the concurrency): claiming further ahead would only
+        // hold recipients other nodes could send, and add to what a crash re-sends.
+        let mut window = concurrency + 2 * CLAIM_BATCH;
+        if let Some(rate) = ctx.transport.rate() {
+            let two_seconds = 2.0 * f64::from(rate.messages) / rate.per.as_secs_f64();
+            window = window.min(concurrency.max(two_seconds.ceil() as usize));
+        }
+        let batch = CLAIM_BATCH.min(window / 2).max(1);
         let mut running: JoinSet<Result<Report, StoreError>> = JoinSet::new();
         let mut in_flight: HashMap<tokio::task::Id, (u64, String)> = HashMap::new();
         // The last claim came back short: nothing is pending until a retry falls due or
@@ -539,7 +559,7 @@ impl Runner {
             // Claims are made only under a fresh lease (see `fleet`).
             let node = inner.node.id();
             let leased = inner.node.holds(&node);
-            if !stopping && !dry && leased && running.len() <= concurrency + CLAIM_BATCH {
+            if !stopping && !dry && leased && running.len() + batch <= window {
                 let want = window - running.len();
                 // Read before the claim reads the subscribers: see `Store::status_epoch`.
                 let epoch = store.status_epoch();
@@ -800,7 +820,10 @@ impl Runner {
         );
         let outgoing = outgoing(&ctx.newsletter, subscriber, rendered, message_id, unsubscribe_url);
         tokio::select! {
-            _ = ctx.transport.ready() => {}
+            _ = async {
+                self.fleet_rate_token(&ctx.transport).await;
+                ctx.transport.ready().await;
+            } => {}
             _ = stop.cancelled() => return Ok(Outcome::Released),
         }
         // Fencing: nothing goes out under a claim this node may no longer hold.

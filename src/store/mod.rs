@@ -219,6 +219,13 @@ pub trait Jobs: Send + Sync {
     async fn record(&self, node: &str, job_id: u64, outcomes: Vec<(u64, Outcome)>)
     -> Result<Job, StoreError>;
 
+    /// Puts back to pending the recipients of a job that `node` holds in `sending`,
+    /// counted in `resent_after_crash` (they may have been sent). A supervisor calls
+    /// this when it starts, when it has nothing in flight: any such claim was left by
+    /// an earlier supervisor of this node that stopped on an error. With redb (one
+    /// process) that is every recipient of the job in `sending`.
+    async fn release_claims(&self, node: &str, job_id: u64) -> Result<u64, StoreError>;
+
     /// When the earliest retry of a job is due (unix ms), if it has any.
     async fn next_retry_at(&self, job_id: u64) -> Result<Option<u64>, StoreError>;
 
@@ -324,6 +331,18 @@ pub trait Fleet: Send + Sync {
     /// The registered nodes, by id: the live ones, and any whose lease has just
     /// expired and whose claims are about to be rescued (its heartbeat age shows it).
     async fn nodes(&self) -> Result<Vec<NodeInfo>, StoreError>;
+
+    /// Takes up to `want` tokens from the fleet-wide bucket `bucket`, which refills at
+    /// `per_second` and holds at most `burst`. Returns how many were granted and, when
+    /// none were, how long until the next one. Without other nodes (redb) there is
+    /// nothing to share: every token is granted, and the node's own limiter paces.
+    async fn take_tokens(
+        &self,
+        bucket: &str,
+        per_second: f64,
+        burst: f64,
+        want: u32,
+    ) -> Result<(u32, std::time::Duration), StoreError>;
 }
 
 /// What a rescue did: the dead nodes removed, and per job how many recipients went back

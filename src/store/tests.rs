@@ -346,6 +346,26 @@ async fn a_dead_nodes_claims_go_back_to_pending_and_it_is_fenced(store: Store) {
     assert_counts_match_index(&store, job.id).await;
 }
 
+/// A node gives back the claims an earlier supervisor of its own left behind; with
+/// PostgreSQL another node's claims stay where they are.
+async fn release_claims_returns_a_nodes_own_claims(store: Store) {
+    let (_, job) = job_with(&store, 6).await;
+    store.claim("n-mine", job.id, 2, now_ms()).await.unwrap();
+    store.claim("n-other", job.id, 3, now_ms()).await.unwrap();
+    let released = store.release_claims("n-mine", job.id).await.unwrap();
+    let job_now = store.job(job.id).await.unwrap();
+    if store.is_shared() {
+        assert_eq!(released, 2);
+        assert_eq!((job_now.counts.pending, job_now.counts.sending), (3, 3));
+    } else {
+        // One process: every claim of the job is this node's.
+        assert_eq!(released, 5);
+        assert_eq!((job_now.counts.pending, job_now.counts.sending), (6, 0));
+    }
+    assert_eq!(job_now.resent_after_crash, released);
+    assert_counts_match_index(&store, job.id).await;
+}
+
 async fn job_slots_go_to_the_oldest_queued_jobs(store: Store) {
     let newsletter = store
         .create_newsletter("N".into(), "n@example.com".into())
@@ -1044,6 +1064,7 @@ conformance!(
     retries_come_due_first_and_in_time_order,
     a_dead_nodes_claims_go_back_to_pending_and_it_is_fenced,
     job_slots_go_to_the_oldest_queued_jobs,
+    release_claims_returns_a_nodes_own_claims,
     cancel_and_retry_failed_move_in_bounded_batches,
     complete_if_done_only_when_nothing_is_open,
     deliveries_page_by_subscriber_and_state,

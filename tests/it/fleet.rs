@@ -320,3 +320,50 @@ async fn controls_reach_every_node_within_a_second() {
         "{done}"
     );
 }
+
+/// A transport's rate holds for the whole fleet: three nodes with `rate=30/s` deliver at
+/// most 30 messages a second between them (+10 %), not 90, and all three take part.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transport_rate_holds_across_the_fleet() {
+    const N: usize = 360;
+    let Some(homes) = fleet_homes(3).await else { return };
+    let mut servers = Vec::new();
+    let mut fleet = Vec::new();
+    for home in &homes {
+        let smtp = SmtpServer::start().await;
+        let url = format!("{}?rate=30/s", smtp.url());
+        fleet.push(spawn_node(home, &["--smtp", &url, "--concurrency", "8"]));
+        servers.push(smtp);
+    }
+    for (_, api) in &fleet {
+        api.wait_healthy().await;
+    }
+    wait_nodes(&fleet[0].1, 3, Duration::from_secs(30)).await;
+    let letter = letter_to_many(&fleet[0].1, "r", N).await;
+    let job = fleet[0].1.send(letter, json!({})).await;
+    let done = fleet[1].1.wait_job(job, Duration::from_secs(120)).await;
+    assert_eq!(done["counts"]["delivered"], N, "{done}");
+
+    let mut times: Vec<Instant> = servers.iter().flat_map(|s| s.received()).map(|m| m.at).collect();
+    times.sort();
+    let per_node: Vec<usize> = servers.iter().map(SmtpServer::count).collect();
+    let span = times[times.len() - 1].duration_since(times[0]).as_secs_f64();
+    let overall = (times.len() - 1) as f64 / span;
+    // The busiest 2-second window.
+    let window = Duration::from_secs(2);
+    let busiest = (0..times.len())
+        .map(|i| {
+            times[i..]
+                .iter()
+                .take_while(|t| t.duration_since(times[i]) < window)
+                .count()
+        })
+        .max()
+        .unwrap_or(0);
+    eprintln!(
+        "fleet rate: {N} messages over {span:.1} s = {overall:.1}/s; busiest 2 s: {busiest}; per node {per_node:?}"
+    );
+    assert!(overall <= 33.0, "{overall:.1} msg/s > 30/s + 10 %");
+    assert!(busiest <= 66, "{busiest} messages in 2 s > 2 x 33");
+    assert!(per_node.iter().all(|&n| n > 0), "every node sent: {per_node:?}");
+}

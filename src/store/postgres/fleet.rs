@@ -116,6 +116,50 @@ impl Fleet for PgStore {
         self.rescue().await.map(|_| ())
     }
 
+    async fn take_tokens(
+        &self,
+        bucket: &str,
+        per_second: f64,
+        burst: f64,
+        want: u32,
+    ) -> Result<(u32, Duration), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        // A new bucket starts with one token, not a full burst.
+        execute(
+            &tx,
+            "INSERT INTO rate_buckets (name, tokens, updated_at) VALUES ($1, 1, clock_timestamp())
+             ON CONFLICT (name) DO NOTHING",
+            &[&bucket],
+        )
+        .await?;
+        let rows = query(
+            &tx,
+            "WITH b AS (
+                 SELECT name, least($3::float8, tokens + extract(epoch FROM clock_timestamp() - updated_at)::float8 * $2::float8) AS available
+                 FROM rate_buckets WHERE name = $1 FOR UPDATE
+             )
+             UPDATE rate_buckets r
+                SET tokens = b.available - least(floor(b.available), $4::float8), updated_at = clock_timestamp()
+             FROM b WHERE r.name = b.name
+             RETURNING least(floor(b.available), $4::float8), b.available",
+            &[&bucket, &per_second, &burst, &f64::from(want)],
+        )
+        .await?;
+        commit(tx).await?;
+        let (granted, available): (f64, f64) = rows
+            .first()
+            .map(|row| (row.get(0), row.get(1)))
+            .ok_or_else(|| StoreError::Inconsistent(format!("rate bucket {bucket} vanished")))?;
+        let granted = granted.max(0.0) as u32;
+        let wait = if granted > 0 || per_second <= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(((1.0 - available) / per_second).clamp(0.001, 3600.0))
+        };
+        Ok((granted, wait))
+    }
+
     async fn nodes(&self) -> Result<Vec<NodeInfo>, StoreError> {
         let client = self.client().await?;
         let rows = query(

@@ -623,6 +623,27 @@ impl Jobs for PgStore {
         Ok(row[0].get::<_, Option<i64>>(0).map(domain_int))
     }
 
+    async fn release_claims(&self, node: &str, job_id: u64) -> Result<u64, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        job_basics(&tx, job_id).await?;
+        let pending = serde_json::to_value(DeliveryState::Pending)?;
+        let n = execute(
+            &tx,
+            "UPDATE deliveries SET state = 0, detail = $3, claimed_by = NULL
+             WHERE job_id = $1 AND state = 1 AND claimed_by = $2",
+            &[&sql_int(job_id), &node, &pending],
+        )
+        .await?;
+        if n > 0 {
+            let mut delta = Delta::default();
+            delta.moved(StateKind::Sending, StateKind::Pending, n as i64);
+            apply_counts(&tx, job_id, &delta, n as i64).await?;
+        }
+        commit(tx).await?;
+        Ok(n)
+    }
+
     async fn cancel_open(&self, job_id: u64, max: usize) -> Result<u64, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;

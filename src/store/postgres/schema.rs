@@ -10,6 +10,7 @@ use super::StoreError;
 const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("migrations/0001_initial.sql")),
     (2, include_str!("migrations/0002_fleet.sql")),
+    (3, include_str!("migrations/0003_rates.sql")),
 ];
 
 /// The newest schema version this binary knows.

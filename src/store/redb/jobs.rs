@@ -348,6 +348,10 @@ impl Jobs for RedbStore {
 
     /// Marks up to `max` of a cancelled job's pending or retrying recipients cancelled.
     /// Returns how many it marked; call again until that is 0.
+    async fn release_claims(&self, _node: &str, job_id: u64) -> Result<u64, StoreError> {
+        self.requeue_inflight(job_id).await
+    }
+
     async fn cancel_open(&self, job_id: u64, max: usize) -> Result<u64, StoreError> {
         self.write(move |txn| {
             let mut job = job_in(txn, job_id)?;

@@ -74,10 +74,16 @@ pub fn spawn_node(home: &Home, args: &[&str]) -> (Server, Api) {
     let child = Server(child);
     let (tx, rx) = std::sync::mpsc::channel();
     // Keep draining stdout so the child never blocks on a full pipe.
+    // LETTERBOX_TEST_NODE_LOGS=1 shows what the node logs (to stdout) on stderr.
+    let echo = std::env::var_os("LETTERBOX_TEST_NODE_LOGS").is_some();
+    let pid = child.0.id();
     std::thread::spawn(move || {
         let mut tx = Some(tx);
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
+            if echo {
+                eprintln!("[node {pid}] {line}");
+            }
             if let Some(rest) = line.split("listening on http://").nth(1)
                 && let Some(tx) = tx.take()
             {

@@ -42,7 +42,11 @@ impl From<tokio_postgres::Error> for StoreError {
         // the server said.
         match e.as_db_error() {
             Some(db) => StoreError::Db(format!("{} ({})", db.message(), db.code().code())),
-            None => StoreError::Db(e.to_string()),
+            // "error connecting to server" alone does not say why: add the cause.
+            None => match std::error::Error::source(&e) {
+                Some(cause) => StoreError::Db(format!("{e}: {cause}")),
+                None => StoreError::Db(e.to_string()),
+            },
         }
     }
 }

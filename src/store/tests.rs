@@ -305,9 +305,15 @@ async fn a_dead_nodes_claims_go_back_to_pending_and_it_is_fenced(store: Store) {
     assert_eq!(listed.len(), 1);
     assert_eq!((listed[0].id.as_str(), listed[0].claims), ("n-a", 3));
     if store.is_shared() {
-        store.heartbeat("n-a", lease).await.unwrap();
-        // Not dead yet: a rescue now finds nothing.
+        // Alive (a long lease, so a slow machine cannot let it lapse): a rescue now
+        // finds nothing.
+        store
+            .heartbeat("n-a", std::time::Duration::from_secs(60))
+            .await
+            .unwrap();
         assert_eq!(store.rescue().await.unwrap(), Rescued::default());
+        // Its last heartbeat, with a lease that then runs out.
+        store.heartbeat("n-a", lease).await.unwrap();
         tokio::time::sleep(lease + std::time::Duration::from_millis(300)).await;
     }
     let rescued = store

@@ -73,6 +73,28 @@ pub struct SubscriberPatch {
     pub status: Option<SubscriberStatus>,
 }
 
+impl SubscriberPatch {
+    /// The change applied to `subscriber` (the store checks the email first).
+    pub fn apply(self, subscriber: &mut Subscriber) {
+        if let Some(email) = self.email {
+            subscriber.email = email;
+        }
+        if let Some(name) = self.name {
+            subscriber.name = name;
+        }
+        for (key, value) in self.attributes.unwrap_or_default() {
+            if value.is_null() {
+                subscriber.attributes.remove(&key);
+            } else {
+                subscriber.attributes.insert(key, value);
+            }
+        }
+        if let Some(status) = self.status {
+            subscriber.status = status;
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Subscriber {
     pub id: u64,

@@ -219,11 +219,7 @@ impl Runner {
             let mut seen = std::collections::HashSet::new();
             for job in &jobs {
                 seen.insert(job.id);
-                let wanted = if job.state == JobState::Cancelled {
-                    Control::Cancel
-                } else {
-                    Control::Run
-                };
+                let wanted = Control::for_job(job);
                 match active.get(&job.id) {
                     None => self.spawn(&mut active, job.id, wanted),
                     Some(entry) => {

@@ -131,6 +131,18 @@ enum Control {
     Cancel,
 }
 
+impl Control {
+    /// What a supervisor for a job to work on (`Store::jobs_to_work`) is told: finish a
+    /// cancellation, or run.
+    fn for_job(job: &Job) -> Control {
+        if job.state == JobState::Cancelled {
+            Control::Cancel
+        } else {
+            Control::Run
+        }
+    }
+}
+
 /// A job with a live supervisor.
 struct ActiveJob {
     control: watch::Sender<Control>,
@@ -249,14 +261,9 @@ impl Runner {
         let store = &self.inner.store;
         let mut started = 0;
         for job in store.jobs_to_work().await? {
-            let control = if job.state == JobState::Cancelled {
-                Control::Cancel
-            } else {
-                Control::Run
-            };
             let mut active = self.inner.active.lock().await;
             if !active.contains_key(&job.id) {
-                self.spawn(&mut active, job.id, control);
+                self.spawn(&mut active, job.id, Control::for_job(&job));
                 started += 1;
             }
         }

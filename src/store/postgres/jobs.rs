@@ -244,28 +244,14 @@ impl Jobs for PgStore {
         }
         let id = query(&tx, "SELECT nextval(pg_get_serial_sequence('jobs', 'id'))", &[]).await?;
         job.id = domain_int(id[0].get(0));
-        let c = job.counts;
+        // The row, then every column through the one writer of a whole job.
         execute(
             &tx,
-            "INSERT INTO jobs (id, newsletter_id, state, doc, pending, sending, delivered, skipped, retrying,
-                               failed, cancelled, resent_after_crash)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-            &[
-                &sql_int(job.id),
-                &sql_int(job.newsletter_id),
-                &job.state.as_str(),
-                &serde_json::to_value(&job)?,
-                &sql_int(c.pending),
-                &sql_int(c.sending),
-                &sql_int(c.delivered),
-                &sql_int(c.skipped),
-                &sql_int(c.retrying),
-                &sql_int(c.failed),
-                &sql_int(c.cancelled),
-                &sql_int(job.resent_after_crash),
-            ],
+            "INSERT INTO jobs (id, newsletter_id, state, doc) VALUES ($1, $2, $3, '{}')",
+            &[&sql_int(job.id), &sql_int(job.newsletter_id), &job.state.as_str()],
         )
         .await?;
+        put_job(&tx, &job).await?;
         if let Some(key) = idempotency {
             execute(
                 &tx,

@@ -265,22 +265,8 @@ impl Lists for PgStore {
         .ok_or_else(|| StoreError::not_found("subscriber", id))?;
         let mut subscriber = subscriber(&row)?;
         let home = subscriber.newsletter_id;
-        if let Some(email) = patch.email {
-            subscriber.email = email;
-        }
-        if let Some(name) = patch.name {
-            subscriber.name = name;
-        }
-        for (key, value) in patch.attributes.unwrap_or_default() {
-            if value.is_null() {
-                subscriber.attributes.remove(&key);
-            } else {
-                subscriber.attributes.insert(key, value);
-            }
-        }
-        if let Some(status) = patch.status {
-            subscriber.status = status;
-        }
+        // The unique (newsletter, email_key) index refuses a taken email below.
+        patch.apply(&mut subscriber);
         let statement = tx
             .prepare_cached(
                 "UPDATE subscribers SET email = $2, email_key = $3, name = $4, attributes = $5, status = $6

@@ -239,8 +239,8 @@ impl Lists for RedbStore {
         let result = self
             .write(move |txn| {
                 let (home, mut subscriber) = subscriber_in(txn, id)?;
-                if let Some(email) = patch.email {
-                    let (old_key, new_key) = (normalise_email(&subscriber.email), normalise_email(&email));
+                if let Some(email) = &patch.email {
+                    let (old_key, new_key) = (normalise_email(&subscriber.email), normalise_email(email));
                     if old_key != new_key {
                         let mut emails = txn.open_table(SUBSCRIBER_EMAILS)?;
                         if emails.get((home, new_key.as_str()))?.is_some() {
@@ -251,21 +251,8 @@ impl Lists for RedbStore {
                         emails.remove((home, old_key.as_str()))?;
                         emails.insert((home, new_key.as_str()), id)?;
                     }
-                    subscriber.email = email;
                 }
-                if let Some(name) = patch.name {
-                    subscriber.name = name;
-                }
-                for (key, value) in patch.attributes.unwrap_or_default() {
-                    if value.is_null() {
-                        subscriber.attributes.remove(&key);
-                    } else {
-                        subscriber.attributes.insert(key, value);
-                    }
-                }
-                if let Some(status) = patch.status {
-                    subscriber.status = status;
-                }
+                patch.apply(&mut subscriber);
                 txn.open_table(SUBSCRIBERS)?
                     .insert((home, id), encode(&subscriber).as_slice())?;
                 Ok(subscriber)

@@ -138,6 +138,12 @@ impl From<StoreError> for ApiError {
             StoreError::NotFound { .. } => ApiError::NotFound(e.to_string()),
             StoreError::Conflict(detail) => ApiError::Conflict(detail),
             StoreError::Closed => ApiError::Unavailable("the server is shutting down".into()),
+            // A failing database is a state that heals, not a bug: 503, so clients and
+            // load balancers try again. The cause (hosts, paths) stays in the log.
+            StoreError::Unavailable(_) | StoreError::BatchFailed(_) => {
+                tracing::warn!(cause = %e, "store unavailable");
+                ApiError::Unavailable("the database is unavailable right now; try again shortly".into())
+            }
             other => ApiError::Internal(other.to_string()),
         }
     }

@@ -16,6 +16,7 @@ use utoipa_axum::routes;
 use super::error::{ApiPath, ApiQuery};
 use super::{ApiError, AppState, Page, page, page_cursor, page_limit};
 use crate::domain::{Counts, Delivery, Job, JobState, StateKind};
+use crate::runner::Stall;
 
 /// How often an event stream looks for progress.
 const EVENT_POLL: Duration = Duration::from_millis(250);
@@ -44,6 +45,10 @@ pub struct JobView {
     /// After `retry-failed`: how many recipients were requeued.
     #[serde(skip_serializing_if = "Option::is_none")]
     requeued: Option<u64>,
+    /// Set while the job cannot progress on this node because the store is failing
+    /// (unreachable, a full disk): why, and since when. It clears by itself once the
+    /// store answers again, and the job goes on.
+    stalled: Option<Stall>,
 }
 
 /// A string that is one of `names`, for the OpenAPI document.
@@ -122,11 +127,13 @@ async fn list(
 /// A job with its live rate and ETA (while it has a supervisor).
 async fn with_progress(state: &AppState, job: Job) -> JobView {
     let progress = state.runner.progress(&job).await;
+    let stalled = state.runner.stalled(job.id);
     JobView {
         job,
         rate_per_second: progress.map(|p| p.rate_per_second).unwrap_or(0.0),
         eta_seconds: progress.and_then(|p| p.eta_seconds),
         requeued: None,
+        stalled,
     }
 }
 

@@ -52,15 +52,25 @@ fn handle() -> Option<&'static PrometheusHandle> {
     responses((status = 200, description = "Metrics", content_type = "text/plain")))]
 pub async fn render(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
     let handle = handle().ok_or_else(|| ApiError::Unavailable("metrics are unavailable".into()))?;
-    let overview = state.store.job_overview().await?;
-    for job_state in JobState::ALL {
-        let count = overview.by_state.get(&job_state).copied().unwrap_or(0);
-        metrics::gauge!("letterbox_jobs", "state" => job_state.as_str()).set(count as f64);
+    // A failing store is what metrics must show, so they are served without it: the
+    // figures read from the store keep their last values, and `letterbox_store_up`
+    // says 0.
+    let overview = state.store.job_overview().await;
+    let nodes = state.store.nodes().await;
+    let up = overview.is_ok() && nodes.is_ok() && state.store.write_failure().is_none();
+    metrics::gauge!("letterbox_store_up").set(if up { 1.0 } else { 0.0 });
+    metrics::gauge!("letterbox_jobs_stalled").set(state.runner.stalls().len() as f64);
+    if let Ok(overview) = overview {
+        for job_state in JobState::ALL {
+            let count = overview.by_state.get(&job_state).copied().unwrap_or(0);
+            metrics::gauge!("letterbox_jobs", "state" => job_state.as_str()).set(count as f64);
+        }
+        metrics::gauge!("letterbox_queue_depth").set(overview.open_recipients as f64);
     }
-    metrics::gauge!("letterbox_queue_depth").set(overview.open_recipients as f64);
-    let nodes = state.store.nodes().await?;
-    metrics::gauge!("letterbox_nodes").set(nodes.len() as f64);
-    metrics::gauge!("letterbox_node_claims").set(nodes.iter().map(|n| n.claims).sum::<u64>() as f64);
+    if let Ok(nodes) = nodes {
+        metrics::gauge!("letterbox_nodes").set(nodes.len() as f64);
+        metrics::gauge!("letterbox_node_claims").set(nodes.iter().map(|n| n.claims).sum::<u64>() as f64);
+    }
     Ok((
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         handle.render(),

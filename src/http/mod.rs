@@ -170,10 +170,27 @@ async fn readyz(
     if state.runner.is_stopping() {
         return Err(ApiError::Unavailable("shutting down: jobs are draining".into()));
     }
+    // The reasons name the store's own error: /readyz is for operators and load
+    // balancers, and "why" is what they need when a node is out of rotation.
     state
         .store
         .ping()
         .await
         .map_err(|e| ApiError::Unavailable(format!("the store does not answer: {e}")))?;
+    if let Some((why, since)) = state.store.write_failure() {
+        let age = crate::domain::now().saturating_sub(since);
+        return Err(ApiError::Unavailable(format!(
+            "the store cannot write (for {age} s): {why}"
+        )));
+    }
+    let stalls = state.runner.stalls();
+    if let Some((job, stall)) = stalls.first() {
+        return Err(ApiError::Unavailable(format!(
+            "{} job(s) stalled on the store (job {job} since {}): {}",
+            stalls.len(),
+            stall.since,
+            stall.reason
+        )));
+    }
     Ok(axum::Json(serde_json::json!({ "status": "ready" })))
 }

@@ -39,6 +39,8 @@ struct Lease {
     id: String,
     /// Claims made under `id` may be sent and recorded until then.
     fresh_until: Option<Instant>,
+    /// Why the last heartbeat failed, until one succeeds.
+    error: Option<String>,
 }
 
 fn new_id() -> String {
@@ -61,6 +63,7 @@ impl Node {
             state: RwLock::new(Lease {
                 id: new_id(),
                 fresh_until: None,
+                error: None,
             }),
         }
     }
@@ -94,6 +97,17 @@ impl Node {
     fn renewed(&self, at: Instant) {
         let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
         state.fresh_until = Some(at + self.lease * 3 / 4);
+        state.error = None;
+    }
+
+    /// A heartbeat failed with `error`.
+    fn heartbeat_failed(&self, error: String) {
+        self.state.write().unwrap_or_else(|e| e.into_inner()).error = Some(error);
+    }
+
+    /// Why the lease is not being renewed, if the last heartbeat failed.
+    pub(super) fn heartbeat_error(&self) -> Option<String> {
+        self.state.read().unwrap_or_else(|e| e.into_inner()).error.clone()
     }
 
     /// Taken over: a new id, with no lease until it is registered.
@@ -154,17 +168,28 @@ impl Runner {
         }
     }
 
-    /// Renews the lease every quarter of it, and rescues dead nodes' claims.
+    /// Renews the lease every quarter of it, and rescues dead nodes' claims. After a
+    /// failed heartbeat it tries again within a second, so a database that comes back
+    /// finds this node alive before others can count it dead.
     async fn heartbeat(&self) {
         let inner = &self.inner;
         let every = inner.node.lease / 4;
+        let mut failing = false;
         loop {
+            let wait = if failing {
+                every.min(Duration::from_secs(1))
+            } else {
+                every
+            };
             tokio::select! {
-                _ = tokio::time::sleep(every) => {}
+                _ = tokio::time::sleep(wait) => {}
                 _ = inner.fleet_stop.cancelled() => return,
             }
             let started = Instant::now();
-            match inner.store.heartbeat(&inner.node.id(), inner.node.lease).await {
+            let result = inner.store.heartbeat(&inner.node.id(), inner.node.lease).await;
+            let was_failing = failing;
+            failing = matches!(&result, Err(e) if e.is_unavailable());
+            match result {
                 Ok(()) => inner.node.renewed(started),
                 Err(StoreError::TakenOver(why)) => {
                     tracing::warn!(%why, "this node's lease expired; registering again under a new id");
@@ -183,7 +208,13 @@ impl Runner {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "heartbeat failed; claiming stops once the lease is stale")
+                    // Said once per outage; the job's stall and /readyz show it lasts.
+                    if was_failing {
+                        tracing::debug!(error = %e, "heartbeat failed again");
+                    } else {
+                        tracing::warn!(error = %e, "heartbeat failed; claiming stops once the lease is stale");
+                    }
+                    inner.node.heartbeat_failed(e.to_string());
                 }
             }
             match inner.store.rescue().await {

@@ -25,6 +25,7 @@
 //! `FailureLimit`) the job pauses until someone resumes it.
 
 mod fleet;
+mod health;
 mod limits;
 mod supervisor;
 
@@ -44,6 +45,7 @@ use crate::policy::{self, LetterInput, Policy, PolicyError, PolicyHost, Rendered
 use crate::store::{IdempotencyKey, NewJob, Store, StoreError};
 use crate::tokens::UnsubscribeKey;
 
+pub use health::Stall;
 use limits::{DomainLimiter, RateMeter};
 pub use limits::{DomainLimits, FailureLimit};
 
@@ -191,6 +193,8 @@ struct Inner {
     rate_pools: fleet::RatePools,
     delivery_slots: Arc<Semaphore>,
     domains: DomainLimiter,
+    /// Jobs stalled on a failing store here (see `health`).
+    stalls: health::Stalls,
 }
 
 /// Removes an idempotency key from `creating` however `submit` ends.
@@ -234,6 +238,7 @@ impl Runner {
                 tracker: TaskTracker::new(),
                 active: Default::default(),
                 creating: Default::default(),
+                stalls: Default::default(),
             }),
         }
     }
@@ -744,6 +749,16 @@ impl Runner {
             verdict,
             message,
         })
+    }
+
+    /// Why a job is stalled on a failing store on this node, if it is.
+    pub fn stalled(&self, job_id: u64) -> Option<Stall> {
+        self.inner.stalls.get(job_id)
+    }
+
+    /// Every job stalled on a failing store on this node, by id.
+    pub fn stalls(&self) -> Vec<(u64, Stall)> {
+        self.inner.stalls.all()
     }
 
     /// Whether shutdown has begun (jobs are draining; nothing new starts).

@@ -11,6 +11,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::health::Backoff;
 use super::limits::{DomainPermit, FailureWindow, RateMeter};
 use super::{BULK_BATCH, CLAIM_BATCH, Control, Runner, RunnerError, message_id, outgoing};
 use crate::domain::*;
@@ -151,8 +152,9 @@ type ByNode = HashMap<String, (Vec<(u64, Outcome)>, Vec<Reply>)>;
 ///
 /// On a shared store, outcomes the store refuses because their claims were taken over
 /// (this node's lease had expired) are dropped: the recipients belong to other nodes
-/// now, which send and record them.
-async fn recorder(store: crate::store::Store, job_id: u64, mut rx: mpsc::UnboundedReceiver<Recording>) {
+/// now, which send and record them. Outcomes the store cannot take now (it is
+/// unavailable) are tried again until it can: see `record_for`.
+async fn recorder(runner: Runner, job_id: u64, mut rx: mpsc::UnboundedReceiver<Recording>) {
     const RECORD_BATCH: usize = 256;
     const RECORD_LINGER: std::time::Duration = std::time::Duration::from_millis(3);
     const RECORDS_IN_FLIGHT: usize = 2;
@@ -186,10 +188,10 @@ async fn recorder(store: crate::store::Store, job_id: u64, mut rx: mpsc::Unbound
                     entry.0.push((sid, outcome));
                     entry.1.push(tx);
                 }
-                let store = store.clone();
+                let runner = runner.clone();
                 in_flight.spawn(async move {
                     for (node, (outcomes, replies)) in by_node {
-                        record_for(&store, &node, job_id, outcomes, replies).await;
+                        record_for(&runner, &node, job_id, outcomes, replies).await;
                     }
                 });
             }
@@ -198,24 +200,48 @@ async fn recorder(store: crate::store::Store, job_id: u64, mut rx: mpsc::Unbound
     }
 }
 
-/// Records one node's outcomes and answers their deliveries.
+/// Records one node's outcomes and answers their deliveries. An outcome is never
+/// forgotten because the store is down: while it is unavailable the job shows as
+/// stalled and the same outcomes are tried again, with a pause that grows to 2 s,
+/// until the store takes them or refuses them. Only a drain that timed out at
+/// shutdown gives up; those recipients stay `sending` and are sent again later.
 async fn record_for(
-    store: &crate::store::Store,
+    runner: &Runner,
     node: &str,
     job_id: u64,
     outcomes: Vec<(u64, Outcome)>,
     replies: Vec<Reply>,
 ) {
+    let inner = &runner.inner;
+    let store = &inner.store;
     let n = outcomes.len();
-    let result = match store.record(node, job_id, outcomes).await {
-        Ok(_) => Ok(()),
-        Err(StoreError::TakenOver(why) | StoreError::Conflict(why)) if store.is_shared() => {
-            tracing::warn!(node, recipients = n, %why, "outcomes not recorded: the claims were taken over");
-            metrics::counter!("letterbox_outcomes_taken_over_total").increment(n as u64);
-            Ok(())
+    let mut backoff = Backoff::new();
+    let mut stalled = false;
+    let result = loop {
+        match store.record(node, job_id, outcomes.clone()).await {
+            Ok(_) => break Ok(()),
+            Err(StoreError::TakenOver(why) | StoreError::Conflict(why)) if store.is_shared() => {
+                tracing::warn!(node, recipients = n, %why, "outcomes not recorded: the claims were taken over");
+                metrics::counter!("letterbox_outcomes_taken_over_total").increment(n as u64);
+                break Ok(());
+            }
+            Err(e) if e.is_unavailable() && !inner.abandon.is_cancelled() => {
+                metrics::counter!("letterbox_record_retries_total").increment(1);
+                inner
+                    .stalls
+                    .stall(job_id, format!("{n} outcomes wait to be recorded: {e}"));
+                stalled = true;
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff.next()) => {}
+                    _ = inner.abandon.cancelled() => {}
+                }
+            }
+            Err(e) => break Err(e),
         }
-        Err(e) => Err(e),
     };
+    if stalled && result.is_ok() {
+        inner.stalls.clear(job_id);
+    }
     for reply in replies {
         let shared = match &result {
             Ok(()) => Ok(()),
@@ -285,8 +311,23 @@ impl Runner {
         mut control: watch::Receiver<Control>,
         meter: Arc<std::sync::Mutex<RateMeter>>,
     ) {
+        let mut backoff = Backoff::new();
         loop {
-            let end = self.drive(job_id, &mut control, &meter).await;
+            let end = match self.drive(job_id, &mut control, &meter).await {
+                // A store that cannot be written stalls the job; it does not end it.
+                // What was claimed and not sent goes back to the queue when `drive`
+                // starts again (`release_claims`).
+                Err(RunnerError::Store(e)) if e.is_unavailable() && !self.inner.shutdown.is_cancelled() => {
+                    self.inner.stalls.stall(job_id, &e);
+                    let wait = tokio::time::sleep(backoff.next());
+                    if self.until_stopped(&mut control, wait).await.is_some() {
+                        continue;
+                    }
+                    // Paused, cancelled or shutting down meanwhile.
+                    Ok(JobEnd::Stopped)
+                }
+                end => end,
+            };
             let mut active = self.inner.active.lock().await;
             let now_control = *control.borrow_and_update();
             let shutting_down = self.inner.shutdown.is_cancelled();
@@ -301,7 +342,10 @@ impl Runner {
                     active = self.inner.active.lock().await;
                 }
                 Ok(JobEnd::Drained) => match store.complete_if_done(job_id).await {
-                    Ok((job, true)) => tracing::info!(counts = ?job.counts, "job completed"),
+                    Ok((job, true)) => {
+                        self.inner.stalls.clear(job_id);
+                        tracing::info!(counts = ?job.counts, "job completed")
+                    }
                     // New work arrived (retry-failed) or the job changed state meanwhile.
                     // The pause bounds the cost should the counts ever disagree with
                     // what can be claimed.
@@ -311,6 +355,12 @@ impl Runner {
                         continue;
                     }
                     Ok((_, false)) => {}
+                    Err(e) if e.is_unavailable() => {
+                        drop(active);
+                        self.inner.stalls.stall(job_id, &e);
+                        tokio::time::sleep(backoff.next()).await;
+                        continue;
+                    }
                     Err(e) => self.fail_job(job_id, e.into()).await,
                 },
                 Ok(JobEnd::Stopped) if now_control == Control::Run => {
@@ -320,10 +370,13 @@ impl Runner {
                 Ok(JobEnd::Stopped) => tracing::info!("job stopped"),
                 Ok(JobEnd::PolicyPaused(reason)) => {
                     tracing::warn!(reason, "job paused");
-                    let result = store
-                        .update_job_from(job_id, &[JobState::Running], move |job| {
-                            job.state = JobState::Paused;
-                            job.pause_reason = Some(reason);
+                    let result = self
+                        .persist(job_id, || {
+                            let reason = reason.clone();
+                            store.update_job_from(job_id, &[JobState::Running], move |job| {
+                                job.state = JobState::Paused;
+                                job.pause_reason = Some(reason);
+                            })
                         })
                         .await;
                     if let Err(e) = result {
@@ -339,12 +392,43 @@ impl Runner {
         }
     }
 
+    /// Runs the store operation `op` until the store carries it out or refuses it; while
+    /// the store is unavailable, the job shows as stalled and `op` is tried again after
+    /// a pause. Gives up (with the store's error) only when the server shuts down.
+    async fn persist<T, F, Fut>(&self, job_id: u64, mut op: F) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        let mut backoff = Backoff::new();
+        loop {
+            match op().await {
+                Err(e) if e.is_unavailable() && !self.inner.shutdown.is_cancelled() => {
+                    self.inner.stalls.stall(job_id, &e);
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff.next()) => {}
+                        _ = self.inner.shutdown.cancelled() => {}
+                    }
+                }
+                result => {
+                    if result.is_ok() {
+                        self.inner.stalls.clear(job_id);
+                    }
+                    return result;
+                }
+            }
+        }
+    }
+
     /// Marks what is still open of a cancelled job cancelled, in bounded transactions.
     async fn finish_cancel(&self, job_id: u64) {
         let store = &self.inner.store;
         let mut cancelled = 0;
         loop {
-            match store.cancel_open(job_id, BULK_BATCH).await {
+            match self
+                .persist(job_id, || store.cancel_open(job_id, BULK_BATCH))
+                .await
+            {
                 Ok(0) => break,
                 Ok(n) => cancelled += n,
                 Err(e) => {
@@ -354,8 +438,10 @@ impl Runner {
                 }
             }
         }
-        let result = store
-            .update_job(job_id, |job| job.finished_at = Some(now()))
+        let result = self
+            .persist(job_id, || {
+                store.update_job(job_id, |job| job.finished_at = Some(now()))
+            })
             .await;
         match result {
             Ok(job) => tracing::info!(cancelled, counts = ?job.counts, "job cancelled"),
@@ -370,14 +456,15 @@ impl Runner {
         // restart picks it up) and only note the error. Anything else ends the job.
         let resumable = matches!(error, RunnerError::Store(_));
         let result = self
-            .inner
-            .store
-            .update_job(job_id, move |job| {
-                job.error = Some(message);
-                if !resumable {
-                    job.state = JobState::Failed;
-                    job.finished_at = Some(now());
-                }
+            .persist(job_id, || {
+                let message = message.clone();
+                self.inner.store.update_job(job_id, move |job| {
+                    job.error = Some(message);
+                    if !resumable {
+                        job.state = JobState::Failed;
+                        job.finished_at = Some(now());
+                    }
+                })
             })
             .await;
         if let Err(e) = result {
@@ -482,7 +569,7 @@ impl Runner {
         // which the recorder holds, can close).
         inner
             .tracker
-            .spawn(recorder(store.clone(), job_id, record_rx).in_current_span());
+            .spawn(recorder(self.clone(), job_id, record_rx).in_current_span());
         let stop = CancellationToken::new();
         let guard = Arc::new(FailureGuard {
             failures: std::sync::Mutex::new(FailureWindow::new(inner.config.policy_failures)),
@@ -550,6 +637,10 @@ impl Runner {
         // someone requeues recipients.
         let mut dry = false;
         let mut next_retry: Option<u64> = None;
+        // The store failed a claim: claim again after a pause, meanwhile letting what
+        // is in flight finish and be recorded.
+        let mut store_backoff = Backoff::new();
+        let mut claim_after: Option<tokio::time::Instant> = None;
         loop {
             let pausing = ctx.guard.pausing();
             let stopping = self.stopping(control) || pausing.is_some();
@@ -559,14 +650,32 @@ impl Runner {
             // Claims are made only under a fresh lease (see `fleet`).
             let node = inner.node.id();
             let leased = inner.node.holds(&node);
-            if !stopping && !dry && leased && running.len() + batch <= window {
+            let store_waits = claim_after.is_some_and(|at| tokio::time::Instant::now() < at);
+            if !stopping && !dry && leased && !store_waits && running.len() + batch <= window {
                 let want = window - running.len();
                 // Read before the claim reads the subscribers: see `Store::status_epoch`.
                 let epoch = store.status_epoch();
-                let claimed = store.claim(&node, job_id, want, now_ms()).await?;
+                let claimed = match store.claim(&node, job_id, want, now_ms()).await {
+                    Ok(claimed) => claimed,
+                    Err(e) if e.is_unavailable() => {
+                        inner.stalls.stall(job_id, &e);
+                        claim_after = Some(tokio::time::Instant::now() + store_backoff.next());
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                if claim_after.take().is_some() {
+                    store_backoff.reset();
+                    inner.stalls.clear(job_id);
+                }
                 if claimed.len() < want {
                     dry = true;
-                    next_retry = store.next_retry_at(job_id).await?;
+                    next_retry = match store.next_retry_at(job_id).await {
+                        Ok(at) => at,
+                        // Look again soon: the claim's own errors stall the job.
+                        Err(e) if e.is_unavailable() => Some(now_ms() + 1000),
+                        Err(e) => return Err(e.into()),
+                    };
                 }
                 for (delivery, subscriber) in claimed {
                     let subscriber_id = delivery.subscriber_id;
@@ -585,14 +694,26 @@ impl Runner {
                 }
                 continue;
             }
-            if !leased && !stopping {
+            if (!leased || store_waits) && !stopping {
                 // No fresh lease (the database is slow or unreachable, or this node was
-                // just taken over): claim again once the heartbeat has renewed it.
+                // just taken over): claim again once the heartbeat has renewed it. Or
+                // the store failed the last claim: claim again after a pause.
+                if !leased && let Some(why) = inner.node.heartbeat_error() {
+                    inner
+                        .stalls
+                        .stall(job_id, format!("this node's lease is not renewed: {why}"));
+                    // So that the next claim that succeeds clears the stall.
+                    claim_after.get_or_insert_with(tokio::time::Instant::now);
+                }
+                let wait = match claim_after {
+                    Some(at) if store_waits => at.saturating_duration_since(tokio::time::Instant::now()),
+                    _ => std::time::Duration::from_millis(100),
+                };
                 tokio::select! {
                     Some(joined) = running.join_next_with_id(), if !running.is_empty() => {
                         self.joined(joined, &mut in_flight, meter, &mut next_retry, job_id).await?;
                     }
-                    _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+                    _ = tokio::time::sleep(wait) => {}
                     _ = control.changed() => {}
                     _ = inner.shutdown.cancelled(), if !inner.shutdown.is_cancelled() => {}
                 }

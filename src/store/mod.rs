@@ -37,9 +37,13 @@ pub enum StoreError {
     NotFound { kind: &'static str, id: String },
     #[error("{0}")]
     Conflict(String),
-    /// The database failed the operation (I/O, a full disk, a lost connection, ...).
+    /// The database refused the operation for a reason trying again will not change.
     #[error("database error: {0}")]
     Db(String),
+    /// The database could not carry the operation out: it cannot be reached, its disk
+    /// is full, an I/O error. Nothing was changed; trying again later may succeed.
+    #[error("the store is unavailable: {0}")]
+    Unavailable(String),
     #[error("corrupt record: {0}")]
     Corrupt(#[from] serde_json::Error),
     /// The tables disagree with each other (an index names a missing row).
@@ -56,6 +60,16 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Whether the store failed to carry the operation out (it could not be reached,
+    /// the disk is full, an I/O error), as opposed to refusing it: trying again later
+    /// may succeed, and nothing was changed.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Unavailable(_) | StoreError::BatchFailed(_) | StoreError::Closed
+        )
+    }
+
     pub(crate) fn not_found(kind: &'static str, id: impl ToString) -> Self {
         StoreError::NotFound {
             kind,
@@ -361,6 +375,14 @@ pub trait Backend: Lists + Jobs + Plugins + Fleet {
 
     /// Whether the database answers a trivial read.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Why writes are failing, and since when (unix seconds), if the backend has seen
+    /// its last write fail where reads may still work (redb on a full disk). `None`
+    /// when writes succeed or the backend cannot tell; `ping` covers a database that
+    /// does not answer at all.
+    fn write_failure(&self) -> Option<(String, u64)> {
+        None
+    }
 
     /// A number that changes whenever a subscriber's status changes (unsubscribe, ...),
     /// after the change is committed. A caller holding subscriber rows read after it saw

@@ -41,21 +41,39 @@ impl From<tokio_postgres::Error> for StoreError {
         // tokio-postgres's own text for a server error is just "db error": say what
         // the server said.
         match e.as_db_error() {
-            Some(db) => StoreError::Db(format!("{} ({})", db.message(), db.code().code())),
-            // "error connecting to server" alone does not say why: add the cause.
+            Some(db) => {
+                let text = format!("{} ({})", db.message(), db.code().code());
+                if transient_sqlstate(db.code().code()) {
+                    StoreError::Unavailable(text)
+                } else {
+                    StoreError::Db(text)
+                }
+            }
+            // No answer from the server: the connection failed or was lost. "error
+            // connecting to server" alone does not say why: add the cause.
             None => match std::error::Error::source(&e) {
-                Some(cause) => StoreError::Db(format!("{e}: {cause}")),
-                None => StoreError::Db(e.to_string()),
+                Some(cause) => StoreError::Unavailable(format!("{e}: {cause}")),
+                None => StoreError::Unavailable(e.to_string()),
             },
         }
     }
+}
+
+/// Server errors that say the database cannot work right now, not that the statement
+/// is wrong: connection exceptions (08), serialization failures and deadlocks (40),
+/// insufficient resources such as a full disk (53), operator intervention such as a
+/// shutdown (57) and system errors such as I/O (58).
+fn transient_sqlstate(code: &str) -> bool {
+    ["08", "40", "53", "57", "58"]
+        .iter()
+        .any(|class| code.starts_with(class))
 }
 
 impl From<deadpool_postgres::PoolError> for StoreError {
     fn from(e: deadpool_postgres::PoolError) -> Self {
         match e {
             deadpool_postgres::PoolError::Backend(e) => e.into(),
-            other => StoreError::Db(format!("no database connection: {other}")),
+            other => StoreError::Unavailable(format!("no database connection: {other}")),
         }
     }
 }

@@ -9,6 +9,13 @@
 //! Invariant for every write operation: it validates before it writes, so an operation
 //! that returns a logical error (not found, conflict) has changed nothing and the other
 //! operations of its batch still commit. A database error aborts the whole batch.
+//!
+//! **I/O errors heal.** After an I/O error (a full disk, a failing device) redb refuses
+//! every later operation until the database is opened again. The writer then reopens
+//! it itself (redb repairs the file from its last commit), trying again with a pause
+//! that grows to 2 s while the cause lasts, and answers the writes that arrive
+//! meanwhile with `Unavailable` at once; `failure` says what is wrong and since when.
+//! Nothing committed is lost, and the first commit that succeeds clears the failure.
 
 mod jobs;
 mod lists;
@@ -16,8 +23,9 @@ mod plugins;
 mod tables;
 
 use std::panic::AssertUnwindSafe;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, WriteTransaction};
 use serde::Serialize;
@@ -41,12 +49,21 @@ fn aborts_batch(e: &StoreError) -> bool {
     )
 }
 
-// redb has one error type per step; fold them all into `StoreError::Db` so `?` works.
+// redb has one error type per step; fold them all into `StoreError` so `?` works. An
+// I/O error (a full disk, a failing device) makes redb refuse every later operation
+// until the database is opened again, which the writer does (`writer_loop`): those are
+// `Unavailable`, the rest `Db`.
 macro_rules! from_redb {
     ($($t:ty),*) => {$(
         impl From<$t> for StoreError {
             fn from(e: $t) -> Self {
-                StoreError::Db(redb::Error::from(e).to_string())
+                let e = redb::Error::from(e);
+                match e {
+                    redb::Error::Io(_) | redb::Error::PreviousIo | redb::Error::DatabaseClosed => {
+                        StoreError::Unavailable(e.to_string())
+                    }
+                    _ => StoreError::Db(e.to_string()),
+                }
             }
         }
     )*};
@@ -69,8 +86,49 @@ pub struct RedbStore {
     inner: Arc<Inner>,
 }
 
+/// The open database, shared by readers and the writer, which reopens it after an I/O
+/// error.
+struct Shared {
+    path: PathBuf,
+    /// `None` while the writer reopens it.
+    db: RwLock<Option<Arc<Database>>>,
+    /// Why writes fail, and since when (unix seconds); `None` while commits succeed.
+    failure: Mutex<Option<(String, u64)>>,
+}
+
+impl Shared {
+    fn db(&self) -> Result<Arc<Database>, StoreError> {
+        match &*self.db.read().unwrap_or_else(|e| e.into_inner()) {
+            Some(db) => Ok(db.clone()),
+            None => Err(StoreError::Unavailable(format!(
+                "the database is being opened again after an I/O error ({})",
+                self.failure().map(|(why, _)| why).unwrap_or_default()
+            ))),
+        }
+    }
+
+    fn failure(&self) -> Option<(String, u64)> {
+        self.failure.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set_failure(&self, why: Option<String>) {
+        let mut failure = self.failure.lock().unwrap_or_else(|e| e.into_inner());
+        match why {
+            None => {
+                if failure.take().is_some() {
+                    tracing::info!("the store commits again");
+                }
+            }
+            Some(why) => match &mut *failure {
+                Some((reason, _)) => *reason = why,
+                None => *failure = Some((why, crate::domain::now())),
+            },
+        }
+    }
+}
+
 struct Inner {
-    db: Arc<Database>,
+    shared: Arc<Shared>,
     /// Bumped after every committed change of a subscriber's status (see
     /// `status_epoch`).
     status_epoch: std::sync::atomic::AtomicU64,
@@ -93,47 +151,57 @@ impl Drop for Inner {
     }
 }
 
+/// Opens (or creates) the database file and makes sure every table exists, so readers
+/// never meet a missing one.
+fn open_database(path: &Path) -> Result<Database, StoreError> {
+    // redb's default page cache is 1 GiB, which a million-recipient job would fill:
+    // memory would grow with the list. The hot pages (the job's state index, the tail
+    // of the tables) fit in far less.
+    let db = Database::builder().set_cache_size(CACHE_BYTES).create(path)?;
+    let txn = db.begin_write()?;
+    {
+        use tables::*;
+        txn.open_table(SEQUENCES)?;
+        txn.open_table(NEWSLETTERS)?;
+        txn.open_table(SUBSCRIBERS)?;
+        txn.open_table(SUBSCRIBER_EMAILS)?;
+        txn.open_table(SUBSCRIBER_HOMES)?;
+        txn.open_table(LETTERS)?;
+        txn.open_table(PLUGINS)?;
+        txn.open_table(PLUGIN_BLOBS)?;
+        txn.open_table(PLUGIN_NAMES)?;
+        txn.open_table(PLUGIN_VERSIONS)?;
+        txn.open_table(JOBS)?;
+        txn.open_table(DELIVERIES)?;
+        txn.open_table(DELIVERY_STATES)?;
+        txn.open_table(RETRY_SCHEDULE)?;
+        txn.open_table(IDEMPOTENCY_KEYS)?;
+        txn.open_table(SECRETS)?;
+    }
+    lists::backfill_subscriber_homes(&txn)?;
+    txn.commit()?;
+    Ok(db)
+}
+
 impl RedbStore {
     /// Opens (or creates) the database file and starts its writer thread. The thread
     /// ends, and the file is closed, when the last `Store` handle is dropped.
     pub fn open(path: &Path) -> Result<RedbStore, StoreError> {
-        // redb's default page cache is 1 GiB, which a million-recipient job would fill:
-        // memory would grow with the list. The hot pages (the job's state index, the
-        // tail of the tables) fit in far less.
-        let db = Arc::new(Database::builder().set_cache_size(CACHE_BYTES).create(path)?);
-        // Create every table up front so readers never meet a missing table.
-        let txn = db.begin_write()?;
-        {
-            use tables::*;
-            txn.open_table(SEQUENCES)?;
-            txn.open_table(NEWSLETTERS)?;
-            txn.open_table(SUBSCRIBERS)?;
-            txn.open_table(SUBSCRIBER_EMAILS)?;
-            txn.open_table(SUBSCRIBER_HOMES)?;
-            txn.open_table(LETTERS)?;
-            txn.open_table(PLUGINS)?;
-            txn.open_table(PLUGIN_BLOBS)?;
-            txn.open_table(PLUGIN_NAMES)?;
-            txn.open_table(PLUGIN_VERSIONS)?;
-            txn.open_table(JOBS)?;
-            txn.open_table(DELIVERIES)?;
-            txn.open_table(DELIVERY_STATES)?;
-            txn.open_table(RETRY_SCHEDULE)?;
-            txn.open_table(IDEMPOTENCY_KEYS)?;
-            txn.open_table(SECRETS)?;
-        }
-        lists::backfill_subscriber_homes(&txn)?;
-        txn.commit()?;
-
+        let db = open_database(path)?;
+        let shared = Arc::new(Shared {
+            path: path.to_path_buf(),
+            db: RwLock::new(Some(Arc::new(db))),
+            failure: Mutex::new(None),
+        });
         let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
-        let writer_db = db.clone();
+        let writer_shared = shared.clone();
         let thread = std::thread::Builder::new()
             .name("letterbox-store-writer".into())
-            .spawn(move || writer_loop(writer_db, rx))
+            .spawn(move || writer_loop(writer_shared, rx))
             .map_err(|e| StoreError::BatchFailed(format!("cannot start writer thread: {e}")))?;
         Ok(RedbStore {
             inner: Arc::new(Inner {
-                db,
+                shared,
                 writer: Some(tx),
                 status_epoch: Default::default(),
                 node: Default::default(),
@@ -154,7 +222,7 @@ impl RedbStore {
         R: Send + 'static,
         F: FnOnce(&ReadTransaction) -> Result<R, StoreError> + Send + 'static,
     {
-        let db = self.inner.db.clone();
+        let db = self.inner.shared.db()?;
         tokio::task::spawn_blocking(move || f(&db.begin_read()?))
             .await
             .map_err(|e| StoreError::BatchFailed(format!("read task failed: {e}")))?
@@ -182,7 +250,11 @@ impl RedbStore {
         });
         let writer = self.inner.writer.as_ref().ok_or(StoreError::Closed)?;
         writer.send(op).await.map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        // An operation dropped unapplied: the writer cannot write (see `writer_loop`).
+        rx.await.map_err(|_| match self.inner.shared.failure() {
+            Some((why, _)) => StoreError::Unavailable(why),
+            None => StoreError::Closed,
+        })?
     }
 }
 
@@ -281,6 +353,10 @@ impl super::Backend for RedbStore {
         .await
     }
 
+    fn write_failure(&self) -> Option<(String, u64)> {
+        self.inner.shared.failure()
+    }
+
     /// Subscribers change only through this process, so a counter in memory is exact.
     fn status_epoch(&self) -> u64 {
         self.inner.status_epoch.load(std::sync::atomic::Ordering::SeqCst)
@@ -300,11 +376,16 @@ impl super::Backend for RedbStore {
     }
 }
 
-fn writer_loop(db: Arc<Database>, mut rx: mpsc::Receiver<Op>) {
+/// The writer: group-commits the operations waiting for it, and after an I/O error
+/// opens the database again (see the module docs).
+fn writer_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Op>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    let (mut commits, mut operations, mut busy) = (0u64, 0u64, std::time::Duration::ZERO);
+    let (mut commits, mut operations, mut busy) = (0u64, 0u64, Duration::ZERO);
+    // Set after an I/O error: the database must be opened again, not before then.
+    let mut reopen: Option<Instant> = None;
+    let mut pause = Duration::from_millis(250);
     while let Some(first) = rx.blocking_recv() {
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         batch.push(first);
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -312,13 +393,42 @@ fn writer_loop(db: Arc<Database>, mut rx: mpsc::Receiver<Op>) {
                 Err(_) => break,
             }
         }
+        if let Some(at) = reopen {
+            if Instant::now() < at {
+                fail_batch(&mut batch, &shared);
+                continue;
+            }
+            match reopen_database(&shared) {
+                Ok(()) => reopen = None,
+                Err(e) => {
+                    tracing::warn!(error = %e, ?pause, "cannot open the database again yet");
+                    shared.set_failure(Some(e.to_string()));
+                    reopen = Some(Instant::now() + pause);
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                    fail_batch(&mut batch, &shared);
+                    continue;
+                }
+            }
+        }
+        let db = match shared.db() {
+            Ok(db) => db,
+            Err(_) => {
+                reopen = Some(Instant::now());
+                fail_batch(&mut batch, &shared);
+                continue;
+            }
+        };
         let txn = match db.begin_write() {
             Ok(txn) => txn,
             Err(e) => {
-                // Nothing was applied. Dropping the operations drops their reply
-                // channels, so every caller gets `StoreError::Closed` at once.
+                // Nothing was applied: every caller hears why at once.
+                let e = StoreError::from(e);
                 tracing::error!(error = %e, "cannot begin a write transaction");
-                batch.clear();
+                if e.is_unavailable() {
+                    reopen = Some(Instant::now());
+                }
+                shared.set_failure(Some(e.to_string()));
+                fail_batch(&mut batch, &shared);
                 continue;
             }
         };
@@ -343,10 +453,20 @@ fn writer_loop(db: Arc<Database>, mut rx: mpsc::Receiver<Op>) {
                 Err(why)
             }
             None => txn.commit().map_err(|e| {
+                let e = StoreError::from(e);
                 tracing::error!(error = %e, "store commit failed");
+                if e.is_unavailable() {
+                    reopen = Some(Instant::now());
+                }
+                shared.set_failure(Some(e.to_string()));
                 e.to_string()
             }),
         };
+        drop(db);
+        if outcome.is_ok() {
+            shared.set_failure(None);
+            pause = Duration::from_millis(250);
+        }
         commits += 1;
         operations += completions.len() as u64;
         let took = started.elapsed();
@@ -365,6 +485,47 @@ fn writer_loop(db: Arc<Database>, mut rx: mpsc::Receiver<Op>) {
             "store writer stopped"
         );
     }
+}
+
+/// Drops every operation of `batch` unapplied: each caller hears the store's failure
+/// (see `RedbStore::write`).
+fn fail_batch(batch: &mut Vec<Op>, shared: &Shared) {
+    if shared.failure().is_none() {
+        shared.set_failure(Some("the database is being opened again".into()));
+    }
+    batch.clear();
+}
+
+/// Closes the database and opens it again: redb refuses everything after an I/O error
+/// until then. Readers still holding the old handle finish first (they fail fast), so
+/// the file's lock is free when it is opened again.
+fn reopen_database(shared: &Shared) -> Result<(), StoreError> {
+    let old = shared.db.write().unwrap_or_else(|e| e.into_inner()).take();
+    if let Some(mut old) = old {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match Arc::try_unwrap(old) {
+                Ok(db) => {
+                    drop(db);
+                    break;
+                }
+                Err(still_shared) if Instant::now() < deadline => {
+                    old = still_shared;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(still_shared) => {
+                    *shared.db.write().unwrap_or_else(|e| e.into_inner()) = Some(still_shared);
+                    return Err(StoreError::Unavailable(
+                        "the database cannot be opened again: readers still hold it".into(),
+                    ));
+                }
+            }
+        }
+    }
+    let db = open_database(&shared.path)?;
+    *shared.db.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(db));
+    tracing::info!(path = %shared.path.display(), "the database was opened again after an I/O error");
+    Ok(())
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {

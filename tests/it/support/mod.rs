@@ -2,6 +2,7 @@
 //! and the test policies built by build.rs.
 
 pub mod mime;
+pub mod pg;
 pub mod process;
 pub mod smtp;
 

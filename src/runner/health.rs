@@ -1,0 +1,135 @@
+//! A failing store as a visible state that heals: which jobs are stalled on the store
+//! here, since when and why, and how long to wait before trying again.
+//!
+//! When the store cannot be written (PostgreSQL down or unreachable, redb on a full
+//! disk, an I/O error), a job's supervisor does not end: it stops claiming, keeps the
+//! deliveries already in flight, marks the job stalled with the store's error, and
+//! tries again with a growing pause (`Backoff`). Outcomes that cannot be recorded are
+//! retried for recording, never dropped. The first store operation that succeeds again
+//! clears the stall, and the job goes on by itself.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Why a job is not progressing, and since when.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+pub struct Stall {
+    /// The store's error, as the job last met it.
+    pub reason: String,
+    /// When the job first stalled (unix seconds).
+    pub since: u64,
+}
+
+/// The jobs stalled on the store on this node.
+#[derive(Default)]
+pub(super) struct Stalls(Mutex<HashMap<u64, Stall>>);
+
+impl Stalls {
+    /// Marks `job` stalled because of `reason`, keeping when it first stalled.
+    pub(super) fn stall(&self, job: u64, reason: impl ToString) {
+        let reason = reason.to_string();
+        let mut stalls = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match stalls.get_mut(&job) {
+            Some(stall) => stall.reason = reason,
+            None => {
+                tracing::warn!(
+                    job,
+                    reason,
+                    "job stalled: the store is failing; it goes on once the store answers"
+                );
+                metrics::counter!("letterbox_job_stalls_total").increment(1);
+                stalls.insert(
+                    job,
+                    Stall {
+                        reason,
+                        since: crate::domain::now(),
+                    },
+                );
+            }
+        }
+    }
+
+    /// The store answered `job` again.
+    pub(super) fn clear(&self, job: u64) {
+        let mut stalls = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(stall) = stalls.remove(&job) {
+            let seconds = crate::domain::now().saturating_sub(stall.since);
+            tracing::info!(
+                job,
+                stalled_seconds = seconds,
+                "job goes on: the store answers again"
+            );
+        }
+    }
+
+    pub(super) fn get(&self, job: u64) -> Option<Stall> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&job)
+            .cloned()
+    }
+
+    pub(super) fn all(&self) -> Vec<(u64, Stall)> {
+        let stalls = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut all: Vec<_> = stalls.iter().map(|(id, s)| (*id, s.clone())).collect();
+        all.sort_by_key(|(id, _)| *id);
+        all
+    }
+}
+
+/// Pauses between attempts at a failing store: 250 ms, doubling, at most 2 s, so a
+/// store that comes back is noticed within 2 s and one that stays down costs a few
+/// attempts a second.
+pub(super) struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(250);
+    const MAX: Duration = Duration::from_secs(2);
+
+    pub(super) fn new() -> Backoff {
+        Backoff { next: Self::FIRST }
+    }
+
+    /// The pause before the next attempt; each call doubles the one after.
+    pub(super) fn next(&mut self) -> Duration {
+        let now = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        now
+    }
+
+    pub(super) fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap_and_resets() {
+        let mut b = Backoff::new();
+        let waits: Vec<u128> = (0..6).map(|_| b.next().as_millis()).collect();
+        assert_eq!(waits, [250, 500, 1000, 2000, 2000, 2000]);
+        b.reset();
+        assert_eq!(b.next().as_millis(), 250);
+    }
+
+    #[test]
+    fn a_stall_keeps_its_start_and_takes_the_latest_reason() {
+        let stalls = Stalls::default();
+        stalls.stall(7, "disk full");
+        let first = stalls.get(7).unwrap();
+        stalls.stall(7, "connection refused");
+        let second = stalls.get(7).unwrap();
+        assert_eq!(second.since, first.since);
+        assert_eq!(second.reason, "connection refused");
+        assert_eq!(stalls.all().len(), 1);
+        stalls.clear(7);
+        assert!(stalls.get(7).is_none());
+    }
+}

@@ -1,0 +1,287 @@
+//! A failing store is a state that heals: the database stopped mid-send (PostgreSQL
+//! pass), the data disk full mid-send (redb pass, as root: a small tmpfs). Meanwhile
+//! deliveries stop claiming, `/readyz` answers 503 and `/metrics` says the store is
+//! down; once the store answers again the job goes on by itself, with no restart,
+//! nobody lost, and no re-send beyond what was in flight.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::support::pg::PgCluster;
+use crate::support::process::{Home, spawn_node};
+use crate::support::{Api, SmtpServer};
+
+const CONCURRENCY: usize = 8;
+
+/// What one node can have claimed and not recorded: all that can be sent twice.
+fn bound() -> usize {
+    CONCURRENCY + 2 * letterbox::runner::CLAIM_BATCH
+}
+
+fn backend_is_postgres() -> bool {
+    std::env::var("LETTERBOX_TEST_BACKEND").as_deref() == Ok("postgres")
+}
+
+/// A newsletter of `n` recipients and a letter to them.
+async fn letter_to_many(api: &Api, prefix: &str, n: usize) -> u64 {
+    let newsletter = api.newsletter().await;
+    for chunk in (0..n).collect::<Vec<_>>().chunks(5000) {
+        let people: Vec<_> = chunk
+            .iter()
+            .map(|i| json!({ "email": format!("{prefix}{i}@example.org") }))
+            .collect();
+        api.add_subscribers(newsletter, json!(people)).await;
+    }
+    let letter = json!({ "subject": "Outage", "text": "Hello {{ email }}\r\n" });
+    api.letter(newsletter, letter).await
+}
+
+async fn wait_count(smtp: &SmtpServer, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while smtp.count() < n {
+        assert!(Instant::now() < deadline, "the send never got going");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Polls `/readyz` until it answers `status`; returns its body.
+async fn wait_ready(api: &Api, status: u16, timeout: Duration) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (got, body) = api.get("/readyz").await;
+        if got == status {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz never answered {status}: {got} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Polls the job until it is completed, however often the server answers 503 first.
+async fn wait_completed(api: &Api, job: u64, timeout: Duration) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (status, body) = api.get(&format!("/v1/jobs/{job}")).await;
+        if status == 200 && body["state"] == "completed" {
+            return body;
+        }
+        assert!(
+            status == 200 || status == 503,
+            "GET /v1/jobs/{job}: {status} {body}"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "job {job} did not complete: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Everyone got the letter, and every copy of one recipient's letter had one
+/// Message-ID; returns how many copies were sent twice.
+fn check_copies(smtp: &SmtpServer, n: usize) -> usize {
+    let mut copies: HashMap<String, Vec<Option<String>>> = HashMap::new();
+    for message in smtp.received() {
+        copies
+            .entry(message.recipients[0].clone())
+            .or_default()
+            .push(message.header("Message-ID"));
+    }
+    assert_eq!(copies.len(), n, "every recipient received the letter");
+    for (to, ids) in &copies {
+        let distinct: HashSet<_> = ids.iter().collect();
+        assert_eq!(distinct.len(), 1, "{to}: one Message-ID for every copy: {ids:?}");
+    }
+    copies.values().map(|c| c.len() - 1).sum()
+}
+
+/// PostgreSQL stops (as a crash would: `pg_ctl -m immediate`) for about 8 s in the
+/// middle of a send, then starts again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_goes_on_by_itself_after_the_database_was_down() {
+    const N: usize = 4000;
+    if !backend_is_postgres() {
+        eprintln!("skipped: stopping PostgreSQL is the PostgreSQL pass's test");
+        return;
+    }
+    let Some(cluster) = PgCluster::start() else { return };
+    let url = letterbox::store::postgres::scratch_database(&cluster.admin_url())
+        .await
+        .unwrap();
+    let home = Home {
+        data: tempfile::tempdir().unwrap(),
+        database: Some(url),
+    };
+    let smtp = SmtpServer::start_with_delay(Duration::from_millis(5)).await;
+    let smtp_url = smtp.url();
+    let (_node, api) = spawn_node(&home, &["--smtp", &smtp_url, "--concurrency", "8"]);
+    api.wait_healthy().await;
+    let letter = letter_to_many(&api, "d", N).await;
+    let job = api.send(letter, json!({})).await;
+    wait_count(&smtp, 500).await;
+
+    cluster.stop();
+    let down = Instant::now();
+    let why = wait_ready(&api, 503, Duration::from_secs(10)).await;
+    assert!(why["detail"].as_str().unwrap_or("").contains("store"), "{why}");
+    let (status, metrics) = api.get_text("/metrics").await;
+    assert_eq!(status, 200, "/metrics is served while the store is down");
+    assert!(metrics.contains("letterbox_store_up 0"), "{metrics}");
+    let (status, body) = api.get(&format!("/v1/jobs/{job}")).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["detail"].as_str().unwrap_or("").contains("unavailable"),
+        "{body}"
+    );
+    // The node's lease (2 s) goes stale within 1.5 s of its last heartbeat: after that
+    // it sends nothing, whatever it had claimed.
+    tokio::time::sleep(Duration::from_secs(3).saturating_sub(down.elapsed())).await;
+    let quiet_from = smtp.count();
+    tokio::time::sleep(Duration::from_secs(8).saturating_sub(down.elapsed())).await;
+    let quiet_to = smtp.count();
+    assert_eq!(quiet_from, quiet_to, "nothing is sent while the database is down");
+    assert!(quiet_to < N, "the outage came after the send finished");
+
+    cluster.start_again();
+    let back = Instant::now();
+    let done = wait_completed(&api, job, Duration::from_secs(120)).await;
+    let healed = back.elapsed();
+    assert_eq!(done["counts"]["delivered"], N, "{done}");
+    assert!(done["stalled"].is_null(), "{done}");
+    wait_ready(&api, 200, Duration::from_secs(10)).await;
+    let duplicates = check_copies(&smtp, N);
+    let resent = done["resent_after_crash"].as_u64().unwrap() as usize;
+    eprintln!(
+        "database down {:.1} s at {quiet_to} of {N} sent; completed {:.1} s after it was back; \
+         {resent} re-sent, {duplicates} duplicates (bound {})",
+        (back - down).as_secs_f64(),
+        healed.as_secs_f64(),
+        bound()
+    );
+    assert!(resent <= bound(), "{resent} re-sent > {}", bound());
+    assert!(duplicates <= resent, "every duplicate is one of the re-sent");
+}
+
+/// A tmpfs mounted over a directory for the test, unmounted when dropped.
+struct Mount(std::path::PathBuf);
+
+impl Mount {
+    /// `None` (with a note) without root or where mounting is not allowed.
+    fn tmpfs(dir: &Path, size: &str) -> Option<Mount> {
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .stderr(std::process::Stdio::null())
+            .status();
+        match status {
+            Ok(s) if s.success() => Some(Mount(dir.to_path_buf())),
+            _ => {
+                eprintln!("skipped: cannot mount a tmpfs (the full-disk test needs root)");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Writes `path` until the file system is full.
+fn fill(path: &Path) -> u64 {
+    use std::io::Write;
+    let mut file = std::fs::File::create(path).unwrap();
+    let chunk = vec![0xa5u8; 1 << 16];
+    let mut written = 0;
+    while file.write_all(&chunk).is_ok() {
+        written += chunk.len() as u64;
+    }
+    // What is left, a page at a time.
+    while file.write_all(&chunk[..4096]).is_ok() {
+        written += 4096;
+    }
+    let _ = file.sync_all();
+    written
+}
+
+/// The data disk (a small tmpfs) fills in the middle of a send, and is freed again
+/// three seconds later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_goes_on_by_itself_after_the_disk_was_full() {
+    const N: usize = 20_000;
+    if backend_is_postgres() {
+        eprintln!("skipped: a full redb disk is the redb pass's test");
+        return;
+    }
+    let home = Home {
+        data: tempfile::tempdir().unwrap(),
+        database: None,
+    };
+    let Some(_mount) = Mount::tmpfs(home.data.path(), "96m") else {
+        return;
+    };
+    let smtp = SmtpServer::start_with_delay(Duration::from_millis(1)).await;
+    let smtp_url = smtp.url();
+    let (_node, api) = spawn_node(&home, &["--smtp", &smtp_url, "--concurrency", "8"]);
+    api.wait_healthy().await;
+    let letter = letter_to_many(&api, "f", N).await;
+    let job = api.send(letter, json!({})).await;
+    wait_count(&smtp, 1000).await;
+
+    let filler = home.data.path().join("filler");
+    let filled = fill(&filler);
+    let full_at = smtp.count();
+    let why = wait_ready(&api, 503, Duration::from_secs(30)).await;
+    assert!(why["detail"].as_str().unwrap_or("").contains("store"), "{why}");
+    // While the disk is full: what was claimed may still go out (its outcome waits to be
+    // recorded), nothing more is claimed; the job shows why, when it can be read.
+    let mut stalled = None;
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        let (status, body) = api.get(&format!("/v1/jobs/{job}")).await;
+        match status {
+            200 if !body["stalled"].is_null() => stalled = Some(body["stalled"].clone()),
+            200 | 503 => {}
+            _ => panic!("GET /v1/jobs/{job} on a full disk: {status} {body}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, metrics) = api.get_text("/metrics").await;
+    assert_eq!(status, 200);
+    assert!(metrics.contains("letterbox_store_up 0"), "{metrics}");
+    let sent_while_full = smtp.count() - full_at;
+    assert!(
+        sent_while_full <= bound(),
+        "{sent_while_full} sent on a full disk > {}",
+        bound()
+    );
+
+    std::fs::remove_file(&filler).unwrap();
+    let freed = Instant::now();
+    let done = wait_completed(&api, job, Duration::from_secs(180)).await;
+    assert_eq!(done["counts"]["delivered"], N, "{done}");
+    wait_ready(&api, 200, Duration::from_secs(10)).await;
+    let duplicates = check_copies(&smtp, N);
+    let resent = done["resent_after_crash"].as_u64().unwrap() as usize;
+    eprintln!(
+        "disk full ({} MiB of filler) at {full_at} of {N} sent; {sent_while_full} sent while full; \
+         stalled: {stalled:?}; completed {:.1} s after the disk was freed; {resent} re-sent, \
+         {duplicates} duplicates (bound {})",
+        filled >> 20,
+        freed.elapsed().as_secs_f64(),
+        bound()
+    );
+    assert!(resent <= bound(), "{resent} re-sent > {}", bound());
+    assert!(duplicates <= resent, "every duplicate is one of the re-sent");
+}

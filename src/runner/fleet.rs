@@ -13,6 +13,7 @@
 use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
+use super::limits::Share;
 use super::{Control, Runner};
 use crate::domain::*;
 use crate::mail::Transport;
@@ -151,6 +152,11 @@ impl Runner {
             "node registered"
         );
         if inner.store.is_shared() {
+            if inner.domains.any() {
+                // The others still use the shares they had before this node came: it
+                // takes its own once they have had a heartbeat to shrink theirs.
+                inner.domains.set_share(Share::Joining);
+            }
             let runner = self.clone();
             tokio::spawn(async move { runner.heartbeat().await });
             let runner = self.clone();
@@ -175,6 +181,8 @@ impl Runner {
         let inner = &self.inner;
         let every = inner.node.lease / 4;
         let mut failing = false;
+        // Heartbeats since this node (last) registered: see `refresh_share`.
+        let mut beats: u32 = 0;
         loop {
             let wait = if failing {
                 every.min(Duration::from_secs(1))
@@ -190,8 +198,15 @@ impl Runner {
             let was_failing = failing;
             failing = matches!(&result, Err(e) if e.is_unavailable());
             match result {
-                Ok(()) => inner.node.renewed(started),
+                Ok(()) => {
+                    inner.node.renewed(started);
+                    beats = beats.saturating_add(1);
+                    self.refresh_share(beats).await;
+                }
                 Err(StoreError::TakenOver(why)) => {
+                    // Counted dead: the others took its share of the domain caps.
+                    inner.domains.set_share(Share::Joining);
+                    beats = 0;
                     tracing::warn!(%why, "this node's lease expired; registering again under a new id");
                     let id = inner.node.rename();
                     match inner
@@ -222,6 +237,36 @@ impl Runner {
                 Err(e) => tracing::debug!(error = %e, "rescue failed"),
             }
         }
+    }
+
+    /// Sets this node's share of the `--domain-limit` caps from the live nodes: the
+    /// `rank`-th of `n` nodes by id gets its part of an even split, so the parts add up
+    /// to each cap. A node that just joined has no share until its second heartbeat,
+    /// by which time every other node has had one and shrunk its own.
+    async fn refresh_share(&self, beats: u32) {
+        let inner = &self.inner;
+        if !inner.domains.any() || beats < 2 {
+            return;
+        }
+        let nodes = match inner.store.nodes().await {
+            Ok(nodes) => nodes,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot list the nodes; domain shares unchanged");
+                return;
+            }
+        };
+        let me = inner.node.id();
+        let mut ids: Vec<&str> = nodes.iter().map(|n| n.id.as_str()).collect();
+        ids.sort_unstable();
+        let share = match ids.iter().position(|id| *id == me) {
+            Some(rank) => Share::Of {
+                nodes: ids.len() as u32,
+                rank: rank as u32,
+            },
+            // Not listed: about to be counted dead.
+            None => Share::Joining,
+        };
+        inner.domains.set_share(share);
     }
 
     /// Picks up jobs other nodes started or resumed, and passes on the pauses and

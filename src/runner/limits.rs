@@ -84,14 +84,55 @@ impl DomainLimits {
     }
 }
 
-type Slots = Arc<Mutex<HashMap<String, Arc<Semaphore>>>>;
+/// One capped domain's slots on this node: a semaphore sized to the node's share of
+/// the cap. `size` is what it should hold; `debt` counts permits given out that must
+/// be forgotten instead of returned, because the share shrank while they were held.
+struct DomainSlots {
+    semaphore: Arc<Semaphore>,
+    size: u32,
+    debt: u32,
+}
+
+type Slots = Arc<Mutex<HashMap<String, Arc<Mutex<DomainSlots>>>>>;
+
+/// This node's place in the fleet, which decides its share of every domain's cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Share {
+    /// Alone (redb), or every node's share is the whole cap: all of it.
+    Whole,
+    /// One of `nodes` live nodes, the `rank`-th by id.
+    Of { nodes: u32, rank: u32 },
+    /// Just joined a fleet: no slots until the other nodes have made room.
+    Joining,
+}
+
+impl Share {
+    /// This node's part of `cap`: an even split, the remainder to the lowest ranks, so
+    /// the parts add up to the cap; never less than one slot, so with fewer slots than
+    /// nodes the fleet as a whole may use one per node.
+    pub(super) fn of(self, cap: u32) -> u32 {
+        match self {
+            Share::Whole => cap,
+            Share::Joining => 0,
+            Share::Of { nodes, rank } => {
+                let nodes = nodes.max(1);
+                let part = cap / nodes + u32::from(rank < cap % nodes);
+                part.max(1)
+            }
+        }
+    }
+}
 
 /// One semaphore per capped domain, shared by every job: the cap is on what the
 /// receiving provider sees, whichever letters it comes from. Semaphores exist only while
 /// someone holds or waits for one, so a list with 100k domains costs nothing at rest.
+///
+/// In a fleet each node holds its share of each cap (`Share`), recomputed from the
+/// live nodes at every heartbeat, so the nodes' shares add up to the cap.
 pub(super) struct DomainLimiter {
     limits: DomainLimits,
     slots: Slots,
+    share: Mutex<Share>,
 }
 
 /// A held slot for one domain; frees it (and forgets an idle domain) when dropped.
@@ -103,10 +144,22 @@ pub(super) struct DomainPermit {
 
 impl Drop for DomainPermit {
     fn drop(&mut self) {
-        drop(self.permit.take());
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(permit) = self.permit.take()
+            && let Some(domain) = slots.get(&self.domain)
+        {
+            let mut domain = domain.lock().unwrap_or_else(|e| e.into_inner());
+            if domain.debt > 0 {
+                // The share shrank: this slot is no longer the node's to use.
+                domain.debt -= 1;
+                permit.forget();
+            }
+        }
         // Only the map holds it: nobody has or waits for a slot of this domain.
-        if slots.get(&self.domain).is_some_and(|s| Arc::strong_count(s) == 1) {
+        if slots.get(&self.domain).is_some_and(|s| {
+            let s = s.lock().unwrap_or_else(|e| e.into_inner());
+            Arc::strong_count(&s.semaphore) == 1
+        }) {
             slots.remove(&self.domain);
         }
     }
@@ -117,18 +170,49 @@ impl DomainLimiter {
         DomainLimiter {
             limits,
             slots: Default::default(),
+            share: Mutex::new(Share::Whole),
+        }
+    }
+
+    /// Whether any domain is capped.
+    pub(super) fn any(&self) -> bool {
+        self.limits.default.is_some() || !self.limits.per_domain.is_empty()
+    }
+
+    /// Sets this node's share of every cap, resizing the semaphores in use.
+    pub(super) fn set_share(&self, share: Share) {
+        {
+            let mut current = self.share.lock().unwrap_or_else(|e| e.into_inner());
+            if *current == share {
+                return;
+            }
+            *current = share;
+        }
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        for (name, domain) in slots.iter() {
+            let Some(cap) = self.limits.limit_for(name) else {
+                continue;
+            };
+            let mut domain = domain.lock().unwrap_or_else(|e| e.into_inner());
+            resize(&mut domain, share.of(cap));
         }
     }
 
     /// Waits for a slot for `domain`; `None` when the domain has no cap.
     pub(super) async fn acquire(&self, domain: &str) -> Option<DomainPermit> {
         let limit = self.limits.limit_for(domain)?;
+        let share = *self.share.lock().unwrap_or_else(|e| e.into_inner());
         let semaphore = {
             let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-            slots
-                .entry(domain.to_string())
-                .or_insert_with(|| Arc::new(Semaphore::new(limit as usize)))
-                .clone()
+            let size = share.of(limit);
+            let entry = slots.entry(domain.to_string()).or_insert_with(|| {
+                Arc::new(Mutex::new(DomainSlots {
+                    semaphore: Arc::new(Semaphore::new(size as usize)),
+                    size,
+                    debt: 0,
+                }))
+            });
+            entry.lock().unwrap_or_else(|e| e.into_inner()).semaphore.clone()
         };
         // Build the guard before waiting, so a cancelled wait still cleans up.
         let mut guard = DomainPermit {
@@ -145,6 +229,24 @@ impl DomainLimiter {
     fn tracked(&self) -> usize {
         self.slots.lock().unwrap().len()
     }
+}
+
+/// Makes a domain's semaphore hold `size` slots: adds permits, or forgets free ones and
+/// owes the rest (forgotten as they come back).
+fn resize(domain: &mut DomainSlots, size: u32) {
+    if size > domain.size {
+        let mut grow = size - domain.size;
+        // Cancel debt first: those permits are still out and may simply come back.
+        let cancelled = grow.min(domain.debt);
+        domain.debt -= cancelled;
+        grow -= cancelled;
+        domain.semaphore.add_permits(grow as usize);
+    } else if size < domain.size {
+        let shrink = (domain.size - size) as usize;
+        let forgotten = domain.semaphore.forget_permits(shrink);
+        domain.debt += (shrink - forgotten) as u32;
+    }
+    domain.size = size;
 }
 
 /// Recent throughput of one job: completions per second over the last few seconds.
@@ -233,6 +335,78 @@ mod tests {
         for bad in ["gmail.com", "gmail.com=0", "=3", "x=y"] {
             assert!(limits.add(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn fleet_shares_add_up_to_the_cap() {
+        for cap in 1..20 {
+            for nodes in 1..6 {
+                let parts: Vec<u32> = (0..nodes).map(|rank| Share::Of { nodes, rank }.of(cap)).collect();
+                let sum: u32 = parts.iter().sum();
+                // Below one slot per node, each node still gets one.
+                assert_eq!(sum, cap.max(nodes), "cap {cap}, {nodes} nodes: {parts:?}");
+                let spread = parts.iter().max().unwrap() - parts.iter().min().unwrap();
+                assert!(spread <= 1, "cap {cap}, {nodes} nodes: {parts:?}");
+            }
+        }
+        assert_eq!(Share::Whole.of(5), 5);
+        assert_eq!(Share::Joining.of(5), 0);
+    }
+
+    #[tokio::test]
+    async fn a_smaller_share_takes_effect_as_held_slots_come_back() {
+        let mut limits = DomainLimits::default();
+        limits.add("capped.example=4").unwrap();
+        let limiter = DomainLimiter::new(limits);
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            held.push(limiter.acquire("capped.example").await.unwrap());
+        }
+        // Another node joined: this one's share is 2 of the 4.
+        limiter.set_share(Share::Of { nodes: 2, rank: 0 });
+        let wait = Duration::from_millis(50);
+        held.truncate(2); // two come back, and are forgotten
+        let more = tokio::time::timeout(wait, limiter.acquire("capped.example")).await;
+        assert!(more.is_err(), "two slots are held: the whole share");
+        held.pop();
+        let more = tokio::time::timeout(wait, limiter.acquire("capped.example")).await;
+        assert!(more.is_ok(), "one of the share is free again");
+        drop(more);
+        // The other node left: the whole cap again.
+        limiter.set_share(Share::Whole);
+        let mut again = Vec::new();
+        for _ in 0..3 {
+            let permit = tokio::time::timeout(wait, limiter.acquire("capped.example")).await;
+            again.push(permit.expect("the cap grew back to 4"));
+        }
+        let more = tokio::time::timeout(wait, limiter.acquire("capped.example")).await;
+        assert!(more.is_err(), "four are held: the cap");
+    }
+
+    #[tokio::test]
+    async fn a_joining_node_waits_for_its_share() {
+        let mut limits = DomainLimits::default();
+        limits.add("capped.example=3").unwrap();
+        let limiter = DomainLimiter::new(limits);
+        limiter.set_share(Share::Joining);
+        let wait = Duration::from_millis(50);
+        assert!(
+            tokio::time::timeout(wait, limiter.acquire("free.example"))
+                .await
+                .is_ok()
+        );
+        let waiting = tokio::spawn({
+            let limiter = Arc::new(limiter);
+            let inner = limiter.clone();
+            async move {
+                let acquire = tokio::spawn(async move { inner.acquire("capped.example").await.is_some() });
+                tokio::time::sleep(wait).await;
+                assert!(!acquire.is_finished(), "no slot while joining");
+                limiter.set_share(Share::Of { nodes: 3, rank: 2 });
+                acquire.await.unwrap()
+            }
+        });
+        assert!(waiting.await.unwrap(), "a slot once the share is known");
     }
 
     #[tokio::test]

@@ -367,3 +367,49 @@ async fn a_transport_rate_holds_across_the_fleet() {
     assert!(busiest <= 66, "{busiest} messages in 2 s > 2 x 33");
     assert!(per_node.iter().all(|&n| n > 0), "every node sent: {per_node:?}");
 }
+
+/// `--domain-limit` caps hold for the whole fleet: three nodes with
+/// `example.org=6` never have more than 6 transactions open at once to that domain's
+/// SMTP server between them (each node holds its share of the cap), not 18.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_domain_limit_holds_across_the_fleet() {
+    const N: usize = 1200;
+    const CAP: usize = 6;
+    let Some(homes) = fleet_homes(3).await else { return };
+    // One server for the fleet, slow enough that every node has all its slots busy.
+    let smtp = SmtpServer::start_with_delay(Duration::from_millis(30)).await;
+    let url = smtp.url();
+    let limit = format!("example.org={CAP}");
+    let args = ["--smtp", &url, "--concurrency", "8", "--domain-limit", &limit];
+    let fleet: Vec<(Server, Api)> = homes.iter().map(|home| spawn_node(home, &args)).collect();
+    for (_, api) in &fleet {
+        api.wait_healthy().await;
+    }
+    wait_nodes(&fleet[0].1, 3, Duration::from_secs(30)).await;
+    let letter = letter_to_many(&fleet[0].1, "d", N).await;
+    let job = fleet[0].1.send(letter, json!({})).await;
+    let mut claimed_by: HashSet<String> = HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while smtp.count() < N / 2 {
+        for node in nodes(&fleet[1].1).await {
+            if node["claims"].as_u64() > Some(0) {
+                claimed_by.insert(node["id"].as_str().unwrap().to_string());
+            }
+        }
+        assert!(Instant::now() < deadline, "the send never got going");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let done = fleet[2].1.wait_job(job, Duration::from_secs(120)).await;
+    assert_eq!(done["counts"]["delivered"], N, "{done}");
+    let most = smtp.most_open("example.org");
+    eprintln!(
+        "fleet domain cap {CAP}: at most {most} open at once; nodes that claimed: {}",
+        claimed_by.len()
+    );
+    assert!(
+        most <= CAP,
+        "{most} transactions open at once to example.org > {CAP}"
+    );
+    assert!(most >= CAP / 2, "the shares were used: at most {most} open");
+    assert_eq!(claimed_by.len(), 3, "every node worked the job");
+}

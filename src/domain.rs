@@ -21,7 +21,7 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Newsletter {
     pub id: u64,
     pub name: String,
@@ -95,7 +95,7 @@ impl SubscriberPatch {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Subscriber {
     pub id: u64,
     pub newsletter_id: u64,
@@ -146,7 +146,7 @@ pub struct RowError {
     pub reason: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Letter {
     pub id: u64,
     pub newsletter_id: u64,
@@ -185,7 +185,7 @@ impl std::fmt::Display for PluginKind {
 }
 
 /// A stored policy version. Its identity is the sha256 of the component bytes.
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Plugin {
     pub id: String,
     pub name: String,
@@ -378,7 +378,7 @@ impl RetryPolicy {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Job {
     pub id: u64,
     pub letter_id: u64,
@@ -517,7 +517,7 @@ impl DeliveryState {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Delivery {
     pub job_id: u64,
     pub subscriber_id: u64,

@@ -11,6 +11,7 @@ pub mod domain;
 pub mod http;
 pub mod import;
 pub mod mail;
+pub mod migrate;
 pub mod policy;
 pub mod runner;
 pub mod settings;

@@ -42,6 +42,10 @@ enum LogFormat {
 enum Command {
     /// Run the server.
     Serve(Box<ServeArgs>),
+    /// Copy a single-node installation (a redb data directory) into an empty
+    /// PostgreSQL database, to run it as a fleet; the counts are checked after the copy.
+    /// Stop the server on DIR first.
+    Migrate(MigrateArgs),
     #[command(flatten)]
     Client(letterbox::client::Command),
 }
@@ -59,6 +63,7 @@ async fn main() -> anyhow::Result<()> {
     }
     match cli.command {
         Command::Serve(args) => serve(cli.config, *args).await,
+        Command::Migrate(args) => migrate(args).await,
         Command::Client(command) => {
             // The settings file fills in what flags and variables leave out.
             let (file, file_token) = match letterbox::settings::file_to_read(cli.config.as_deref()) {
@@ -78,6 +83,56 @@ async fn main() -> anyhow::Result<()> {
                 std::process::exit(1);
             }
             Ok(())
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct MigrateArgs {
+    /// The data directory of the installation to copy (its `letterbox.redb`).
+    #[arg(long, value_name = "DIR")]
+    from: PathBuf,
+    /// The PostgreSQL database to copy into (postgres://user:password@host:port/db);
+    /// it must hold no letterbox data yet. Prefer the environment variable when the URL
+    /// holds a password.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "LETTERBOX_DATABASE_URL",
+        hide_env_values = true
+    )]
+    to: String,
+}
+
+async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let mut shown = 0;
+    let result = letterbox::migrate::run(&args.from, &args.to, |copied| {
+        if copied >= shown + 100_000 {
+            shown = copied;
+            eprintln!("  {copied} records copied");
+        }
+    })
+    .await;
+    match result {
+        Ok(report) => {
+            if report.requeued > 0 {
+                println!(
+                    "{} recipients that were in flight when the source stopped were put back in the queue",
+                    report.requeued
+                );
+            }
+            println!(
+                "copied {} in {:.1} s; the counts match",
+                letterbox::migrate::describe(&report.inventory),
+                started.elapsed().as_secs_f64()
+            );
+            println!("start the nodes with --database (LETTERBOX_DATABASE_URL) on that database");
+            Ok(())
+        }
+        Err(e) => {
+            eprintln!("letterbox migrate: {e}");
+            std::process::exit(1);
         }
     }
 }

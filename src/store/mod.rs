@@ -367,9 +367,113 @@ pub struct Rescued {
     pub requeued: Vec<(u64, u64)>,
 }
 
+/// One record of an installation, as `Transfer` moves it between stores: everything
+/// the store holds but the nodes, leases and rate buckets of a fleet (which belong to
+/// the processes running on it, not to the installation).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Record {
+    Secret {
+        name: String,
+        value: Vec<u8>,
+    },
+    Newsletter(Newsletter),
+    Subscriber(Subscriber),
+    Letter(Letter),
+    /// A component: its metadata (the name and kind it was first stored as) and bytes.
+    Plugin {
+        plugin: Plugin,
+        bytes: Vec<u8>,
+    },
+    /// One version in a plugin name's history.
+    PluginVersion {
+        name: String,
+        version: PluginVersion,
+    },
+    /// A plugin name's latest version.
+    PluginLatest {
+        name: String,
+        id: String,
+    },
+    Job(Job),
+    Delivery(Delivery),
+    IdempotencyKey {
+        key: String,
+        request_hash: String,
+        job_id: u64,
+        created_at: u64,
+    },
+}
+
+/// How many records of each kind a store holds: what a migration must find the same on
+/// both sides.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Inventory {
+    pub secrets: u64,
+    pub newsletters: u64,
+    pub subscribers: u64,
+    pub letters: u64,
+    pub plugins: u64,
+    pub plugin_versions: u64,
+    pub plugin_names: u64,
+    pub jobs: u64,
+    pub deliveries: u64,
+    pub idempotency_keys: u64,
+    /// The jobs' counts summed: deliveries per state, as the jobs record them.
+    pub counts: Counts,
+}
+
+impl Inventory {
+    pub fn is_empty(&self) -> bool {
+        *self == Inventory::default()
+    }
+
+    /// Counts one record.
+    pub fn add(&mut self, record: &Record) {
+        match record {
+            Record::Secret { .. } => self.secrets += 1,
+            Record::Newsletter(_) => self.newsletters += 1,
+            Record::Subscriber(_) => self.subscribers += 1,
+            Record::Letter(_) => self.letters += 1,
+            Record::Plugin { .. } => self.plugins += 1,
+            Record::PluginVersion { .. } => self.plugin_versions += 1,
+            Record::PluginLatest { .. } => self.plugin_names += 1,
+            Record::Job(job) => {
+                self.jobs += 1;
+                let c = &mut self.counts;
+                c.pending += job.counts.pending;
+                c.sending += job.counts.sending;
+                c.delivered += job.counts.delivered;
+                c.skipped += job.counts.skipped;
+                c.retrying += job.counts.retrying;
+                c.failed += job.counts.failed;
+                c.cancelled += job.counts.cancelled;
+            }
+            Record::Delivery(_) => self.deliveries += 1,
+            Record::IdempotencyKey { .. } => self.idempotency_keys += 1,
+        }
+    }
+}
+
+/// Moving a whole installation between stores (`letterbox migrate`), ids and all.
+#[async_trait]
+pub trait Transfer: Send + Sync {
+    /// Sends every record, in chunks, in an order `import` can take (each record after
+    /// those it refers to), read from one consistent snapshot. The store should not be
+    /// in use meanwhile.
+    async fn export(&self, out: tokio::sync::mpsc::Sender<Vec<Record>>) -> Result<(), StoreError>;
+
+    /// Writes records as they are, ids included, into a store that holds nothing of
+    /// its own yet, and moves its id sequences past them. A delivery must not be
+    /// `sending` (rescue the source first: `register_node`).
+    async fn import(&self, records: Vec<Record>) -> Result<(), StoreError>;
+
+    /// How many records of each kind the store holds.
+    async fn inventory(&self) -> Result<Inventory, StoreError>;
+}
+
 /// A whole database: every operation, plus what the server needs to run on it.
 #[async_trait]
-pub trait Backend: Lists + Jobs + Plugins + Fleet {
+pub trait Backend: Lists + Jobs + Plugins + Fleet + Transfer {
     /// "redb" or "postgres", for logs and metrics.
     fn name(&self) -> &'static str;
 

@@ -1038,6 +1038,204 @@ async fn concurrent_upserts_keep_emails_unique(store: Store) {
     );
 }
 
+/// Every record a store holds, in a canonical order (backends order some kinds
+/// differently: subscribers by newsletter or by id).
+async fn export_all(store: &Store) -> Vec<Record> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel(2);
+    let exporter = {
+        let store = store.clone();
+        tokio::spawn(async move { store.export(tx).await })
+    };
+    let mut all = Vec::new();
+    while let Some(chunk) = rx.recv().await {
+        all.extend(chunk);
+    }
+    exporter.await.unwrap().unwrap();
+    all.sort_by_cached_key(|r| format!("{r:?}"));
+    all
+}
+
+async fn transfer_copies_everything_ids_and_all(store: Store) {
+    // An installation with some of everything: two newsletters (ids interleave), an
+    // unsubscribed reader, plugin versions, a job with recipients in every kind of
+    // state but sending, an idempotency key and a secret.
+    store.secret("k", b"secret bytes".to_vec()).await.unwrap();
+    let (newsletter, job) = job_with(&store, 6).await;
+    let other = store
+        .create_newsletter("Other".into(), "o@example.com".into())
+        .await
+        .unwrap();
+    store
+        .upsert_subscribers(other.id, vec![person("x@Example.COM")])
+        .await
+        .unwrap();
+    let first = store.subscribers_after(newsletter, 0, 1).await.unwrap()[0].id;
+    store.unsubscribe(newsletter, first).await.unwrap();
+    let mut params = serde_json::Map::new();
+    params.insert("segment".into(), json!({"attribute": "plan"}));
+    let letter = Letter {
+        id: 0,
+        newsletter_id: newsletter,
+        subject: "Hi {{ name }}".into(),
+        text: "Body".into(),
+        html: Some("<p>Body</p>".into()),
+        filter: "seg".into(),
+        template: "default-template".into(),
+        params,
+        created_at: now(),
+    };
+    let letter = store.create_letter(letter).await.unwrap();
+    store
+        .put_plugin(plugin("aa", "seg", PluginKind::Filter), b"one".to_vec())
+        .await
+        .unwrap();
+    store
+        .put_plugin(plugin("bb", "seg", PluginKind::Filter), b"two".to_vec())
+        .await
+        .unwrap();
+    store
+        .put_plugin(plugin("cc", "tpl", PluginKind::Template), b"three".to_vec())
+        .await
+        .unwrap();
+    let claimed = ids(&store.claim(NODE, job.id, 5, now_ms()).await.unwrap());
+    let outcomes = vec![
+        (
+            claimed[0],
+            Outcome::Delivered {
+                reply: "250 ok".into(),
+            },
+        ),
+        (
+            claimed[1],
+            Outcome::Skipped {
+                reason: "filtered".into(),
+            },
+        ),
+        (
+            claimed[2],
+            Outcome::Retry {
+                at_ms: now_ms() + 60_000,
+                error: "451 later".into(),
+            },
+        ),
+        (
+            claimed[3],
+            Outcome::Failed {
+                reason: "550 no".into(),
+            },
+        ),
+        (claimed[4], Outcome::Released),
+    ];
+    store.record(NODE, job.id, outcomes).await.unwrap();
+    let key = IdempotencyKey {
+        key: "key-1".into(),
+        request_hash: "h".into(),
+    };
+    let NewJob::Created(keyed) = store.create_job(job_for(other.id), Some(key)).await.unwrap() else {
+        panic!("a new job")
+    };
+
+    let records = export_all(&store).await;
+    let inventory = store.inventory().await.unwrap();
+    let mut counted = Inventory::default();
+    for record in &records {
+        counted.add(record);
+    }
+    assert_eq!(counted, inventory, "the export holds what the inventory counts");
+    assert_eq!(
+        (
+            inventory.newsletters,
+            inventory.subscribers,
+            inventory.jobs,
+            inventory.deliveries
+        ),
+        (2, 7, 2, 6)
+    );
+    assert_eq!(
+        (
+            inventory.plugins,
+            inventory.plugin_versions,
+            inventory.plugin_names
+        ),
+        (3, 3, 2)
+    );
+
+    let mut targets = vec![redb().await];
+    targets.extend(postgres().await);
+    for target in targets {
+        let target = target.store;
+        assert!(target.inventory().await.unwrap().is_empty());
+        // In small chunks, as the export sends them: order matters across chunks.
+        let (tx, mut rx) = tokio::sync::mpsc::channel(2);
+        let exporter = {
+            let store = store.clone();
+            tokio::spawn(async move { store.export(tx).await })
+        };
+        while let Some(chunk) = rx.recv().await {
+            for part in chunk.chunks(2) {
+                target.import(part.to_vec()).await.unwrap();
+            }
+        }
+        exporter.await.unwrap().unwrap();
+        let name = target.name();
+        assert_eq!(export_all(&target).await, records, "{name}: the same records");
+        assert_eq!(target.inventory().await.unwrap(), inventory, "{name}");
+        // It works as the original did: reads by id, claims, idempotency.
+        assert_eq!(target.letter(letter.id).await.unwrap(), letter, "{name}");
+        assert_eq!(
+            target.job(job.id).await.unwrap(),
+            store.job(job.id).await.unwrap(),
+            "{name}"
+        );
+        let replay = IdempotencyKey {
+            key: "key-1".into(),
+            request_hash: "h".into(),
+        };
+        match target.create_job(job_for(other.id), Some(replay)).await.unwrap() {
+            NewJob::Existing(j) => assert_eq!(j.id, keyed.id, "{name}"),
+            other => panic!("{name}: {other:?}"),
+        }
+        let pending = target.claim(NODE, job.id, 10, now_ms()).await.unwrap();
+        assert_eq!(
+            pending.len(),
+            2,
+            "{name}: the released and never-claimed recipient"
+        );
+        // New ids come after the copied ones.
+        let fresh = target
+            .create_newsletter("New".into(), "n@example.com".into())
+            .await
+            .unwrap();
+        assert!(fresh.id > other.id, "{name}: newsletter id {} reused", fresh.id);
+        target
+            .upsert_subscribers(fresh.id, vec![person("new@example.com")])
+            .await
+            .unwrap();
+        let new_subscriber = target.subscribers_after(fresh.id, 0, 1).await.unwrap()[0].id;
+        assert!(
+            new_subscriber > 7,
+            "{name}: subscriber id {new_subscriber} reused"
+        );
+        let NewJob::Created(new_job) = target.create_job(job_for(fresh.id), None).await.unwrap() else {
+            panic!()
+        };
+        assert!(new_job.id > keyed.id, "{name}: job id reused");
+        // A recipient in flight cannot be moved: the source must be rescued first.
+        let in_flight = Delivery {
+            job_id: new_job.id,
+            subscriber_id: new_subscriber,
+            email: "new@example.com".into(),
+            attempts: 1,
+            state: DeliveryState::Sending { since: now() },
+        };
+        let err = target
+            .import(vec![Record::Delivery(in_flight)])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Conflict(_)), "{name}: {err}");
+    }
+}
+
 /// One `#[tokio::test]` per backend for each test above.
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
@@ -1086,4 +1284,5 @@ conformance!(
     secrets_are_kept_once,
     concurrent_claims_never_overlap,
     concurrent_upserts_keep_emails_unique,
+    transfer_copies_everything_ids_and_all,
 );

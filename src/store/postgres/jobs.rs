@@ -13,11 +13,11 @@ use super::{PgStore, commit, domain_int, execute, query, query_opt, sql_int, sql
 use crate::domain::*;
 use crate::store::{ClaimedRecipient, IdempotencyKey, JobChange, Jobs, NewJob, StoreError, wrong_state};
 
-const JOB_COLUMNS: &str =
+pub(super) const JOB_COLUMNS: &str =
     "doc, state, pending, sending, delivered, skipped, retrying, failed, cancelled, resent_after_crash";
 
 /// A row of `JOB_COLUMNS`: the document, with the columns that are the truth.
-fn job(row: &Row) -> Result<Job, StoreError> {
+pub(super) fn job(row: &Row) -> Result<Job, StoreError> {
     let mut job: Job = serde_json::from_value(row.get(0))?;
     let state: &str = row.get(1);
     job.state = JobState::parse(state)
@@ -132,7 +132,7 @@ pub(super) async fn apply_counts(
 }
 
 /// A delivery from `subscriber_id, email, attempts, detail`.
-fn delivery(job_id: u64, row: &Row) -> Result<Delivery, StoreError> {
+pub(super) fn delivery(job_id: u64, row: &Row) -> Result<Delivery, StoreError> {
     Ok(Delivery {
         job_id,
         subscriber_id: domain_int(row.get(0)),
@@ -142,12 +142,12 @@ fn delivery(job_id: u64, row: &Row) -> Result<Delivery, StoreError> {
     })
 }
 
-fn state_code(kind: StateKind) -> i16 {
+pub(super) fn state_code(kind: StateKind) -> i16 {
     i16::from(kind.code())
 }
 
 /// The retry time a state is indexed under.
-fn due_ms(state: &DeliveryState) -> Option<i64> {
+pub(super) fn due_ms(state: &DeliveryState) -> Option<i64> {
     match state {
         DeliveryState::Retrying {
             next_attempt_at_ms, ..

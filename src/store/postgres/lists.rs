@@ -39,7 +39,7 @@ pub(super) fn subscriber(row: &Row) -> Result<Subscriber, StoreError> {
     })
 }
 
-fn newsletter(row: &Row) -> Newsletter {
+pub(super) fn newsletter(row: &Row) -> Newsletter {
     Newsletter {
         id: domain_int(row.get(0)),
         name: row.get(1),

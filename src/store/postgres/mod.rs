@@ -16,6 +16,7 @@ mod jobs;
 mod lists;
 mod plugins;
 mod schema;
+mod transfer;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

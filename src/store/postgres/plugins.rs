@@ -18,7 +18,7 @@ fn kind_of(text: &str) -> Result<PluginKind, StoreError> {
 }
 
 /// A row of `id, kind, name, size, created_at` from `plugin_blobs`.
-fn plugin(row: &Row) -> Result<Plugin, StoreError> {
+pub(super) fn plugin(row: &Row) -> Result<Plugin, StoreError> {
     Ok(Plugin {
         id: row.get(0),
         kind: kind_of(row.get(1))?,
@@ -28,7 +28,7 @@ fn plugin(row: &Row) -> Result<Plugin, StoreError> {
     })
 }
 
-fn version(row: &Row) -> PluginVersion {
+pub(super) fn version(row: &Row) -> PluginVersion {
     PluginVersion {
         version: domain_int(row.get(0)),
         id: row.get(1),

@@ -22,10 +22,10 @@ pub(super) fn put_job(txn: &WriteTransaction, job: &Job) -> Result<(), StoreErro
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-struct IdempotencyRecord {
-    request_hash: String,
-    job_id: u64,
-    created_at: u64,
+pub(super) struct IdempotencyRecord {
+    pub(super) request_hash: String,
+    pub(super) job_id: u64,
+    pub(super) created_at: u64,
 }
 
 /// The tables a delivery state change touches, opened once per operation.

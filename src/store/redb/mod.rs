@@ -21,6 +21,7 @@ mod jobs;
 mod lists;
 mod plugins;
 mod tables;
+mod transfer;
 
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,441 @@
+//! Moving a whole installation in and out of PostgreSQL (`store::Transfer`): an export
+//! reads every table in one REPEATABLE READ snapshot, a page at a time; an import writes
+//! each chunk in one transaction (subscribers and deliveries as `unnest` batches) and
+//! moves the id sequences past what it wrote.
+
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use super::jobs::{JOB_COLUMNS, delivery, due_ms, job, state_code};
+use super::lists::{SUBSCRIBER_COLUMNS, newsletter, subscriber};
+use super::plugins::{plugin, version};
+use super::{PgStore, commit, domain_int, execute, query, sql_int};
+use crate::domain::*;
+use crate::store::{Inventory, Record, StoreError, Transfer, normalise_email};
+
+/// Rows per page of an export, and so records per chunk it sends.
+const PAGE: i64 = 1000;
+
+async fn send(out: &mpsc::Sender<Vec<Record>>, chunk: Vec<Record>) -> Result<(), StoreError> {
+    if chunk.is_empty() {
+        return Ok(());
+    }
+    out.send(chunk).await.map_err(|_| StoreError::Closed)
+}
+
+#[async_trait::async_trait]
+impl Transfer for PgStore {
+    async fn export(&self, out: mpsc::Sender<Vec<Record>>) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await?;
+        let rows = query(&tx, "SELECT name, value FROM secrets ORDER BY name", &[]).await?;
+        let secrets = rows
+            .iter()
+            .map(|r| Record::Secret {
+                name: r.get(0),
+                value: r.get(1),
+            })
+            .collect();
+        send(&out, secrets).await?;
+        let rows = query(
+            &tx,
+            "SELECT id, name, from_addr, created_at FROM newsletters ORDER BY id",
+            &[],
+        )
+        .await?;
+        send(
+            &out,
+            rows.iter().map(|r| Record::Newsletter(newsletter(r))).collect(),
+        )
+        .await?;
+        let mut after = 0i64;
+        loop {
+            let rows = query(
+                &tx,
+                &format!("SELECT {SUBSCRIBER_COLUMNS} FROM subscribers WHERE id > $1 ORDER BY id LIMIT $2"),
+                &[&after, &PAGE],
+            )
+            .await?;
+            let Some(last) = rows.last() else { break };
+            after = last.get(0);
+            let chunk = rows
+                .iter()
+                .map(|r| subscriber(r).map(Record::Subscriber))
+                .collect::<Result<_, _>>()?;
+            send(&out, chunk).await?;
+        }
+        let rows = query(&tx, "SELECT doc FROM letters ORDER BY id", &[]).await?;
+        let letters = rows
+            .iter()
+            .map(|r| Ok(Record::Letter(serde_json::from_value(r.get(0))?)))
+            .collect::<Result<_, StoreError>>()?;
+        send(&out, letters).await?;
+        // Components are up to a few MiB each: a page of ten.
+        let mut after = String::new();
+        loop {
+            let rows = query(
+                &tx,
+                "SELECT id, kind, name, size, created_at, bytes FROM plugin_blobs WHERE id > $1 ORDER BY id LIMIT 10",
+                &[&after],
+            )
+            .await?;
+            let Some(last) = rows.last() else { break };
+            after = last.get(0);
+            let chunk = rows
+                .iter()
+                .map(|r| {
+                    Ok(Record::Plugin {
+                        plugin: plugin(r)?,
+                        bytes: r.get(5),
+                    })
+                })
+                .collect::<Result<_, StoreError>>()?;
+            send(&out, chunk).await?;
+        }
+        let rows = query(
+            &tx,
+            "SELECT version, id, size, uploaded_at, name FROM plugin_versions ORDER BY name, version",
+            &[],
+        )
+        .await?;
+        let versions = rows
+            .iter()
+            .map(|r| Record::PluginVersion {
+                name: r.get(4),
+                version: version(r),
+            })
+            .collect();
+        send(&out, versions).await?;
+        let rows = query(&tx, "SELECT name, id FROM plugin_names ORDER BY name", &[]).await?;
+        let names = rows
+            .iter()
+            .map(|r| Record::PluginLatest {
+                name: r.get(0),
+                id: r.get(1),
+            })
+            .collect();
+        send(&out, names).await?;
+        let rows = query(&tx, &format!("SELECT {JOB_COLUMNS} FROM jobs ORDER BY id"), &[]).await?;
+        let jobs = rows
+            .iter()
+            .map(|r| job(r).map(Record::Job))
+            .collect::<Result<_, _>>()?;
+        send(&out, jobs).await?;
+        let (mut after_job, mut after_sub) = (0i64, 0i64);
+        loop {
+            let rows = query(
+                &tx,
+                "SELECT subscriber_id, email, attempts, detail, job_id FROM deliveries
+                 WHERE (job_id, subscriber_id) > ($1, $2) ORDER BY job_id, subscriber_id LIMIT $3",
+                &[&after_job, &after_sub, &PAGE],
+            )
+            .await?;
+            let Some(last) = rows.last() else { break };
+            (after_job, after_sub) = (last.get(4), last.get(0));
+            let chunk = rows
+                .iter()
+                .map(|r| delivery(domain_int(r.get(4)), r).map(Record::Delivery))
+                .collect::<Result<_, _>>()?;
+            send(&out, chunk).await?;
+        }
+        let rows = query(
+            &tx,
+            "SELECT key, request_hash, job_id, created_at FROM idempotency_keys ORDER BY key",
+            &[],
+        )
+        .await?;
+        let keys = rows
+            .iter()
+            .map(|r| Record::IdempotencyKey {
+                key: r.get(0),
+                request_hash: r.get(1),
+                job_id: domain_int(r.get(2)),
+                created_at: domain_int(r.get(3)),
+            })
+            .collect();
+        send(&out, keys).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn import(&self, records: Vec<Record>) -> Result<(), StoreError> {
+        if let Some(Record::Delivery(d)) = records
+            .iter()
+            .find(|r| matches!(r, Record::Delivery(d) if d.state.kind() == StateKind::Sending))
+        {
+            return Err(StoreError::Conflict(format!(
+                "job {} recipient {} is in flight (sending): rescue the source before moving it",
+                d.job_id, d.subscriber_id
+            )));
+        }
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        // Subscribers and deliveries, the many, go in batches of one statement.
+        let mut subscribers: Vec<Subscriber> = Vec::new();
+        let mut deliveries: Vec<Delivery> = Vec::new();
+        for record in records {
+            match record {
+                Record::Subscriber(s) => subscribers.push(s),
+                Record::Delivery(d) => deliveries.push(d),
+                other => {
+                    // Keep the order: what a record refers to was written before it.
+                    flush_subscribers(&tx, &mut subscribers).await?;
+                    flush_deliveries(&tx, &mut deliveries).await?;
+                    import_one(&tx, other).await?;
+                }
+            }
+        }
+        flush_subscribers(&tx, &mut subscribers).await?;
+        flush_deliveries(&tx, &mut deliveries).await?;
+        // New ids continue after the imported ones.
+        for table in ["newsletters", "subscribers", "letters", "jobs"] {
+            query(
+                &tx,
+                &format!(
+                    "SELECT setval(pg_get_serial_sequence('{table}', 'id'), max(id)) FROM {table} HAVING max(id) IS NOT NULL"
+                ),
+                &[],
+            )
+            .await?;
+        }
+        commit(tx).await
+    }
+
+    async fn inventory(&self) -> Result<Inventory, StoreError> {
+        let client = self.client().await?;
+        let row = query(
+            &client,
+            "SELECT (SELECT count(*) FROM secrets), (SELECT count(*) FROM newsletters),
+                    (SELECT count(*) FROM subscribers), (SELECT count(*) FROM letters),
+                    (SELECT count(*) FROM plugin_blobs), (SELECT count(*) FROM plugin_versions),
+                    (SELECT count(*) FROM plugin_names), (SELECT count(*) FROM jobs),
+                    (SELECT count(*) FROM deliveries), (SELECT count(*) FROM idempotency_keys),
+                    coalesce(sum(pending), 0)::bigint, coalesce(sum(sending), 0)::bigint,
+                    coalesce(sum(delivered), 0)::bigint, coalesce(sum(skipped), 0)::bigint,
+                    coalesce(sum(retrying), 0)::bigint, coalesce(sum(failed), 0)::bigint,
+                    coalesce(sum(cancelled), 0)::bigint
+             FROM jobs",
+            &[],
+        )
+        .await?;
+        let r = &row[0];
+        let n = |i: usize| domain_int(r.get(i));
+        Ok(Inventory {
+            secrets: n(0),
+            newsletters: n(1),
+            subscribers: n(2),
+            letters: n(3),
+            plugins: n(4),
+            plugin_versions: n(5),
+            plugin_names: n(6),
+            jobs: n(7),
+            deliveries: n(8),
+            idempotency_keys: n(9),
+            counts: Counts {
+                pending: n(10),
+                sending: n(11),
+                delivered: n(12),
+                skipped: n(13),
+                retrying: n(14),
+                failed: n(15),
+                cancelled: n(16),
+            },
+        })
+    }
+}
+
+/// Writes one record.
+async fn import_one(tx: &deadpool_postgres::Transaction<'_>, record: Record) -> Result<(), StoreError> {
+    match record {
+        Record::Secret { name, value } => {
+            execute(
+                tx,
+                "INSERT INTO secrets (name, value) VALUES ($1, $2)",
+                &[&name, &value],
+            )
+            .await?;
+        }
+        Record::Newsletter(n) => {
+            execute(
+                tx,
+                "INSERT INTO newsletters (id, name, from_addr, created_at) VALUES ($1, $2, $3, $4)",
+                &[&sql_int(n.id), &n.name, &n.from, &sql_int(n.created_at)],
+            )
+            .await?;
+        }
+        Record::Letter(l) => {
+            execute(
+                tx,
+                "INSERT INTO letters (id, newsletter_id, doc) VALUES ($1, $2, $3)",
+                &[
+                    &sql_int(l.id),
+                    &sql_int(l.newsletter_id),
+                    &serde_json::to_value(&l)?,
+                ],
+            )
+            .await?;
+        }
+        Record::Plugin { plugin, bytes } => {
+            execute(
+                tx,
+                "INSERT INTO plugin_blobs (id, kind, name, size, created_at, bytes) VALUES ($1, $2, $3, $4, $5, $6)",
+                &[
+                    &plugin.id,
+                    &plugin.kind.as_str(),
+                    &plugin.name,
+                    &sql_int(plugin.size),
+                    &sql_int(plugin.created_at),
+                    &bytes,
+                ],
+            )
+            .await?;
+        }
+        Record::PluginVersion { name, version } => {
+            execute(
+                tx,
+                "INSERT INTO plugin_versions (name, version, id, size, uploaded_at) VALUES ($1, $2, $3, $4, $5)",
+                &[
+                    &name,
+                    &sql_int(version.version),
+                    &version.id,
+                    &sql_int(version.size),
+                    &sql_int(version.uploaded_at),
+                ],
+            )
+            .await?;
+        }
+        Record::PluginLatest { name, id } => {
+            execute(
+                tx,
+                "INSERT INTO plugin_names (name, id) VALUES ($1, $2)",
+                &[&name, &id],
+            )
+            .await?;
+        }
+        Record::Job(job) => {
+            let c = job.counts;
+            execute(
+                tx,
+                "INSERT INTO jobs (id, newsletter_id, state, doc, pending, sending, delivered, skipped,
+                                   retrying, failed, cancelled, resent_after_crash)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+                &[
+                    &sql_int(job.id),
+                    &sql_int(job.newsletter_id),
+                    &job.state.as_str(),
+                    &serde_json::to_value(&job)?,
+                    &sql_int(c.pending),
+                    &sql_int(c.sending),
+                    &sql_int(c.delivered),
+                    &sql_int(c.skipped),
+                    &sql_int(c.retrying),
+                    &sql_int(c.failed),
+                    &sql_int(c.cancelled),
+                    &sql_int(job.resent_after_crash),
+                ],
+            )
+            .await?;
+        }
+        Record::IdempotencyKey {
+            key,
+            request_hash,
+            job_id,
+            created_at,
+        } => {
+            execute(
+                tx,
+                "INSERT INTO idempotency_keys (key, request_hash, job_id, created_at) VALUES ($1, $2, $3, $4)",
+                &[&key, &request_hash, &sql_int(job_id), &sql_int(created_at)],
+            )
+            .await?;
+        }
+        // `import` batches these; one alone is a batch of one.
+        Record::Subscriber(s) => flush_subscribers(tx, &mut vec![s]).await?,
+        Record::Delivery(d) => flush_deliveries(tx, &mut vec![d]).await?,
+    }
+    Ok(())
+}
+
+async fn flush_subscribers(
+    tx: &deadpool_postgres::Transaction<'_>,
+    batch: &mut Vec<Subscriber>,
+) -> Result<(), StoreError> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let mut ids = Vec::with_capacity(batch.len());
+    let mut newsletters = Vec::with_capacity(batch.len());
+    let mut emails = Vec::with_capacity(batch.len());
+    let mut keys = Vec::with_capacity(batch.len());
+    let mut names: Vec<Option<String>> = Vec::with_capacity(batch.len());
+    let mut attributes = Vec::with_capacity(batch.len());
+    let mut statuses = Vec::with_capacity(batch.len());
+    let mut created = Vec::with_capacity(batch.len());
+    for s in batch.drain(..) {
+        ids.push(sql_int(s.id));
+        newsletters.push(sql_int(s.newsletter_id));
+        keys.push(normalise_email(&s.email));
+        emails.push(s.email);
+        names.push(s.name);
+        attributes.push(Value::Object(s.attributes));
+        statuses.push(s.status.as_str());
+        created.push(sql_int(s.created_at));
+    }
+    execute(
+        tx,
+        "INSERT INTO subscribers (id, newsletter_id, email, email_key, name, attributes, status, created_at)
+         SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::jsonb[],
+                              $7::text[], $8::bigint[])",
+        &[
+            &ids,
+            &newsletters,
+            &emails,
+            &keys,
+            &names,
+            &attributes,
+            &statuses,
+            &created,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn flush_deliveries(
+    tx: &deadpool_postgres::Transaction<'_>,
+    batch: &mut Vec<Delivery>,
+) -> Result<(), StoreError> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let mut jobs = Vec::with_capacity(batch.len());
+    let mut subscribers = Vec::with_capacity(batch.len());
+    let mut states = Vec::with_capacity(batch.len());
+    let mut attempts = Vec::with_capacity(batch.len());
+    let mut emails = Vec::with_capacity(batch.len());
+    let mut due: Vec<Option<i64>> = Vec::with_capacity(batch.len());
+    let mut details = Vec::with_capacity(batch.len());
+    for d in batch.drain(..) {
+        jobs.push(sql_int(d.job_id));
+        subscribers.push(sql_int(d.subscriber_id));
+        states.push(state_code(d.state.kind()));
+        attempts.push(i32::try_from(d.attempts).unwrap_or(i32::MAX));
+        due.push(due_ms(&d.state));
+        details.push(serde_json::to_value(&d.state)?);
+        emails.push(d.email);
+    }
+    execute(
+        tx,
+        "INSERT INTO deliveries (job_id, subscriber_id, state, attempts, email, due_ms, detail)
+         SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::smallint[], $4::integer[], $5::text[],
+                              $6::bigint[], $7::jsonb[])",
+        &[&jobs, &subscribers, &states, &attempts, &emails, &due, &details],
+    )
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,237 @@
+//! Moving a whole installation in and out of redb (`store::Transfer`): every table read
+//! in one read transaction, and written back row for row, indexes included.
+
+use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata};
+use tokio::sync::mpsc;
+
+use super::jobs::IdempotencyRecord;
+use super::tables::*;
+use super::{RedbStore, decode, encode};
+use crate::domain::*;
+use crate::store::{Inventory, Record, StoreError, Transfer, normalise_email};
+
+/// Records per chunk an export sends.
+const CHUNK: usize = 1000;
+
+/// Collects records into chunks and sends each full one.
+struct Chunks {
+    out: mpsc::Sender<Vec<Record>>,
+    chunk: Vec<Record>,
+}
+
+impl Chunks {
+    fn push(&mut self, record: Record) -> Result<(), StoreError> {
+        self.chunk.push(record);
+        if self.chunk.len() >= CHUNK {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), StoreError> {
+        if !self.chunk.is_empty() {
+            let chunk = std::mem::take(&mut self.chunk);
+            self.out.blocking_send(chunk).map_err(|_| StoreError::Closed)?;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl Transfer for RedbStore {
+    async fn export(&self, out: mpsc::Sender<Vec<Record>>) -> Result<(), StoreError> {
+        let db = self.inner.shared.db()?;
+        tokio::task::spawn_blocking(move || {
+            let txn = db.begin_read()?;
+            let mut chunks = Chunks {
+                out,
+                chunk: Vec::with_capacity(CHUNK),
+            };
+            for row in txn.open_table(SECRETS)?.iter()? {
+                let (name, value) = row?;
+                chunks.push(Record::Secret {
+                    name: name.value().to_string(),
+                    value: value.value().to_vec(),
+                })?;
+            }
+            for row in txn.open_table(NEWSLETTERS)?.iter()? {
+                chunks.push(Record::Newsletter(decode(row?.1.value())?))?;
+            }
+            for row in txn.open_table(SUBSCRIBERS)?.iter()? {
+                chunks.push(Record::Subscriber(decode(row?.1.value())?))?;
+            }
+            for row in txn.open_table(LETTERS)?.iter()? {
+                chunks.push(Record::Letter(decode(row?.1.value())?))?;
+            }
+            let blobs = txn.open_table(PLUGIN_BLOBS)?;
+            for row in txn.open_table(PLUGINS)?.iter()? {
+                let (id, meta) = row?;
+                let plugin: Plugin = decode(meta.value())?;
+                let bytes = blobs
+                    .get(id.value())?
+                    .ok_or_else(|| StoreError::Inconsistent(format!("plugin {} has no bytes", id.value())))?
+                    .value()
+                    .to_vec();
+                chunks.push(Record::Plugin { plugin, bytes })?;
+            }
+            for row in txn.open_table(PLUGIN_VERSIONS)?.iter()? {
+                let (key, version) = row?;
+                chunks.push(Record::PluginVersion {
+                    name: key.value().0.to_string(),
+                    version: decode(version.value())?,
+                })?;
+            }
+            for row in txn.open_table(PLUGIN_NAMES)?.iter()? {
+                let (name, id) = row?;
+                chunks.push(Record::PluginLatest {
+                    name: name.value().to_string(),
+                    id: id.value().to_string(),
+                })?;
+            }
+            for row in txn.open_table(JOBS)?.iter()? {
+                chunks.push(Record::Job(decode(row?.1.value())?))?;
+            }
+            for row in txn.open_table(DELIVERIES)?.iter()? {
+                chunks.push(Record::Delivery(decode(row?.1.value())?))?;
+            }
+            for row in txn.open_table(IDEMPOTENCY_KEYS)?.iter()? {
+                let (key, value) = row?;
+                let record: IdempotencyRecord = decode(value.value())?;
+                chunks.push(Record::IdempotencyKey {
+                    key: key.value().to_string(),
+                    request_hash: record.request_hash,
+                    job_id: record.job_id,
+                    created_at: record.created_at,
+                })?;
+            }
+            chunks.flush()
+        })
+        .await
+        .map_err(|e| StoreError::BatchFailed(format!("export task failed: {e}")))?
+    }
+
+    async fn import(&self, records: Vec<Record>) -> Result<(), StoreError> {
+        // Validate first: nothing is written if one record cannot be.
+        if let Some(Record::Delivery(d)) = records
+            .iter()
+            .find(|r| matches!(r, Record::Delivery(d) if d.state.kind() == StateKind::Sending))
+        {
+            return Err(StoreError::Conflict(format!(
+                "job {} recipient {} is in flight (sending): rescue the source before moving it",
+                d.job_id, d.subscriber_id
+            )));
+        }
+        self.write(move |txn| {
+            let mut secrets = txn.open_table(SECRETS)?;
+            let mut newsletters = txn.open_table(NEWSLETTERS)?;
+            let mut subscribers = txn.open_table(SUBSCRIBERS)?;
+            let mut emails = txn.open_table(SUBSCRIBER_EMAILS)?;
+            let mut homes = txn.open_table(SUBSCRIBER_HOMES)?;
+            let mut letters = txn.open_table(LETTERS)?;
+            let mut plugins = txn.open_table(PLUGINS)?;
+            let mut blobs = txn.open_table(PLUGIN_BLOBS)?;
+            let mut versions = txn.open_table(PLUGIN_VERSIONS)?;
+            let mut names = txn.open_table(PLUGIN_NAMES)?;
+            let mut jobs = txn.open_table(JOBS)?;
+            let mut deliveries = txn.open_table(DELIVERIES)?;
+            let mut states = txn.open_table(DELIVERY_STATES)?;
+            let mut retries = txn.open_table(RETRY_SCHEDULE)?;
+            let mut keys = txn.open_table(IDEMPOTENCY_KEYS)?;
+            // The highest id of each sequence in these records.
+            let mut last = [("newsletter", 0u64), ("subscriber", 0), ("letter", 0), ("job", 0)];
+            for record in records {
+                match record {
+                    Record::Secret { name, value } => {
+                        secrets.insert(name.as_str(), value.as_slice())?;
+                    }
+                    Record::Newsletter(n) => {
+                        last[0].1 = last[0].1.max(n.id);
+                        newsletters.insert(n.id, encode(&n).as_slice())?;
+                    }
+                    Record::Subscriber(s) => {
+                        last[1].1 = last[1].1.max(s.id);
+                        let key = normalise_email(&s.email);
+                        subscribers.insert((s.newsletter_id, s.id), encode(&s).as_slice())?;
+                        emails.insert((s.newsletter_id, key.as_str()), s.id)?;
+                        homes.insert(s.id, s.newsletter_id)?;
+                    }
+                    Record::Letter(l) => {
+                        last[2].1 = last[2].1.max(l.id);
+                        letters.insert(l.id, encode(&l).as_slice())?;
+                    }
+                    Record::Plugin { plugin, bytes } => {
+                        plugins.insert(plugin.id.as_str(), encode(&plugin).as_slice())?;
+                        blobs.insert(plugin.id.as_str(), bytes.as_slice())?;
+                    }
+                    Record::PluginVersion { name, version } => {
+                        versions.insert((name.as_str(), version.version), encode(&version).as_slice())?;
+                    }
+                    Record::PluginLatest { name, id } => {
+                        names.insert(name.as_str(), id.as_str())?;
+                    }
+                    Record::Job(job) => {
+                        last[3].1 = last[3].1.max(job.id);
+                        jobs.insert(job.id, encode(&job).as_slice())?;
+                    }
+                    Record::Delivery(d) => {
+                        let (job, sid) = (d.job_id, d.subscriber_id);
+                        states.insert((job, d.state.kind().code(), sid), ())?;
+                        if let DeliveryState::Retrying {
+                            next_attempt_at_ms, ..
+                        } = d.state
+                        {
+                            retries.insert((job, next_attempt_at_ms, sid), ())?;
+                        }
+                        deliveries.insert((job, sid), encode(&d).as_slice())?;
+                    }
+                    Record::IdempotencyKey {
+                        key,
+                        request_hash,
+                        job_id,
+                        created_at,
+                    } => {
+                        let record = IdempotencyRecord {
+                            request_hash,
+                            job_id,
+                            created_at,
+                        };
+                        keys.insert(key.as_str(), encode(&record).as_slice())?;
+                    }
+                }
+            }
+            let mut sequences = txn.open_table(SEQUENCES)?;
+            for (name, id) in last {
+                let current = sequences.get(name)?.map(|v| v.value()).unwrap_or(0);
+                if id > current {
+                    sequences.insert(name, id)?;
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn inventory(&self) -> Result<Inventory, StoreError> {
+        self.read(|txn| {
+            let mut inventory = Inventory {
+                secrets: txn.open_table(SECRETS)?.len()?,
+                newsletters: txn.open_table(NEWSLETTERS)?.len()?,
+                subscribers: txn.open_table(SUBSCRIBERS)?.len()?,
+                letters: txn.open_table(LETTERS)?.len()?,
+                plugins: txn.open_table(PLUGINS)?.len()?,
+                plugin_versions: txn.open_table(PLUGIN_VERSIONS)?.len()?,
+                plugin_names: txn.open_table(PLUGIN_NAMES)?.len()?,
+                jobs: 0,
+                deliveries: txn.open_table(DELIVERIES)?.len()?,
+                idempotency_keys: txn.open_table(IDEMPOTENCY_KEYS)?.len()?,
+                counts: Counts::default(),
+            };
+            for row in txn.open_table(JOBS)?.iter()? {
+                let job: Job = decode(row?.1.value())?;
+                inventory.add(&Record::Job(job));
+            }
+            Ok(inventory)
+        })
+        .await
+    }
+}

@@ -326,7 +326,10 @@ impl Runner {
                     // Paused, cancelled or shutting down meanwhile.
                     Ok(JobEnd::Stopped)
                 }
-                end => end,
+                end => {
+                    backoff.reset();
+                    end
+                }
             };
             let mut active = self.inner.active.lock().await;
             let now_control = *control.borrow_and_update();

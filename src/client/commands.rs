@@ -377,6 +377,13 @@ fn describe(job: &Value) -> String {
     if let Some(reason) = job["pause_reason"].as_str() {
         out.push_str(&format!("\n  paused: {reason}"));
     }
+    if let Some(reason) = job["stalled"]["reason"].as_str() {
+        let since = job["stalled"]["since"].as_u64().unwrap_or(0);
+        let age = crate::domain::now().saturating_sub(since);
+        out.push_str(&format!(
+            "\n  stalled for {age} s, goes on by itself once the store answers: {reason}"
+        ));
+    }
     if let Some(error) = job["error"].as_str() {
         out.push_str(&format!("\n  error: {error}"));
     }
@@ -573,4 +580,29 @@ fn count_lines(path: &Path) -> std::io::Result<u64> {
     }
     // A last line without its newline is a line too.
     Ok(lines + u64::from(last != b'\n'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stalled_job_says_why_and_that_it_heals() {
+        let since = crate::domain::now() - 7;
+        let job = json!({
+            "id": 3, "state": "running", "letter_id": 1, "counts": {"delivered": 5},
+            "stalled": {"reason": "the store is unavailable: disk full", "since": since},
+        });
+        let text = describe(&job);
+        assert!(text.contains("job 3 (running)"), "{text}");
+        // 7 s, or 8 if a second ticked over meanwhile.
+        let why = "goes on by itself once the store answers: the store is unavailable: disk full";
+        assert!(
+            text.contains(&format!("stalled for 7 s, {why}"))
+                || text.contains(&format!("stalled for 8 s, {why}")),
+            "{text}"
+        );
+        let healthy = json!({"id": 3, "state": "running", "letter_id": 1, "counts": {}, "stalled": null});
+        assert!(!describe(&healthy).contains("stalled"));
+    }
 }

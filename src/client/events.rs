@@ -170,6 +170,9 @@ fn draw(bar: &ProgressBar, job: &Value) {
     if let Some(reason) = job["pause_reason"].as_str() {
         message.push_str(&format!(" (paused: {reason})"));
     }
+    if let Some(reason) = job["stalled"]["reason"].as_str() {
+        message.push_str(&format!(" (stalled: {reason})"));
+    }
     bar.set_message(message);
 }
 

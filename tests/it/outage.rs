@@ -260,11 +260,14 @@ async fn a_send_goes_on_by_itself_after_the_disk_was_full() {
     let (status, metrics) = api.get_text("/metrics").await;
     assert_eq!(status, 200);
     assert!(metrics.contains("letterbox_store_up 0"), "{metrics}");
+    // What was claimed before the disk filled goes out (at most `bound`). A commit
+    // that fits in pages redb already holds can still succeed on a full disk and let
+    // one more claim through, so allow a second window's worth, no more.
     let sent_while_full = smtp.count() - full_at;
     assert!(
-        sent_while_full <= bound(),
+        sent_while_full <= 2 * bound(),
         "{sent_while_full} sent on a full disk > {}",
-        bound()
+        2 * bound()
     );
 
     std::fs::remove_file(&filler).unwrap();

@@ -57,7 +57,10 @@ pub async fn render(State(state): State<AppState>) -> Result<impl IntoResponse, 
     // says 0.
     let overview = state.store.job_overview().await;
     let nodes = state.store.nodes().await;
-    let up = overview.is_ok() && nodes.is_ok() && state.store.write_failure().is_none();
+    let up = overview.is_ok()
+        && nodes.is_ok()
+        && state.store.write_failure().is_none()
+        && state.runner.heartbeat_error().is_none();
     metrics::gauge!("letterbox_store_up").set(if up { 1.0 } else { 0.0 });
     metrics::gauge!("letterbox_jobs_stalled").set(state.runner.stalls().len() as f64);
     if let Ok(overview) = overview {

@@ -177,6 +177,13 @@ async fn readyz(
         .ping()
         .await
         .map_err(|e| ApiError::Unavailable(format!("the store does not answer: {e}")))?;
+    // The heartbeat is a write every quarter lease: it fails when the database can be
+    // read but not written (read-only, out of disk).
+    if let Some(why) = state.runner.heartbeat_error() {
+        return Err(ApiError::Unavailable(format!(
+            "this node's heartbeat fails: {why}"
+        )));
+    }
     if let Some((why, since)) = state.store.write_failure() {
         let age = crate::domain::now().saturating_sub(since);
         return Err(ApiError::Unavailable(format!(

@@ -761,6 +761,12 @@ impl Runner {
         self.inner.stalls.all()
     }
 
+    /// Why this node's heartbeat fails, while it does (a shared store that cannot be
+    /// written: down, unreachable, read-only, out of disk).
+    pub fn heartbeat_error(&self) -> Option<String> {
+        self.inner.node.heartbeat_error()
+    }
+
     /// Whether shutdown has begun (jobs are draining; nothing new starts).
     pub fn is_stopping(&self) -> bool {
         self.inner.shutdown.is_cancelled()

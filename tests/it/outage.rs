@@ -288,3 +288,100 @@ async fn a_send_goes_on_by_itself_after_the_disk_was_full() {
     assert!(resent <= bound(), "{resent} re-sent > {}", bound());
     assert!(duplicates <= resent, "every duplicate is one of the re-sent");
 }
+
+/// Runs SQL statements on the cluster as its superuser, one at a time (ALTER SYSTEM
+/// refuses to run inside a transaction, which several statements in one go would be).
+async fn admin_sql(url: &str, statements: &[&str]) {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
+    let driver = tokio::spawn(connection);
+    for sql in statements {
+        client.simple_query(sql).await.unwrap();
+    }
+    drop(client);
+    let _ = driver.await;
+}
+
+/// PostgreSQL answers reads but refuses writes for a few seconds (as a standby does
+/// until it is promoted): the job shows it is stalled and why, `/readyz` says 503,
+/// and once writes are accepted again the job goes on by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_goes_on_by_itself_after_the_database_was_read_only() {
+    const N: usize = 3000;
+    if !backend_is_postgres() {
+        eprintln!("skipped: a read-only PostgreSQL is the PostgreSQL pass's test");
+        return;
+    }
+    let Some(cluster) = PgCluster::start() else { return };
+    let admin = cluster.admin_url();
+    let url = letterbox::store::postgres::scratch_database(&admin)
+        .await
+        .unwrap();
+    let home = Home {
+        data: tempfile::tempdir().unwrap(),
+        database: Some(url),
+    };
+    let smtp = SmtpServer::start_with_delay(Duration::from_millis(5)).await;
+    let smtp_url = smtp.url();
+    let (_node, api) = spawn_node(&home, &["--smtp", &smtp_url, "--concurrency", "8"]);
+    api.wait_healthy().await;
+    let letter = letter_to_many(&api, "r", N).await;
+    let job = api.send(letter, json!({})).await;
+    wait_count(&smtp, 300).await;
+
+    // Every session, the pooled ones included, takes the new default at the reload.
+    admin_sql(
+        &admin,
+        &[
+            "ALTER SYSTEM SET default_transaction_read_only = on",
+            "SELECT pg_reload_conf()",
+        ],
+    )
+    .await;
+    let why = wait_ready(&api, 503, Duration::from_secs(10)).await;
+    assert!(
+        why["detail"].as_str().unwrap_or("").contains("read-only"),
+        "{why}"
+    );
+    // Reads work: the job can be seen, stalled, with the database's reason.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let stalled = loop {
+        let (status, body) = api.get(&format!("/v1/jobs/{job}")).await;
+        assert_eq!(status, 200, "reads work on a read-only database: {body}");
+        if !body["stalled"].is_null() {
+            break body["stalled"].clone();
+        }
+        assert!(Instant::now() < deadline, "the job never showed a stall: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        stalled["reason"].as_str().unwrap().contains("read-only"),
+        "{stalled}"
+    );
+    assert_eq!(api.get(&format!("/v1/jobs/{job}")).await.1["state"], "running");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let during = smtp.count();
+    assert!(during < N, "the send finished before the database was read-only");
+
+    admin_sql(
+        &admin,
+        &[
+            "SET default_transaction_read_only = off",
+            "ALTER SYSTEM RESET default_transaction_read_only",
+            "SELECT pg_reload_conf()",
+        ],
+    )
+    .await;
+    let done = wait_completed(&api, job, Duration::from_secs(120)).await;
+    assert_eq!(done["counts"]["delivered"], N, "{done}");
+    assert!(done["stalled"].is_null(), "{done}");
+    wait_ready(&api, 200, Duration::from_secs(10)).await;
+    let duplicates = check_copies(&smtp, N);
+    let resent = done["resent_after_crash"].as_u64().unwrap() as usize;
+    eprintln!(
+        "read-only database at {during} of {N} sent; stalled: {stalled}; {resent} re-sent, \
+         {duplicates} duplicates (bound {})",
+        bound()
+    );
+    assert!(resent <= bound(), "{resent} re-sent > {}", bound());
+    assert!(duplicates <= resent, "every duplicate is one of the re-sent");
+}

@@ -63,11 +63,13 @@ impl From<tokio_postgres::Error> for StoreError {
 /// Server errors that say the database cannot work right now, not that the statement
 /// is wrong: connection exceptions (08), serialization failures and deadlocks (40),
 /// insufficient resources such as a full disk (53), operator intervention such as a
-/// shutdown (57) and system errors such as I/O (58).
+/// shutdown (57), system errors such as I/O (58), and a database that is read-only for
+/// now (25006: a standby not yet promoted, `default_transaction_read_only`).
 fn transient_sqlstate(code: &str) -> bool {
-    ["08", "40", "53", "57", "58"]
-        .iter()
-        .any(|class| code.starts_with(class))
+    code == "25006"
+        || ["08", "40", "53", "57", "58"]
+            .iter()
+            .any(|class| code.starts_with(class))
 }
 
 impl From<deadpool_postgres::PoolError> for StoreError {
@@ -119,6 +121,9 @@ impl PgStore {
             .map_err(|e| StoreError::Db(format!("invalid database URL: {e}")))?;
         config.connect_timeout(CONNECT_TIMEOUT);
         config.application_name("letterbox");
+        // The migrations' `IF NOT EXISTS` make the server send NOTICEs at every start,
+        // which the driver logs; warnings and errors still arrive.
+        config.options("-c client_min_messages=warning");
         let manager = Manager::from_config(
             config,
             NoTls,

@@ -42,9 +42,9 @@ enum LogFormat {
 enum Command {
     /// Run the server.
     Serve(Box<ServeArgs>),
-    /// Copy a single-node installation (a redb data directory) into an empty
-    /// PostgreSQL database, to run it as a fleet; the counts are checked after the copy.
-    /// Stop the server on DIR first.
+    /// Copy an installation into an empty store: a single node's data directory into a
+    /// PostgreSQL database, to run it as a fleet (or a fleet's database back into a data
+    /// directory); the counts are checked after the copy. Stop what runs on it first.
     Migrate(MigrateArgs),
     #[command(flatten)]
     Client(letterbox::client::Command),
@@ -89,15 +89,16 @@ async fn main() -> anyhow::Result<()> {
 
 #[derive(clap::Args)]
 struct MigrateArgs {
-    /// The data directory of the installation to copy (its `letterbox.redb`).
-    #[arg(long, value_name = "DIR")]
-    from: PathBuf,
-    /// The PostgreSQL database to copy into (postgres://user:password@host:port/db);
-    /// it must hold no letterbox data yet. Prefer the environment variable when the URL
-    /// holds a password.
+    /// The installation to copy: a data directory (its `letterbox.redb`) or a
+    /// PostgreSQL URL (postgres://user:password@host:port/db).
+    #[arg(long, value_name = "DIR|URL")]
+    from: String,
+    /// Where to copy it: a PostgreSQL URL or a data directory; it must hold no
+    /// letterbox data yet. Prefer the environment variable when the URL holds a
+    /// password.
     #[arg(
         long,
-        value_name = "URL",
+        value_name = "URL|DIR",
         env = "LETTERBOX_DATABASE_URL",
         hide_env_values = true
     )]
@@ -127,7 +128,11 @@ async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
                 letterbox::migrate::describe(&report.inventory),
                 started.elapsed().as_secs_f64()
             );
-            println!("start the nodes with --database (LETTERBOX_DATABASE_URL) on that database");
+            if args.to.starts_with("postgres") {
+                println!("start the nodes with --database (LETTERBOX_DATABASE_URL) on that database");
+            } else {
+                println!("start the server with --data {}", args.to);
+            }
             Ok(())
         }
         Err(e) => {

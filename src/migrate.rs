@@ -1,9 +1,12 @@
-//! `letterbox migrate`: moves a single-node installation (a redb data directory) into an
-//! empty PostgreSQL database, so it can run as a fleet, and checks that everything
-//! arrived. The store's `Transfer` operations do the moving; this owns the procedure:
+//! `letterbox migrate`: moves an installation between stores, and checks that
+//! everything arrived. Mostly a single node (a redb data directory) into an empty
+//! PostgreSQL database, to run it as a fleet; and back, from a fleet's database into a
+//! data directory. The store's `Transfer` operations do the moving; this owns the
+//! procedure:
 //!
-//! 1. open the source (redb refuses a file a running server holds: stop it first);
-//! 2. put what it had in flight back to pending, as its next start would (counted in
+//! 1. open the source, which nothing may be running on: redb refuses a file a server
+//!    holds, and a PostgreSQL source must have no live nodes;
+//! 2. put what it had in flight back to pending, as the next start would (counted in
 //!    `resent_after_crash`), and adopt secrets older versions kept in files, so
 //!    unsubscribe links already sent keep working;
 //! 3. refuse a target that holds anything;
@@ -16,6 +19,23 @@ use tokio::sync::mpsc;
 
 use crate::store::{Inventory, Location, NodeInfo, Store, StoreError};
 use crate::tokens::{ApiToken, UnsubscribeKey};
+
+/// Where an installation lives, as `migrate` is told: a PostgreSQL URL, or else a data
+/// directory.
+enum Place {
+    Dir(PathBuf),
+    Postgres(String),
+}
+
+impl Place {
+    fn parse(arg: &str) -> Place {
+        if arg.starts_with("postgres://") || arg.starts_with("postgresql://") {
+            Place::Postgres(arg.to_string())
+        } else {
+            Place::Dir(PathBuf::from(arg))
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
@@ -59,49 +79,13 @@ pub fn describe(i: &Inventory) -> String {
     )
 }
 
-/// Copies the installation in `from` (a data directory) into the empty PostgreSQL
-/// database at `to`. `progress` hears how many records have been copied so far.
-pub async fn run(from: &Path, to: &str, mut progress: impl FnMut(u64)) -> Result<Report, MigrateError> {
-    let file: PathBuf = from.join("letterbox.redb");
-    if !file.exists() {
-        return Err(MigrateError::Source(format!(
-            "{} holds no letterbox.redb: is it a letterbox data directory (--data)?",
-            from.display()
-        )));
-    }
-    let source = Store::open(Location::Redb(&file)).await.map_err(|e| {
-        MigrateError::Source(format!(
-            "cannot open {} ({e}); stop the server that uses it first",
-            file.display()
-        ))
-    })?;
-    let source_error = |e: StoreError| MigrateError::Source(format!("{}: {e}", file.display()));
-    // The source is not running: whatever it had in flight goes back to the queue, as
-    // its next start would have done, so the fleet sends it.
-    let me = NodeInfo {
-        id: "migrate".into(),
-        address: String::new(),
-        version: env!("CARGO_PKG_VERSION").into(),
-        started_at: crate::domain::now(),
-        heartbeat_age_ms: 0,
-        claims: 0,
-    };
-    let rescued = source
-        .register_node(&me, std::time::Duration::from_secs(10))
-        .await
-        .map_err(source_error)?;
-    let requeued = rescued.requeued.iter().map(|(_, n)| n).sum();
-    adopt_legacy_secrets(&source, from)
-        .await
-        .map_err(|e| MigrateError::Source(e.to_string()))?;
-
-    let target = Store::open(Location::Postgres(to))
-        .await
-        .map_err(|e| MigrateError::Target(e.to_string()))?;
-    let before = target
-        .inventory()
-        .await
-        .map_err(|e| MigrateError::Target(e.to_string()))?;
+/// Copies the installation at `from` (a data directory or a PostgreSQL URL) into the
+/// empty store at `to` (likewise). `progress` hears how many records have been copied.
+pub async fn run(from: &str, to: &str, mut progress: impl FnMut(u64)) -> Result<Report, MigrateError> {
+    let (source, requeued) = open_source(&Place::parse(from)).await?;
+    let target = open_target(&Place::parse(to)).await?;
+    let target_error = |e: StoreError| MigrateError::Target(e.to_string());
+    let before = target.inventory().await.map_err(target_error)?;
     if !before.is_empty() {
         return Err(MigrateError::NotEmpty(describe(&before)));
     }
@@ -123,11 +107,11 @@ pub async fn run(from: &Path, to: &str, mut progress: impl FnMut(u64)) -> Result
         .map_err(|e| MigrateError::Copy(StoreError::BatchFailed(e.to_string())))?
         .map_err(MigrateError::Copy)?;
 
-    let source_counts = source.inventory().await.map_err(source_error)?;
-    let target_counts = target
+    let source_counts = source
         .inventory()
         .await
-        .map_err(|e| MigrateError::Target(e.to_string()))?;
+        .map_err(|e| MigrateError::Source(e.to_string()))?;
+    let target_counts = target.inventory().await.map_err(target_error)?;
     if source_counts != target_counts {
         return Err(MigrateError::Mismatch {
             source_counts: format!("{source_counts:?}"),
@@ -138,6 +122,81 @@ pub async fn run(from: &Path, to: &str, mut progress: impl FnMut(u64)) -> Result
         inventory: target_counts,
         requeued,
     })
+}
+
+/// Opens the source, makes sure nothing runs on it, and puts what it had in flight
+/// back to pending. Returns it and how many recipients went back.
+async fn open_source(place: &Place) -> Result<(Store, u64), MigrateError> {
+    match place {
+        Place::Dir(dir) => {
+            let file = dir.join("letterbox.redb");
+            if !file.exists() {
+                return Err(MigrateError::Source(format!(
+                    "{} holds no letterbox.redb: is it a letterbox data directory (--data)?",
+                    dir.display()
+                )));
+            }
+            let source = Store::open(Location::Redb(&file)).await.map_err(|e| {
+                MigrateError::Source(format!(
+                    "cannot open {} ({e}); stop the server that uses it first",
+                    file.display()
+                ))
+            })?;
+            let source_error = |e: StoreError| MigrateError::Source(format!("{}: {e}", file.display()));
+            // The server is not running: what it had in flight goes back to the queue,
+            // as its next start would have done.
+            let me = NodeInfo {
+                id: "migrate".into(),
+                address: String::new(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                started_at: crate::domain::now(),
+                heartbeat_age_ms: 0,
+                claims: 0,
+            };
+            let rescued = source
+                .register_node(&me, std::time::Duration::from_secs(10))
+                .await
+                .map_err(source_error)?;
+            adopt_legacy_secrets(&source, dir)
+                .await
+                .map_err(|e| MigrateError::Source(e.to_string()))?;
+            Ok((source, rescued.requeued.iter().map(|(_, n)| n).sum()))
+        }
+        Place::Postgres(url) => {
+            let source = Store::open(Location::Postgres(url))
+                .await
+                .map_err(|e| MigrateError::Source(e.to_string()))?;
+            let source_error = |e: StoreError| MigrateError::Source(e.to_string());
+            // Nodes that died are removed and their claims requeued; live ones refuse.
+            let rescued = source.rescue().await.map_err(source_error)?;
+            let live = source.nodes().await.map_err(source_error)?;
+            if !live.is_empty() {
+                let ids: Vec<&str> = live.iter().map(|n| n.id.as_str()).collect();
+                return Err(MigrateError::Source(format!(
+                    "{} node(s) are running on this database ({}): stop them first (letterbox nodes lists them)",
+                    live.len(),
+                    ids.join(", ")
+                )));
+            }
+            Ok((source, rescued.requeued.iter().map(|(_, n)| n).sum()))
+        }
+    }
+}
+
+/// Opens (creating) the target store.
+async fn open_target(place: &Place) -> Result<Store, MigrateError> {
+    let target_error = |e: String| MigrateError::Target(e);
+    match place {
+        Place::Dir(dir) => {
+            std::fs::create_dir_all(dir).map_err(|e| target_error(format!("{}: {e}", dir.display())))?;
+            Store::open(Location::Redb(&dir.join("letterbox.redb")))
+                .await
+                .map_err(|e| target_error(format!("{}: {e}", dir.display())))
+        }
+        Place::Postgres(url) => Store::open(Location::Postgres(url))
+            .await
+            .map_err(|e| target_error(e.to_string())),
+    }
 }
 
 /// Secrets an older version kept in files (`unsubscribe.key`, `api-token.sha256`) go

@@ -1,7 +1,8 @@
 //! `letterbox migrate`: a single-node installation (the real binary on redb) moves into
 //! an empty PostgreSQL database and goes on as a fleet: the same jobs, subscribers and
 //! counts, unsubscribe links sent before the move still work, idempotency keys still
-//! replay, and new ids follow the old ones. Runs in the PostgreSQL pass.
+//! replay, and new ids follow the old ones; then back from the database into a data
+//! directory, once no node runs on it. Runs in the PostgreSQL pass.
 
 use std::process::Command;
 use std::time::Duration;
@@ -11,7 +12,7 @@ use serde_json::json;
 use crate::support::SmtpServer;
 use crate::support::process::{Home, signal, spawn_node};
 
-fn migrate(from: &std::path::Path, to: &str) -> (bool, String, String) {
+fn migrate(from: impl AsRef<std::ffi::OsStr>, to: &str) -> (bool, String, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_letterbox"))
         .arg("migrate")
         .arg("--from")
@@ -81,7 +82,7 @@ async fn a_single_node_install_moves_into_postgres_and_goes_on_as_a_fleet() {
     let (ok, _, stderr) = migrate(single.data.path(), &url);
     assert!(!ok);
     assert!(stderr.contains("not empty"), "{stderr}");
-    let (ok, _, stderr) = migrate(&single.data.path().join("nope"), &url);
+    let (ok, _, stderr) = migrate(single.data.path().join("nope"), &url);
     assert!(!ok);
     assert!(stderr.contains("no letterbox.redb"), "{stderr}");
 
@@ -90,7 +91,7 @@ async fn a_single_node_install_moves_into_postgres_and_goes_on_as_a_fleet() {
         data: tempfile::tempdir().unwrap(),
         database: Some(url),
     };
-    let (_fleet_node, fleet_api) = spawn_node(&fleet, &["--smtp", &smtp_url]);
+    let (fleet_node, fleet_api) = spawn_node(&fleet, &["--smtp", &smtp_url]);
     fleet_api.wait_healthy().await;
     let (status, after) = fleet_api.get(&format!("/v1/jobs/{job}")).await;
     assert_eq!(status, 200, "{after}");
@@ -142,6 +143,34 @@ async fn a_single_node_install_moves_into_postgres_and_goes_on_as_a_fleet() {
         )
         .await;
     assert_eq!(status, 201, "{body}");
+
+    // And back: from the fleet's database into a data directory, once no node runs.
+    let url = fleet.database.clone().unwrap();
+    let back = Home {
+        data: tempfile::tempdir().unwrap(),
+        database: None,
+    };
+    let back_dir = back.data.path().to_str().unwrap().to_string();
+    let (ok, _, stderr) = migrate(&url, &back_dir);
+    assert!(!ok, "migrate must refuse while a node runs on the database");
+    assert!(stderr.contains("running on this database"), "{stderr}");
+    signal(&fleet_node, "-TERM");
+    let mut fleet_node = fleet_node;
+    assert!(fleet_node.0.wait().unwrap().success());
+    let (ok, stdout, stderr) = migrate(&url, &back_dir);
+    assert!(ok, "migrate back failed: {stdout}{stderr}");
+    assert!(stdout.contains(&format!("{} subscribers", N + 1)), "{stdout}");
+    assert!(stdout.contains("3 jobs"), "{stdout}");
+    let (_node, api) = spawn_node(&back, &["--smtp", &smtp_url]);
+    api.wait_healthy().await;
+    let (_, again_job) = api.get(&format!("/v1/jobs/{again}")).await;
+    assert_eq!(again_job["counts"], done["counts"], "{again_job}");
+    let (_, found) = api
+        .get(&format!(
+            "/v1/newsletters/{newsletter}/subscribers?email=m0@example.org"
+        ))
+        .await;
+    assert_eq!(found["items"][0]["status"], "unsubscribed", "{found}");
 }
 
 fn domain_now() -> u64 {

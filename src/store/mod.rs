@@ -454,6 +454,23 @@ impl Inventory {
     }
 }
 
+/// The refusal `Transfer::import` gives, before writing anything, when a delivery is
+/// in flight: it was claimed by a process of the source, which only the source can
+/// rescue.
+pub(crate) fn refuse_in_flight(records: &[Record]) -> Result<(), StoreError> {
+    let in_flight = records.iter().find_map(|r| match r {
+        Record::Delivery(d) if d.state.kind() == StateKind::Sending => Some(d),
+        _ => None,
+    });
+    match in_flight {
+        Some(d) => Err(StoreError::Conflict(format!(
+            "job {} recipient {} is in flight (sending): rescue the source before moving it",
+            d.job_id, d.subscriber_id
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Moving a whole installation between stores (`letterbox migrate`), ids and all.
 #[async_trait]
 pub trait Transfer: Send + Sync {

@@ -53,20 +53,6 @@ async fn wait_nodes(api: &Api, n: usize, timeout: Duration) -> Vec<Value> {
     }
 }
 
-/// A newsletter of `n` recipients (`{prefix}{i}@example.org`) and a letter to them.
-async fn letter_to_many(api: &Api, prefix: &str, n: usize) -> u64 {
-    let newsletter = api.newsletter().await;
-    for chunk in (0..n).collect::<Vec<_>>().chunks(5000) {
-        let people: Vec<_> = chunk
-            .iter()
-            .map(|i| json!({ "email": format!("{prefix}{i}@example.org") }))
-            .collect();
-        api.add_subscribers(newsletter, json!(people)).await;
-    }
-    let letter = json!({ "subject": "Fleet", "text": "Hello {{ email }}\r\n" });
-    api.letter(newsletter, letter).await
-}
-
 /// Every copy of each recipient's message, by recipient.
 fn copies(
     received: &[crate::support::smtp::Received],
@@ -98,7 +84,7 @@ async fn three_nodes_finish_a_send_when_one_is_killed_and_one_stopped() {
     wait_nodes(&fleet[2].1, 3, Duration::from_secs(30)).await;
 
     // Created on one node, sent from another: any node answers any request.
-    let letter = letter_to_many(&fleet[0].1, "f", N).await;
+    let letter = fleet[0].1.letter_to_many("f", N).await;
     let job = fleet[1].1.send(letter, json!({})).await;
 
     // Every node works the job.
@@ -178,7 +164,7 @@ async fn a_frozen_node_sends_nothing_that_was_taken_over() {
     api_a.wait_healthy().await;
     api_b.wait_healthy().await;
     wait_nodes(&api_b, 2, Duration::from_secs(30)).await;
-    let letter = letter_to_many(&api_a, "z", N).await;
+    let letter = api_a.letter_to_many("z", N).await;
     let job = api_a.send(letter, json!({})).await;
 
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -250,7 +236,7 @@ async fn controls_reach_every_node_within_a_second() {
     api_a.wait_healthy().await;
     api_b.wait_healthy().await;
     wait_nodes(&api_b, 2, Duration::from_secs(30)).await;
-    let letter = letter_to_many(&api_a, "c", N).await;
+    let letter = api_a.letter_to_many("c", N).await;
     let job = api_a.send(letter, json!({})).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     while smtp_b.count() < 50 {
@@ -339,7 +325,7 @@ async fn a_transport_rate_holds_across_the_fleet() {
         api.wait_healthy().await;
     }
     wait_nodes(&fleet[0].1, 3, Duration::from_secs(30)).await;
-    let letter = letter_to_many(&fleet[0].1, "r", N).await;
+    let letter = fleet[0].1.letter_to_many("r", N).await;
     let job = fleet[0].1.send(letter, json!({})).await;
     let done = fleet[1].1.wait_job(job, Duration::from_secs(120)).await;
     assert_eq!(done["counts"]["delivered"], N, "{done}");
@@ -386,7 +372,7 @@ async fn a_domain_limit_holds_across_the_fleet() {
         api.wait_healthy().await;
     }
     wait_nodes(&fleet[0].1, 3, Duration::from_secs(30)).await;
-    let letter = letter_to_many(&fleet[0].1, "d", N).await;
+    let letter = fleet[0].1.letter_to_many("d", N).await;
     let job = fleet[0].1.send(letter, json!({})).await;
     let mut claimed_by: HashSet<String> = HashSet::new();
     let deadline = Instant::now() + Duration::from_secs(120);

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::support::pg::PgCluster;
-use crate::support::process::{Home, spawn_node};
+use crate::support::process::{Home, Server, spawn_node};
 use crate::support::{Api, SmtpServer};
 
 const CONCURRENCY: usize = 8;
@@ -23,20 +23,6 @@ fn bound() -> usize {
 
 fn backend_is_postgres() -> bool {
     std::env::var("LETTERBOX_TEST_BACKEND").as_deref() == Ok("postgres")
-}
-
-/// A newsletter of `n` recipients and a letter to them.
-async fn letter_to_many(api: &Api, prefix: &str, n: usize) -> u64 {
-    let newsletter = api.newsletter().await;
-    for chunk in (0..n).collect::<Vec<_>>().chunks(5000) {
-        let people: Vec<_> = chunk
-            .iter()
-            .map(|i| json!({ "email": format!("{prefix}{i}@example.org") }))
-            .collect();
-        api.add_subscribers(newsletter, json!(people)).await;
-    }
-    let letter = json!({ "subject": "Outage", "text": "Hello {{ email }}\r\n" });
-    api.letter(newsletter, letter).await
 }
 
 async fn wait_count(smtp: &SmtpServer, n: usize) {
@@ -101,16 +87,25 @@ fn check_copies(smtp: &SmtpServer, n: usize) -> usize {
     copies.values().map(|c| c.len() - 1).sum()
 }
 
-/// PostgreSQL stops (as a crash would: `pg_ctl -m immediate`) for about 8 s in the
-/// middle of a send, then starts again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_send_goes_on_by_itself_after_the_database_was_down() {
-    const N: usize = 4000;
+/// What `send_on_own_cluster` starts.
+struct Sending {
+    cluster: PgCluster,
+    smtp: SmtpServer,
+    _home: Home,
+    _node: Server,
+    api: Api,
+    job: u64,
+}
+
+/// A send of `n` recipients under way on one real node, on a PostgreSQL cluster of the
+/// test's own (so the test may stop it), once `started` messages are out. `None`
+/// outside the PostgreSQL pass.
+async fn send_on_own_cluster(prefix: &str, n: usize, started: usize) -> Option<Sending> {
     if !backend_is_postgres() {
-        eprintln!("skipped: stopping PostgreSQL is the PostgreSQL pass's test");
-        return;
+        eprintln!("skipped: stopping or changing PostgreSQL is the PostgreSQL pass's test");
+        return None;
     }
-    let Some(cluster) = PgCluster::start() else { return };
+    let cluster = PgCluster::start()?;
     let url = letterbox::store::postgres::scratch_database(&cluster.admin_url())
         .await
         .unwrap();
@@ -120,11 +115,38 @@ async fn a_send_goes_on_by_itself_after_the_database_was_down() {
     };
     let smtp = SmtpServer::start_with_delay(Duration::from_millis(5)).await;
     let smtp_url = smtp.url();
-    let (_node, api) = spawn_node(&home, &["--smtp", &smtp_url, "--concurrency", "8"]);
+    let (node, api) = spawn_node(&home, &["--smtp", &smtp_url, "--concurrency", "8"]);
     api.wait_healthy().await;
-    let letter = letter_to_many(&api, "d", N).await;
+    let letter = api.letter_to_many(prefix, n).await;
     let job = api.send(letter, json!({})).await;
-    wait_count(&smtp, 500).await;
+    wait_count(&smtp, started).await;
+    Some(Sending {
+        cluster,
+        smtp,
+        _home: home,
+        _node: node,
+        api,
+        job,
+    })
+}
+
+/// PostgreSQL stops (as a crash would: `pg_ctl -m immediate`) for about 8 s in the
+/// middle of a send, then starts again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_goes_on_by_itself_after_the_database_was_down() {
+    const N: usize = 4000;
+    // Every field bound (none left to `..`), so the node and its home live to the end.
+    let Some(Sending {
+        cluster,
+        smtp,
+        _home,
+        _node,
+        api,
+        job,
+    }) = send_on_own_cluster("d", N, 500).await
+    else {
+        return;
+    };
 
     cluster.stop();
     let down = Instant::now();
@@ -235,7 +257,7 @@ async fn a_send_goes_on_by_itself_after_the_disk_was_full() {
     let smtp_url = smtp.url();
     let (_node, api) = spawn_node(&home, &["--smtp", &smtp_url, "--concurrency", "8"]);
     api.wait_healthy().await;
-    let letter = letter_to_many(&api, "f", N).await;
+    let letter = api.letter_to_many("f", N).await;
     let job = api.send(letter, json!({})).await;
     wait_count(&smtp, 1000).await;
 
@@ -307,26 +329,19 @@ async fn admin_sql(url: &str, statements: &[&str]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_send_goes_on_by_itself_after_the_database_was_read_only() {
     const N: usize = 3000;
-    if !backend_is_postgres() {
-        eprintln!("skipped: a read-only PostgreSQL is the PostgreSQL pass's test");
+    // Every field bound (none left to `..`), so the node and its home live to the end.
+    let Some(Sending {
+        cluster,
+        smtp,
+        _home,
+        _node,
+        api,
+        job,
+    }) = send_on_own_cluster("r", N, 300).await
+    else {
         return;
-    }
-    let Some(cluster) = PgCluster::start() else { return };
-    let admin = cluster.admin_url();
-    let url = letterbox::store::postgres::scratch_database(&admin)
-        .await
-        .unwrap();
-    let home = Home {
-        data: tempfile::tempdir().unwrap(),
-        database: Some(url),
     };
-    let smtp = SmtpServer::start_with_delay(Duration::from_millis(5)).await;
-    let smtp_url = smtp.url();
-    let (_node, api) = spawn_node(&home, &["--smtp", &smtp_url, "--concurrency", "8"]);
-    api.wait_healthy().await;
-    let letter = letter_to_many(&api, "r", N).await;
-    let job = api.send(letter, json!({})).await;
-    wait_count(&smtp, 300).await;
+    let admin = cluster.admin_url();
 
     // Every session, the pooled ones included, takes the new default at the reload.
     admin_sql(

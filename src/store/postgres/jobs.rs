@@ -61,7 +61,7 @@ async fn job_basics(tx: &impl GenericClient, id: u64) -> Result<(u64, u64), Stor
 }
 
 /// Writes the whole job (the caller holds its row lock).
-async fn put_job(tx: &impl GenericClient, job: &Job) -> Result<(), StoreError> {
+pub(super) async fn put_job(tx: &impl GenericClient, job: &Job) -> Result<(), StoreError> {
     let c = job.counts;
     execute(
         tx,

@@ -6,12 +6,12 @@
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use super::jobs::{JOB_COLUMNS, delivery, due_ms, job, state_code};
+use super::jobs::{JOB_COLUMNS, delivery, due_ms, job, put_job, state_code};
 use super::lists::{SUBSCRIBER_COLUMNS, newsletter, subscriber};
 use super::plugins::{plugin, version};
 use super::{PgStore, commit, domain_int, execute, query, sql_int};
 use crate::domain::*;
-use crate::store::{Inventory, Record, StoreError, Transfer, normalise_email};
+use crate::store::{Inventory, Record, StoreError, Transfer, normalise_email, refuse_in_flight};
 
 /// Rows per page of an export, and so records per chunk it sends.
 const PAGE: i64 = 1000;
@@ -164,15 +164,8 @@ impl Transfer for PgStore {
     }
 
     async fn import(&self, records: Vec<Record>) -> Result<(), StoreError> {
-        if let Some(Record::Delivery(d)) = records
-            .iter()
-            .find(|r| matches!(r, Record::Delivery(d) if d.state.kind() == StateKind::Sending))
-        {
-            return Err(StoreError::Conflict(format!(
-                "job {} recipient {} is in flight (sending): rescue the source before moving it",
-                d.job_id, d.subscriber_id
-            )));
-        }
+        // Validate first: nothing is written if one record cannot be.
+        refuse_in_flight(&records)?;
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         // Subscribers and deliveries, the many, go in batches of one statement.
@@ -318,28 +311,14 @@ async fn import_one(tx: &deadpool_postgres::Transaction<'_>, record: Record) -> 
             .await?;
         }
         Record::Job(job) => {
-            let c = job.counts;
+            // The row, then every column through the one function that writes a job.
             execute(
                 tx,
-                "INSERT INTO jobs (id, newsletter_id, state, doc, pending, sending, delivered, skipped,
-                                   retrying, failed, cancelled, resent_after_crash)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-                &[
-                    &sql_int(job.id),
-                    &sql_int(job.newsletter_id),
-                    &job.state.as_str(),
-                    &serde_json::to_value(&job)?,
-                    &sql_int(c.pending),
-                    &sql_int(c.sending),
-                    &sql_int(c.delivered),
-                    &sql_int(c.skipped),
-                    &sql_int(c.retrying),
-                    &sql_int(c.failed),
-                    &sql_int(c.cancelled),
-                    &sql_int(job.resent_after_crash),
-                ],
+                "INSERT INTO jobs (id, newsletter_id, state, doc) VALUES ($1, $2, $3, '{}')",
+                &[&sql_int(job.id), &sql_int(job.newsletter_id), &job.state.as_str()],
             )
             .await?;
+            put_job(tx, &job).await?;
         }
         Record::IdempotencyKey {
             key,

@@ -8,7 +8,7 @@ use super::jobs::IdempotencyRecord;
 use super::tables::*;
 use super::{RedbStore, decode, encode};
 use crate::domain::*;
-use crate::store::{Inventory, Record, StoreError, Transfer, normalise_email};
+use crate::store::{Inventory, Record, StoreError, Transfer, normalise_email, refuse_in_flight};
 
 /// Records per chunk an export sends.
 const CHUNK: usize = 1000;
@@ -112,15 +112,7 @@ impl Transfer for RedbStore {
 
     async fn import(&self, records: Vec<Record>) -> Result<(), StoreError> {
         // Validate first: nothing is written if one record cannot be.
-        if let Some(Record::Delivery(d)) = records
-            .iter()
-            .find(|r| matches!(r, Record::Delivery(d) if d.state.kind() == StateKind::Sending))
-        {
-            return Err(StoreError::Conflict(format!(
-                "job {} recipient {} is in flight (sending): rescue the source before moving it",
-                d.job_id, d.subscriber_id
-            )));
-        }
+        refuse_in_flight(&records)?;
         self.write(move |txn| {
             let mut secrets = txn.open_table(SECRETS)?;
             let mut newsletters = txn.open_table(NEWSLETTERS)?;

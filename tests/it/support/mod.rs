@@ -258,6 +258,21 @@ impl Api {
         body["id"].as_u64().unwrap()
     }
 
+    /// A newsletter of `n` recipients (`{prefix}{i}@example.org`) and a letter to them;
+    /// returns the letter's id.
+    pub async fn letter_to_many(&self, prefix: &str, n: usize) -> u64 {
+        let newsletter = self.newsletter().await;
+        for chunk in (0..n).collect::<Vec<_>>().chunks(5000) {
+            let people: Vec<_> = chunk
+                .iter()
+                .map(|i| json!({ "email": format!("{prefix}{i}@example.org") }))
+                .collect();
+            self.add_subscribers(newsletter, json!(people)).await;
+        }
+        let letter = json!({ "subject": "Many", "text": "Hello {{ email }}\r\n" });
+        self.letter(newsletter, letter).await
+    }
+
     /// Starts a send job (`options` is the send request body); returns the job id.
     pub async fn send(&self, letter: u64, options: Value) -> u64 {
         let body = self

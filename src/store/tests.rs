@@ -19,6 +19,8 @@ const NODE: &str = "n-test";
 pub(crate) struct Fixture {
     pub store: Store,
     _dir: Option<tempfile::TempDir>,
+    /// The database's URL, for PostgreSQL.
+    url: Option<String>,
 }
 
 pub(crate) async fn redb() -> Fixture {
@@ -29,6 +31,7 @@ pub(crate) async fn redb() -> Fixture {
     Fixture {
         store,
         _dir: Some(dir),
+        url: None,
     }
 }
 
@@ -45,7 +48,11 @@ pub(crate) async fn postgres() -> Option<Fixture> {
     };
     let url = postgres::scratch_database(&admin).await.unwrap();
     let store = Store::open(Location::Postgres(&url)).await.unwrap();
-    Some(Fixture { store, _dir: None })
+    Some(Fixture {
+        store,
+        _dir: None,
+        url: Some(url),
+    })
 }
 
 fn job_for(newsletter_id: u64) -> Job {
@@ -1234,6 +1241,74 @@ async fn transfer_copies_everything_ids_and_all(store: Store) {
             .unwrap_err();
         assert!(matches!(err, StoreError::Conflict(_)), "{name}: {err}");
     }
+}
+
+/// A node frozen (SIGSTOP, a stalled VM) in the middle of a transaction keeps its rows
+/// locked. The rescue of its claims must not wait for them, or the rescuing node's own
+/// heartbeat would stop too: it gives up within about a second, and succeeds once the
+/// server has ended the frozen session (`idle_in_transaction_session_timeout`, which
+/// letterbox sets on its sessions).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_node_frozen_inside_a_transaction_does_not_hold_up_the_rescue() {
+    let Some(fixture) = postgres().await else { return };
+    let store = fixture.store.clone();
+    let url = fixture.url.clone().unwrap();
+    let frozen = NodeInfo {
+        id: "n-frozen".into(),
+        address: "http://frozen".into(),
+        version: "test".into(),
+        started_at: now(),
+        heartbeat_age_ms: 0,
+        claims: 0,
+    };
+    store
+        .register_node(&frozen, std::time::Duration::from_millis(300))
+        .await
+        .unwrap();
+    let (_, job) = job_with(&store, 3).await;
+    assert_eq!(
+        store.claim("n-frozen", job.id, 3, now_ms()).await.unwrap().len(),
+        3
+    );
+    // The frozen node's session, as letterbox opens it, stopped inside a transaction
+    // that holds its claimed rows.
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+        .batch_execute("SET idle_in_transaction_session_timeout = 3000")
+        .await
+        .unwrap();
+    client.batch_execute("BEGIN").await.unwrap();
+    let frozen_at = std::time::Instant::now();
+    client
+        .batch_execute("SELECT 1 FROM deliveries WHERE claimed_by = 'n-frozen' FOR UPDATE")
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+
+    let started = std::time::Instant::now();
+    let blocked = store.rescue().await;
+    let waited = started.elapsed();
+    assert!(
+        blocked.is_err(),
+        "the locked rows cannot be rescued yet: {blocked:?}"
+    );
+    assert!(
+        waited < std::time::Duration::from_millis(2500),
+        "the rescue waited {waited:?}"
+    );
+
+    // The server ends the frozen session after 3 s idle; then the rescue goes through.
+    tokio::time::sleep(std::time::Duration::from_millis(3500).saturating_sub(frozen_at.elapsed())).await;
+    let rescued = store.rescue().await.unwrap();
+    assert_eq!(rescued.nodes, vec!["n-frozen".to_string()]);
+    assert_eq!(rescued.requeued, vec![(job.id, 3)]);
+    assert!(
+        client.batch_execute("SELECT 1").await.is_err(),
+        "the frozen session was ended"
+    );
 }
 
 /// One `#[tokio::test]` per backend for each test above.

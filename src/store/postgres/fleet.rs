@@ -61,6 +61,10 @@ impl Fleet for PgStore {
     async fn rescue(&self) -> Result<Rescued, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
+        // A node frozen inside a transaction holds its rows until the server ends its
+        // session (`IDLE_IN_TRANSACTION`); waiting for them here would stop this node's
+        // own heartbeat. Give up after a second instead: the next heartbeat tries again.
+        execute(&tx, "SET LOCAL lock_timeout = '1s'", &[]).await?;
         // Deleting the node and requeueing its claims in one transaction: a node is
         // either alive with its claims or gone without them.
         let dead: Vec<String> = query(

@@ -33,6 +33,9 @@ use super::StoreError;
 /// rest serve the API.
 const POOL_SIZE: usize = 16;
 
+/// How long a session may sit idle inside a transaction before the server ends it.
+const IDLE_IN_TRANSACTION: Duration = Duration::from_secs(3);
+
 /// How long an operation waits to connect, or for a free connection, before it fails
 /// (and the failure shows) instead of hanging.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -122,8 +125,14 @@ impl PgStore {
         config.connect_timeout(CONNECT_TIMEOUT);
         config.application_name("letterbox");
         // The migrations' `IF NOT EXISTS` make the server send NOTICEs at every start,
-        // which the driver logs; warnings and errors still arrive.
-        config.options("-c client_min_messages=warning");
+        // which the driver logs; warnings and errors still arrive. A session idle in a
+        // transaction for 3 s is a stuck or frozen node (letterbox's transactions take
+        // milliseconds): the server ends it, so its row locks do not hold up the rest
+        // of the fleet, and the rescue of its claims, for longer.
+        config.options(format!(
+            "-c client_min_messages=warning -c idle_in_transaction_session_timeout={}",
+            IDLE_IN_TRANSACTION.as_millis()
+        ));
         let manager = Manager::from_config(
             config,
             NoTls,

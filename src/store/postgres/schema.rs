@@ -50,3 +50,65 @@ pub async fn migrate(client: &mut deadpool_postgres::Object) -> Result<i32, Stor
     tx.commit().await?;
     Ok(found)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::postgres::{PgStore, scratch_database};
+
+    /// A fresh database's URL, or `None` (skip) without a test server.
+    async fn scratch() -> Option<String> {
+        let Ok(admin) = std::env::var("LETTERBOX_TEST_DATABASE_URL") else {
+            assert!(
+                std::env::var("LETTERBOX_REQUIRE_POSTGRES").is_err(),
+                "LETTERBOX_REQUIRE_POSTGRES is set but LETTERBOX_TEST_DATABASE_URL is not"
+            );
+            eprintln!("skipped: no PostgreSQL (run under .ci/with-postgres)");
+            return None;
+        };
+        Some(scratch_database(&admin).await.unwrap())
+    }
+
+    async fn versions(url: &str) -> Vec<i32> {
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(connection);
+        let rows = client
+            .query("SELECT version FROM letterbox_schema ORDER BY version", &[])
+            .await
+            .unwrap();
+        rows.iter().map(|r| r.get(0)).collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nodes_starting_together_migrate_once() {
+        let Some(url) = scratch().await else { return };
+        let opens = (0..6).map(|_| PgStore::open(&url));
+        for opened in futures_util::future::join_all(opens).await {
+            opened.expect("every node starts");
+        }
+        assert_eq!(versions(&url).await, (1..=LATEST).collect::<Vec<_>>());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_schema_newer_than_this_binary_is_refused() {
+        let Some(url) = scratch().await else { return };
+        PgStore::open(&url).await.unwrap();
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        client
+            .execute(
+                "INSERT INTO letterbox_schema (version) VALUES ($1)",
+                &[&(LATEST + 1)],
+            )
+            .await
+            .unwrap();
+        let refused = PgStore::open(&url)
+            .await
+            .err()
+            .expect("a newer schema is refused");
+        let text = refused.to_string();
+        assert!(text.contains("newer than this letterbox knows"), "{text}");
+    }
+}

@@ -33,6 +33,8 @@ impl Transfer for PgStore {
             .read_only(true)
             .start()
             .await?;
+        // The snapshot stays open while the importer writes each chunk; it is not stuck.
+        execute(&tx, "SET LOCAL idle_in_transaction_session_timeout = 0", &[]).await?;
         let rows = query(&tx, "SELECT name, value FROM secrets ORDER BY name", &[]).await?;
         let secrets = rows
             .iter()

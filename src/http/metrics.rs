@@ -57,12 +57,16 @@ pub async fn render(State(state): State<AppState>) -> Result<impl IntoResponse, 
     // says 0.
     let overview = state.store.job_overview().await;
     let nodes = state.store.nodes().await;
+    // Up: it answers, and takes writes: the last one, the heartbeat's, and every job's
+    // here (a job is stalled while its claims or records fail).
+    let stalled = state.runner.stalls().len();
     let up = overview.is_ok()
         && nodes.is_ok()
         && state.store.write_failure().is_none()
-        && state.runner.heartbeat_error().is_none();
+        && state.runner.heartbeat_error().is_none()
+        && stalled == 0;
     metrics::gauge!("letterbox_store_up").set(if up { 1.0 } else { 0.0 });
-    metrics::gauge!("letterbox_jobs_stalled").set(state.runner.stalls().len() as f64);
+    metrics::gauge!("letterbox_jobs_stalled").set(stalled as f64);
     if let Ok(overview) = overview {
         for job_state in JobState::ALL {
             let count = overview.by_state.get(&job_state).copied().unwrap_or(0);

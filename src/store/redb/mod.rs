@@ -11,11 +11,13 @@
 //! operations of its batch still commit. A database error aborts the whole batch.
 //!
 //! **I/O errors heal.** After an I/O error (a full disk, a failing device) redb refuses
-//! every later operation until the database is opened again. The writer then reopens
-//! it itself (redb repairs the file from its last commit), trying again with a pause
-//! that grows to 2 s while the cause lasts, and answers the writes that arrive
-//! meanwhile with `Unavailable` at once; `failure` says what is wrong and since when.
-//! Nothing committed is lost, and the first commit that succeeds clears the failure.
+//! every later operation until the database is opened again. The writer then recovers
+//! by itself, whether anything is written meanwhile or not: it opens the database again
+//! (redb repairs the file from its last commit) and makes a small write to see whether
+//! writes work, trying again with a pause that grows to 2 s while the cause lasts. The
+//! writes that arrive meanwhile hear `Unavailable` at once, and `write_failure` says
+//! what is wrong and since when. Nothing committed is lost; a commit that succeeds
+//! (the small one included) clears the failure.
 
 mod jobs;
 mod lists;
@@ -382,10 +384,47 @@ impl super::Backend for RedbStore {
 fn writer_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Op>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let (mut commits, mut operations, mut busy) = (0u64, 0u64, Duration::ZERO);
-    // Set after an I/O error: the database must be opened again, not before then.
-    let mut reopen: Option<Instant> = None;
+    // After a write failed for want of the disk: when to try to recover by itself
+    // (open the database again if redb refuses it, then a small write), whether anything
+    // else is written meanwhile or not: readers and /readyz wait for it too.
+    let mut recover_at: Option<Instant> = None;
+    // redb refuses everything after an I/O error until it is opened again.
+    let mut needs_reopen = false;
     let mut pause = Duration::from_millis(250);
-    while let Some(first) = rx.blocking_recv() {
+    loop {
+        let first = match recover_at {
+            None => rx.blocking_recv(),
+            Some(at) => {
+                let now = Instant::now();
+                if now >= at {
+                    match recover(&shared, needs_reopen) {
+                        Ok(()) => {
+                            recover_at = None;
+                            needs_reopen = false;
+                            pause = Duration::from_millis(250);
+                            shared.set_failure(None);
+                        }
+                        Err(e) => {
+                            tracing::debug!(error = %e, ?pause, "the store cannot write yet");
+                            needs_reopen |= e.is_unavailable();
+                            shared.set_failure(Some(e.to_string()));
+                            recover_at = Some(now + pause);
+                            pause = (pause * 2).min(Duration::from_secs(2));
+                        }
+                    }
+                    continue;
+                }
+                match rx.try_recv() {
+                    Ok(op) => Some(op),
+                    Err(mpsc::error::TryRecvError::Empty) => {
+                        std::thread::sleep((at - now).min(Duration::from_millis(20)));
+                        continue;
+                    }
+                    Err(mpsc::error::TryRecvError::Disconnected) => None,
+                }
+            }
+        };
+        let Some(first) = first else { break };
         let started = Instant::now();
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -394,27 +433,16 @@ fn writer_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Op>) {
                 Err(_) => break,
             }
         }
-        if let Some(at) = reopen {
-            if Instant::now() < at {
-                fail_batch(&mut batch, &shared);
-                continue;
-            }
-            match reopen_database(&shared) {
-                Ok(()) => reopen = None,
-                Err(e) => {
-                    tracing::warn!(error = %e, ?pause, "cannot open the database again yet");
-                    shared.set_failure(Some(e.to_string()));
-                    reopen = Some(Instant::now() + pause);
-                    pause = (pause * 2).min(Duration::from_secs(2));
-                    fail_batch(&mut batch, &shared);
-                    continue;
-                }
-            }
+        if needs_reopen {
+            // Until the recovery reopens it, the writes hear the failure at once.
+            fail_batch(&mut batch, &shared);
+            continue;
         }
         let db = match shared.db() {
             Ok(db) => db,
             Err(_) => {
-                reopen = Some(Instant::now());
+                needs_reopen = true;
+                recover_at.get_or_insert_with(Instant::now);
                 fail_batch(&mut batch, &shared);
                 continue;
             }
@@ -426,7 +454,8 @@ fn writer_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Op>) {
                 let e = StoreError::from(e);
                 tracing::error!(error = %e, "cannot begin a write transaction");
                 if e.is_unavailable() {
-                    reopen = Some(Instant::now());
+                    needs_reopen = true;
+                    recover_at.get_or_insert_with(Instant::now);
                 }
                 shared.set_failure(Some(e.to_string()));
                 fail_batch(&mut batch, &shared);
@@ -457,7 +486,8 @@ fn writer_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Op>) {
                 let e = StoreError::from(e);
                 tracing::error!(error = %e, "store commit failed");
                 if e.is_unavailable() {
-                    reopen = Some(Instant::now());
+                    needs_reopen = true;
+                    recover_at.get_or_insert_with(Instant::now);
                 }
                 shared.set_failure(Some(e.to_string()));
                 e.to_string()
@@ -466,6 +496,7 @@ fn writer_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Op>) {
         drop(db);
         if outcome.is_ok() {
             shared.set_failure(None);
+            recover_at = None;
             pause = Duration::from_millis(250);
         }
         commits += 1;
@@ -495,6 +526,24 @@ fn fail_batch(batch: &mut Vec<Op>, shared: &Shared) {
         shared.set_failure(Some("the database is being opened again".into()));
     }
     batch.clear();
+}
+
+/// One attempt to recover from a failed write: open the database again if redb
+/// refuses it, then a small write (a counter in the sequences table), which shows
+/// whether writes work again.
+fn recover(shared: &Shared, needs_reopen: bool) -> Result<(), StoreError> {
+    if needs_reopen {
+        reopen_database(shared)?;
+    }
+    let db = shared.db()?;
+    let txn = db.begin_write()?;
+    {
+        let mut sequences = txn.open_table(tables::SEQUENCES)?;
+        let probes = sequences.get("probe")?.map(|v| v.value()).unwrap_or(0);
+        sequences.insert("probe", probes + 1)?;
+    }
+    txn.commit()?;
+    Ok(())
 }
 
 /// Closes the database and opens it again: redb refuses everything after an I/O error

@@ -181,6 +181,9 @@ impl DomainLimiter {
 
     /// Sets this node's share of every cap, resizing the semaphores in use.
     pub(super) fn set_share(&self, share: Share) {
+        // Under the map's lock, as `acquire` reads the share: a semaphore made while
+        // the share changes is made at the new size or resized here.
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         {
             let mut current = self.share.lock().unwrap_or_else(|e| e.into_inner());
             if *current == share {
@@ -188,7 +191,6 @@ impl DomainLimiter {
             }
             *current = share;
         }
-        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         for (name, domain) in slots.iter() {
             let Some(cap) = self.limits.limit_for(name) else {
                 continue;
@@ -201,9 +203,9 @@ impl DomainLimiter {
     /// Waits for a slot for `domain`; `None` when the domain has no cap.
     pub(super) async fn acquire(&self, domain: &str) -> Option<DomainPermit> {
         let limit = self.limits.limit_for(domain)?;
-        let share = *self.share.lock().unwrap_or_else(|e| e.into_inner());
         let semaphore = {
             let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            let share = *self.share.lock().unwrap_or_else(|e| e.into_inner());
             let size = share.of(limit);
             let entry = slots.entry(domain.to_string()).or_insert_with(|| {
                 Arc::new(Mutex::new(DomainSlots {

@@ -41,9 +41,9 @@ impl Place {
 pub enum MigrateError {
     #[error("{0}")]
     Source(String),
-    #[error("the target database: {0}")]
+    #[error("the target: {0}")]
     Target(String),
-    #[error("the target database is not empty ({0}); migrate copies into an empty database only")]
+    #[error("the target is not empty ({0}); migrate copies into an empty store only")]
     NotEmpty(String),
     #[error("copying: {0}")]
     Copy(StoreError),

@@ -35,9 +35,9 @@ pub(crate) async fn redb() -> Fixture {
     }
 }
 
-/// A fresh database on the test server, or `None` (skip) when there is none and none
-/// is required.
-pub(crate) async fn postgres() -> Option<Fixture> {
+/// The URL of a fresh database on the test server, or `None` (skip) when there is none
+/// and none is required.
+pub(crate) async fn scratch_url() -> Option<String> {
     let Ok(admin) = std::env::var("LETTERBOX_TEST_DATABASE_URL") else {
         assert!(
             std::env::var("LETTERBOX_REQUIRE_POSTGRES").is_err(),
@@ -46,7 +46,12 @@ pub(crate) async fn postgres() -> Option<Fixture> {
         eprintln!("skipped: no PostgreSQL (set LETTERBOX_TEST_DATABASE_URL, or run under .ci/with-postgres)");
         return None;
     };
-    let url = postgres::scratch_database(&admin).await.unwrap();
+    Some(postgres::scratch_database(&admin).await.unwrap())
+}
+
+/// A fresh database on the test server, or `None` (skip): see `scratch_url`.
+pub(crate) async fn postgres() -> Option<Fixture> {
+    let url = scratch_url().await?;
     let store = Store::open(Location::Postgres(&url)).await.unwrap();
     Some(Fixture {
         store,

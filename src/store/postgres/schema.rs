@@ -54,20 +54,8 @@ pub async fn migrate(client: &mut deadpool_postgres::Object) -> Result<i32, Stor
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::postgres::{PgStore, scratch_database};
-
-    /// A fresh database's URL, or `None` (skip) without a test server.
-    async fn scratch() -> Option<String> {
-        let Ok(admin) = std::env::var("LETTERBOX_TEST_DATABASE_URL") else {
-            assert!(
-                std::env::var("LETTERBOX_REQUIRE_POSTGRES").is_err(),
-                "LETTERBOX_REQUIRE_POSTGRES is set but LETTERBOX_TEST_DATABASE_URL is not"
-            );
-            eprintln!("skipped: no PostgreSQL (run under .ci/with-postgres)");
-            return None;
-        };
-        Some(scratch_database(&admin).await.unwrap())
-    }
+    use crate::store::postgres::PgStore;
+    use crate::store::tests::scratch_url as scratch;
 
     async fn versions(url: &str) -> Vec<i32> {
         let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();

@@ -282,6 +282,11 @@ impl Runner {
             if inner.shutdown.is_cancelled() {
                 continue;
             }
+            // An unsubscribe made on another node reaches the recipients this node
+            // already claimed: their next status check reads them again.
+            if let Err(e) = inner.store.refresh_status_epoch().await {
+                tracing::debug!(error = %e, "cannot read the fleet's status changes");
+            }
             // The states are read under the lock local controls hold across their
             // write and signal, so a stale read never undoes a local control.
             let mut active = inner.active.lock().await;

@@ -897,28 +897,21 @@ impl Runner {
         let delivery = &claimed.delivery;
         let claimed_node = claimed.node.clone();
         // The claim read the subscriber; read again only if a status changed since.
-        let subscriber = if inner.store.status_epoch() == claimed.epoch {
+        let mut epoch = claimed.epoch;
+        let subscriber = if inner.store.status_epoch() == epoch {
             claimed.subscriber
         } else {
-            match inner
-                .store
-                .subscriber(ctx.newsletter.id, delivery.subscriber_id)
-                .await
-            {
-                Ok(s) => Some(s),
-                Err(StoreError::NotFound { .. }) => None,
-                Err(e) => return Ok(self.retry_or_fail(ctx, delivery, e.to_string())),
+            epoch = inner.store.status_epoch();
+            match self.reread(ctx, delivery).await {
+                Ok(subscriber) => subscriber,
+                Err(outcome) => return Ok(outcome),
             }
         };
-        let Some(subscriber) = subscriber else {
-            let reason = "subscriber was deleted".into();
-            return Ok(Outcome::Skipped { reason });
-        };
         // Re-checked at send time: an unsubscribe wins over a snapshot taken earlier.
-        if subscriber.status != SubscriberStatus::Active {
-            let reason = format!("subscriber is {}", subscriber.status.as_str());
-            return Ok(Outcome::Skipped { reason });
-        }
+        let subscriber = match sendable(subscriber) {
+            Ok(subscriber) => subscriber,
+            Err(skipped) => return Ok(skipped),
+        };
         let unsubscribe_url = self.unsubscribe_url(ctx.newsletter.id, subscriber.id);
         let (tx, rx) = oneshot::channel();
         let sent = ctx.evaluations.send((subscriber, unsubscribe_url.clone(), tx));
@@ -954,6 +947,18 @@ impl Runner {
         if stop.is_cancelled() || !inner.node.holds(&claimed_node) {
             return Ok(Outcome::Released);
         }
+        // The wait for the rate can be long (a provider's 14/s shared by a whole
+        // window of recipients): a status that changed meanwhile still wins.
+        if inner.store.status_epoch() != epoch {
+            match self.reread(ctx, delivery).await {
+                Ok(subscriber) => {
+                    if let Err(skipped) = sendable(subscriber) {
+                        return Ok(skipped);
+                    }
+                }
+                Err(outcome) => return Ok(outcome),
+            }
+        }
         Ok(match ctx.transport.send(&outgoing).await {
             Ok(reply) => Outcome::Delivered { reply },
             Err(e) if e.is_transient() => self.retry_or_fail(ctx, delivery, e.to_string()),
@@ -961,6 +966,21 @@ impl Runner {
                 reason: e.to_string(),
             },
         })
+    }
+
+    /// The delivery's subscriber as stored now (`None` once erased), or the outcome
+    /// when it cannot be read.
+    async fn reread(&self, ctx: &JobContext, delivery: &Delivery) -> Result<Option<Subscriber>, Outcome> {
+        match self
+            .inner
+            .store
+            .subscriber(ctx.newsletter.id, delivery.subscriber_id)
+            .await
+        {
+            Ok(s) => Ok(Some(s)),
+            Err(StoreError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.retry_or_fail(ctx, delivery, e.to_string())),
+        }
     }
 
     /// A transient failure: retry later if the job's policy allows another attempt.
@@ -974,5 +994,18 @@ impl Runner {
                 reason: format!("gave up after {} attempts: {error}", delivery.attempts),
             }
         }
+    }
+}
+
+/// The subscriber, if it may still be sent to; else the skip that says why not.
+fn sendable(subscriber: Option<Subscriber>) -> Result<Subscriber, Outcome> {
+    match subscriber {
+        None => Err(Outcome::Skipped {
+            reason: "subscriber was deleted".into(),
+        }),
+        Some(s) if s.status != SubscriberStatus::Active => Err(Outcome::Skipped {
+            reason: format!("subscriber is {}", s.status.as_str()),
+        }),
+        Some(s) => Ok(s),
     }
 }

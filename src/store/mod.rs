@@ -511,6 +511,13 @@ pub trait Backend: Lists + Jobs + Plugins + Fleet + Transfer {
     /// claimed subscriber just before sending only when it moved.
     fn status_epoch(&self) -> u64;
 
+    /// Makes `status_epoch` move for status changes other nodes made since the last
+    /// call. The fleet's watcher calls it a few times a second; a backend no other
+    /// process writes to has nothing to do.
+    async fn refresh_status_epoch(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     /// The secret called `name`: the stored one, or else `candidate`, stored now. Returns
     /// the secret and whether `candidate` became it. Secrets every node must agree on
     /// (the unsubscribe signing key, the API token's hash) live here.

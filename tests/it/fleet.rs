@@ -399,3 +399,116 @@ async fn a_domain_limit_holds_across_the_fleet() {
     assert!(most >= CAP / 2, "the shares were used: at most {most} open");
     assert_eq!(claimed_by.len(), 3, "every node worked the job");
 }
+
+/// An unsubscribe made through one node stops the sends another node already claimed:
+/// a status change counts for the whole fleet (`fleet_counters`), and every node reads
+/// again, before sending, the claimed recipients whose status may have moved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsubscribe_on_one_node_stops_what_another_claimed() {
+    const N: usize = 600;
+    let Some(homes) = fleet_homes(2).await else { return };
+    // A slow server and two transactions per node: each node claims a window of
+    // `concurrency + 2 x CLAIM_BATCH` (258) far ahead of what it sends.
+    let smtp = SmtpServer::start_with_delay(Duration::from_millis(50)).await;
+    let url = smtp.url();
+    let args = ["--smtp", &url, "--concurrency", "2"];
+    let fleet: Vec<(Server, Api)> = homes.iter().map(|home| spawn_node(home, &args)).collect();
+    for (_, api) in &fleet {
+        api.wait_healthy().await;
+    }
+    wait_nodes(&fleet[0].1, 2, Duration::from_secs(30)).await;
+    let (a, b) = (&fleet[0].1, &fleet[1].1);
+    let letter = a.letter_to_many("u", N).await;
+    let (_, read) = a.get(&format!("/v1/letters/{letter}")).await;
+    let newsletter = read["newsletter_id"].as_u64().unwrap();
+    let (_, page) = a
+        .get(&format!("/v1/newsletters/{newsletter}/subscribers?limit=1000"))
+        .await;
+    let mut everyone: Vec<(u64, String)> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["id"].as_u64().unwrap(),
+                s["email"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(everyone.len(), N);
+    let job = a.send(letter, json!({ "concurrency": 2 })).await;
+
+    // Both nodes hold claims when the statuses change.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let holding = nodes(b)
+            .await
+            .iter()
+            .filter(|n| n["claims"].as_u64() > Some(0))
+            .count();
+        if holding == 2 && smtp.count() >= 10 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "both nodes never held claims");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Everyone not sent yet unsubscribes through node a, the last claimed first, since
+    // each node sends its claims in id order.
+    let sent: HashSet<String> = smtp
+        .received()
+        .into_iter()
+        .map(|m| m.recipients[0].clone())
+        .collect();
+    everyone.retain(|(_, email)| !sent.contains(email));
+    everyone.sort_unstable_by_key(|(id, _)| std::cmp::Reverse(*id));
+    let mut unsubscribed_at: HashMap<String, Instant> = HashMap::new();
+    for (id, email) in &everyone {
+        let (status, body) = a
+            .patch(
+                &format!("/v1/subscribers/{id}"),
+                json!({ "status": "unsubscribed" }),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        unsubscribed_at.insert(email.clone(), Instant::now());
+    }
+
+    let done = b.wait_job(job, Duration::from_secs(60)).await;
+    assert_eq!(done["state"], "completed", "{done}");
+    // A message already on its way may still go: the watcher reads the fleet's count
+    // every 250 ms, and a transaction that started before that finishes.
+    let grace = Duration::from_secs(1);
+    let received = smtp.received();
+    let late: Vec<&str> = received
+        .iter()
+        .filter(|m| {
+            unsubscribed_at
+                .get(&m.recipients[0])
+                .is_some_and(|at| m.started > *at + grace)
+        })
+        .map(|m| m.recipients[0].as_str())
+        .collect();
+    let got = received
+        .iter()
+        .filter(|m| unsubscribed_at.contains_key(&m.recipients[0]))
+        .count();
+    eprintln!(
+        "{} unsubscribed mid-send through one node: {got} of them sent before it took, {} late",
+        unsubscribed_at.len(),
+        late.len()
+    );
+    assert!(
+        late.is_empty(),
+        "{} sent over {grace:?} after their unsubscribe: {late:?}",
+        late.len()
+    );
+    assert_eq!(
+        done["counts"]["skipped"],
+        (unsubscribed_at.len() - got) as u64,
+        "{done}"
+    );
+    assert!(
+        got < N / 4,
+        "the unsubscribes came too late to test anything: {got}"
+    );
+}

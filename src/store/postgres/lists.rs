@@ -248,6 +248,7 @@ impl Lists for PgStore {
         )
         .await?
         .ok_or_else(|| StoreError::not_found("subscriber", id))?;
+        bump_shared_status_epoch(&tx).await?;
         commit(tx).await?;
         self.bump_status_epoch();
         subscriber(&row)
@@ -296,6 +297,7 @@ impl Lists for PgStore {
             }
             other => other?,
         };
+        bump_shared_status_epoch(&tx).await?;
         commit(tx).await?;
         self.bump_status_epoch();
         let Value::Object(attributes) = attributes else {
@@ -324,6 +326,7 @@ impl Lists for PgStore {
             &[&sql_int(id), &home, &email],
         )
         .await?;
+        bump_shared_status_epoch(&tx).await?;
         commit(tx).await?;
         self.bump_status_epoch();
         Ok(())
@@ -360,4 +363,16 @@ impl Lists for PgStore {
             .ok_or_else(|| StoreError::not_found("letter", id))?;
         Ok(serde_json::from_value(row.get(0))?)
     }
+}
+
+/// Counts a status change for the whole fleet, in the transaction that makes it: the
+/// other nodes see the count move only once the change is visible (`PgStore::refresh`).
+async fn bump_shared_status_epoch(tx: &impl deadpool_postgres::GenericClient) -> Result<(), StoreError> {
+    execute(
+        tx,
+        "UPDATE fleet_counters SET value = value + 1 WHERE name = 'status_epoch'",
+        &[],
+    )
+    .await?;
+    Ok(())
 }

@@ -19,7 +19,7 @@ mod schema;
 mod transfer;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
@@ -111,8 +111,10 @@ type Params<'a> = [&'a (dyn ToSql + Sync)];
 pub struct PgStore {
     pool: Pool,
     /// Bumped after every committed change of a subscriber's status made through this
-    /// node.
+    /// node, and when `refresh_status_epoch` finds that the fleet's count moved.
     status_epoch: Arc<AtomicU64>,
+    /// The fleet's count (`fleet_counters`) as last read; -1 before the first read.
+    shared_epoch: Arc<AtomicI64>,
 }
 
 impl PgStore {
@@ -150,9 +152,13 @@ impl PgStore {
         let store = PgStore {
             pool,
             status_epoch: Default::default(),
+            shared_epoch: Arc::new(AtomicI64::new(-1)),
         };
         let mut client = store.client().await?;
         schema::migrate(&mut client).await?;
+        drop(client);
+        // The fleet's count as this node starts: only later changes move the epoch.
+        super::Backend::refresh_status_epoch(&store).await?;
         Ok(store)
     }
 
@@ -215,6 +221,21 @@ impl super::Backend for PgStore {
 
     fn status_epoch(&self) -> u64 {
         self.status_epoch.load(Ordering::SeqCst)
+    }
+
+    async fn refresh_status_epoch(&self) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let row = query_opt(
+            &client,
+            "SELECT value FROM fleet_counters WHERE name = 'status_epoch'",
+            &[],
+        )
+        .await?;
+        let shared: i64 = row.map(|r| r.get(0)).unwrap_or(0);
+        if self.shared_epoch.swap(shared, Ordering::SeqCst) != shared {
+            self.bump_status_epoch();
+        }
+        Ok(())
     }
 
     async fn secret(&self, name: &str, candidate: Vec<u8>) -> Result<(Vec<u8>, bool), StoreError> {

@@ -11,6 +11,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("migrations/0001_initial.sql")),
     (2, include_str!("migrations/0002_fleet.sql")),
     (3, include_str!("migrations/0003_rates.sql")),
+    (4, include_str!("migrations/0004_status_epoch.sql")),
 ];
 
 /// The newest schema version this binary knows.

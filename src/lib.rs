@@ -142,6 +142,8 @@ pub async fn run(
             .install_plugin(name.to_string(), kind, bytes.to_vec())
             .await?;
     }
+    // Compiled in the background, one at a time: the server answers meanwhile.
+    runner.warm_policies().await?;
     let resumed = runner.recover().await?;
     if resumed > 0 {
         tracing::info!(jobs = resumed, "resumed unfinished jobs");

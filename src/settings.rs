@@ -139,7 +139,7 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("retry.cap", "1h"),
     ("policy.timeout_ms", "100"),
     ("policy.memory_mib", "64"),
-    ("policy.max_upload_mib", "10"),
+    ("policy.max_upload_mib", "64"),
     ("policy.max_failures", "20"),
     ("policy.failure_window", "10s"),
 ];

@@ -78,6 +78,9 @@ pub enum PluginCommand {
         kind: String,
         #[arg(long)]
         name: String,
+        /// Answer once the bytes are stored, without waiting for the compilation.
+        #[arg(long)]
+        no_wait: bool,
     },
     /// Every policy with its latest version.
     List,
@@ -171,34 +174,58 @@ pub async fn run(target: Target, command: Command) -> Result<(), ClientError> {
         Command::Subscribers(SubscribersCommand::Import { file, newsletter }) => {
             import(&client, &file, newsletter).await?;
         }
-        Command::Plugin(PluginCommand::Upload { file, kind, name }) => {
+        Command::Plugin(PluginCommand::Upload {
+            file,
+            kind,
+            name,
+            no_wait,
+        }) => {
             let bytes = read(&file).await?;
             let path = format!("/v1/plugins?kind={}&name={}", encode(&kind), encode(&name));
             let request = client
                 .request(Method::POST, &path)
                 .header(reqwest::header::CONTENT_TYPE, "application/wasm")
                 .body(bytes);
-            let p = client.send(request).await?;
+            let mut p = client.send(request).await?;
+            if !no_wait {
+                p = compiled(&client, p).await?;
+            }
             print(&client, &p, || {
                 format!(
-                    "{} {} uploaded: {}",
+                    "{} {} uploaded: {} ({})",
                     text(&p["kind"]),
                     text(&p["name"]),
-                    text(&p["id"])
+                    text(&p["id"]),
+                    text(&p["status"])
                 )
             });
+            if p["status"] == "failed" {
+                return Err(ClientError::Outcome(format!(
+                    "{} cannot be used: {}",
+                    text(&p["name"]),
+                    text(&p["error"])
+                )));
+            }
         }
         Command::Plugin(PluginCommand::List) => {
             let list = client.get("/v1/plugins").await?;
             print(&client, &list, || {
-                let mut out = format!("{:<24} {:<9} {:>8}  LATEST", "NAME", "KIND", "VERSIONS");
+                let mut out = format!(
+                    "{:<24} {:<9} {:>8}  {:<12}  STATUS",
+                    "NAME", "KIND", "VERSIONS", "LATEST"
+                );
                 for p in list.as_array().into_iter().flatten() {
+                    let latest = &p["latest"];
+                    let mut status = text(&latest["status"]);
+                    if latest["error"].is_string() {
+                        status = format!("{status}: {}", text(&latest["error"]));
+                    }
                     out.push_str(&format!(
-                        "\n{:<24} {:<9} {:>8}  {}",
+                        "\n{:<24} {:<9} {:>8}  {:<12}  {status}",
                         text(&p["name"]),
                         text(&p["kind"]),
                         text(&p["versions"]),
-                        text(&p["latest"]["id"]).chars().take(12).collect::<String>()
+                        text(&latest["id"]).chars().take(12).collect::<String>()
                     ));
                 }
                 out
@@ -580,6 +607,39 @@ fn count_lines(path: &Path) -> std::io::Result<u64> {
     }
     // A last line without its newline is a line too.
     Ok(lines + u64::from(last != b'\n'))
+}
+
+/// Waits until the uploaded plugin `p` is compiled (or failed) on the server; returns it
+/// with its final status.
+async fn compiled(client: &Client, mut p: Value) -> Result<Value, ClientError> {
+    let path = format!("/v1/plugins/{}", encode(&text(&p["name"])));
+    let started = std::time::Instant::now();
+    let mut said = false;
+    while p["status"] == "compiling" {
+        if !said && started.elapsed() > std::time::Duration::from_secs(1) && !client.json_output() {
+            eprintln!("compiling {} ...", text(&p["name"]));
+            said = true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let history = client.get(&path).await?;
+        let Some(version) = history["versions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|v| v["id"] == p["id"])
+        else {
+            return Err(ClientError::Outcome(format!(
+                "{} was deleted while it compiled",
+                text(&p["name"])
+            )));
+        };
+        p["status"] = version["status"].clone();
+        p["error"] = version["error"].clone();
+    }
+    if p["error"].is_null() {
+        p.as_object_mut().map(|o| o.remove("error"));
+    }
+    Ok(p)
 }
 
 #[cfg(test)]

@@ -13,8 +13,9 @@ use super::error::{ApiPath, ApiQuery};
 use super::{ApiError, AppState};
 use crate::domain::{Plugin, PluginKind, PluginSummary, PluginVersion};
 use crate::policy::builtin::{DEFAULT_FILTER_NAME, DEFAULT_TEMPLATE_NAME};
+use crate::runner::PolicyStatus;
 
-/// `max_upload` is the configured largest component (default 10 MiB; the default
+/// `max_upload` is the configured largest component (default 64 MiB; the default
 /// template, with minijinja, is ~0.8 MiB).
 pub fn router(max_upload: usize) -> OpenApiRouter<AppState> {
     let (schemas, paths, upload) = routes!(upload);
@@ -24,10 +25,91 @@ pub fn router(max_upload: usize) -> OpenApiRouter<AppState> {
         .routes(routes!(show, remove))
 }
 
+/// Where a plugin version's compilation stands on the node that answers. Each node
+/// compiles for itself; the same bytes get the same answer on every node.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+enum CompileState {
+    /// Stored and checked; being compiled (or waiting for the compilation before it).
+    /// A letter or job that needs it waits for it.
+    Compiling,
+    Ready,
+    /// It cannot run; `error` says why. Letters that name it are refused.
+    Failed,
+}
+
+#[derive(Serialize, ToSchema)]
+struct Compilation {
+    status: CompileState,
+    /// Why it failed, when `status` is `failed`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+impl Compilation {
+    fn of(state: &AppState, id: &str, name: &str, kind: PluginKind) -> Compilation {
+        match state.runner.policy_status(id, name, kind) {
+            PolicyStatus::Compiling => Compilation {
+                status: CompileState::Compiling,
+                error: None,
+            },
+            PolicyStatus::Ready => Compilation {
+                status: CompileState::Ready,
+                error: None,
+            },
+            PolicyStatus::Failed(error) => Compilation {
+                status: CompileState::Failed,
+                error: Some(error),
+            },
+        }
+    }
+}
+
+/// A plugin with where its compilation stands.
+#[derive(Serialize, ToSchema)]
+struct PluginView {
+    #[serde(flatten)]
+    plugin: Plugin,
+    #[serde(flatten)]
+    compilation: Compilation,
+}
+
+/// One version of a plugin name, with where its compilation stands.
+#[derive(Serialize, ToSchema)]
+struct VersionView {
+    #[serde(flatten)]
+    version: PluginVersion,
+    #[serde(flatten)]
+    compilation: Compilation,
+}
+
+/// A plugin name with its latest version.
+#[derive(Serialize, ToSchema)]
+struct SummaryView {
+    name: String,
+    kind: PluginKind,
+    latest: VersionView,
+    versions: u64,
+}
+
 /// Every plugin name with its latest version.
-#[utoipa::path(get, path = "/v1/plugins", tag = "plugins", responses((status = 200, body = Vec<PluginSummary>)))]
-async fn list(State(state): State<AppState>) -> Result<Json<Vec<PluginSummary>>, ApiError> {
-    Ok(Json(state.store.list_plugins().await?))
+#[utoipa::path(get, path = "/v1/plugins", tag = "plugins", responses((status = 200, body = Vec<SummaryView>)))]
+async fn list(State(state): State<AppState>) -> Result<Json<Vec<SummaryView>>, ApiError> {
+    let summaries = state.store.list_plugins().await?;
+    Ok(Json(
+        summaries
+            .into_iter()
+            .map(|s: PluginSummary| SummaryView {
+                latest: VersionView {
+                    compilation: Compilation::of(&state, &s.latest.id, &s.name, s.kind),
+                    version: s.latest,
+                },
+                name: s.name,
+                kind: s.kind,
+                versions: s.versions,
+            })
+            .collect(),
+    ))
 }
 
 /// A plugin name's history.
@@ -36,7 +118,7 @@ struct PluginHistory {
     name: String,
     kind: PluginKind,
     /// Oldest first.
-    versions: Vec<PluginVersion>,
+    versions: Vec<VersionView>,
 }
 
 /// A plugin name's versions, oldest first.
@@ -51,6 +133,13 @@ async fn show(
         .plugin_versions(name.clone())
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("plugin {name} not found")))?;
+    let versions = versions
+        .into_iter()
+        .map(|version| VersionView {
+            compilation: Compilation::of(&state, &version.id, &name, kind),
+            version,
+        })
+        .collect();
     Ok(Json(PluginHistory { name, kind, versions }))
 }
 
@@ -79,17 +168,20 @@ struct UploadQuery {
     name: String,
 }
 
-/// Stores a component after checking it compiles and implements the world of its kind.
-/// Uploading the same bytes again answers 200 with the existing plugin.
+/// Stores a component after the checks that need no compilation (a component, importing
+/// only what letterbox provides, exporting its kind's function) and compiles it in the
+/// background: `status` says `compiling`, then `ready` or `failed` (see
+/// `GET /v1/plugins/{name}`). Uploading the same bytes again answers 200 with the
+/// existing plugin.
 #[utoipa::path(post, path = "/v1/plugins", tag = "plugins", params(UploadQuery),
     request_body(description = "The component's bytes", content((Vec<u8> = "application/wasm"))),
-    responses((status = 201, description = "A new version", body = Plugin), (status = 200, description = "These bytes were already uploaded", body = Plugin)))]
+    responses((status = 201, description = "A new version", body = PluginView), (status = 200, description = "These bytes were already uploaded", body = PluginView)))]
 async fn upload(
     State(state): State<AppState>,
     ApiQuery(query): ApiQuery<UploadQuery>,
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
-) -> Result<(StatusCode, Json<Plugin>), ApiError> {
+) -> Result<(StatusCode, Json<PluginView>), ApiError> {
     if let Some(content_type) = headers.get(header::CONTENT_TYPE) {
         let content_type = content_type.to_str().unwrap_or_default();
         if !matches!(content_type, "application/wasm" | "application/octet-stream") {
@@ -129,5 +221,6 @@ async fn upload(
     } else {
         StatusCode::OK
     };
-    Ok((status, Json(plugin)))
+    let compilation = Compilation::of(&state, &plugin.id, &plugin.name, plugin.kind);
+    Ok((status, Json(PluginView { plugin, compilation })))
 }

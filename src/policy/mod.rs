@@ -2,8 +2,8 @@
 //!
 //! Policies are WebAssembly components built against `wit/policy.wit`. A component is
 //! checked and compiled once per upload: it must be a component (not a core module),
-//! import nothing outside `ALLOWED_IMPORTS`, and export the function of its kind's world
-//! with the right types. The compiled code is cached on disk (keyed by the component's
+//! import nothing outside `inspect::LINKED_IMPORTS` (checked before compiling), and
+//! export the function of its kind's world with the right types. The compiled code is cached on disk (keyed by the component's
 //! sha256 and the engine's compatibility hash) and in memory as an `InstancePre`.
 //!
 //! Instances are reused: an `Evaluator` (one per job) keeps warm filter and template
@@ -14,12 +14,13 @@
 //! confidentiality boundary. The sandbox protects the server: every call gets an epoch
 //! deadline, the store a memory limit and instance/table limits, and WASI grants nothing
 //! (no files, network, environment or arguments; stdout/stderr are captured, capped and
-//! logged).
+//! logged). Sockets are linked, because CPython imports them, and every use is denied.
 //!
 //! Calls are synchronous and CPU-bound; `Evaluator::evaluate_async` runs them on the
 //! blocking pool under a process-wide limit of concurrent evaluations.
 
 pub mod builtin;
+pub mod inspect;
 mod output;
 mod template_check;
 
@@ -73,30 +74,16 @@ const OUTPUT_LOG_CAP: usize = 4096;
 /// Longest reason (from `skip` or `err`) kept in a recipient's state.
 const MAX_REASON: usize = 1000;
 
-/// Interfaces a policy may import (prefixes of import names). Rust's std for
-/// wasm32-wasip2 links cli, io, clocks, random and filesystem even when a policy does not
-/// use them; the sandbox grants none of their capabilities (no preopened directories, no
-/// environment, captured stdio), so importing them is harmless. Anything else (sockets,
-/// HTTP, other hosts' interfaces) is refused at upload.
-const ALLOWED_IMPORTS: &[&str] = &[
-    "wasi:cli/",
-    "wasi:io/",
-    "wasi:clocks/",
-    "wasi:random/",
-    "wasi:filesystem/",
-    "letterbox:policy/",
-];
-
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum PolicyError {
     /// The bytes are not a component wasmtime can compile.
     #[error("not a valid WebAssembly component: {0}")]
     InvalidComponent(String),
     /// The component imports an interface the host refuses to provide.
     #[error(
-        "the component imports {name}, which policies may not use \
-         (allowed: wasi:cli, wasi:io, wasi:clocks, wasi:random, wasi:filesystem; \
-         none of them grants files, network or environment)"
+        "the component imports {name}, which letterbox does not provide to policies \
+         (provided: wasi:cli, wasi:io, wasi:clocks, wasi:random, wasi:filesystem and \
+         wasi:sockets, granting no files, environment or network)"
     )]
     RefusedImport { name: String },
     /// A valid component that does not fit the world its kind requires.
@@ -149,7 +136,9 @@ impl Default for PolicyLimits {
         PolicyLimits {
             memory_bytes: 64 << 20,
             timeout: Duration::from_millis(100),
-            max_upload_bytes: 10 << 20,
+            // JavaScript (componentize-js) and Python (componentize-py) components are
+            // 12 and 18 MB before the policy's own code.
+            max_upload_bytes: 64 << 20,
             max_output_bytes: 1 << 20,
         }
     }
@@ -340,6 +329,9 @@ impl PolicyHost {
         {
             return Ok(policy);
         }
+        // Before anything costly: a component that can never run is refused in
+        // milliseconds, not after seconds of compilation.
+        inspect::check(bytes, kind)?;
         let cache_file = self
             .cache_dir
             .as_ref()
@@ -382,36 +374,9 @@ impl PolicyHost {
         Ok(policy)
     }
 
-    /// Checks imports against the allowlist and exports against the world, and links.
+    /// Links the compiled component, checking its exports' types against the world
+    /// (`inspect::check` has already checked the names).
     fn check(&self, component: &Component, kind: PluginKind) -> Result<Prepared, PolicyError> {
-        let ty = component.component_type();
-        for (name, _) in ty.imports(&self.engine) {
-            if !ALLOWED_IMPORTS.iter().any(|prefix| name.starts_with(prefix)) {
-                return Err(PolicyError::RefusedImport {
-                    name: name.to_string(),
-                });
-            }
-        }
-        let exports: Vec<String> = ty
-            .exports(&self.engine)
-            .map(|(name, _)| name.to_string())
-            .collect();
-        let (wanted, other, other_kind) = match kind {
-            PluginKind::Filter => ("filter", "render", PluginKind::Template),
-            PluginKind::Template => ("render", "filter", PluginKind::Filter),
-        };
-        if !exports.iter().any(|e| e == wanted) {
-            let detail = if exports.iter().any(|e| e == other) {
-                format!(
-                    "it exports `{other}`, the {other_kind} world's function; upload it with kind={other_kind}"
-                )
-            } else {
-                format!(
-                    "the {kind} world expects an exported function `{wanted}`, the component exports {exports:?}"
-                )
-            };
-            return Err(PolicyError::WrongWorld { kind, detail });
-        }
         let wrong_world = |e: wasmtime::Error| PolicyError::WrongWorld {
             kind,
             detail: format!("{e:#}"),
@@ -438,9 +403,15 @@ impl PolicyHost {
             .build();
         let stdout = CappedOutput::new(OUTPUT_LOG_CAP);
         let stderr = CappedOutput::new(OUTPUT_LOG_CAP);
+        // Nothing is granted. These are wasmtime's defaults too; said here so that a
+        // change of defaults cannot open the network to policies.
         let wasi = WasiCtx::builder()
             .stdout(stdout.clone())
             .stderr(stderr.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .socket_addr_check(|_, _| Box::pin(async { false }))
             .build();
         let mut store = Store::new(
             &self.engine,

@@ -24,6 +24,7 @@
 //! likewise, and when a job's policies fail too often (restart intensity,
 //! `FailureLimit`) the job pauses until someone resumes it.
 
+mod compile;
 mod fleet;
 mod health;
 mod limits;
@@ -45,6 +46,7 @@ use crate::policy::{self, LetterInput, Policy, PolicyError, PolicyHost, Rendered
 use crate::store::{IdempotencyKey, NewJob, Store, StoreError};
 use crate::tokens::UnsubscribeKey;
 
+pub use compile::PolicyStatus;
 pub use health::Stall;
 use limits::{DomainLimiter, RateMeter};
 pub use limits::{DomainLimits, FailureLimit};
@@ -195,6 +197,8 @@ struct Inner {
     domains: DomainLimiter,
     /// Jobs stalled on a failing store here (see `health`).
     stalls: health::Stalls,
+    /// Policy compilations on this node (see `compile`).
+    compiles: compile::Compiles,
 }
 
 /// Removes an idempotency key from `creating` however `submit` ends.
@@ -239,6 +243,7 @@ impl Runner {
                 active: Default::default(),
                 creating: Default::default(),
                 stalls: Default::default(),
+                compiles: Default::default(),
             }),
         }
     }
@@ -532,28 +537,20 @@ impl Runner {
         );
     }
 
-    /// Compiles (or finds compiled) the policy version a job uses. Compilation runs on
-    /// the blocking pool.
+    /// The compiled policy version a job or letter uses, waiting for its compilation
+    /// (see `compile`).
     pub async fn load_policy(
         &self,
         version: &PolicyVersion,
         kind: PluginKind,
     ) -> Result<Arc<Policy>, RunnerError> {
-        if let Some(policy) = self.inner.policies.cached(&version.id) {
-            return Ok(policy);
-        }
-        let bytes = self.inner.store.plugin_bytes(version.id.clone()).await?;
-        let host = self.inner.policies.clone();
-        let version = version.clone();
-        let policy =
-            tokio::task::spawn_blocking(move || host.prepare(&version.id, &version.name, kind, &bytes))
-                .await
-                .map_err(|e| RunnerError::Invalid(format!("policy compilation task failed: {e}")))??;
-        Ok(policy)
+        self.compiled(&version.id, &version.name, kind).await
     }
 
-    /// Checks a component compiles and implements `kind`'s world, then stores it as the
-    /// latest version of `name`. Returns the plugin and whether these bytes were new.
+    /// Checks a component cheaply (a component, importing only what the host links,
+    /// exporting its kind's function), stores it as the latest version of `name` and
+    /// starts compiling it in the background. Returns the plugin and whether these bytes
+    /// were new.
     pub async fn install_plugin(
         &self,
         name: String,
@@ -561,14 +558,13 @@ impl Runner {
         bytes: Vec<u8>,
     ) -> Result<(Plugin, bool), RunnerError> {
         use sha2::Digest;
-        let id = hex::encode(sha2::Sha256::digest(&bytes));
-        let host = self.inner.policies.clone();
-        let (check_id, check_name) = (id.clone(), name.clone());
-        let bytes = tokio::task::spawn_blocking(move || {
-            host.prepare(&check_id, &check_name, kind, &bytes).map(|_| bytes)
+        // Milliseconds even for tens of MB, but not nothing: off the async threads.
+        let (id, bytes) = tokio::task::spawn_blocking(move || {
+            crate::policy::inspect::check(&bytes, kind)?;
+            Ok::<_, PolicyError>((hex::encode(sha2::Sha256::digest(&bytes)), bytes))
         })
         .await
-        .map_err(|e| RunnerError::Invalid(format!("policy compilation task failed: {e}")))??;
+        .map_err(|e| RunnerError::Invalid(format!("policy check task failed: {e}")))??;
         let plugin = Plugin {
             id,
             name,
@@ -576,7 +572,9 @@ impl Runner {
             size: bytes.len() as u64,
             created_at: now(),
         };
-        Ok(self.inner.store.put_plugin(plugin, bytes).await?)
+        let (plugin, created) = self.inner.store.put_plugin(plugin, bytes.clone()).await?;
+        self.compile_in_background(&plugin.id, &plugin.name, kind, bytes);
+        Ok((plugin, created))
     }
 
     /// The policy version a letter's reference names: `NAME` is the latest version of
@@ -625,7 +623,18 @@ impl Runner {
     /// `resolve`, then compile (or find compiled) the version it names.
     async fn resolve_loaded(&self, reference: &str, kind: PluginKind) -> Result<Resolved, RunnerError> {
         let version = self.resolve(reference, kind).await?;
-        let policy = self.load_policy(&version, kind).await?;
+        let policy = match self.load_policy(&version, kind).await {
+            Ok(policy) => policy,
+            // The upload was stored, but its compilation found it cannot run.
+            Err(RunnerError::Policy(e)) if e.failed_policy().is_none() => {
+                return Err(RunnerError::Invalid(format!(
+                    "the {kind} policy {}@{} cannot be used: {e}",
+                    version.name,
+                    &version.id[..version.id.len().min(12)]
+                )));
+            }
+            Err(e) => return Err(e),
+        };
         Ok((version, policy))
     }
 
@@ -648,8 +657,9 @@ impl Runner {
         let builtin = letter.template == DEFAULT_TEMPLATE_NAME
             || letter.template.starts_with(&format!("{DEFAULT_TEMPLATE_NAME}@"));
         if builtin {
-            // The names must exist; nothing runs, so nothing needs compiling.
-            self.resolve(&letter.filter, PluginKind::Filter).await?;
+            // The names must exist, and a filter must be one that can run: its
+            // compilation is awaited (the built-in template checks itself, below).
+            self.resolve_loaded(&letter.filter, PluginKind::Filter).await?;
             self.resolve(&letter.template, PluginKind::Template).await?;
             let problems = policy::check_default_template(
                 &letter.subject,

@@ -7,6 +7,18 @@ use serde_json::json;
 
 use crate::support::{SmtpServer, TestServer, wasm};
 
+/// A component exporting `filter` with the wrong type: `func()` instead of the world's.
+fn mistyped_filter() -> Vec<u8> {
+    wat::parse_str(
+        r#"(component
+            (core module $m (func (export "f")))
+            (core instance $i (instantiate $m))
+            (func $f (canon lift (core func $i "f")))
+            (export "filter" (func $f)))"#,
+    )
+    .unwrap()
+}
+
 fn detail_of(body: &serde_json::Value) -> &str {
     body["detail"].as_str().unwrap_or_default()
 }
@@ -33,12 +45,14 @@ async fn uploads_are_validated() {
     let (status, body) = api.upload("filter", "core", core_module).await;
     assert_eq!(status, 422, "{body}");
 
-    // A component importing an interface policies may not use.
-    let sockets = wat::parse_str(r#"(component (import "wasi:sockets/tcp@0.2.0" (instance)))"#).unwrap();
-    let (status, body) = api.upload("filter", "net", sockets).await;
+    // A component importing an interface letterbox does not provide: refused before
+    // it is compiled.
+    let http =
+        wat::parse_str(r#"(component (import "wasi:http/outgoing-handler@0.2.0" (instance)))"#).unwrap();
+    let (status, body) = api.upload("filter", "net", http).await;
     assert_eq!(status, 422, "{body}");
     assert!(
-        detail_of(&body).contains("imports wasi:sockets/tcp@0.2.0"),
+        detail_of(&body).contains("imports wasi:http/outgoing-handler@0.2.0"),
         "{body}"
     );
     // A component exporting nothing.
@@ -60,9 +74,36 @@ async fn uploads_are_validated() {
         "{body}"
     );
 
+    // The right name with the wrong type: stored, then found unusable by its
+    // compilation; a letter that names it is refused with the reason.
+    let (status, body) = api.upload("filter", "mistyped", mistyped_filter()).await;
+    assert_eq!(status, 201, "{body}");
+    let version = api.compiled("mistyped").await;
+    assert_eq!(version["status"], "failed", "{version}");
+    let error = version["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("does not implement the letterbox:policy/filter world"),
+        "{version}"
+    );
+    let newsletter = api.newsletter().await;
+    let (status, body) = api
+        .post(
+            &format!("/v1/newsletters/{newsletter}/letters"),
+            json!({ "subject": "S", "text": "T", "filter": "mistyped" }),
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert!(detail_of(&body).contains("filter policy mistyped@"), "{body}");
+    assert!(detail_of(&body).contains("cannot be used"), "{body}");
+
     let (status, body) = api.upload("template", "trap", wasm("test_trap_template")).await;
     assert_eq!(status, 201, "{body}");
     assert_eq!(body["kind"], "template");
+    assert!(
+        ["compiling", "ready"].contains(&body["status"].as_str().unwrap()),
+        "{body}"
+    );
+    assert_eq!(api.compiled("trap").await["status"], "ready");
     assert_eq!(body["id"].as_str().unwrap().len(), 64, "sha256 hex: {body}");
     let (status, again) = api.upload("template", "trap", wasm("test_trap_template")).await;
     assert_eq!(status, 200, "re-uploading the same bytes is idempotent: {again}");
@@ -140,17 +181,28 @@ async fn time_and_memory_limits_fail_only_the_offending_recipient() {
     let people = json!([
         { "email": "loop@example.org" },
         { "email": "bomb@example.org" },
+        { "email": "net@example.org" },
         { "email": "fine@example.org" },
     ]);
     api.add_subscribers(newsletter, people).await;
-    let letter = json!({ "subject": "S", "text": "T", "filter": "hostile" });
+    // A port that would accept the policy's connection, were it allowed out.
+    let bait = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    bait.set_nonblocking(true).unwrap();
+    let connect = bait.local_addr().unwrap().to_string();
+    let letter =
+        json!({ "subject": "S", "text": "T", "filter": "hostile", "params": { "connect": connect } });
     let letter = api.letter(newsletter, letter).await;
     let job = api.send(letter, json!({})).await;
     let done = api.wait_job(job, Duration::from_secs(60)).await;
     assert_eq!(done["state"], "completed", "{done}");
     assert_eq!(done["counts"]["delivered"], 1, "{done}");
     assert_eq!(done["counts"]["failed"], 2, "{done}");
+    assert_eq!(done["counts"]["skipped"], 1, "{done}");
     assert_eq!(smtp.received()[0].recipients, ["fine@example.org"]);
+    assert!(
+        matches!(bait.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the policy reached the network"
+    );
 
     let (_, page) = api.get(&format!("/v1/jobs/{job}/deliveries")).await;
     let reason = |email: &str| {
@@ -174,6 +226,13 @@ async fn time_and_memory_limits_fail_only_the_offending_recipient() {
         bombed.contains("hostile@") && bombed.contains("crashed"),
         "{bombed}"
     );
+    // Sockets are linked (CPython imports them), and every use is denied.
+    let net = reason("net@example.org");
+    assert!(
+        net.contains("connect refused") && net.contains("lookup refused"),
+        "{net}"
+    );
+    eprintln!("a policy's network attempts: {net}");
     server.stop().await;
 }
 

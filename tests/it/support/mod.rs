@@ -281,6 +281,25 @@ impl Api {
         body["job_id"].as_u64().unwrap()
     }
 
+    /// The latest version of plugin `name` once its compilation ended (`ready` or
+    /// `failed`).
+    pub async fn compiled(&self, name: &str) -> Value {
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            let (status, history) = self.get(&format!("/v1/plugins/{name}")).await;
+            assert_eq!(status, 200, "{history}");
+            let latest = history["versions"].as_array().unwrap().last().unwrap().clone();
+            if latest["status"] != "compiling" {
+                return latest;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{name} is still compiling: {latest}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub async fn upload(&self, kind: &str, name: &str, bytes: Vec<u8>) -> (u16, Value) {
         self.post_raw(
             &format!("/v1/plugins?kind={kind}&name={name}"),

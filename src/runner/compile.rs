@@ -1,0 +1,193 @@
+//! Compiling policies off the request and delivery paths.
+//!
+//! An upload is stored as soon as its cheap checks pass (`policy::inspect`); its
+//! compilation (seconds, and hundreds of MiB for an interpreter-sized component) runs in
+//! the background, **one at a time** on this node, so uploads cannot exhaust the host's
+//! memory or cores. Whoever needs the policy (a letter's check, a job's supervisor)
+//! waits for that one compilation instead of starting another.
+//!
+//! The state is this node's: each node compiles for itself (the compiled code is
+//! node-local), and since compiling the same bytes with the same letterbox gives the
+//! same answer everywhere, a node asked about a plugin it has not compiled yet starts
+//! compiling it and says `compiling`. A failure is remembered for the bytes; a store that
+//! could not give the bytes is not (the next request tries again).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{Semaphore, watch};
+
+use super::{Runner, RunnerError};
+use crate::domain::PluginKind;
+use crate::policy::{Policy, PolicyError};
+use crate::store::StoreError;
+
+/// Where one plugin version's compilation stands on this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PolicyStatus {
+    Compiling,
+    Ready,
+    /// Why it cannot run: it was uploaded, but no letter or job can use it.
+    Failed(String),
+}
+
+type Outcome = Result<Arc<Policy>, Failure>;
+
+#[derive(Clone)]
+enum Failure {
+    Policy(PolicyError),
+    /// The bytes could not be read: not remembered.
+    Store(String),
+}
+
+/// The compilations of this node, by plugin id (the bytes' sha256).
+pub(super) struct Compiles {
+    states: Mutex<HashMap<String, watch::Receiver<Option<Outcome>>>>,
+    /// One compilation at a time: a compile takes a core and up to ~20x the component's
+    /// size in memory.
+    permit: Arc<Semaphore>,
+}
+
+impl Default for Compiles {
+    fn default() -> Self {
+        Compiles {
+            states: Default::default(),
+            permit: Arc::new(Semaphore::new(1)),
+        }
+    }
+}
+
+impl Runner {
+    /// The compilation of `id` (a version of plugin `name`), started now if this node has
+    /// not started it. `bytes` saves reading them from the store when the caller has them.
+    fn compilation(
+        &self,
+        id: &str,
+        name: &str,
+        kind: PluginKind,
+        bytes: Option<Vec<u8>>,
+    ) -> watch::Receiver<Option<Outcome>> {
+        let compiles = &self.inner.compiles;
+        let mut states = compiles.states.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(rx) = states.get(id) {
+            return rx.clone();
+        }
+        let (tx, rx) = watch::channel(None);
+        states.insert(id.to_string(), rx.clone());
+        drop(states);
+
+        let runner = self.clone();
+        let (id, name) = (id.to_string(), name.to_string());
+        tokio::spawn(async move {
+            let outcome = runner.compile(&id, &name, kind, bytes).await;
+            if let Err(failure) = &outcome {
+                let reason = match failure {
+                    Failure::Policy(e) => e.to_string(),
+                    Failure::Store(e) => e.clone(),
+                };
+                tracing::warn!(plugin = %name, id = %&id[..id.len().min(12)], %reason, "policy cannot be used");
+            }
+            if let Err(Failure::Store(_)) = &outcome {
+                runner
+                    .inner
+                    .compiles
+                    .states
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id);
+            }
+            let _ = tx.send(Some(outcome));
+        });
+        rx
+    }
+
+    async fn compile(&self, id: &str, name: &str, kind: PluginKind, bytes: Option<Vec<u8>>) -> Outcome {
+        let host = self.inner.policies.clone();
+        if let Some(policy) = host.cached(id) {
+            return Ok(policy);
+        }
+        let _permit = self.inner.compiles.permit.clone().acquire_owned().await;
+        let bytes = match bytes {
+            Some(bytes) => bytes,
+            None => self
+                .inner
+                .store
+                .plugin_bytes(id.to_string())
+                .await
+                .map_err(|e| Failure::Store(e.to_string()))?,
+        };
+        let (id, name) = (id.to_string(), name.to_string());
+        let started = std::time::Instant::now();
+        let size = bytes.len();
+        let compiled = tokio::task::spawn_blocking(move || host.prepare(&id, &name, kind, &bytes))
+            .await
+            .map_err(|e| {
+                Failure::Policy(PolicyError::Engine(format!(
+                    "policy compilation task failed: {e}"
+                )))
+            })?
+            .map_err(Failure::Policy)?;
+        tracing::info!(
+            policy = %compiled.label(),
+            bytes = size,
+            seconds = started.elapsed().as_secs_f64(),
+            "policy ready"
+        );
+        Ok(compiled)
+    }
+
+    /// Where version `id` of plugin `name` stands on this node; starts compiling it if
+    /// nothing here has.
+    pub fn policy_status(&self, id: &str, name: &str, kind: PluginKind) -> PolicyStatus {
+        if self.inner.policies.cached(id).is_some() {
+            return PolicyStatus::Ready;
+        }
+        let rx = self.compilation(id, name, kind, None);
+        let outcome = rx.borrow().clone();
+        match outcome {
+            None => PolicyStatus::Compiling,
+            Some(Ok(_)) => PolicyStatus::Ready,
+            Some(Err(Failure::Policy(e))) => PolicyStatus::Failed(e.to_string()),
+            // Not remembered: asked again, it is compiling again.
+            Some(Err(Failure::Store(_))) => PolicyStatus::Compiling,
+        }
+    }
+
+    /// Starts compiling bytes just stored, so the first letter that uses them finds
+    /// them ready (or failed) sooner.
+    pub(super) fn compile_in_background(&self, id: &str, name: &str, kind: PluginKind, bytes: Vec<u8>) {
+        drop(self.compilation(id, name, kind, Some(bytes)));
+    }
+
+    /// The compiled policy `id`, waiting for its compilation (started now if needed).
+    pub(super) async fn compiled(
+        &self,
+        id: &str,
+        name: &str,
+        kind: PluginKind,
+    ) -> Result<Arc<Policy>, RunnerError> {
+        if let Some(policy) = self.inner.policies.cached(id) {
+            return Ok(policy);
+        }
+        let mut rx = self.compilation(id, name, kind, None);
+        let outcome = match rx.wait_for(Option::is_some).await {
+            Ok(outcome) => outcome.clone(),
+            Err(_) => None,
+        };
+        match outcome {
+            Some(Ok(policy)) => Ok(policy),
+            Some(Err(Failure::Policy(e))) => Err(e.into()),
+            Some(Err(Failure::Store(e))) => Err(StoreError::Unavailable(e).into()),
+            None => Err(RunnerError::ShuttingDown),
+        }
+    }
+
+    /// Starts compiling the latest version of every plugin, so jobs and letters after a
+    /// start find them ready; one at a time, in the background.
+    pub async fn warm_policies(&self) -> Result<(), RunnerError> {
+        for summary in self.inner.store.list_plugins().await? {
+            drop(self.compilation(&summary.latest.id, &summary.name, summary.kind, None));
+        }
+        Ok(())
+    }
+}

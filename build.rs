@@ -14,15 +14,19 @@ fn main() {
 
     println!("cargo:rerun-if-changed=plugins/Cargo.toml");
     println!("cargo:rerun-if-changed=plugins/Cargo.lock");
+    println!("cargo:rerun-if-changed=plugins/.cargo/config.toml");
     for crate_dir in std::fs::read_dir(&plugins).expect("plugins/ exists").flatten() {
         if crate_dir.path().join("Cargo.toml").exists() {
             println!("cargo:rerun-if-changed={}", crate_dir.path().display());
         }
     }
     println!("cargo:rerun-if-changed=wit");
+    println!("cargo:rerun-if-changed=wit/0.1");
 
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let output = Command::new(cargo)
+        // From inside plugins/, so its .cargo/config.toml (the guest's rustflags) applies.
+        .current_dir(&plugins)
         .args(["build", "--release", "--target", "wasm32-wasip2", "--workspace"])
         .arg("--manifest-path")
         .arg(plugins.join("Cargo.toml"))

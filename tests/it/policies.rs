@@ -657,3 +657,66 @@ async fn ab_subject_example_splits_recipients_stably() {
     );
     server.stop().await;
 }
+
+/// WIT 0.2 policies check a letter when it is written (`validate`): the built-in filter
+/// refuses a malformed segment and the ab-subject template malformed variants, each
+/// with the field named, before anything is sent. 0.1 policies (the hostile corpus) are
+/// still accepted and run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_validate_a_letter_when_it_is_written() {
+    let server = TestServer::start(None).await;
+    let api = &server.api;
+    assert_eq!(api.upload("template", "ab", wasm("ab_subject")).await.0, 201);
+    assert_eq!(
+        api.upload("filter", "old", wasm("test_hostile_filter")).await.0,
+        201
+    );
+    let newsletter = api.newsletter().await;
+    let path = format!("/v1/newsletters/{newsletter}/letters");
+    let field_errors = |body: &serde_json::Value| -> Vec<(String, String)> {
+        body["errors"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|e| {
+                (
+                    e["field"].as_str().unwrap().to_string(),
+                    e["message"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+
+    let bad_segment = json!({ "subject": "S", "text": "T", "params": { "segment": { "equals": "pro" } } });
+    let (status, body) = api.post(&path, bad_segment).await;
+    assert_eq!(status, 422, "{body}");
+    let errors = field_errors(&body);
+    assert!(
+        errors
+            .iter()
+            .any(|(f, m)| f == "params.segment" && m.contains("\"attribute\"")),
+        "{body}"
+    );
+
+    let bad_variants = json!({
+        "subject": "S", "text": "T", "template": "ab",
+        "params": { "ab": { "subjects": [] } },
+    });
+    let (status, body) = api.post(&path, bad_variants).await;
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        field_errors(&body)
+            .iter()
+            .any(|(f, m)| f == "params.ab.subjects" && m.contains("non-empty")),
+        "{body}"
+    );
+
+    // Good letters pass, through a 0.2 template and a 0.1 filter alike.
+    let good = json!({
+        "subject": "S", "text": "T", "template": "ab", "filter": "old",
+        "params": { "ab": { "subjects": ["A", "B"] } },
+    });
+    let (status, body) = api.post(&path, good).await;
+    assert_eq!(status, 201, "{body}");
+    server.stop().await;
+}

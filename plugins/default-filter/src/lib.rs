@@ -10,6 +10,10 @@
 //! {"segment": {"attribute": "beta", "exists": true}}
 //! ```
 
+// The code wit-bindgen generates for `validate(letter)` takes the letter flattened into
+// its fields.
+#![allow(clippy::too_many_arguments)]
+
 use serde_json::Value;
 
 wit_bindgen::generate!({
@@ -19,20 +23,58 @@ wit_bindgen::generate!({
 
 struct DefaultFilter;
 
+thread_local! {
+    /// The letter's segment, parsed once per instance by `prepare`.
+    static SEGMENT: std::cell::RefCell<Option<Value>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The segment of a letter's params, if any, checked for shape.
+fn segment_of(letter: &Letter) -> Result<Option<Value>, String> {
+    let params: Value =
+        serde_json::from_str(&letter.params).map_err(|e| format!("letter params are not JSON: {e}"))?;
+    let Some(segment) = params.get("segment") else {
+        return Ok(None);
+    };
+    // An empty object matches nothing and everything alike: check the shape now.
+    matches(segment, &Value::Object(Default::default()))?;
+    Ok(Some(segment.clone()))
+}
+
 impl Guest for DefaultFilter {
-    fn filter(recipient: Recipient, letter: Letter) -> Result<Decision, String> {
-        let params: Value =
-            serde_json::from_str(&letter.params).map_err(|e| format!("letter params are not JSON: {e}"))?;
-        let Some(segment) = params.get("segment") else {
-            return Ok(Decision::Send);
-        };
-        let attributes: Value = serde_json::from_str(&recipient.attributes)
-            .map_err(|e| format!("recipient attributes are not JSON: {e}"))?;
-        if matches(segment, &attributes)? {
-            Ok(Decision::Send)
-        } else {
-            Ok(Decision::Skip("not in segment".to_string()))
-        }
+    fn validate(letter: Letter) -> Result<(), Vec<Problem>> {
+        segment_of(&letter).map(drop).map_err(|message| {
+            vec![Problem {
+                field: "params.segment".to_string(),
+                message,
+            }]
+        })
+    }
+
+    fn prepare(letter: Letter) -> Result<(), String> {
+        let segment = segment_of(&letter)?;
+        SEGMENT.with(|cell| *cell.borrow_mut() = segment);
+        Ok(())
+    }
+
+    fn filter(recipients: Vec<Recipient>) -> Vec<Result<Decision, String>> {
+        SEGMENT.with(|cell| {
+            let segment = cell.borrow();
+            recipients
+                .iter()
+                .map(|recipient| {
+                    let Some(segment) = segment.as_ref() else {
+                        return Ok(Decision::Send);
+                    };
+                    let attributes: Value = serde_json::from_str(&recipient.attributes)
+                        .map_err(|e| format!("recipient attributes are not JSON: {e}"))?;
+                    if matches(segment, &attributes)? {
+                        Ok(Decision::Send)
+                    } else {
+                        Ok(Decision::Skip("not in segment".to_string()))
+                    }
+                })
+                .collect()
+        })
     }
 }
 

@@ -8,7 +8,7 @@
 use std::hint::black_box;
 
 wit_bindgen::generate!({
-    path: "../../wit",
+    path: "../../wit/0.1",
     world: "filter",
 });
 

@@ -13,7 +13,7 @@ use std::hint::black_box;
 use std::io::Write;
 
 wit_bindgen::generate!({
-    path: "../../wit",
+    path: "../../wit/0.1",
     world: "template",
 });
 

@@ -141,6 +141,10 @@ pub enum MailError {
     Config(String),
     #[error("{0}")]
     UnknownTransport(String),
+    /// The caller's `go` check said no just before the message would have gone out
+    /// (a fleet node whose lease lapsed): nothing was sent.
+    #[error("withheld: this node no longer holds the recipient")]
+    Withheld,
 }
 
 impl MailError {

@@ -204,14 +204,20 @@ impl SmtpPool {
     }
 
     /// Sends one message. On success returns the server's reply to the message.
-    pub async fn send(&self, envelope: &Envelope, message: &[u8]) -> Result<Response, MailError> {
+    /// `go` is asked once a connection is in hand, right before the transaction.
+    pub async fn send(
+        &self,
+        envelope: &Envelope,
+        message: &[u8],
+        go: &(dyn Fn() -> bool + Sync),
+    ) -> Result<Response, MailError> {
         let _permit = self
             .permits
             .acquire()
             .await
             .map_err(|_| MailError::Transient("the SMTP pool is closed".into()))?;
         let limit = self.timeouts.send;
-        match tokio::time::timeout(limit, self.send_on_pooled(envelope, message)).await {
+        match tokio::time::timeout(limit, self.send_on_pooled(envelope, message, go)).await {
             Ok(result) => result,
             Err(_) => Err(MailError::Transient(format!(
                 "the SMTP transaction took longer than {limit:?}"
@@ -219,13 +225,28 @@ impl SmtpPool {
         }
     }
 
-    async fn send_on_pooled(&self, envelope: &Envelope, message: &[u8]) -> Result<Response, MailError> {
+    async fn send_on_pooled(
+        &self,
+        envelope: &Envelope,
+        message: &[u8],
+        go: &(dyn Fn() -> bool + Sync),
+    ) -> Result<Response, MailError> {
         let reused = self.take_idle();
         let was_reused = reused.is_some();
         let (mut session, mut sent) = match reused {
             Some(idle) => (idle.session, idle.sent),
             None => (self.connect().await?, 0),
         };
+        // Waiting for a permit or a connection may have taken long: ask now, when
+        // only writing the transaction remains.
+        if !go() {
+            self.idle.lock().unwrap_or_else(|e| e.into_inner()).push(Idle {
+                session,
+                since: Instant::now(),
+                sent,
+            });
+            return Err(MailError::Withheld);
+        }
         let mut result = self.transaction(&mut session, envelope, message).await;
         // A pooled connection that the server closed while it sat idle fails on its first
         // command, before any of the message went out: try once more on a fresh

@@ -371,7 +371,13 @@ impl Transport {
     }
 
     /// Builds and delivers one message. Returns the server's reply (or the outbox path).
-    pub async fn send(&self, outgoing: &Outgoing) -> Result<String, MailError> {
+    /// `go` is asked last, once a connection is in hand and just before the transaction
+    /// begins: if it says no, nothing is sent (`MailError::Withheld`).
+    pub async fn send(
+        &self,
+        outgoing: &Outgoing,
+        go: &(dyn Fn() -> bool + Sync),
+    ) -> Result<String, MailError> {
         let mut message = build(outgoing)?;
         if let Some(dkim) = &self.inner.dkim {
             dkim.sign(&mut message);
@@ -393,13 +399,16 @@ impl Transport {
                 let tmp = dir.join(format!(".{stem}.eml.tmp"));
                 // A full disk or similar may pass: worth retrying.
                 let io = |e: std::io::Error| MailError::Transient(format!("outbox {}: {e}", path.display()));
+                if !go() {
+                    return Err(MailError::Withheld);
+                }
                 tokio::fs::write(&tmp, formatted(&message)).await.map_err(io)?;
                 tokio::fs::rename(&tmp, &path).await.map_err(io)?;
                 Ok(format!("written to {}", path.display()))
             }
             Sink::Smtp(pool) => {
                 let started = std::time::Instant::now();
-                let sent = pool.send(message.envelope(), &formatted(&message)).await;
+                let sent = pool.send(message.envelope(), &formatted(&message), go).await;
                 let outcome = if sent.is_ok() { "ok" } else { "error" };
                 metrics::histogram!("letterbox_smtp_send_seconds", "transport" => self.inner.name.clone(), "outcome" => outcome)
                     .record(started.elapsed().as_secs_f64());

@@ -15,7 +15,7 @@ use super::health::Backoff;
 use super::limits::{DomainPermit, FailureWindow, RateMeter};
 use super::{BULK_BATCH, CLAIM_BATCH, Control, Runner, RunnerError, message_id, outgoing};
 use crate::domain::*;
-use crate::mail::{self, Transport};
+use crate::mail::{self, MailError, Transport};
 use crate::policy::{Evaluator, LetterInput, PolicyError, Verdict};
 use crate::store::StoreError;
 
@@ -943,10 +943,6 @@ impl Runner {
             } => {}
             _ = stop.cancelled() => return Ok(Outcome::Released),
         }
-        // Fencing: nothing goes out under a claim this node may no longer hold.
-        if stop.is_cancelled() || !inner.node.holds(&claimed_node) {
-            return Ok(Outcome::Released);
-        }
         // The wait for the rate can be long (a provider's 14/s shared by a whole
         // window of recipients): a status that changed meanwhile still wins.
         if inner.store.status_epoch() != epoch {
@@ -959,8 +955,16 @@ impl Runner {
                 Err(outcome) => return Ok(outcome),
             }
         }
-        Ok(match ctx.transport.send(&outgoing).await {
+        // Fencing: nothing goes out under a claim this node may no longer hold.
+        if stop.is_cancelled() || !inner.node.holds(&claimed_node) {
+            return Ok(Outcome::Released);
+        }
+        // Asked again inside the transport, once it has a connection: the wait for one
+        // can outlast the lease.
+        let go = || !stop.is_cancelled() && inner.node.holds(&claimed_node);
+        Ok(match ctx.transport.send(&outgoing, &go).await {
             Ok(reply) => Outcome::Delivered { reply },
+            Err(MailError::Withheld) => Outcome::Released,
             Err(e) if e.is_transient() => self.retry_or_fail(ctx, delivery, e.to_string()),
             Err(e) => Outcome::Failed {
                 reason: e.to_string(),

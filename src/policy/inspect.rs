@@ -37,6 +37,11 @@ pub struct Surface {
 /// Reads the outer component's imports and exports, without validating function bodies.
 pub fn surface(bytes: &[u8]) -> Result<Surface, PolicyError> {
     let invalid = |e: wasmparser::BinaryReaderError| PolicyError::InvalidComponent(e.to_string());
+    if !bytes.starts_with(b"\0asm") {
+        return Err(PolicyError::InvalidComponent(
+            "these bytes are not WebAssembly (a component begins with \\0asm)".into(),
+        ));
+    }
     let mut surface = Surface::default();
     // Nested modules and components come as their own Version ... End runs; only the
     // outermost (depth 1) sections are the component's own imports and exports.
@@ -152,7 +157,7 @@ mod tests {
         assert!(e.to_string().contains("core WebAssembly module"), "{e}");
 
         let e = check(b"definitely not wasm", PluginKind::Filter).unwrap_err();
-        assert!(matches!(e, PolicyError::InvalidComponent(_)), "{e}");
+        assert!(e.to_string().contains("not WebAssembly"), "{e}");
 
         let e = check(&http[..http.len() - 3], PluginKind::Filter).unwrap_err();
         assert!(matches!(e, PolicyError::InvalidComponent(_)), "{e}");

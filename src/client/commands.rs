@@ -615,7 +615,7 @@ async fn compiled(client: &Client, mut p: Value) -> Result<Value, ClientError> {
     let path = format!("/v1/plugins/{}", encode(&text(&p["name"])));
     let started = std::time::Instant::now();
     let mut said = false;
-    while p["status"] == "compiling" {
+    while p["status"] == "compiling" || p["status"] == "stored" {
         if !said && started.elapsed() > std::time::Duration::from_secs(1) && !client.json_output() {
             eprintln!("compiling {} ...", text(&p["name"]));
             said = true;

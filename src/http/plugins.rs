@@ -30,6 +30,9 @@ pub fn router(max_upload: usize) -> OpenApiRouter<AppState> {
 #[derive(Serialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 enum CompileState {
+    /// Stored and checked; not compiled on this node yet (an older version nobody has
+    /// used here): compiled when a letter or job needs it.
+    Stored,
     /// Stored and checked; being compiled (or waiting for the compilation before it).
     /// A letter or job that needs it waits for it.
     Compiling,
@@ -47,8 +50,13 @@ struct Compilation {
 }
 
 impl Compilation {
-    fn of(state: &AppState, id: &str, name: &str, kind: PluginKind) -> Compilation {
-        match state.runner.policy_status(id, name, kind) {
+    /// `latest`: the name's latest version, which starts compiling if it has not.
+    fn of(state: &AppState, id: &str, name: &str, kind: PluginKind, latest: bool) -> Compilation {
+        match state.runner.policy_status(id, name, kind, latest) {
+            PolicyStatus::Stored => Compilation {
+                status: CompileState::Stored,
+                error: None,
+            },
             PolicyStatus::Compiling => Compilation {
                 status: CompileState::Compiling,
                 error: None,
@@ -101,7 +109,7 @@ async fn list(State(state): State<AppState>) -> Result<Json<Vec<SummaryView>>, A
             .into_iter()
             .map(|s: PluginSummary| SummaryView {
                 latest: VersionView {
-                    compilation: Compilation::of(&state, &s.latest.id, &s.name, s.kind),
+                    compilation: Compilation::of(&state, &s.latest.id, &s.name, s.kind, true),
                     version: s.latest,
                 },
                 name: s.name,
@@ -133,10 +141,12 @@ async fn show(
         .plugin_versions(name.clone())
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("plugin {name} not found")))?;
+    let last = versions.len().saturating_sub(1);
     let versions = versions
         .into_iter()
-        .map(|version| VersionView {
-            compilation: Compilation::of(&state, &version.id, &name, kind),
+        .enumerate()
+        .map(|(i, version)| VersionView {
+            compilation: Compilation::of(&state, &version.id, &name, kind, i == last),
             version,
         })
         .collect();
@@ -221,6 +231,6 @@ async fn upload(
     } else {
         StatusCode::OK
     };
-    let compilation = Compilation::of(&state, &plugin.id, &plugin.name, plugin.kind);
+    let compilation = Compilation::of(&state, &plugin.id, &plugin.name, plugin.kind, true);
     Ok((status, Json(PluginView { plugin, compilation })))
 }

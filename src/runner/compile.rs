@@ -25,6 +25,8 @@ use crate::store::StoreError;
 /// Where one plugin version's compilation stands on this node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PolicyStatus {
+    /// Stored, and not compiled on this node yet: it will be when something needs it.
+    Stored,
     Compiling,
     Ready,
     /// Why it cannot run: it was uploaded, but no letter or job can use it.
@@ -136,11 +138,23 @@ impl Runner {
         Ok(compiled)
     }
 
-    /// Where version `id` of plugin `name` stands on this node; starts compiling it if
-    /// nothing here has.
-    pub fn policy_status(&self, id: &str, name: &str, kind: PluginKind) -> PolicyStatus {
+    /// Where version `id` of plugin `name` stands on this node. With `start`, compiling
+    /// it starts now if nothing here has (for a name's latest version, which letters
+    /// use by default); otherwise an older version nobody asked for stays `Stored`, so
+    /// listing a long history does not queue a compilation of each version.
+    pub fn policy_status(&self, id: &str, name: &str, kind: PluginKind, start: bool) -> PolicyStatus {
         if self.inner.policies.cached(id).is_some() {
             return PolicyStatus::Ready;
+        }
+        let known = self
+            .inner
+            .compiles
+            .states
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(id);
+        if !known && !start {
+            return PolicyStatus::Stored;
         }
         let rx = self.compilation(id, name, kind, None);
         let outcome = rx.borrow().clone();

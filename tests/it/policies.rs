@@ -720,3 +720,28 @@ async fn policies_validate_a_letter_when_it_is_written() {
     assert_eq!(status, 201, "{body}");
     server.stop().await;
 }
+
+/// After a restart, a name's latest version is compiled in the background, and an
+/// older one stays `stored` until something needs it: listing a long history does not
+/// queue a compilation of every version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn older_versions_are_compiled_only_when_needed() {
+    let server = TestServer::start(None).await;
+    let api = &server.api;
+    let (_, v1) = api.upload("template", "tpl", wasm("test_trap_template")).await;
+    let (_, v2) = api.upload("template", "tpl", wasm("ab_subject")).await;
+    let v1 = v1["id"].as_str().unwrap().to_string();
+    assert_eq!(api.compiled("tpl").await["id"], v2["id"]);
+    let server = server.restart().await;
+    let api = &server.api;
+    let (_, history) = api.get("/v1/plugins/tpl").await;
+    assert_eq!(history["versions"][0]["status"], "stored", "{history}");
+    assert_eq!(api.compiled("tpl").await["status"], "ready");
+    // A letter pinned to the old version compiles it.
+    let newsletter = api.newsletter().await;
+    let pinned = json!({ "subject": "S", "text": "T", "template": format!("tpl@{v1}") });
+    api.letter(newsletter, pinned).await;
+    let (_, history) = api.get("/v1/plugins/tpl").await;
+    assert_eq!(history["versions"][0]["status"], "ready", "{history}");
+    server.stop().await;
+}

@@ -13,6 +13,7 @@ pub mod import;
 pub mod mail;
 pub mod migrate;
 pub mod policy;
+pub mod project;
 pub mod runner;
 pub mod settings;
 pub mod store;

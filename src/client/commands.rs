@@ -10,6 +10,8 @@ use reqwest::Method;
 use serde_json::{Map, Value, json};
 
 use super::{Client, ClientError, Target, events};
+use crate::domain::PluginKind;
+use crate::project::{self, Lang};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
@@ -70,14 +72,38 @@ pub enum SubscribersCommand {
 
 #[derive(Debug, clap::Subcommand)]
 pub enum PluginCommand {
-    /// Upload a WebAssembly component as a new version of a named policy.
+    /// Write a new policy project into DIR: the WIT, a build file, a working example
+    /// (a segment and frequency-cap filter, or a template with a loop) and a README.
+    New {
+        dir: PathBuf,
+        #[arg(long, value_enum)]
+        lang: Lang,
+        #[arg(long, value_parser = plugin_kind)]
+        kind: PluginKind,
+        /// The name it is uploaded under [default: the directory's name].
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Build the project in DIR into DIR/policy.wasm with its language's tool (cargo,
+    /// jco with QuickJS, componentize-py), then check it as an upload would be.
+    Build {
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+    },
+    /// Upload a WebAssembly component (a .wasm file, or a project directory's
+    /// policy.wasm) as a new version of a named policy.
     Upload {
-        file: PathBuf,
-        /// filter or template.
+        /// A .wasm file, or a project directory (its policy.toml gives name and kind).
+        path: PathBuf,
+        /// filter or template (a project directory's own by default).
+        #[arg(long, value_parser = plugin_kind)]
+        kind: Option<PluginKind>,
+        /// The policy's name (a project directory's own by default).
         #[arg(long)]
-        kind: String,
+        name: Option<String>,
+        /// Build the project directory first.
         #[arg(long)]
-        name: String,
+        build: bool,
         /// Answer once the bytes are stored, without waiting for the compilation.
         #[arg(long)]
         no_wait: bool,
@@ -110,6 +136,23 @@ pub enum LetterCommand {
         /// Parameters the policies see, as a JSON object.
         #[arg(long)]
         params: Option<String>,
+    },
+    /// Run a letter's policies for one subscriber and show the decision and the
+    /// message, without sending anything.
+    Preview {
+        letter: u64,
+        /// A stored subscriber's id.
+        #[arg(long, required_unless_present = "email", conflicts_with = "email")]
+        subscriber: Option<u64>,
+        /// Or a recipient made up here: its address...
+        #[arg(long)]
+        email: Option<String>,
+        /// ...its name...
+        #[arg(long, requires = "email")]
+        name: Option<String>,
+        /// ...and its attributes, as a JSON object.
+        #[arg(long, requires = "email")]
+        attributes: Option<String>,
     },
 }
 
@@ -174,14 +217,69 @@ pub async fn run(target: Target, command: Command) -> Result<(), ClientError> {
         Command::Subscribers(SubscribersCommand::Import { file, newsletter }) => {
             import(&client, &file, newsletter).await?;
         }
-        Command::Plugin(PluginCommand::Upload {
-            file,
+        Command::Plugin(PluginCommand::New {
+            dir,
+            lang,
             kind,
             name,
+        }) => {
+            let created = project::create(&dir, lang, kind, name).map_err(project_error)?;
+            let p = &created.project;
+            println!(
+                "created the {} {} policy {} in {}:",
+                p.language,
+                p.kind,
+                p.name,
+                dir.display()
+            );
+            for file in &created.files {
+                println!("  {}", file.strip_prefix(&dir).unwrap_or(file).display());
+            }
+            println!(
+                "next: `letterbox plugin build {0}`, then `letterbox plugin upload {0}` ({0}/README.md says how to preview it)",
+                dir.display()
+            );
+        }
+        Command::Plugin(PluginCommand::Build { dir }) => {
+            build_project(&dir).await?;
+        }
+        Command::Plugin(PluginCommand::Upload {
+            path: file,
+            kind,
+            name,
+            build,
             no_wait,
         }) => {
+            let (file, kind, name) = if file.is_dir() {
+                let project = project::open(&file).map_err(project_error)?;
+                if build {
+                    build_project(&file).await?;
+                }
+                let wasm = file.join(project::OUTPUT);
+                if !wasm.is_file() {
+                    return Err(ClientError::Usage(format!(
+                        "{} does not exist: run `letterbox plugin build {}` first (or upload with --build)",
+                        wasm.display(),
+                        file.display()
+                    )));
+                }
+                (wasm, kind.unwrap_or(project.kind), name.unwrap_or(project.name))
+            } else {
+                if build {
+                    return Err(ClientError::Usage(
+                        "--build needs a project directory, not a file".into(),
+                    ));
+                }
+                let (Some(kind), Some(name)) = (kind, name) else {
+                    return Err(ClientError::Usage(format!(
+                        "uploading the file {} needs --kind and --name (a project directory has its own)",
+                        file.display()
+                    )));
+                };
+                (file, kind, name)
+            };
             let bytes = read(&file).await?;
-            let path = format!("/v1/plugins?kind={}&name={}", encode(&kind), encode(&name));
+            let path = format!("/v1/plugins?kind={}&name={}", kind, encode(&name));
             let request = client
                 .request(Method::POST, &path)
                 .header(reqwest::header::CONTENT_TYPE, "application/wasm")
@@ -267,6 +365,36 @@ pub async fn run(target: Target, command: Command) -> Result<(), ClientError> {
             print(&client, &l, || {
                 format!("letter {} created: {}", l["id"], text(&l["subject"]))
             });
+        }
+        Command::Letter(LetterCommand::Preview {
+            letter,
+            subscriber,
+            email,
+            name,
+            attributes,
+        }) => {
+            let body = match (subscriber, email) {
+                (Some(id), _) => json!({ "subscriber_id": id }),
+                (None, Some(email)) => {
+                    let mut recipient = json!({ "email": email });
+                    if let Some(name) = name {
+                        recipient["name"] = json!(name);
+                    }
+                    if let Some(attributes) = attributes {
+                        let attributes: Map<String, Value> =
+                            serde_json::from_str(&attributes).map_err(|e| {
+                                ClientError::Usage(format!("--attributes must be a JSON object: {e}"))
+                            })?;
+                        recipient["attributes"] = Value::Object(attributes);
+                    }
+                    json!({ "recipient": recipient })
+                }
+                (None, None) => unreachable!("clap requires --subscriber or --email"),
+            };
+            let p = client
+                .post(&format!("/v1/letters/{letter}/preview"), &body)
+                .await?;
+            print(&client, &p, || describe_preview(&p));
         }
         Command::Send(args) => send(&client, args).await?,
         Command::Jobs { state, limit } => {
@@ -376,6 +504,55 @@ fn text(value: &Value) -> String {
         .as_str()
         .map(str::to_string)
         .unwrap_or_else(|| value.to_string())
+}
+
+/// A preview: the policies, their decision and, when it sends, the rendered parts.
+fn describe_preview(p: &Value) -> String {
+    let version = |v: &Value| {
+        let id: String = text(&v["id"]).chars().take(12).collect();
+        format!("{}@{id}", text(&v["name"]))
+    };
+    let mut out = format!(
+        "filter {}, template {}: {}",
+        version(&p["filter"]),
+        version(&p["template"]),
+        text(&p["decision"])
+    );
+    if p["decision"] == "skip" {
+        out.push_str(&format!(" ({})", text(&p["reason"])));
+        return out;
+    }
+    let r = &p["rendered"];
+    out.push_str(&format!(
+        "
+Subject: {}",
+        text(&r["subject"])
+    ));
+    for h in r["headers"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "
+{}: {}",
+            text(&h["name"]),
+            text(&h["value"])
+        ));
+    }
+    out.push_str(&format!(
+        "
+
+{}",
+        text(&r["text"]).trim_end()
+    ));
+    if let Some(html) = r["html"].as_str() {
+        out.push_str(&format!(
+            "
+
+--- html ({} bytes) ---
+{}",
+            html.len(),
+            html.trim_end()
+        ));
+    }
+    out
 }
 
 /// A job in a few lines.
@@ -607,6 +784,46 @@ fn count_lines(path: &Path) -> std::io::Result<u64> {
     }
     // A last line without its newline is a line too.
     Ok(lines + u64::from(last != b'\n'))
+}
+
+fn plugin_kind(s: &str) -> Result<PluginKind, String> {
+    match s {
+        "filter" => Ok(PluginKind::Filter),
+        "template" => Ok(PluginKind::Template),
+        _ => Err("expected filter or template".into()),
+    }
+}
+
+/// Builds the project in `dir`, its tool's output shown as it runs.
+async fn build_project(dir: &Path) -> Result<(), ClientError> {
+    let project = project::open(dir).map_err(project_error)?;
+    eprintln!(
+        "building the {} {} policy {} ...",
+        project.language, project.kind, project.name
+    );
+    let started = Instant::now();
+    // The tools run for seconds to minutes; off the async threads.
+    let built = tokio::task::spawn_blocking(move || project::build(&project))
+        .await
+        .map_err(|e| ClientError::Io(format!("the build stopped: {e}")))?
+        .map_err(project_error)?;
+    println!(
+        "built {} ({:.1} MB) in {:.1} s",
+        built.path.display(),
+        built.size as f64 / 1e6,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn project_error(e: project::ProjectError) -> ClientError {
+    let mut message = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(cause) = source {
+        message.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    ClientError::Usage(message)
 }
 
 /// Waits until the uploaded plugin `p` is compiled (or failed) on the server; returns it

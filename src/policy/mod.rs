@@ -89,6 +89,10 @@ const RECYCLE_AFTER: u32 = 1000;
 /// can hold an evaluation slot before its batch is re-run one by one.
 const BATCH: usize = 64;
 
+/// The wall-clock budget of an instance's setup (instantiation and `prepare` together,
+/// or instantiation and `validate`), unless the per-recipient timeout is longer.
+const SETUP_BUDGET: Duration = Duration::from_secs(1);
+
 /// Bytes of guest stdout and of stderr kept per call for the log.
 const OUTPUT_LOG_CAP: usize = 4096;
 
@@ -169,7 +173,7 @@ impl Default for PolicyLimits {
 struct HostState {
     wasi: WasiCtx,
     table: ResourceTable,
-    limits: StoreLimits,
+    limits: Limiter,
     stdout: CappedOutput,
     stderr: CappedOutput,
 }
@@ -180,6 +184,57 @@ impl WasiView for HostState {
             ctx: &mut self.wasi,
             table: &mut self.table,
         }
+    }
+}
+
+/// The store's limits, and the linear memory its instance holds (what the author's guide
+/// and the language bench report per instance).
+struct Limiter {
+    limits: StoreLimits,
+    memory: usize,
+}
+
+impl wasmtime::ResourceLimiter for Limiter {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let allowed = self.limits.memory_growing(current, desired, maximum)?;
+        if allowed {
+            self.memory += desired - current;
+        }
+        Ok(allowed)
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        self.limits.table_growing(current, desired, maximum)
+    }
+
+    fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.limits.memory_grow_failed(error)
+    }
+
+    fn table_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.limits.table_grow_failed(error)
+    }
+
+    fn instances(&self) -> usize {
+        self.limits.instances()
+    }
+
+    fn tables(&self) -> usize {
+        self.limits.tables()
+    }
+
+    fn memories(&self) -> usize {
+        self.limits.memories()
     }
 }
 
@@ -546,16 +601,26 @@ impl PolicyHost {
             HostState {
                 wasi,
                 table: ResourceTable::new(),
-                limits,
+                limits: Limiter { limits, memory: 0 },
                 stdout,
                 stderr,
             },
         );
         store.limiter(|state| &mut state.limits);
         // A new store's deadline is epoch 0, already past: instantiation (which runs the
-        // component's start code) needs a budget too.
-        store.set_epoch_deadline(self.deadline_ticks());
+        // component's start code) needs a budget too: the setup budget, which `prepare`
+        // and `validate` then share.
+        store.set_epoch_deadline(self.setup_ticks());
         store
+    }
+
+    /// The budget of an instance's setup: instantiation with `prepare`, or `validate`.
+    /// It is paid once per instance (about 1,000 recipients), and an interpreter's start
+    /// on a busy machine needs more than one recipient's 100 ms: measured, a Python
+    /// policy's instantiation and `validate` took over 100 ms with both cores busy.
+    fn setup_ticks(&self) -> u64 {
+        let setup = self.limits.timeout.max(SETUP_BUDGET);
+        (setup.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64
     }
 
     fn deadline_ticks(&self) -> u64 {
@@ -659,6 +724,20 @@ impl Evaluator {
                 })
                 .collect()
         })
+    }
+
+    /// The most linear memory a warm filter and a warm template instance hold now (0
+    /// before the first evaluation): what one instance of each costs.
+    pub fn memory_per_instance(&self) -> (usize, usize) {
+        let idle = self.idle.lock().expect("idle lock");
+        let most = |live: fn(&Warm) -> &Option<Live>| {
+            idle.iter()
+                .filter_map(|w| live(w).as_ref())
+                .map(|l| l.store.data().limits.memory)
+                .max()
+                .unwrap_or(0)
+        };
+        (most(|w| &w.filter), most(|w| &w.template))
     }
 
     /// Runs `work` with a warm instance pair, given back afterwards.
@@ -926,14 +1005,12 @@ impl Evaluator {
             ),
             Prepared::Filter2(pre) => {
                 let f = pre.instantiate(&mut store).map_err(trap)?;
-                store.set_epoch_deadline(self.host.deadline_ticks());
                 let prepared = f.call_prepare(&mut store, letter);
                 log_output(policy, &store);
                 (Bindings::Filter2(f), prepared.map_err(trap)?)
             }
             Prepared::Template2(pre) => {
                 let t = pre.instantiate(&mut store).map_err(trap)?;
-                store.set_epoch_deadline(self.host.deadline_ticks());
                 let prepared = t.call_prepare(&mut store, letter);
                 log_output(policy, &store);
                 (Bindings::Template2(t), prepared.map_err(trap)?)

@@ -11,6 +11,7 @@ mod delivery;
 mod e2e;
 mod fleet;
 mod hardening;
+mod languages;
 mod migrate;
 mod outage;
 mod policies;

@@ -1,0 +1,310 @@
+//! Policies in each language, as an author makes them: `letterbox plugin new`, `plugin
+//! build` (the real cargo, componentize-js and componentize-py) and `plugin upload DIR`,
+//! and the server, all as the real binary; then a preview and a send through it and a
+//! real SMTP server. The same example (a segment with a frequency cap, and a template with a loop
+//! over an attribute list) must behave the same in Rust, JavaScript and Python. The
+//! hostile corpus has a JavaScript and a Python case too.
+//!
+//! The toolchains must be installed (`.ci/run` and `.ci/test` do it): node and npm on
+//! PATH, and componentize-py on PATH or in the venv `.ci/test` makes. A missing one
+//! fails the test with the build's own message, which says how to install it.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::support::process::{Home, spawn_node};
+use crate::support::{SmtpServer, TEST_TOKEN};
+
+/// Runs the real binary with `args`; panics with its output when it fails.
+async fn letterbox(dir: &Path, server: Option<&str>, args: &[&str]) -> String {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_letterbox"));
+    command
+        .args(args)
+        .current_dir(dir)
+        .env("LETTERBOX_API_TOKEN", TEST_TOKEN)
+        // The Rust projects share one target directory, so their dependencies
+        // (wit-bindgen, serde_json for wasm32) are built once.
+        .env(
+            "CARGO_TARGET_DIR",
+            Path::new(env!("CARGO_TARGET_TMPDIR")).join("policy-projects"),
+        )
+        .env_remove("LETTERBOX_SERVER");
+    if let Some(server) = server {
+        command.args(["--server", server]);
+    }
+    let output = command.output().await.expect("run letterbox");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "letterbox {args:?} failed:\n{stdout}\n{stderr}"
+    );
+    stdout
+}
+
+/// `plugin new` then `plugin build` in a fresh directory under `root`; `source`
+/// replaces the example's source when given.
+async fn project(root: &Path, lang: &str, kind: &str, name: &str, source: Option<&str>) -> PathBuf {
+    letterbox(
+        root,
+        None,
+        &["plugin", "new", name, "--lang", lang, "--kind", kind],
+    )
+    .await;
+    let dir = root.join(name);
+    if let Some(source) = source {
+        let file = match lang {
+            "js" => "policy.js",
+            "python" => "policy.py",
+            _ => "src/lib.rs",
+        };
+        std::fs::write(dir.join(file), source).unwrap();
+    }
+    let started = std::time::Instant::now();
+    let built = letterbox(root, None, &["plugin", "build", name]).await;
+    eprintln!(
+        "{lang} {kind}: {} ({:.1} s)",
+        built.trim(),
+        started.elapsed().as_secs_f64()
+    );
+    assert!(dir.join("policy.wasm").is_file());
+    dir
+}
+
+/// The example pair in `lang`: built, uploaded as project directories, previewed for
+/// three subscribers (one sent, one capped, one outside the segment), refused with the
+/// policies' own field problems, and sent.
+async fn the_examples_in(lang: &str) {
+    let root = tempfile::tempdir().unwrap();
+    let filter = format!("{lang}-segment");
+    let template = format!("{lang}-picks");
+    let filter_dir = project(root.path(), lang, "filter", &filter, None).await;
+    let template_dir = project(root.path(), lang, "template", &template, None).await;
+
+    let smtp = SmtpServer::start().await;
+    // The real binary, so the compilations of 12-18 MB components stay out of this
+    // process (the hostile tests measure its peak memory).
+    let home = Home::new().await;
+    let (_node, api) = spawn_node(&home, &["--smtp", &smtp.url()]);
+    let api = &api;
+    for dir in [&filter_dir, &template_dir] {
+        let uploaded = letterbox(
+            root.path(),
+            Some(&api.base),
+            &["--json", "plugin", "upload", dir.to_str().unwrap()],
+        )
+        .await;
+        let uploaded: Value = serde_json::from_str(&uploaded).unwrap();
+        assert_eq!(uploaded["status"], "ready", "{uploaded}");
+    }
+
+    let newsletter = api.newsletter().await;
+    let people = json!([
+        { "email": "ann@example.org", "name": "Ann", "attributes": { "plan": "pro", "letters_30d": 1,
+            "picks": [{ "title": "Rust 2026", "url": "https://example.org/rust" }, "Tea <3"] } },
+        { "email": "bob@example.org", "attributes": { "plan": "pro", "letters_30d": 9 } },
+        { "email": "cy@example.org", "attributes": { "plan": "free" } },
+    ]);
+    api.add_subscribers(newsletter, people).await;
+    let params = json!({
+        "segment": { "attribute": "plan", "equals": "pro" },
+        "frequency_cap": { "attribute": "letters_30d", "max": 4 },
+        "picks_heading": "Your picks",
+    });
+
+    // Typos are the policies' to find, and they name the fields.
+    let (status, refused) = api
+        .post(
+            &format!("/v1/newsletters/{newsletter}/letters"),
+            json!({ "subject": "Hi {{nmae}}", "text": "T", "filter": filter, "template": template,
+                    "params": { "segment": { "attr": "plan" }, "picks_heading": 3 } }),
+        )
+        .await;
+    assert_eq!(status, 422, "{refused}");
+    let fields: Vec<&str> = refused["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["field"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        fields,
+        ["params.segment", "subject", "params.picks_heading"],
+        "{refused}"
+    );
+
+    let letter = api
+        .letter(
+            newsletter,
+            json!({ "subject": "Hi {{name}}", "text": "Hello {{name}}.\nLeave: {{unsubscribe_url}}",
+                    "html": "<html><body><p>Hello {{name}}</p></body></html>",
+                    "filter": filter, "template": template, "params": params }),
+        )
+        .await;
+    let (_, subscribers) = api
+        .get(&format!("/v1/newsletters/{newsletter}/subscribers"))
+        .await;
+    let id = |email: &str| {
+        subscribers["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["email"] == email)
+            .unwrap()["id"]
+            .as_u64()
+            .unwrap()
+    };
+    let preview = |email: &'static str| {
+        let subscriber = id(email);
+        async move {
+            let (status, p) = api
+                .post(
+                    &format!("/v1/letters/{letter}/preview"),
+                    json!({ "subscriber_id": subscriber }),
+                )
+                .await;
+            assert_eq!(status, 200, "{p}");
+            p
+        }
+    };
+    let ann = preview("ann@example.org").await;
+    assert_eq!(ann["decision"], "send", "{ann}");
+    assert_eq!(ann["rendered"]["subject"], "Hi Ann");
+    let text = ann["rendered"]["text"].as_str().unwrap();
+    assert!(text.starts_with("Hello Ann.\nLeave: http"), "{text}");
+    assert!(
+        text.ends_with("\n\nYour picks:\n- Rust 2026: https://example.org/rust\n- Tea <3\n"),
+        "{text}"
+    );
+    assert_eq!(
+        ann["rendered"]["html"],
+        "<html><body><p>Hello Ann</p><h2>Your picks</h2>\n<ul>\n\
+         <li><a href=\"https://example.org/rust\">Rust 2026</a></li>\n<li>Tea &lt;3</li>\n</ul>\n</body></html>"
+    );
+    let bob = preview("bob@example.org").await;
+    assert_eq!(bob["decision"], "skip");
+    assert_eq!(bob["reason"], "frequency cap: 9 of 4 letters");
+    let cy = preview("cy@example.org").await;
+    assert_eq!(cy["reason"], "not in segment");
+
+    let job = api.send(letter, json!({})).await;
+    let done = api.wait_job(job, Duration::from_secs(60)).await;
+    assert_eq!(done["state"], "completed", "{done}");
+    assert_eq!(done["counts"]["delivered"], 1, "{done}");
+    assert_eq!(done["counts"]["skipped"], 2, "{done}");
+    let received = smtp.received();
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].recipients, ["ann@example.org"]);
+    let message = mail_parser::MessageParser::default()
+        .parse(received[0].data.as_bytes())
+        .unwrap();
+    assert_eq!(message.subject(), Some("Hi Ann"));
+    let body = message.body_text(0).unwrap();
+    assert!(body.contains("- Rust 2026: https://example.org/rust"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rust_examples_build_preview_and_send() {
+    the_examples_in("rust").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_javascript_examples_build_preview_and_send() {
+    the_examples_in("js").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_examples_build_preview_and_send() {
+    the_examples_in("python").await;
+}
+
+/// A hostile filter in `lang` (tests/policies/): an infinite loop and a memory bomb
+/// fail only their recipients, a connect reaches nothing, and the healthy recipient is
+/// sent.
+async fn hostile_in(lang: &str, source: &str) -> Vec<(String, String, String)> {
+    let root = tempfile::tempdir().unwrap();
+    let dir = project(root.path(), lang, "filter", "hostile", Some(source)).await;
+    let smtp = SmtpServer::start().await;
+    // The real binary, so the compilations of 12-18 MB components stay out of this
+    // process (the hostile tests measure its peak memory).
+    let home = Home::new().await;
+    let (_node, api) = spawn_node(&home, &["--smtp", &smtp.url()]);
+    let api = &api;
+    letterbox(
+        root.path(),
+        Some(&api.base),
+        &["plugin", "upload", dir.to_str().unwrap()],
+    )
+    .await;
+    let newsletter = api.newsletter().await;
+    let people = ["loop", "bomb", "net", "fine"].map(|p| json!({ "email": format!("{p}@example.org") }));
+    api.add_subscribers(newsletter, json!(people)).await;
+    // A port that would accept the policy's connection, were it allowed out.
+    let bait = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    bait.set_nonblocking(true).unwrap();
+    let connect = bait.local_addr().unwrap().to_string();
+    let letter = api
+        .letter(
+            newsletter,
+            json!({ "subject": "S", "text": "T", "filter": "hostile", "params": { "connect": connect } }),
+        )
+        .await;
+    let job = api.send(letter, json!({})).await;
+    let done = api.wait_job(job, Duration::from_secs(60)).await;
+    assert_eq!(done["state"], "completed", "{done}");
+    assert_eq!(done["counts"]["delivered"], 1, "{done}");
+    assert_eq!(smtp.received()[0].recipients, ["fine@example.org"]);
+    assert!(
+        matches!(bait.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the policy reached the network"
+    );
+    let (_, page) = api.get(&format!("/v1/jobs/{job}/deliveries")).await;
+    let outcomes: Vec<(String, String, String)> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            let text = |k: &str| d[k].as_str().unwrap_or_default().to_string();
+            (text("email"), text("state"), text("reason"))
+        })
+        .collect();
+    eprintln!("hostile {lang}: {outcomes:#?}");
+    let outcome = |email: &str| outcomes.iter().find(|o| o.0 == email).unwrap().clone();
+    let (_, state, reason) = outcome("loop@example.org");
+    assert!(
+        state == "failed" && reason.contains("hostile@") && reason.contains("timed out"),
+        "{reason}"
+    );
+    let (_, state, reason) = outcome("bomb@example.org");
+    assert!(
+        state == "failed" && reason.contains("hostile@") && reason.contains("crashed"),
+        "{reason}"
+    );
+    let (_, health) = api.get("/healthz").await;
+    assert_eq!(health["status"], "ok", "{health}");
+    outcomes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_javascript_is_contained() {
+    let outcomes = hostile_in("js", include_str!("../policies/hostile.js")).await;
+    // QuickJS has no fetch and no sockets (StarlingMonkey's fetch needs wasi:http, which
+    // is refused at upload, and a call without it aborts the instance).
+    let net = outcomes.iter().find(|o| o.0 == "net@example.org").unwrap();
+    assert!(
+        (net.1 == "failed" && net.2.contains("crashed"))
+            || (net.1 == "skipped" && net.2.starts_with("connect refused")),
+        "{net:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_python_is_contained() {
+    let outcomes = hostile_in("python", include_str!("../policies/hostile.py")).await;
+    // CPython links wasi:sockets, and the host denies every use.
+    let net = outcomes.iter().find(|o| o.0 == "net@example.org").unwrap();
+    assert_eq!(net.1, "skipped");
+    assert!(net.2.contains("PermissionError"), "{net:?}");
+}

@@ -429,7 +429,17 @@ pub fn build(project: &Project) -> Result<Built, ProjectError> {
             // Relative to the project, where the tool runs.
             let cli = "node_modules/@bytecodealliance/jco/dist/jco.js";
             let tool = dir.join(cli);
-            if !tool.is_file() {
+            // npm installs when jco is missing, and again when package.json changed since
+            // (a new pin), so the build uses the version the project names.
+            let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+            let stale = match (
+                modified(&dir.join("package.json")),
+                modified(&dir.join("node_modules/.package-lock.json")),
+            ) {
+                (Some(wanted), Some(installed)) => wanted > installed,
+                _ => false,
+            };
+            if !tool.is_file() || stale {
                 let npm = require("npm")?;
                 run_tool(
                     dir,

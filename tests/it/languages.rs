@@ -308,3 +308,53 @@ async fn hostile_python_is_contained() {
     assert_eq!(net.1, "skipped");
     assert!(net.2.contains("PermissionError"), "{net:?}");
 }
+
+/// What a new author sees without the toolchains, or without building first: each
+/// message names the missing piece and how to get it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_toolchain_or_build_is_named() {
+    let root = tempfile::tempdir().unwrap();
+    for (lang, missing, hint) in [
+        ("js", "node is not installed", "install Node.js"),
+        (
+            "python",
+            "componentize-py is not installed",
+            "pip install componentize-py==",
+        ),
+        ("rust", "cargo is not installed", "https://rustup.rs"),
+    ] {
+        let name = format!("{lang}-bare");
+        letterbox(
+            root.path(),
+            None,
+            &["plugin", "new", &name, "--lang", lang, "--kind", "filter"],
+        )
+        .await;
+        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_letterbox"))
+            .args(["plugin", "build", &name])
+            .current_dir(root.path())
+            .env("PATH", "")
+            .output()
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success());
+        assert!(
+            stderr.contains(missing) && stderr.contains(hint),
+            "{lang}: {stderr}"
+        );
+
+        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_letterbox"))
+            .args(["plugin", "upload", &name, "--server", "http://127.0.0.1:9"])
+            .current_dir(root.path())
+            .output()
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success());
+        assert!(
+            stderr.contains("policy.wasm does not exist: run `letterbox plugin build"),
+            "{stderr}"
+        );
+    }
+}

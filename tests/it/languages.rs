@@ -106,6 +106,8 @@ async fn the_examples_in(lang: &str) {
             "picks": [{ "title": "Rust 2026", "url": "https://example.org/rust" }, "Tea <3"] } },
         { "email": "bob@example.org", "attributes": { "plan": "pro", "letters_30d": 9 } },
         { "email": "cy@example.org", "attributes": { "plan": "free" } },
+        // A count that is not a number fails this recipient alone, in every language.
+        { "email": "dee@example.org", "attributes": { "plan": "pro", "letters_30d": "many" } },
     ]);
     api.add_subscribers(newsletter, people).await;
     let params = json!({
@@ -194,6 +196,14 @@ async fn the_examples_in(lang: &str) {
     assert_eq!(done["state"], "completed", "{done}");
     assert_eq!(done["counts"]["delivered"], 1, "{done}");
     assert_eq!(done["counts"]["skipped"], 2, "{done}");
+    assert_eq!(done["counts"]["failed"], 1, "{done}");
+    let (_, failed) = api.get(&format!("/v1/jobs/{job}/deliveries?state=failed")).await;
+    let reason = failed["items"][0]["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.starts_with(&format!("policy {filter}@"))
+            && reason.ends_with("attribute letters_30d is not a number: \"many\""),
+        "{reason}"
+    );
     let received = smtp.received();
     assert_eq!(received.len(), 1);
     assert_eq!(received[0].recipients, ["ann@example.org"]);

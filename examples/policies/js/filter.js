@@ -64,7 +64,10 @@ function decide(recipient) {
     return { tag: "skip", val: "not in segment" };
   }
   if (cap !== null) {
-    const received = Number(attributes[cap.attribute] ?? 0);
+    const received = attributes[cap.attribute] ?? 0;
+    if (typeof received !== "number") {
+      throw `attribute ${cap.attribute} is not a number: ${JSON.stringify(received)}`;
+    }
     if (received >= cap.max) {
       return { tag: "skip", val: `frequency cap: ${received} of ${cap.max} letters` };
     }

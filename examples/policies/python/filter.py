@@ -53,7 +53,11 @@ def decide(recipient):
     if segment is not None and attributes.get(segment["attribute"]) != segment["equals"]:
         return Decision_Skip("not in segment")
     if cap is not None:
-        received = attributes.get(cap["attribute"]) or 0
+        received = attributes.get(cap["attribute"])
+        if received is None:
+            received = 0
+        if isinstance(received, bool) or not isinstance(received, (int, float)):
+            raise ValueError(f"attribute {cap['attribute']} is not a number: {json.dumps(received)}")
         if received >= cap["max"]:
             return Decision_Skip(f"frequency cap: {received} of {cap['max']} letters")
     return SEND
@@ -79,6 +83,8 @@ class WitWorld(Policy):
         for recipient in recipients:
             try:
                 out.append(Ok(decide(recipient)))
+            except ValueError as e:
+                out.append(Err(str(e)))
             except Exception as e:
                 out.append(Err(f"{type(e).__name__}: {e}"))
         return out

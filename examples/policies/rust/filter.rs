@@ -78,8 +78,13 @@ fn decide(rules: &Rules, recipient: &Recipient) -> Result<Decision, String> {
         return Ok(Decision::Skip("not in segment".to_string()));
     }
     if let Some((attribute, max)) = &rules.cap {
-        let received = attributes[attribute].as_u64().unwrap_or(0);
-        if received >= *max {
+        let received = match &attributes[attribute] {
+            Value::Null => 0.0,
+            value => value
+                .as_f64()
+                .ok_or_else(|| format!("attribute {attribute} is not a number: {value}"))?,
+        };
+        if received >= *max as f64 {
             return Ok(Decision::Skip(format!(
                 "frequency cap: {received} of {max} letters"
             )));

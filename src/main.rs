@@ -246,6 +246,10 @@ struct ServeArgs {
     /// Memory limit of one policy instance, in MiB [default: 64].
     #[arg(long, env = "LETTERBOX_POLICY_MEMORY_MIB")]
     policy_memory_mib: Option<usize>,
+    /// The most memory per instance a policy may ask for (`memory_mib` in its
+    /// policy.toml, `plugin upload --memory-mib`), in MiB [default: 512].
+    #[arg(long, env = "LETTERBOX_POLICY_MEMORY_MAX_MIB")]
+    policy_memory_max_mib: Option<usize>,
     /// Largest policy component accepted at upload, in MiB [default: 10].
     #[arg(long, env = "LETTERBOX_PLUGIN_MAX_MIB")]
     plugin_max_mib: Option<usize>,
@@ -295,6 +299,10 @@ impl ServeArgs {
             ("request_timeout", self.request_timeout),
             ("policy.timeout_ms", self.policy_timeout_ms.map(|n| n.to_string())),
             ("policy.memory_mib", self.policy_memory_mib.map(|n| n.to_string())),
+            (
+                "policy.memory_max_mib",
+                self.policy_memory_max_mib.map(|n| n.to_string()),
+            ),
             (
                 "policy.max_upload_mib",
                 self.plugin_max_mib.map(|n| n.to_string()),

@@ -83,6 +83,7 @@ struct Retry {
 struct Policy {
     timeout_ms: u64,
     memory_mib: usize,
+    memory_max_mib: usize,
     max_upload_mib: usize,
     max_failures: u32,
     failure_window: String,
@@ -139,6 +140,7 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("retry.cap", "1h"),
     ("policy.timeout_ms", "100"),
     ("policy.memory_mib", "64"),
+    ("policy.memory_max_mib", "512"),
     ("policy.max_upload_mib", "64"),
     ("policy.max_failures", "20"),
     ("policy.failure_window", "10s"),
@@ -354,6 +356,10 @@ fn resolve(
     config.policy_limits.timeout =
         Duration::from_millis(in_range("policy.timeout_ms", p.timeout_ms, 1, 60_000)?);
     config.policy_limits.memory_bytes = in_range("policy.memory_mib", p.memory_mib, 1, 4096)? << 20;
+    // The ceiling of what a component may ask for (its letterbox:limits section); never
+    // below the default, so raising only memory_mib does what it says.
+    config.policy_limits.max_memory_bytes =
+        in_range("policy.memory_max_mib", p.memory_max_mib, 1, 4096)?.max(p.memory_mib) << 20;
     config.policy_limits.max_upload_bytes =
         in_range("policy.max_upload_mib", p.max_upload_mib, 1, 1024)? << 20;
     config.policy_failures.max = p.max_failures;

@@ -104,6 +104,11 @@ pub enum PluginCommand {
         /// Build the project directory first.
         #[arg(long)]
         build: bool,
+        /// Ask for this much memory per instance, in MiB (written into the component,
+        /// so it makes a new version; the server allows up to its
+        /// --policy-memory-max-mib).
+        #[arg(long)]
+        memory_mib: Option<u32>,
         /// Answer once the bytes are stored, without waiting for the compilation.
         #[arg(long)]
         no_wait: bool,
@@ -248,6 +253,7 @@ pub async fn run(target: Target, command: Command) -> Result<(), ClientError> {
             kind,
             name,
             build,
+            memory_mib,
             no_wait,
         }) => {
             let (file, kind, name) = if file.is_dir() {
@@ -278,7 +284,10 @@ pub async fn run(target: Target, command: Command) -> Result<(), ClientError> {
                 };
                 (file, kind, name)
             };
-            let bytes = read(&file).await?;
+            let mut bytes = read(&file).await?;
+            if let Some(mib) = memory_mib {
+                bytes = crate::policy::inspect::with_memory_ask(bytes, mib);
+            }
             let path = format!("/v1/plugins?kind={}&name={}", kind, encode(&name));
             let request = client
                 .request(Method::POST, &path)

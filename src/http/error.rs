@@ -165,6 +165,7 @@ impl From<PolicyError> for ApiError {
         match e {
             PolicyError::InvalidComponent(_)
             | PolicyError::RefusedImport { .. }
+            | PolicyError::TooMuchMemory { .. }
             | PolicyError::WrongWorld { .. } => ApiError::invalid(e.to_string()),
             // A stored policy failing when run for a request (e.g. a preview).
             PolicyError::Trap { .. } | PolicyError::Rejected { .. } | PolicyError::OutputTooLarge { .. } => {

@@ -204,7 +204,8 @@ impl SmtpPool {
     }
 
     /// Sends one message. On success returns the server's reply to the message.
-    /// `go` is asked once a connection is in hand, right before the transaction.
+    /// `go` is asked once a connection is in hand, right before the transaction, and
+    /// again right before the message itself (after DATA).
     pub async fn send(
         &self,
         envelope: &Envelope,
@@ -247,14 +248,16 @@ impl SmtpPool {
             });
             return Err(MailError::Withheld);
         }
-        let mut result = self.transaction(&mut session, envelope, message).await;
+        let mut result = self.transaction(&mut session, envelope, message, go).await;
         // A pooled connection that the server closed while it sat idle fails on its first
         // command, before any of the message went out: try once more on a fresh
         // connection instead of making the recipient wait for a retry.
-        if was_reused && matches!(&result, Err(f) if !f.in_sync && !f.body_sent) {
+        if was_reused
+            && matches!(&result, Err(f) if !f.in_sync && !f.body_sent && !matches!(f.error, MailError::Withheld))
+        {
             session = self.connect().await?;
             sent = 0;
-            result = self.transaction(&mut session, envelope, message).await;
+            result = self.transaction(&mut session, envelope, message, go).await;
         }
         let keep = match &result {
             Ok(_) => true,
@@ -369,12 +372,16 @@ impl SmtpPool {
         Ok(Session { conn, pipelining })
     }
 
-    /// MAIL, RCPT, DATA and the message, each with its own timeout.
+    /// MAIL, RCPT, DATA and the message, each with its own timeout. `go` is asked
+    /// again once the server waits for the message: the message's end is the point of
+    /// no return, and a node frozen between the first ask and MAIL FROM would otherwise
+    /// send, when it wakes, a recipient another node has taken over.
     async fn transaction(
         &self,
         session: &mut Session,
         envelope: &Envelope,
         message: &[u8],
+        go: &(dyn Fn() -> bool + Sync),
     ) -> Result<Response, Failure> {
         let limit = self.timeouts.command;
         let conn = &mut session.conn;
@@ -442,6 +449,14 @@ impl SmtpPool {
                 timed("RCPT TO", limit, conn.command(rcpt)).await?;
             }
             timed("DATA", limit, conn.command(Data)).await?;
+        }
+        if !go() {
+            // After DATA the only way to send nothing is to drop the connection.
+            return Err(Failure {
+                error: MailError::Withheld,
+                in_sync: false,
+                body_sent: false,
+            });
         }
         let sent = match Content::new(message) {
             Some(content) => timed("message", limit, conn.command(content)).await,

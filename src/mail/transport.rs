@@ -371,8 +371,9 @@ impl Transport {
     }
 
     /// Builds and delivers one message. Returns the server's reply (or the outbox path).
-    /// `go` is asked last, once a connection is in hand and just before the transaction
-    /// begins: if it says no, nothing is sent (`MailError::Withheld`).
+    /// `go` is asked once a connection is in hand just before the transaction begins,
+    /// and over SMTP again right before the message (after DATA): if it says no, nothing
+    /// is sent (`MailError::Withheld`).
     pub async fn send(
         &self,
         outgoing: &Outgoing,

@@ -127,6 +127,12 @@ pub enum PolicyError {
         size: usize,
         limit: usize,
     },
+    /// The component asks for more memory per instance than this server allows.
+    #[error(
+        "the component asks for {asked} MiB of memory per instance; this server allows at most \
+         {allowed} (policy.memory_max_mib)"
+    )]
+    TooMuchMemory { asked: u32, allowed: u32 },
     #[error("policy engine: {0}")]
     Engine(String),
 }
@@ -146,8 +152,12 @@ impl PolicyError {
 /// Limits applied to policies.
 #[derive(Debug, Clone)]
 pub struct PolicyLimits {
-    /// Linear memory per instance.
+    /// Linear memory per instance, unless the component asks for another amount (its
+    /// `letterbox:limits` section).
     pub memory_bytes: usize,
+    /// The most a component may ask for per instance; the pooling allocator's slots
+    /// are this big (address space, not memory: pages are committed as they are used).
+    pub max_memory_bytes: usize,
     /// Wall-clock budget per call (enforced by epoch interruption).
     pub timeout: Duration,
     /// Largest component accepted at upload.
@@ -160,6 +170,7 @@ impl Default for PolicyLimits {
     fn default() -> Self {
         PolicyLimits {
             memory_bytes: 64 << 20,
+            max_memory_bytes: 512 << 20,
             timeout: Duration::from_millis(100),
             // JavaScript (componentize-js) and Python (componentize-py) components are
             // 12 and 18 MB before the policy's own code.
@@ -243,6 +254,8 @@ pub struct Policy {
     /// `name@sha256-prefix`, used in failure reasons and logs.
     label: String,
     pre: Prepared,
+    /// Linear memory each instance may hold: the component's ask, else the default.
+    memory_bytes: usize,
 }
 
 enum Prepared {
@@ -262,6 +275,11 @@ impl Policy {
 
     pub fn label(&self) -> &str {
         &self.label
+    }
+
+    /// The linear memory each instance may hold.
+    pub fn memory_bytes(&self) -> usize {
+        self.memory_bytes
     }
 
     /// The WIT version the component was built against: "0.1" or "0.2".
@@ -425,7 +443,7 @@ impl PolicyHost {
             config.profiler(wasmtime::ProfilingStrategy::PerfMap);
         }
         let mut pool = PoolingAllocationConfig::default();
-        pool.max_memory_size(limits.memory_bytes);
+        pool.max_memory_size(limits.max_memory_bytes.max(limits.memory_bytes));
         // An instance is replaced every 1,000 recipients: keeping its first pages
         // resident for the next one saves faulting them in again (what a policy's heap
         // typically touches).
@@ -485,6 +503,11 @@ impl PolicyHost {
         &self.limits
     }
 
+    /// The most memory per instance a component may ask for here, in MiB.
+    pub fn max_memory_mib(&self) -> u32 {
+        (self.limits.max_memory_bytes.max(self.limits.memory_bytes) >> 20) as u32
+    }
+
     /// Checks `bytes` are a component implementing `kind`'s world with acceptable
     /// imports, compiles them (or loads the cached compilation) and caches the result
     /// under `id` (the bytes' sha256). Blocking: compiling can take a second.
@@ -502,8 +525,11 @@ impl PolicyHost {
         }
         // Before anything costly: a component that can never run is refused in
         // milliseconds, not after seconds of compilation.
-        let surface = inspect::check(bytes, kind)?;
+        let surface = inspect::check(bytes, kind, self.max_memory_mib())?;
         let v2 = surface.exports.iter().any(|e| e == "prepare");
+        let memory_bytes = surface
+            .memory_mib
+            .map_or(self.limits.memory_bytes, |mib| (mib as usize) << 20);
         let cache_file = self
             .cache_dir
             .as_ref()
@@ -538,6 +564,7 @@ impl PolicyHost {
         let policy = Arc::new(Policy {
             label: format!("{name}@{}", &id[..id.len().min(12)]),
             pre,
+            memory_bytes,
         });
         self.compiled
             .lock()
@@ -576,9 +603,10 @@ impl PolicyHost {
         self.compiled.lock().expect("policy cache lock").get(id).cloned()
     }
 
-    fn new_store(&self) -> Store<HostState> {
+    /// A store for one instance of a policy whose instances may hold `memory_bytes`.
+    fn new_store(&self, memory_bytes: usize) -> Store<HostState> {
         let limits = StoreLimitsBuilder::new()
-            .memory_size(self.limits.memory_bytes)
+            .memory_size(memory_bytes)
             .instances(16)
             .tables(16)
             .memories(4)
@@ -962,7 +990,7 @@ impl Evaluator {
                     policy: policy.label.clone(),
                     detail: describe_trap(&e),
                 };
-                let mut store = this.host.new_store();
+                let mut store = this.host.new_store(policy.memory_bytes);
                 let letter = &this.letter.0;
                 let found = match &policy.pre {
                     Prepared::Filter2(pre) => pre
@@ -992,7 +1020,7 @@ impl Evaluator {
             policy: policy.label.clone(),
             detail: describe_trap(&e),
         };
-        let mut store = self.host.new_store();
+        let mut store = self.host.new_store(policy.memory_bytes);
         let letter = &self.letter.0;
         let (bindings, prepared) = match &policy.pre {
             Prepared::Filter1(pre) => (
@@ -1228,5 +1256,50 @@ mod tests {
         for result in evaluator.evaluate_all(&items) {
             assert!(matches!(result, Ok(Verdict::Send(_))), "{result:?}");
         }
+    }
+
+    /// A component's memory ask (its letterbox:limits section) is its instances' limit,
+    /// below or above the server's default, up to the server's ceiling.
+    #[test]
+    fn a_component_gets_the_memory_it_asks_for() {
+        let limits = PolicyLimits {
+            memory_bytes: 64 << 20,
+            max_memory_bytes: 128 << 20,
+            ..PolicyLimits::default()
+        };
+        let host = PolicyHost::new(limits, None).unwrap();
+        let template = |id: &str, ask: Option<u32>| {
+            let bytes = builtin::DEFAULT_TEMPLATE.to_vec();
+            let bytes = match ask {
+                Some(mib) => inspect::with_memory_ask(bytes, mib),
+                None => bytes,
+            };
+            host.prepare(id, "default-template", PluginKind::Template, &bytes)
+        };
+        let items = vec![(subscriber(1, "a@example.org"), "https://u".to_string())];
+        let default = template("t64", None).unwrap();
+        assert_eq!(default.memory_bytes(), 64 << 20);
+        assert!(matches!(
+            evaluator(&host, default).evaluate_all(&items)[0],
+            Ok(Verdict::Send(_))
+        ));
+        let roomy = template("t128", Some(128)).unwrap();
+        assert_eq!(roomy.memory_bytes(), 128 << 20);
+        assert!(matches!(
+            evaluator(&host, roomy).evaluate_all(&items)[0],
+            Ok(Verdict::Send(_))
+        ));
+        // minijinja's instance holds more than 1 MiB: with that little it cannot start.
+        let starved = template("t1", Some(1)).unwrap();
+        let result = &evaluator(&host, starved).evaluate_all(&items)[0];
+        assert!(matches!(result, Err(PolicyError::Trap { .. })), "{result:?}");
+        let greedy = template("t256", Some(256));
+        assert!(matches!(
+            greedy,
+            Err(PolicyError::TooMuchMemory {
+                asked: 256,
+                allowed: 128
+            })
+        ));
     }
 }

@@ -89,6 +89,10 @@ pub struct Project {
     pub name: String,
     pub kind: PluginKind,
     pub language: Lang,
+    /// Linear memory per instance to ask the server for, in MiB (default: the server's,
+    /// 64 unless configured). `build` writes it into the component.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u32>,
     #[serde(skip)]
     pub dir: PathBuf,
 }
@@ -137,7 +141,9 @@ fn files(project: &Project) -> Vec<(&'static str, String)> {
     let manifest = format!(
         "# A letterbox policy project. `letterbox plugin build .` writes {OUTPUT};\n\
          # `letterbox plugin upload .` uploads it under this name and kind.\n\
-         name = \"{name}\"\nkind = \"{kind}\"\nlanguage = \"{language}\"\n"
+         name = \"{name}\"\nkind = \"{kind}\"\nlanguage = \"{language}\"\n\
+         # Memory per instance, in MiB, if the server's default (64) is not enough:\n\
+         # memory_mib = 128\n"
     );
     let mut files = vec![
         (MANIFEST, manifest),
@@ -314,6 +320,7 @@ pub fn create(
         name,
         kind,
         language,
+        memory_mib: None,
         dir: dir.to_path_buf(),
     };
     let mut written = Vec::new();
@@ -480,10 +487,17 @@ pub fn build(project: &Project) -> Result<Built, ProjectError> {
             run_tool(dir, &tool, &args.map(String::from), "componentize-py")?;
         }
     }
-    let bytes = std::fs::read(&output).map_err(io_error(&output))?;
-    inspect::check(&bytes, project.kind).map_err(|source| ProjectError::Refused {
-        path: output.clone(),
-        source,
+    let mut bytes = std::fs::read(&output).map_err(io_error(&output))?;
+    if let Some(mib) = project.memory_mib {
+        bytes = inspect::with_memory_ask(bytes, mib);
+        std::fs::write(&output, &bytes).map_err(io_error(&output))?;
+    }
+    // The server checks the memory ask against its own ceiling; here only the absolute one.
+    inspect::check(&bytes, project.kind, inspect::MAX_MEMORY_MIB).map_err(|source| {
+        ProjectError::Refused {
+            path: output.clone(),
+            source,
+        }
     })?;
     Ok(Built {
         path: output,

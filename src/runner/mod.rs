@@ -559,8 +559,9 @@ impl Runner {
     ) -> Result<(Plugin, bool), RunnerError> {
         use sha2::Digest;
         // Milliseconds even for tens of MB, but not nothing: off the async threads.
+        let max_memory_mib = self.inner.policies.max_memory_mib();
         let (id, bytes) = tokio::task::spawn_blocking(move || {
-            crate::policy::inspect::check(&bytes, kind)?;
+            crate::policy::inspect::check(&bytes, kind, max_memory_mib)?;
             Ok::<_, PolicyError>((hex::encode(sha2::Sha256::digest(&bytes)), bytes))
         })
         .await

@@ -368,3 +368,88 @@ async fn a_missing_toolchain_or_build_is_named() {
         );
     }
 }
+
+/// An interpreter's policy that needs more than the default 64 MiB per instance asks
+/// for it in its policy.toml (`memory_mib`): `plugin build` writes the ask into the
+/// component and the server gives its instances that much, up to its ceiling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_gets_the_memory_its_project_asks_for() {
+    let root = tempfile::tempdir().unwrap();
+    // Holds a 100 MiB table from `prepare` on.
+    let source = "\
+from componentize_py_types import Ok
+from wit_world import WitWorld as Policy
+from wit_world.imports.types import Decision_Send
+
+table = []
+
+
+class WitWorld(Policy):
+    def validate(self, letter):
+        return None
+
+    def prepare(self, letter):
+        table.append(bytearray(100 << 20))
+
+    def filter(self, recipients):
+        return [Ok(Decision_Send()) for _ in recipients]
+";
+    let dir = project(root.path(), "python", "filter", "big", Some(source)).await;
+    let smtp = SmtpServer::start().await;
+    let home = Home::new().await;
+    let (_node, api) = spawn_node(&home, &["--smtp", &smtp.url()]);
+    let upload = |extra: &'static [&'static str]| {
+        let mut args = vec!["--json", "plugin", "upload", "big"];
+        args.extend_from_slice(extra);
+        let base = api.base.clone();
+        let root = root.path().to_path_buf();
+        async move { letterbox(&root, Some(&base), &args).await }
+    };
+    upload(&[]).await;
+    let newsletter = api.newsletter().await;
+    api.add_subscribers(newsletter, json!([{ "email": "a@example.org" }]))
+        .await;
+    let letter = api
+        .letter(
+            newsletter,
+            json!({ "subject": "S", "text": "T", "filter": "big" }),
+        )
+        .await;
+    let job = api.send(letter, json!({})).await;
+    let done = api.wait_job(job, Duration::from_secs(60)).await;
+    assert_eq!(done["counts"]["failed"], 1, "64 MiB cannot hold it: {done}");
+
+    let manifest = dir.join("policy.toml");
+    let mut text = std::fs::read_to_string(&manifest).unwrap();
+    text.push_str("memory_mib = 160\n");
+    std::fs::write(&manifest, text).unwrap();
+    letterbox(root.path(), None, &["plugin", "build", "big"]).await;
+    let v2: Value = serde_json::from_str(&upload(&[]).await).unwrap();
+    assert_eq!(v2["status"], "ready", "{v2}");
+    let job = api.send(letter, json!({})).await;
+    let done = api.wait_job(job, Duration::from_secs(60)).await;
+    assert_eq!(done["counts"]["delivered"], 1, "160 MiB holds it: {done}");
+
+    // Above the server's ceiling (512 MiB by default) it is refused at upload.
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_letterbox"))
+        .args([
+            "plugin",
+            "upload",
+            "big",
+            "--memory-mib",
+            "1024",
+            "--server",
+            &api.base,
+        ])
+        .current_dir(root.path())
+        .env("LETTERBOX_API_TOKEN", TEST_TOKEN)
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("asks for 1024 MiB") && stderr.contains("at most 512"),
+        "{stderr}"
+    );
+}

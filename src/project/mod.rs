@@ -601,6 +601,9 @@ mod tests {
     fn a_broken_manifest_names_the_problem() {
         let dir = tempfile::tempdir().unwrap();
         assert!(matches!(open(dir.path()), Err(ProjectError::NotAProject(_))));
+        let manifest = "name = \"x\"\nkind = \"filter\"\nlanguage = \"js\"\nmemory_mib = 160\n";
+        std::fs::write(dir.path().join(MANIFEST), manifest).unwrap();
+        assert_eq!(open(dir.path()).unwrap().memory_mib, Some(160));
         std::fs::write(
             dir.path().join(MANIFEST),
             "name = \"x\"\nkind = \"filtr\"\nlanguage = \"js\"\n",

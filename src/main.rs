@@ -250,7 +250,7 @@ struct ServeArgs {
     /// policy.toml, `plugin upload --memory-mib`), in MiB [default: 512].
     #[arg(long, env = "LETTERBOX_POLICY_MEMORY_MAX_MIB")]
     policy_memory_max_mib: Option<usize>,
-    /// Largest policy component accepted at upload, in MiB [default: 10].
+    /// Largest policy component accepted at upload, in MiB [default: 64].
     #[arg(long, env = "LETTERBOX_PLUGIN_MAX_MIB")]
     plugin_max_mib: Option<usize>,
     /// A job pauses when its policies fail more than this many times... [default: 20]

@@ -532,31 +532,14 @@ fn describe_preview(p: &Value) -> String {
         return out;
     }
     let r = &p["rendered"];
-    out.push_str(&format!(
-        "
-Subject: {}",
-        text(&r["subject"])
-    ));
+    out.push_str(&format!("\nSubject: {}", text(&r["subject"])));
     for h in r["headers"].as_array().into_iter().flatten() {
-        out.push_str(&format!(
-            "
-{}: {}",
-            text(&h["name"]),
-            text(&h["value"])
-        ));
+        out.push_str(&format!("\n{}: {}", text(&h["name"]), text(&h["value"])));
     }
-    out.push_str(&format!(
-        "
-
-{}",
-        text(&r["text"]).trim_end()
-    ));
+    out.push_str(&format!("\n\n{}", text(&r["text"]).trim_end()));
     if let Some(html) = r["html"].as_str() {
         out.push_str(&format!(
-            "
-
---- html ({} bytes) ---
-{}",
+            "\n\n--- html ({} bytes) ---\n{}",
             html.len(),
             html.trim_end()
         ));

@@ -189,6 +189,15 @@ fn files(project: &Project) -> Vec<(&'static str, String)> {
             files.push((".gitignore", format!("/target\n/{OUTPUT}\n")));
         }
         Lang::Js => {
+            // QuickJS has no console: console.js makes one on stdout and stderr, which
+            // the `*-js` worlds of wit/console.wit import.
+            files.push((
+                "console.js",
+                include_str!("../../examples/policies/js/console.js").to_string(),
+            ));
+            files.push(("wit/console.wit", include_str!("wit/console.wit").to_string()));
+            files.push(("wit/deps/io.wit", include_str!("wit/io.wit").to_string()));
+            files.push(("wit/deps/cli.wit", include_str!("wit/cli.wit").to_string()));
             files.push((
                 "package.json",
                 format!(
@@ -263,14 +272,18 @@ fn js_build_args(kind: PluginKind) -> Vec<String> {
     // QuickJS, not jco's default StarlingMonkey: measured with the examples
     // (benches/languages.rs), it runs them 5x faster (36k against 7k recipients/s), in a
     // component of 1.6 MB instead of 12 that compiles in 1.5 s instead of 11. The sync
-    // runtime: policies are plain calls, not the component model's async ABI.
+    // runtime: policies are plain calls, not the component model's async ABI. The
+    // `-js` world adds stdout and stderr for console.js.
     [
         "componentize",
         "policy.js",
         "--wit",
         "wit",
         "--world-name",
-        kind.as_str(),
+        match kind {
+            PluginKind::Filter => "filter-js",
+            PluginKind::Template => "template-js",
+        },
         "--backend",
         "quickjs",
         "--backend-qjs-disable-async",
@@ -464,6 +477,12 @@ pub fn build(project: &Project) -> Result<Built, ProjectError> {
                 });
             }
             let mut args = js_build_args(project.kind);
+            // A project made before console.js existed has only the plain worlds.
+            if !dir.join("wit/console.wit").is_file()
+                && let Some(world) = args.iter_mut().find(|a| a.ends_with("-js"))
+            {
+                *world = project.kind.as_str().to_string();
+            }
             args.insert(0, cli.to_string());
             run_tool(dir, &node, &args, "jco")?;
         }

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::support::process::{Home, spawn_node};
+use crate::support::process::{Home, spawn_node, spawn_node_logged};
 use crate::support::{SmtpServer, TEST_TOKEN};
 
 /// Runs the real binary with `args`; panics with its output when it fails.
@@ -233,14 +233,15 @@ async fn the_python_examples_build_preview_and_send() {
 /// A hostile filter in `lang` (tests/policies/): an infinite loop and a memory bomb
 /// fail only their recipients, a connect reaches nothing, and the healthy recipient is
 /// sent.
-async fn hostile_in(lang: &str, source: &str) -> Vec<(String, String, String)> {
+/// Returns each recipient's (email, state, reason) and what the node logged.
+async fn hostile_in(lang: &str, source: &str) -> (Vec<(String, String, String)>, Vec<String>) {
     let root = tempfile::tempdir().unwrap();
     let dir = project(root.path(), lang, "filter", "hostile", Some(source)).await;
     let smtp = SmtpServer::start().await;
     // The real binary, so the compilations of 12-18 MB components stay out of this
     // process (the hostile tests measure its peak memory).
     let home = Home::new().await;
-    let (_node, api) = spawn_node(&home, &["--smtp", &smtp.url()]);
+    let (_node, api, logged) = spawn_node_logged(&home, &["--smtp", &smtp.url()]);
     let api = &api;
     letterbox(
         root.path(),
@@ -294,12 +295,23 @@ async fn hostile_in(lang: &str, source: &str) -> Vec<(String, String, String)> {
     );
     let (_, health) = api.get("/healthz").await;
     assert_eq!(health["status"], "ok", "{health}");
-    outcomes
+    let logged = logged.lock().unwrap().clone();
+    (outcomes, logged)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_javascript_is_contained() {
-    let outcomes = hostile_in("js", include_str!("../policies/hostile.js")).await;
+    let (outcomes, logged) = hostile_in("js", include_str!("../policies/hostile.js")).await;
+    // console.log reaches the server's log, in UTF-8, with the policy's name.
+    assert!(
+        logged
+            .iter()
+            .any(|l| l.contains("hostile prepared for 127.0.0.1:")
+                && l.contains("✓")
+                && l.contains("policy=hostile@")
+                && l.contains("stdout")),
+        "no console line in the node's log"
+    );
     // QuickJS has no fetch and no sockets (StarlingMonkey's fetch needs wasi:http, which
     // is refused at upload, and a call without it aborts the instance).
     let net = outcomes.iter().find(|o| o.0 == "net@example.org").unwrap();
@@ -312,7 +324,7 @@ async fn hostile_javascript_is_contained() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_python_is_contained() {
-    let outcomes = hostile_in("python", include_str!("../policies/hostile.py")).await;
+    let (outcomes, _) = hostile_in("python", include_str!("../policies/hostile.py")).await;
     // CPython links wasi:sockets, and the host denies every use.
     let net = outcomes.iter().find(|o| o.0 == "net@example.org").unwrap();
     assert_eq!(net.1, "skipped");

@@ -1,12 +1,17 @@
 // A hostile filter in JavaScript, for the tests: by the recipient's address it loops
 // forever (loop@), allocates until memory runs out (bomb@), or tries the network
 // (net@, at the letter's params.connect) and reports what happened as its skip reason.
+
+// `console`, which QuickJS lacks: lines go to the server's log (console.js).
+import "./console.js";
+
 let connect = "127.0.0.1:9";
 
 export function validate(letter) {}
 
 export function prepare(letter) {
   connect = JSON.parse(letter.params).connect ?? connect;
+  console.log("hostile prepared for", connect, "✓");
 }
 
 function attempt() {

@@ -8,7 +8,10 @@
 //       is already 4 or more are skipped.
 // A letter without params goes to everyone.
 //
-// WIT `u64` fields (`id`, `subscribedAt`) arrive as BigInt; names are camelCase.
+// WIT `u64` fields (`id`, `subscribedAt`) are numbers; field names are camelCase.
+
+// `console`, which QuickJS lacks: lines go to the server's log (console.js).
+import "./console.js";
 
 let rules = { segment: null, cap: null };
 

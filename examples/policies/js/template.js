@@ -7,6 +7,9 @@
 // (default "Picked for you"). Values are HTML-escaped in the HTML body.
 // An unknown placeholder (a typo such as {{nmae}}) refuses the letter when it is written.
 
+// `console`, which QuickJS lacks: lines go to the server's log (console.js).
+import "./console.js";
+
 const PLACEHOLDERS = ["name", "email", "unsubscribe_url"];
 const PLACEHOLDER = /\{\{\s*([a-z_]+)\s*\}\}/g;
 

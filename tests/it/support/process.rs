@@ -3,6 +3,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::Api;
@@ -65,6 +66,14 @@ pub fn letterbox_command(home: &Home) -> Command {
 /// Starts `letterbox serve` on port 0 with `args` and returns it with the API it
 /// listens on, once it listens.
 pub fn spawn_node(home: &Home, args: &[&str]) -> (Server, Api) {
+    let (server, api, _) = spawn_node_logged(home, args);
+    (server, api)
+}
+
+/// `spawn_node`, also keeping every line the node logs (to stdout).
+pub fn spawn_node_logged(home: &Home, args: &[&str]) -> (Server, Api, Arc<Mutex<Vec<String>>>) {
+    let logged = Arc::new(Mutex::new(Vec::new()));
+    let keep = logged.clone();
     let mut child = letterbox_command(home)
         .args(args)
         .env("LETTERBOX_LOG", "info")
@@ -84,6 +93,7 @@ pub fn spawn_node(home: &Home, args: &[&str]) -> (Server, Api) {
             if echo {
                 eprintln!("[node {pid}] {line}");
             }
+            keep.lock().unwrap().push(line.clone());
             if let Some(rest) = line.split("listening on http://").nth(1)
                 && let Some(tx) = tx.take()
             {
@@ -94,7 +104,7 @@ pub fn spawn_node(home: &Home, args: &[&str]) -> (Server, Api) {
     let addr = rx
         .recv_timeout(Duration::from_secs(120))
         .expect("letterbox printed its listen address");
-    (child, Api::new(format!("http://{addr}")))
+    (child, Api::new(format!("http://{addr}")), logged)
 }
 
 /// Sends `signal` (e.g. "-STOP") to a child.

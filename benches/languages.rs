@@ -95,7 +95,12 @@ fn build(root: &Path, lang: Lang, kind: PluginKind) -> PathBuf {
     std::fs::write(dir.join(project::source_file(lang)), project::example(lang, kind)).unwrap();
     let project = project::open(&dir).expect("project");
     let started = Instant::now();
-    let built = project::build(&project).unwrap_or_else(|e| panic!("{lang} {kind}: {e}"));
+    let built = project::build(&project).unwrap_or_else(|e| {
+        let cause = std::error::Error::source(&e)
+            .map(|c| format!(": {c}"))
+            .unwrap_or_default();
+        panic!("{lang} {kind}: {e}{cause}")
+    });
     eprintln!(
         "built {lang} {kind}: {:.1} MB in {:.1} s",
         built.size as f64 / 1e6,

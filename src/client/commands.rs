@@ -228,7 +228,7 @@ pub async fn run(target: Target, command: Command) -> Result<(), ClientError> {
             kind,
             name,
         }) => {
-            let created = project::create(&dir, lang, kind, name).map_err(project_error)?;
+            let created = project::create(&dir, lang, kind, name)?;
             let p = &created.project;
             println!(
                 "created the {} {} policy {} in {}:",
@@ -257,7 +257,7 @@ pub async fn run(target: Target, command: Command) -> Result<(), ClientError> {
             no_wait,
         }) => {
             let (file, kind, name) = if file.is_dir() {
-                let project = project::open(&file).map_err(project_error)?;
+                let project = project::open(&file)?;
                 if build {
                     build_project(&file).await?;
                 }
@@ -788,7 +788,7 @@ fn plugin_kind(s: &str) -> Result<PluginKind, String> {
 
 /// Builds the project in `dir`, its tool's output shown as it runs.
 async fn build_project(dir: &Path) -> Result<(), ClientError> {
-    let project = project::open(dir).map_err(project_error)?;
+    let project = project::open(dir)?;
     eprintln!(
         "building the {} {} policy {} ...",
         project.language, project.kind, project.name
@@ -797,8 +797,7 @@ async fn build_project(dir: &Path) -> Result<(), ClientError> {
     // The tools run for seconds to minutes; off the async threads.
     let built = tokio::task::spawn_blocking(move || project::build(&project))
         .await
-        .map_err(|e| ClientError::Io(format!("the build stopped: {e}")))?
-        .map_err(project_error)?;
+        .map_err(|e| ClientError::Io(format!("the build stopped: {e}")))??;
     println!(
         "built {} ({:.1} MB) in {:.1} s",
         built.path.display(),
@@ -806,16 +805,6 @@ async fn build_project(dir: &Path) -> Result<(), ClientError> {
         started.elapsed().as_secs_f64()
     );
     Ok(())
-}
-
-fn project_error(e: project::ProjectError) -> ClientError {
-    let mut message = e.to_string();
-    let mut source = std::error::Error::source(&e);
-    while let Some(cause) = source {
-        message.push_str(&format!(": {cause}"));
-        source = cause.source();
-    }
-    ClientError::Usage(message)
 }
 
 /// Waits until the uploaded plugin `p` is compiled (or failed) on the server; returns it

@@ -50,6 +50,10 @@ pub enum ClientError {
     Io(String),
     #[error("{0}")]
     Usage(String),
+    /// A policy project could not be made, read or built (`plugin new`, `build`,
+    /// `upload DIR`); `report` prints its causes.
+    #[error(transparent)]
+    Project(#[from] crate::project::ProjectError),
     /// The command ran, and its outcome is a failure (a job that failed, recipients that
     /// could not be delivered); the message was already printed.
     #[error("{0}")]

@@ -60,13 +60,13 @@ pub enum ProjectError {
     Missing { tool: String, hint: String },
     #[error("{tool} failed ({status}); its output is above")]
     ToolFailed { tool: String, status: String },
-    #[error("{} was built but cannot be uploaded: {source}", path.display())]
+    #[error("{} was built but cannot be uploaded", path.display())]
     Refused {
         path: PathBuf,
         #[source]
         source: PolicyError,
     },
-    #[error("{}: {source}", path.display())]
+    #[error("{}", path.display())]
     Io {
         path: PathBuf,
         #[source]

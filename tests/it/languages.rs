@@ -17,8 +17,9 @@ use serde_json::{Value, json};
 use crate::support::process::{Home, spawn_node, spawn_node_logged};
 use crate::support::{SmtpServer, TEST_TOKEN};
 
-/// Runs the real binary with `args`; panics with its output when it fails.
-async fn letterbox(dir: &Path, server: Option<&str>, args: &[&str]) -> String {
+/// The real binary with `args`, run in `dir` with the test token (and `--server` when
+/// given), and what it printed.
+async fn run(dir: &Path, server: Option<&str>, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_letterbox"));
     command
         .args(args)
@@ -30,11 +31,17 @@ async fn letterbox(dir: &Path, server: Option<&str>, args: &[&str]) -> String {
             "CARGO_TARGET_DIR",
             Path::new(env!("CARGO_TARGET_TMPDIR")).join("policy-projects"),
         )
-        .env_remove("LETTERBOX_SERVER");
+        .env_remove("LETTERBOX_SERVER")
+        .envs(env.iter().copied());
     if let Some(server) = server {
         command.args(["--server", server]);
     }
-    let output = command.output().await.expect("run letterbox");
+    command.output().await.expect("run letterbox")
+}
+
+/// Runs the real binary with `args`; panics with its output when it fails.
+async fn letterbox(dir: &Path, server: Option<&str>, args: &[&str]) -> String {
+    let output = run(dir, server, args, &[]).await;
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
@@ -42,6 +49,13 @@ async fn letterbox(dir: &Path, server: Option<&str>, args: &[&str]) -> String {
         "letterbox {args:?} failed:\n{stdout}\n{stderr}"
     );
     stdout
+}
+
+/// Runs the real binary with `args`, which must fail; returns what it printed on stderr.
+async fn letterbox_fails(dir: &Path, server: Option<&str>, args: &[&str], env: &[(&str, &str)]) -> String {
+    let output = run(dir, server, args, env).await;
+    assert!(!output.status.success(), "letterbox {args:?} succeeded");
+    String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
 /// `plugin new` then `plugin build` in a fresh directory under `root`; `source`
@@ -352,28 +366,14 @@ async fn a_missing_toolchain_or_build_is_named() {
             &["plugin", "new", &name, "--lang", lang, "--kind", "filter"],
         )
         .await;
-        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_letterbox"))
-            .args(["plugin", "build", &name])
-            .current_dir(root.path())
-            .env("PATH", "")
-            .output()
-            .await
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(!output.status.success());
+        let stderr = letterbox_fails(root.path(), None, &["plugin", "build", &name], &[("PATH", "")]).await;
         assert!(
             stderr.contains(missing) && stderr.contains(hint),
             "{lang}: {stderr}"
         );
 
-        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_letterbox"))
-            .args(["plugin", "upload", &name, "--server", "http://127.0.0.1:9"])
-            .current_dir(root.path())
-            .output()
-            .await
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(!output.status.success());
+        let upload = ["plugin", "upload", name.as_str()];
+        let stderr = letterbox_fails(root.path(), Some("http://127.0.0.1:9"), &upload, &[]).await;
         assert!(
             stderr.contains("policy.wasm does not exist: run `letterbox plugin build"),
             "{stderr}"
@@ -443,23 +443,8 @@ class WitWorld(Policy):
     assert_eq!(done["counts"]["delivered"], 1, "160 MiB holds it: {done}");
 
     // Above the server's ceiling (512 MiB by default) it is refused at upload.
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_letterbox"))
-        .args([
-            "plugin",
-            "upload",
-            "big",
-            "--memory-mib",
-            "1024",
-            "--server",
-            &api.base,
-        ])
-        .current_dir(root.path())
-        .env("LETTERBOX_API_TOKEN", TEST_TOKEN)
-        .output()
-        .await
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success());
+    let greedy = ["plugin", "upload", "big", "--memory-mib", "1024"];
+    let stderr = letterbox_fails(root.path(), Some(&api.base), &greedy, &[]).await;
     assert!(
         stderr.contains("asks for 1024 MiB") && stderr.contains("at most 512"),
         "{stderr}"

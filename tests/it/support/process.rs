@@ -66,14 +66,17 @@ pub fn letterbox_command(home: &Home) -> Command {
 /// Starts `letterbox serve` on port 0 with `args` and returns it with the API it
 /// listens on, once it listens.
 pub fn spawn_node(home: &Home, args: &[&str]) -> (Server, Api) {
-    let (server, api, _) = spawn_node_logged(home, args);
-    (server, api)
+    spawn(home, args, None)
 }
 
 /// `spawn_node`, also keeping every line the node logs (to stdout).
 pub fn spawn_node_logged(home: &Home, args: &[&str]) -> (Server, Api, Arc<Mutex<Vec<String>>>) {
     let logged = Arc::new(Mutex::new(Vec::new()));
-    let keep = logged.clone();
+    let (server, api) = spawn(home, args, Some(logged.clone()));
+    (server, api, logged)
+}
+
+fn spawn(home: &Home, args: &[&str], keep: Option<Arc<Mutex<Vec<String>>>>) -> (Server, Api) {
     let mut child = letterbox_command(home)
         .args(args)
         .env("LETTERBOX_LOG", "info")
@@ -93,7 +96,9 @@ pub fn spawn_node_logged(home: &Home, args: &[&str]) -> (Server, Api, Arc<Mutex<
             if echo {
                 eprintln!("[node {pid}] {line}");
             }
-            keep.lock().unwrap().push(line.clone());
+            if let Some(keep) = &keep {
+                keep.lock().unwrap().push(line.clone());
+            }
             if let Some(rest) = line.split("listening on http://").nth(1)
                 && let Some(tx) = tx.take()
             {
@@ -104,7 +109,7 @@ pub fn spawn_node_logged(home: &Home, args: &[&str]) -> (Server, Api, Arc<Mutex<
     let addr = rx
         .recv_timeout(Duration::from_secs(120))
         .expect("letterbox printed its listen address");
-    (child, Api::new(format!("http://{addr}")), logged)
+    (child, Api::new(format!("http://{addr}")))
 }
 
 /// Sends `signal` (e.g. "-STOP") to a child.

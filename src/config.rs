@@ -48,12 +48,17 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// How long a request may take before it is answered 503 (see `http::timeout`).
     pub request_timeout: Duration,
+    /// How long a send's idempotency key is kept; older ones are pruned.
+    pub idempotency_ttl: Duration,
     /// Base URL the public `/u/{token}` links use; defaults to `http://` + the listen
     /// address.
     pub public_url: Option<String>,
     pub policy_limits: PolicyLimits,
     /// More policy failures than this within its window pause a job.
     pub policy_failures: FailureLimit,
+    /// Panics a test injects (see `crate::faults`); never set outside tests.
+    #[doc(hidden)]
+    pub faults: crate::faults::Faults,
 }
 
 impl Config {
@@ -74,9 +79,11 @@ impl Config {
             retry: RetryPolicy::default(),
             drain_timeout: Duration::from_secs(30),
             request_timeout: Duration::from_secs(30),
+            idempotency_ttl: Duration::from_secs(24 * 3600),
             public_url: None,
             policy_limits: PolicyLimits::default(),
             policy_failures: FailureLimit::default(),
+            faults: Default::default(),
         }
     }
 
@@ -108,9 +115,11 @@ impl std::fmt::Debug for Config {
             .field("retry", &self.retry)
             .field("drain_timeout", &self.drain_timeout)
             .field("request_timeout", &self.request_timeout)
+            .field("idempotency_ttl", &self.idempotency_ttl)
             .field("public_url", &self.public_url)
             .field("policy_limits", &self.policy_limits)
             .field("policy_failures", &self.policy_failures)
+            .field("faults", &self.faults)
             .finish()
     }
 }

@@ -8,8 +8,10 @@
 pub mod client;
 pub mod config;
 pub mod domain;
+pub mod faults;
 pub mod http;
 pub mod import;
+pub mod logging;
 pub mod mail;
 pub mod migrate;
 pub mod policy;
@@ -17,9 +19,11 @@ pub mod project;
 pub mod runner;
 pub mod settings;
 pub mod store;
+pub mod tls;
 pub mod tokens;
 
 use std::future::Future;
+use std::io::Write;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -75,7 +79,7 @@ pub async fn run(
         Some(url) => store::Location::Postgres(url),
         None => store::Location::Redb(&redb_file),
     };
-    let store = Store::open(location).await?;
+    let store = Store::open_with_faults(location, config.faults.clone()).await?;
     let unsubscribe = UnsubscribeKey::load_or_create(&store, Some(&data_dir.join("unsubscribe.key"))).await?;
     let (api_token, generated) = ApiToken::load_or_create(
         config.api_token.as_deref(),
@@ -85,8 +89,11 @@ pub async fn run(
     .await?;
     if let Some(token) = generated {
         // Straight to the terminal, not through the logs (which may be shipped
-        // elsewhere); only its hash is kept, so this is the one time it is shown.
-        eprintln!(
+        // elsewhere); only its hash is kept, so this is the one time it is shown. A
+        // stderr that cannot be written must not stop the server (`eprintln!` would
+        // panic): the token can be replaced by setting LETTERBOX_API_TOKEN.
+        let _ = writeln!(
+            std::io::stderr(),
             "\nletterbox: generated an API token (shown once; only its hash is stored):\n\n    {token}\n\n\
              Send it as `Authorization: Bearer TOKEN`; set LETTERBOX_API_TOKEN to choose your own.\n"
         );
@@ -124,6 +131,8 @@ pub async fn run(
             policy_failures: config.policy_failures,
             public_url,
             lease: config.lease,
+            idempotency_ttl: config.idempotency_ttl,
+            faults: config.faults.clone(),
         },
         unsubscribe,
     );
@@ -164,6 +173,7 @@ pub async fn run(
         api_token,
         public_metrics: config.public_metrics,
         request_timeout: config.request_timeout,
+        faults: config.faults.clone(),
     });
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(stop.clone().cancelled_owned())

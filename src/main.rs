@@ -55,14 +55,19 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("LETTERBOX_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt().with_env_filter(filter);
-    match cli.log_format {
-        LogFormat::Human => logs.init(),
-        // Spans as fields of each line, so a job's or request's context travels with it.
-        LogFormat::Json => logs.json().with_current_span(true).with_span_list(true).init(),
-    }
+    // Held to the end: dropping it writes the lines still queued.
+    let _logs = letterbox::logging::init(
+        match cli.log_format {
+            LogFormat::Human => letterbox::logging::Format::Human,
+            LogFormat::Json => letterbox::logging::Format::Json,
+        },
+        filter,
+    );
     match cli.command {
-        Command::Serve(args) => serve(cli.config, *args).await,
+        Command::Serve(args) => {
+            letterbox::logging::log_panics();
+            serve(cli.config, *args).await
+        }
         Command::Migrate(args) => migrate(args).await,
         Command::Client(command) => {
             // The settings file fills in what flags and variables leave out.
@@ -232,6 +237,10 @@ struct ServeArgs {
     /// On shutdown, how long to let in-flight deliveries finish [default: 30s].
     #[arg(long, env = "LETTERBOX_DRAIN_TIMEOUT")]
     drain_timeout: Option<String>,
+    /// How long a send's Idempotency-Key is remembered: a repeat within it returns the
+    /// same job; older keys are pruned in the background [default: 24h].
+    #[arg(long, env = "LETTERBOX_IDEMPOTENCY_TTL")]
+    idempotency_ttl: Option<String>,
     /// How long a request may take before it is answered 503 (its work still finishes).
     /// CSV imports, which last as long as their upload, and event streams are exempt
     /// [default: 30s].
@@ -296,6 +305,7 @@ impl ServeArgs {
             ("retry.base", self.retry_base),
             ("retry.cap", self.retry_cap),
             ("drain_timeout", self.drain_timeout),
+            ("idempotency_ttl", self.idempotency_ttl),
             ("request_timeout", self.request_timeout),
             ("policy.timeout_ms", self.policy_timeout_ms.map(|n| n.to_string())),
             ("policy.memory_mib", self.policy_memory_mib.map(|n| n.to_string())),

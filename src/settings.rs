@@ -45,6 +45,7 @@ struct File {
     public_metrics: bool,
     request_timeout: String,
     drain_timeout: String,
+    idempotency_ttl: String,
     delivery: Delivery,
     retry: Retry,
     policy: Policy,
@@ -132,6 +133,7 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("public_metrics", "false"),
     ("request_timeout", "30s"),
     ("drain_timeout", "30s"),
+    ("idempotency_ttl", "24h"),
     ("delivery.concurrency", "16"),
     ("delivery.max_deliveries", "512"),
     ("delivery.max_running_jobs", "4"),
@@ -321,6 +323,7 @@ fn resolve(
     config.public_metrics = file.public_metrics;
     config.request_timeout = positive_duration("request_timeout", &file.request_timeout)?;
     config.drain_timeout = duration("drain_timeout", &file.drain_timeout)?;
+    config.idempotency_ttl = positive_duration("idempotency_ttl", &file.idempotency_ttl)?;
 
     let d = &file.delivery;
     config.concurrency = in_range(

@@ -580,6 +580,11 @@ fn describe(job: &Value) -> String {
             "\n  stalled for {age} s, goes on by itself once the store answers: {reason}"
         ));
     }
+    if let Some(reason) = job["waiting"]["reason"].as_str() {
+        let since = job["waiting"]["since"].as_u64().unwrap_or(0);
+        let age = crate::domain::now().saturating_sub(since);
+        out.push_str(&format!("\n  waiting for {age} s: {reason}"));
+    }
     if let Some(error) = job["error"].as_str() {
         out.push_str(&format!("\n  error: {error}"));
     }
@@ -862,5 +867,16 @@ mod tests {
         );
         let healthy = json!({"id": 3, "state": "running", "letter_id": 1, "counts": {}, "stalled": null});
         assert!(!describe(&healthy).contains("stalled"));
+    }
+
+    #[test]
+    fn a_job_waiting_for_a_policy_says_which() {
+        let job = json!({
+            "id": 4, "state": "running", "letter_id": 1, "counts": {},
+            "waiting": {"reason": "policy big-filter is compiling", "since": crate::domain::now()},
+        });
+        let text = describe(&job);
+        assert!(text.contains(": policy big-filter is compiling"), "{text}");
+        assert!(text.contains("waiting for "), "{text}");
     }
 }

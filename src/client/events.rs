@@ -173,6 +173,9 @@ fn draw(bar: &ProgressBar, job: &Value) {
     if let Some(reason) = job["stalled"]["reason"].as_str() {
         message.push_str(&format!(" (stalled: {reason})"));
     }
+    if let Some(reason) = job["waiting"]["reason"].as_str() {
+        message.push_str(&format!(" (waiting: {reason})"));
+    }
     bar.set_message(message);
 }
 

@@ -70,9 +70,18 @@ impl ClientError {
             out.push_str(&format!(": {cause}"));
             source = cause.source();
         }
-        if let ClientError::Problem { status, errors, .. } = self {
+        if let ClientError::Problem {
+            status,
+            errors,
+            detail,
+        } = self
+        {
             for (field, message) in errors {
-                out.push_str(&format!("\n  {field}: {message}"));
+                let line = format!("{field}: {message}");
+                // A problem with one field says it in its detail already: once is enough.
+                if *detail != line {
+                    out.push_str(&format!("\n  {line}"));
+                }
             }
             if *status == StatusCode::UNAUTHORIZED {
                 out.push_str("\n  (set LETTERBOX_API_TOKEN or --token to the server's API token)");
@@ -203,6 +212,10 @@ mod tests {
         let body = br#"{"type":"x","title":"Unprocessable Entity","status":422,"detail":"invalid newsletter","errors":[{"field":"from","message":"bad address"}]}"#;
         let error = problem(StatusCode::UNPROCESSABLE_ENTITY, body);
         assert_eq!(error.report(), "error: invalid newsletter\n  from: bad address");
+        // One field's problem, whose detail is that field's error: printed once.
+        let body = br#"{"type":"x","title":"Unprocessable Entity","status":422,"detail":"subject: line 1, column 10: syntax error","errors":[{"field":"subject","message":"line 1, column 10: syntax error"}]}"#;
+        let error = problem(StatusCode::UNPROCESSABLE_ENTITY, body);
+        assert_eq!(error.report(), "error: subject: line 1, column 10: syntax error");
         let error = problem(StatusCode::BAD_GATEWAY, b"<html>bad gateway</html>");
         assert_eq!(
             error.report(),

@@ -84,6 +84,13 @@ impl ApiError {
     }
 }
 
+/// The answer to a request whose handling panicked: a 500 like any internal error.
+/// The panic itself (with where it happened) is logged by the panic hook.
+pub(super) fn panicked(payload: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    let why = crate::logging::panic_message(payload.as_ref());
+    ApiError::Internal(format!("the request's handler panicked: {why}")).into_response()
+}
+
 /// An RFC 9457 problem: the body of every error response.
 #[derive(Serialize, utoipa::ToSchema)]
 pub struct Problem {

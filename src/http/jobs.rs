@@ -49,6 +49,9 @@ pub struct JobView {
     /// (unreachable, a full disk): why, and since when. It clears by itself once the
     /// store answers again, and the job goes on.
     stalled: Option<Stall>,
+    /// Set while the job waits on this node before it can send (a policy it uses is
+    /// still compiling): why, and since when.
+    waiting: Option<Stall>,
 }
 
 /// A string that is one of `names`, for the OpenAPI document.
@@ -104,7 +107,7 @@ struct JobQuery {
 }
 
 /// Jobs newest first, optionally in one state, a page at a time.
-#[utoipa::path(get, path = "/v1/jobs", tag = "jobs", params(JobQuery), responses((status = 200, body = Page<Job>)))]
+#[utoipa::path(get, operation_id = "list_jobs", path = "/v1/jobs", tag = "jobs", params(JobQuery), responses((status = 200, body = Page<Job>)))]
 async fn list(
     State(state): State<AppState>,
     ApiQuery(query): ApiQuery<JobQuery>,
@@ -128,17 +131,19 @@ async fn list(
 async fn with_progress(state: &AppState, job: Job) -> JobView {
     let progress = state.runner.progress(&job).await;
     let stalled = state.runner.stalled(job.id);
+    let waiting = state.runner.waiting(job.id);
     JobView {
         job,
         rate_per_second: progress.map(|p| p.rate_per_second).unwrap_or(0.0),
         eta_seconds: progress.and_then(|p| p.eta_seconds),
         requeued: None,
         stalled,
+        waiting,
     }
 }
 
 /// One job: state, counts per delivery state, rate and ETA.
-#[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs", params(("id" = u64, Path)), responses((status = 200, body = JobView)))]
+#[utoipa::path(get, operation_id = "show_job", path = "/v1/jobs/{id}", tag = "jobs", params(("id" = u64, Path)), responses((status = 200, body = JobView)))]
 async fn show(State(state): State<AppState>, ApiPath(id): ApiPath<u64>) -> Result<Json<JobView>, ApiError> {
     let job = state.store.job(id).await?;
     Ok(Json(with_progress(&state, job).await))

@@ -48,7 +48,7 @@ struct CreateLetter {
 }
 
 /// Writes a letter for a newsletter. Its policies must exist.
-#[utoipa::path(post, path = "/v1/newsletters/{id}/letters", tag = "letters", params(("id" = u64, Path)),
+#[utoipa::path(post, operation_id = "create_letter", path = "/v1/newsletters/{id}/letters", tag = "letters", params(("id" = u64, Path)),
     request_body = CreateLetter, responses((status = 201, body = Letter)))]
 async fn create(
     State(state): State<AppState>,
@@ -87,7 +87,7 @@ async fn create(
 }
 
 /// One letter.
-#[utoipa::path(get, path = "/v1/letters/{id}", tag = "letters", params(("id" = u64, Path)),
+#[utoipa::path(get, operation_id = "show_letter", path = "/v1/letters/{id}", tag = "letters", params(("id" = u64, Path)),
     responses((status = 200, body = Letter)))]
 async fn show(State(state): State<AppState>, ApiPath(id): ApiPath<u64>) -> Result<Json<Letter>, ApiError> {
     Ok(Json(state.store.letter(id).await?))

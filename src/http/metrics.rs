@@ -4,7 +4,8 @@
 //! `tracing`): deliveries by outcome (runner), policy evaluation time (policy), SMTP
 //! send time per transport (mail), store commit time (store). This module installs the
 //! process-wide Prometheus recorder and, at each scrape, adds what is read from the
-//! store: jobs per state and the recipients still to deliver.
+//! store: jobs per state and the recipients still to deliver, and the log lines that
+//! could not be written (`logging`).
 
 use std::sync::OnceLock;
 
@@ -66,6 +67,8 @@ pub async fn render(State(state): State<AppState>) -> Result<impl IntoResponse, 
         && state.runner.heartbeat_error().is_none()
         && stalled == 0;
     metrics::gauge!("letterbox_store_up").set(if up { 1.0 } else { 0.0 });
+    // Counted by the log itself (which must not depend on anything that could fail).
+    metrics::counter!("letterbox_log_lines_dropped_total").absolute(crate::logging::dropped_lines());
     metrics::gauge!("letterbox_jobs_stalled").set(stalled as f64);
     if let Ok(overview) = overview {
         for job_state in JobState::ALL {

@@ -17,6 +17,7 @@ use std::collections::BTreeSet;
 
 use axum::http::Request;
 use axum::{Extension, Router};
+use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::TraceLayer;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -41,6 +42,8 @@ pub struct AppState {
     pub public_metrics: bool,
     /// How long a request may take before it is answered 503.
     pub request_timeout: std::time::Duration,
+    /// Panics a test injects into requests (see `crate::faults`).
+    pub faults: crate::faults::Faults,
 }
 
 /// The routes, and the OpenAPI document that describes them (served at `/openapi.json`).
@@ -63,6 +66,9 @@ pub fn router(state: AppState) -> Router {
             state.request_timeout,
             timeout::limit_time,
         ))
+        // A panic while handling a request (a CSV import runs outside the timeout's
+        // task) is that request's 500, never the connection's end without an answer.
+        .layer(CatchPanicLayer::custom(error::panicked))
         .layer(TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
             tracing::info_span!("request", method = %request.method(), path = %request.uri().path())
         }))
@@ -92,6 +98,10 @@ fn routes_and_document(state: &AppState) -> (Router<AppState>, utoipa::openapi::
         .merge(jobs::router())
         .merge(nodes::router())
         .route_layer(axum::middleware::from_fn_with_state(
+            state.faults.clone(),
+            inject_faults,
+        ))
+        .route_layer(axum::middleware::from_fn_with_state(
             state.api_token.clone(),
             auth::require_token,
         ));
@@ -101,6 +111,16 @@ fn routes_and_document(state: &AppState) -> (Router<AppState>, utoipa::openapi::
         .split_for_parts();
     openapi::finish(&mut document, &public_paths);
     (router, document)
+}
+
+/// Where a test's injected panic in a request fires (see `crate::faults`).
+async fn inject_faults(
+    axum::extract::State(faults): axum::extract::State<crate::faults::Faults>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    faults.check(crate::faults::Point::Request);
+    next.run(request).await
 }
 
 /// The most items one page of a listing holds.

@@ -46,12 +46,14 @@ struct CreateNewsletter {
     name: String,
     /// The From of every letter: `Name <address>` or `address` (format `mailbox`: an
     /// RFC 5322 mailbox, its name one line of at most 256 characters).
-    #[schema(format = "mailbox")]
+    // Generic tools do not know `mailbox`, so the length and pattern say in standard
+    // JSON Schema what every mailbox has: a character, `@`, a character.
+    #[schema(format = "mailbox", min_length = 3, pattern = r"[^\s@]@[^\s@]")]
     from: String,
 }
 
 /// Creates a newsletter.
-#[utoipa::path(post, path = "/v1/newsletters", tag = "newsletters", request_body = CreateNewsletter,
+#[utoipa::path(post, operation_id = "create_newsletter", path = "/v1/newsletters", tag = "newsletters", request_body = CreateNewsletter,
     responses((status = 201, body = Newsletter)))]
 async fn create(
     State(state): State<AppState>,
@@ -82,7 +84,7 @@ async fn create(
 }
 
 /// One newsletter.
-#[utoipa::path(get, path = "/v1/newsletters/{id}", tag = "newsletters", params(("id" = u64, Path)),
+#[utoipa::path(get, operation_id = "show_newsletter", path = "/v1/newsletters/{id}", tag = "newsletters", params(("id" = u64, Path)),
     responses((status = 200, body = Newsletter)))]
 async fn show(
     State(state): State<AppState>,

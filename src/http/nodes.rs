@@ -16,7 +16,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 /// The nodes: id, address, version, heartbeat age and the recipients each holds claimed
 /// right now. A node whose heartbeat is older than the lease is dead, and is removed
 /// (its claims requeued) at the next heartbeat of another node.
-#[utoipa::path(get, path = "/v1/nodes", tag = "nodes", responses((status = 200, body = Vec<NodeInfo>)))]
+#[utoipa::path(get, operation_id = "list_nodes", path = "/v1/nodes", tag = "nodes", responses((status = 200, body = Vec<NodeInfo>)))]
 async fn list(State(state): State<AppState>) -> Result<Json<Vec<NodeInfo>>, ApiError> {
     Ok(Json(state.store.nodes().await?))
 }

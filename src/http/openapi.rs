@@ -78,6 +78,22 @@ pub fn finish(doc: &mut OpenApi, public: &BTreeSet<String>) {
     for (path, item) in doc.paths.paths.iter_mut() {
         let is_public = public.contains(path);
         for operation in operations(item) {
+            // OpenAPI requires a description on every response (client generators
+            // refuse a document without): where the annotation gave none, the
+            // status's own name.
+            for (status, response) in operation.responses.responses.iter_mut() {
+                if let utoipa::openapi::RefOr::T(response) = response
+                    && response.description.is_empty()
+                {
+                    response.description = status
+                        .parse::<u16>()
+                        .ok()
+                        .and_then(|s| axum::http::StatusCode::from_u16(s).ok())
+                        .and_then(|s| s.canonical_reason())
+                        .unwrap_or("Success")
+                        .to_string();
+                }
+            }
             operation
                 .responses
                 .responses

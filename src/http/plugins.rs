@@ -101,7 +101,7 @@ struct SummaryView {
 }
 
 /// Every plugin name with its latest version.
-#[utoipa::path(get, path = "/v1/plugins", tag = "plugins", responses((status = 200, body = Vec<SummaryView>)))]
+#[utoipa::path(get, operation_id = "list_plugins", path = "/v1/plugins", tag = "plugins", responses((status = 200, body = Vec<SummaryView>)))]
 async fn list(State(state): State<AppState>) -> Result<Json<Vec<SummaryView>>, ApiError> {
     let summaries = state.store.list_plugins().await?;
     Ok(Json(
@@ -130,7 +130,7 @@ struct PluginHistory {
 }
 
 /// A plugin name's versions, oldest first.
-#[utoipa::path(get, path = "/v1/plugins/{name}", tag = "plugins", params(("name" = String, Path)),
+#[utoipa::path(get, operation_id = "show_plugin", path = "/v1/plugins/{name}", tag = "plugins", params(("name" = String, Path)),
     responses((status = 200, body = PluginHistory)))]
 async fn show(
     State(state): State<AppState>,

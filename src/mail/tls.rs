@@ -11,10 +11,8 @@ use std::sync::{Arc, OnceLock};
 
 use lettre::transport::smtp::client::{Certificate, TlsParameters};
 use rustls::client::WebPkiServerVerifier;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, RootCertStore};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
@@ -39,15 +37,8 @@ pub struct TlsOptions {
 impl TlsOptions {
     /// Reads the CA certificates of a PEM file.
     pub fn load_roots(path: &str) -> Result<Vec<Vec<u8>>, String> {
-        let pem = std::fs::read(path).map_err(|e| format!("tls_ca {path}: {e}"))?;
-        let certs: Vec<Vec<u8>> = CertificateDer::pem_slice_iter(&pem)
-            .map(|c| c.map(|c| c.to_vec()))
-            .collect::<Result<_, _>>()
-            .map_err(|e| format!("tls_ca {path}: not PEM certificates: {e}"))?;
-        if certs.is_empty() {
-            return Err(format!("tls_ca {path}: no certificate in the file"));
-        }
-        Ok(certs)
+        let certs = crate::tls::load_pem_certificates(path).map_err(|e| format!("tls_ca {e}"))?;
+        Ok(certs.into_iter().map(|c| c.to_vec()).collect())
     }
 
     /// lettre's parameters, for STARTTLS.
@@ -91,7 +82,7 @@ impl TlsOptions {
                 .map_err(|e| format!("TLS: {e}"))?;
             builder
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(AnyName(inner)))
+                .with_custom_certificate_verifier(Arc::new(crate::tls::AnyName(inner)))
         };
         Ok(builder.with_no_client_auth())
     }
@@ -107,54 +98,6 @@ impl TlsOptions {
             .connect(name, stream)
             .await
             .map_err(|e| MailError::Transient(format!("TLS handshake with {host}: {e}")))
-    }
-}
-
-/// Checks the chain and signatures as usual, but accepts a certificate for another name
-/// (`tls_verify_hostname=false`).
-#[derive(Debug)]
-struct AnyName(Arc<WebPkiServerVerifier>);
-
-impl ServerCertVerifier for AnyName {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-        {
-            Err(rustls::Error::InvalidCertificate(
-                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) => Ok(ServerCertVerified::assertion()),
-            other => other,
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
     }
 }
 

@@ -15,8 +15,10 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use futures_util::FutureExt;
 use tokio::sync::{Semaphore, watch};
 
+use super::health::Stall;
 use super::{Runner, RunnerError};
 use crate::domain::PluginKind;
 use crate::policy::{Policy, PolicyError};
@@ -45,6 +47,8 @@ enum Failure {
 /// The compilations of this node, by plugin id (the bytes' sha256).
 pub(super) struct Compiles {
     states: Mutex<HashMap<String, watch::Receiver<Option<Outcome>>>>,
+    /// Jobs whose supervisor waits for a compilation here: why, and since when.
+    waiting: Mutex<HashMap<u64, Stall>>,
     /// One compilation at a time: a compile takes a core and up to ~20x the component's
     /// size in memory.
     permit: Arc<Semaphore>,
@@ -54,6 +58,7 @@ impl Default for Compiles {
     fn default() -> Self {
         Compiles {
             states: Default::default(),
+            waiting: Default::default(),
             permit: Arc::new(Semaphore::new(1)),
         }
     }
@@ -81,7 +86,17 @@ impl Runner {
         let runner = self.clone();
         let (id, name) = (id.to_string(), name.to_string());
         tokio::spawn(async move {
-            let outcome = runner.compile(&id, &name, kind, bytes).await;
+            // A panic here would leave every waiter, now and later, without an answer:
+            // it is this version's failure instead, like a compilation that failed.
+            let outcome = std::panic::AssertUnwindSafe(runner.compile(&id, &name, kind, bytes))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|payload| {
+                    Err(Failure::Policy(PolicyError::Engine(format!(
+                        "the compilation panicked: {}",
+                        crate::logging::panic_message(payload.as_ref())
+                    ))))
+                });
             if let Err(failure) = &outcome {
                 let reason = match failure {
                     Failure::Policy(e) => e.to_string(),
@@ -174,6 +189,47 @@ impl Runner {
     }
 
     /// The compiled policy `id`, waiting for its compilation (started now if needed).
+    /// `load_policy` for a job's supervisor: while the policy compiles, the job shows
+    /// what it waits for (`waiting`), instead of `running` with nothing happening.
+    pub(super) async fn job_policy(
+        &self,
+        job_id: u64,
+        version: &crate::domain::PolicyVersion,
+        kind: PluginKind,
+    ) -> Result<Arc<Policy>, RunnerError> {
+        if let Some(policy) = self.inner.policies.cached(&version.id) {
+            return Ok(policy);
+        }
+        let waiting = &self.inner.compiles.waiting;
+        waiting.lock().unwrap_or_else(|e| e.into_inner()).insert(
+            job_id,
+            Stall {
+                reason: format!("policy {} is compiling", version.name),
+                since: crate::domain::now(),
+            },
+        );
+        // Cleared however the wait ends (ready, failed, or the supervisor gone).
+        struct Clear<'a>(&'a Mutex<HashMap<u64, Stall>>, u64);
+        impl Drop for Clear<'_> {
+            fn drop(&mut self) {
+                self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.1);
+            }
+        }
+        let _clear = Clear(waiting, job_id);
+        self.load_policy(version, kind).await
+    }
+
+    /// What a job waits for on this node before it can send, if anything.
+    pub fn waiting(&self, job_id: u64) -> Option<Stall> {
+        self.inner
+            .compiles
+            .waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&job_id)
+            .cloned()
+    }
+
     pub(super) async fn compiled(
         &self,
         id: &str,

@@ -13,6 +13,7 @@
 use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
+use super::health::restart_on_panic;
 use super::limits::Share;
 use super::{Control, Runner};
 use crate::domain::*;
@@ -151,17 +152,36 @@ impl Runner {
             store = inner.store.name(),
             "node registered"
         );
+        let mut tasks = Vec::new();
+        // Every node, with either backend; stops with the heartbeat.
+        let runner = self.clone();
+        tasks.push(tokio::spawn(restart_on_panic("housekeeping", move || {
+            let runner = runner.clone();
+            async move { runner.housekeeping().await }
+        })));
         if inner.store.is_shared() {
             if inner.domains.any() {
                 // The others still use the shares they had before this node came: it
                 // takes its own once they have had a heartbeat to shrink theirs.
                 inner.domains.set_share(Share::Joining);
             }
+            // Both live as long as the node; a panic in either starts it again.
             let runner = self.clone();
-            tokio::spawn(async move { runner.heartbeat().await });
+            tasks.push(tokio::spawn(restart_on_panic("heartbeat", move || {
+                let runner = runner.clone();
+                async move { runner.heartbeat().await }
+            })));
             let runner = self.clone();
-            tokio::spawn(async move { runner.watch().await });
+            tasks.push(tokio::spawn(restart_on_panic("watcher", move || {
+                let runner = runner.clone();
+                async move { runner.watch().await }
+            })));
         }
+        inner
+            .fleet_tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(tasks);
         Ok(())
     }
 
@@ -169,6 +189,17 @@ impl Runner {
     pub(super) async fn leave(&self) {
         let inner = &self.inner;
         inner.fleet_stop.cancel();
+        // A heartbeat already under way when the stop came would otherwise land after
+        // the deregistration: renewing the lease it just expired (the node then counts
+        // as running for a whole lease after it exited), or, finding the row gone,
+        // registering the node again under a new id. Wait for it (its statements time
+        // out within seconds).
+        let tasks = std::mem::take(&mut *inner.fleet_tasks.lock().unwrap_or_else(|e| e.into_inner()));
+        for task in tasks {
+            if tokio::time::timeout(Duration::from_secs(15), task).await.is_err() {
+                tracing::warn!("a fleet task did not stop in time; the node deregisters anyway");
+            }
+        }
         if let Err(e) = inner.store.leave(&inner.node.id()).await {
             tracing::warn!(error = %e, "could not deregister the node; its lease will expire");
         }

@@ -7,6 +7,9 @@
 //! tries again with a growing pause (`Backoff`). Outcomes that cannot be recorded are
 //! retried for recording, never dropped. The first store operation that succeeds again
 //! clears the stall, and the job goes on by itself.
+//!
+//! The same for a crash: `restart_on_panic` runs a long-lived task (a node's heartbeat,
+//! its watcher) and starts it again after a panic, with the same growing pause.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -106,6 +109,31 @@ impl Backoff {
     }
 }
 
+/// Runs the task `make` makes until it ends by itself, starting a new one (after a
+/// pause: `Backoff`) each time one panics. For long-lived tasks whose death would
+/// otherwise go unnoticed while the process lives on: a node without its heartbeat
+/// would be counted dead by the fleet and fence itself out for good.
+pub(super) async fn restart_on_panic<F, Fut>(task: &'static str, make: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    use futures_util::FutureExt;
+    let mut backoff = Backoff::new();
+    loop {
+        match std::panic::AssertUnwindSafe(make()).catch_unwind().await {
+            Ok(()) => return,
+            Err(payload) => {
+                let why = crate::logging::panic_message(payload.as_ref());
+                metrics::counter!("letterbox_task_restarts_total", "task" => task).increment(1);
+                let pause = backoff.next();
+                tracing::error!(task, panic = %why, ?pause, "a task panicked: it starts again");
+                tokio::time::sleep(pause).await;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,6 +145,22 @@ mod tests {
         assert_eq!(waits, [250, 500, 1000, 2000, 2000, 2000]);
         b.reset();
         assert_eq!(b.next().as_millis(), 250);
+    }
+
+    #[tokio::test]
+    async fn a_task_that_panics_is_started_again_and_one_that_ends_is_not() {
+        let runs = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let counted = runs.clone();
+        restart_on_panic("test", move || {
+            let runs = counted.clone();
+            async move {
+                if runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 2 {
+                    panic!("boom");
+                }
+            }
+        })
+        .await;
+        assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 3);
     }
 
     #[test]

@@ -27,6 +27,7 @@
 mod compile;
 mod fleet;
 mod health;
+mod housekeeping;
 mod limits;
 mod supervisor;
 
@@ -92,6 +93,10 @@ pub struct RunnerConfig {
     pub public_url: String,
     /// How long a node's claims stay its own without a heartbeat (a shared store).
     pub lease: Duration,
+    /// How long a send's idempotency key is kept (see `housekeeping`).
+    pub idempotency_ttl: Duration,
+    /// Panics a test injects (see `crate::faults`).
+    pub faults: crate::faults::Faults,
 }
 
 /// Per-job choices of a send request; `None` means the server's default.
@@ -191,6 +196,9 @@ struct Inner {
     node: fleet::Node,
     /// Stops the heartbeat and the watcher, after the drain.
     fleet_stop: CancellationToken,
+    /// The heartbeat, the watcher and housekeeping: `leave` waits for them to end
+    /// before it deregisters, so none renews or re-registers the node afterwards.
+    fleet_tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Fleet-wide rate tokens taken and not yet spent.
     rate_pools: fleet::RatePools,
     delivery_slots: Arc<Semaphore>,
@@ -228,6 +236,7 @@ impl Runner {
             inner: Arc::new(Inner {
                 node: fleet::Node::new(config.lease, store.is_shared(), config.public_url.clone()),
                 fleet_stop: CancellationToken::new(),
+                fleet_tasks: Default::default(),
                 rate_pools: Default::default(),
                 slot_freed: tokio::sync::Notify::new(),
                 store,

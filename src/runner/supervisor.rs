@@ -4,8 +4,10 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
+use futures_util::FutureExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -18,6 +20,11 @@ use crate::domain::*;
 use crate::mail::{self, MailError, Transport};
 use crate::policy::{Evaluator, LetterInput, PolicyError, Verdict};
 use crate::store::StoreError;
+
+/// Restart intensity of a job's supervisor: more crashes (panics in `drive`) than this
+/// within the window pause the job instead of driving it again.
+const SUPERVISOR_MAX_CRASHES: usize = 3;
+const SUPERVISOR_CRASH_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Subscribers read from the store per page when a job snapshots its list.
 const SNAPSHOT_PAGE: usize = 1000;
@@ -61,14 +68,19 @@ impl FailureGuard {
         {
             let tripped = self.failures.lock().unwrap_or_else(|e| e.into_inner()).record();
             if tripped {
-                let mut pausing = self.pausing.lock().unwrap_or_else(|e| e.into_inner());
-                if pausing.is_none() {
-                    *pausing = Some(format!("policy {policy} failing: {e}"));
-                    self.stop.cancel();
-                }
+                self.pause(format!("policy {policy} failing: {e}"));
             }
         }
         !self.stop.is_cancelled()
+    }
+
+    /// Stops the job, to pause with `reason` (unless it is pausing already).
+    fn pause(&self, reason: String) {
+        let mut pausing = self.pausing.lock().unwrap_or_else(|e| e.into_inner());
+        if pausing.is_none() {
+            *pausing = Some(reason);
+            self.stop.cancel();
+        }
     }
 
     fn pausing(&self) -> Option<String> {
@@ -257,8 +269,9 @@ enum JobEnd {
     Drained,
     /// Told to stop (pause, cancel) or shutting down; what was in flight is recorded.
     Stopped,
-    /// Too many policy failures: the job waits for a resume.
-    PolicyPaused(String),
+    /// Too many policy failures, or crashes of its supervisor: the job waits for a
+    /// resume, with this reason.
+    Paused(String),
 }
 
 /// A claimed recipient, with its subscriber as read by the claim at status epoch
@@ -312,8 +325,40 @@ impl Runner {
         meter: Arc<std::sync::Mutex<RateMeter>>,
     ) {
         let mut backoff = Backoff::new();
+        let mut crashes: Vec<std::time::Instant> = Vec::new();
         loop {
-            let end = match self.drive(job_id, &mut control, &meter).await {
+            // A panic in `drive` is contained here, as OTP's supervisor contains a
+            // crashed child: the job is driven again (its stale claims given back
+            // first), unless it crashes too often, when it pauses with the reason.
+            let driven = AssertUnwindSafe(self.drive(job_id, &mut control, &meter))
+                .catch_unwind()
+                .await;
+            let driven = match driven {
+                Ok(end) => end,
+                Err(payload) => {
+                    let why = crate::logging::panic_message(payload.as_ref());
+                    metrics::counter!("letterbox_job_supervisor_restarts_total").increment(1);
+                    let now = std::time::Instant::now();
+                    crashes.retain(|at| now.duration_since(*at) < SUPERVISOR_CRASH_WINDOW);
+                    crashes.push(now);
+                    if crashes.len() > SUPERVISOR_MAX_CRASHES {
+                        tracing::error!(panic = %why, "the job's supervisor keeps crashing: the job pauses");
+                        Ok(JobEnd::Paused(format!(
+                            "its supervisor crashed {} times within {} s (last: {why}); resume it to try again",
+                            crashes.len(),
+                            SUPERVISOR_CRASH_WINDOW.as_secs()
+                        )))
+                    } else {
+                        tracing::error!(panic = %why, "the job's supervisor crashed: it starts again");
+                        let wait = tokio::time::sleep(backoff.next());
+                        if self.until_stopped(&mut control, wait).await.is_some() {
+                            continue;
+                        }
+                        Ok(JobEnd::Stopped)
+                    }
+                }
+            };
+            let end = match driven {
                 // A store that cannot be written stalls the job; it does not end it.
                 // What was claimed and not sent goes back to the queue when `drive`
                 // starts again (`release_claims`).
@@ -371,7 +416,7 @@ impl Runner {
                     continue;
                 }
                 Ok(JobEnd::Stopped) => tracing::info!("job stopped"),
-                Ok(JobEnd::PolicyPaused(reason)) => {
+                Ok(JobEnd::Paused(reason)) => {
                     tracing::warn!(reason, "job paused");
                     let result = self
                         .persist(job_id, || {
@@ -563,8 +608,9 @@ impl Runner {
             .map_err(|e| RunnerError::Invalid(e.to_string()))?
             .clone();
         let job_evaluator = inner.policies.evaluator(
-            self.load_policy(&job.filter, PluginKind::Filter).await?,
-            self.load_policy(&job.template, PluginKind::Template).await?,
+            self.job_policy(job_id, &job.filter, PluginKind::Filter).await?,
+            self.job_policy(job_id, &job.template, PluginKind::Template)
+                .await?,
             LetterInput::new(&letter, &newsletter),
         )?;
         let (record_tx, record_rx) = mpsc::unbounded_channel();
@@ -581,9 +627,20 @@ impl Runner {
         });
         let job_evaluator = Arc::new(job_evaluator);
         let (eval_tx, eval_rx) = mpsc::unbounded_channel();
-        inner
-            .tracker
-            .spawn(evaluator(job_evaluator.clone(), guard.clone(), eval_rx).in_current_span());
+        // Without its evaluator the job could only release every recipient it claims:
+        // a panic there pauses the job with the reason (a resume starts a new one).
+        let evaluating = evaluator(job_evaluator.clone(), guard.clone(), eval_rx);
+        let pause_on_panic = guard.clone();
+        inner.tracker.spawn(
+            async move {
+                if let Err(payload) = AssertUnwindSafe(evaluating).catch_unwind().await {
+                    let why = crate::logging::panic_message(payload.as_ref());
+                    tracing::error!(panic = %why, "the job's policy evaluator crashed: the job pauses");
+                    pause_on_panic.pause(format!("its policy evaluator crashed: {why}"));
+                }
+            }
+            .in_current_span(),
+        );
         let ctx = Arc::new(JobContext {
             job_id,
             recorder: record_tx,
@@ -695,6 +752,8 @@ impl Runner {
                         running.spawn(async move { runner.deliver(&ctx, claimed).await }.instrument(span));
                     in_flight.insert(handle.id(), (subscriber_id, node.clone()));
                 }
+                // A test's injected crash, with deliveries in flight: the worst moment.
+                inner.config.faults.check(crate::faults::Point::JobSupervisor);
                 continue;
             }
             if (!leased || store_waits) && !stopping {
@@ -725,7 +784,7 @@ impl Runner {
             if running.is_empty() {
                 if stopping {
                     return Ok(match pausing {
-                        Some(reason) => JobEnd::PolicyPaused(reason),
+                        Some(reason) => JobEnd::Paused(reason),
                         None => JobEnd::Stopped,
                     });
                 }

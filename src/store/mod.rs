@@ -27,6 +27,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::domain::*;
+use crate::faults::Faults;
 
 pub use self::postgres::PgStore;
 pub use self::redb::RedbStore;
@@ -172,6 +173,10 @@ pub trait Jobs: Send + Sync {
     /// in the same transaction; if it was recorded before, nothing is created and the
     /// earlier job is returned (same request) or the reuse refused (different request).
     async fn create_job(&self, job: Job, idempotency: Option<IdempotencyKey>) -> Result<NewJob, StoreError>;
+
+    /// Forgets at most `limit` idempotency keys recorded before `created_before` (unix
+    /// seconds); returns how many. A later request with such a key makes a new job.
+    async fn prune_idempotency_keys(&self, created_before: u64, limit: usize) -> Result<usize, StoreError>;
 
     async fn job(&self, id: u64) -> Result<Job, StoreError>;
 
@@ -549,8 +554,13 @@ impl Deref for Store {
 impl Store {
     /// Opens (or creates) the database at `location`.
     pub async fn open(location: Location<'_>) -> Result<Store, StoreError> {
+        Store::open_with_faults(location, Faults::default()).await
+    }
+
+    /// `open`, with faults a test may inject (see `crate::faults`).
+    pub async fn open_with_faults(location: Location<'_>, faults: Faults) -> Result<Store, StoreError> {
         match location {
-            Location::Redb(path) => Ok(Store::from_backend(RedbStore::open(path)?)),
+            Location::Redb(path) => Ok(Store::from_backend(RedbStore::open_with_faults(path, faults)?)),
             Location::Postgres(url) => Ok(Store::from_backend(PgStore::open(url).await?)),
         }
     }

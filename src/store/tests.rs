@@ -620,6 +620,34 @@ async fn idempotency_keys_return_the_first_job_or_refuse(store: Store) {
         NewJob::KeyReused
     ));
     assert_eq!(store.list_jobs(None, None, 10).await.unwrap().len(), 1);
+
+    // Keys recorded before a time are pruned, a limited number at a time; a pruned
+    // key makes a new job.
+    let other = |name: &str| {
+        Some(IdempotencyKey {
+            key: name.into(),
+            request_hash: "h".into(),
+        })
+    };
+    store
+        .create_job(job_for(newsletter.id), other("k-2"))
+        .await
+        .unwrap();
+    store
+        .create_job(job_for(newsletter.id), other("k-3"))
+        .await
+        .unwrap();
+    assert_eq!(store.prune_idempotency_keys(now() - 3600, 10).await.unwrap(), 0);
+    assert_eq!(store.prune_idempotency_keys(now() + 2, 2).await.unwrap(), 2);
+    assert_eq!(store.prune_idempotency_keys(now() + 2, 2).await.unwrap(), 1);
+    match store
+        .create_job(job_for(newsletter.id), key("other"))
+        .await
+        .unwrap()
+    {
+        NewJob::Created(job) => assert_ne!(job.id, first.id),
+        other => panic!("a pruned key makes a new job: {other:?}"),
+    }
 }
 
 async fn subscribers_upsert_by_normalised_email(store: Store) {
@@ -1277,10 +1305,7 @@ async fn postgres_a_node_frozen_inside_a_transaction_does_not_hold_up_the_rescue
     );
     // The frozen node's session, as letterbox opens it, stopped inside a transaction
     // that holds its claimed rows.
-    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
+    let (client, _driver) = crate::store::postgres::connect(&url).await.unwrap();
     client
         .batch_execute("SET idle_in_transaction_session_timeout = 3000")
         .await

@@ -6,6 +6,7 @@
 mod api_errors;
 mod auth;
 mod cli;
+mod contained;
 mod crash;
 mod delivery;
 mod e2e;
@@ -14,6 +15,7 @@ mod hardening;
 mod languages;
 mod migrate;
 mod outage;
+mod pg_tls;
 mod policies;
 mod subscribers;
 mod support;

@@ -5,11 +5,11 @@
 //! nobody lost, and no re-send beyond what was in flight.
 
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+use crate::support::disk::{Mount, fill};
 use crate::support::pg::PgCluster;
 use crate::support::process::{Home, Server, spawn_node};
 use crate::support::{Api, SmtpServer};
@@ -190,53 +190,6 @@ async fn a_send_goes_on_by_itself_after_the_database_was_down() {
     assert!(duplicates <= resent, "every duplicate is one of the re-sent");
 }
 
-/// A tmpfs mounted over a directory for the test, unmounted when dropped.
-struct Mount(std::path::PathBuf);
-
-impl Mount {
-    /// `None` (with a note) without root or where mounting is not allowed.
-    fn tmpfs(dir: &Path, size: &str) -> Option<Mount> {
-        let status = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .stderr(std::process::Stdio::null())
-            .status();
-        match status {
-            Ok(s) if s.success() => Some(Mount(dir.to_path_buf())),
-            _ => {
-                eprintln!("skipped: cannot mount a tmpfs (the full-disk test needs root)");
-                None
-            }
-        }
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
-
-/// Writes `path` until the file system is full.
-fn fill(path: &Path) -> u64 {
-    use std::io::Write;
-    let mut file = std::fs::File::create(path).unwrap();
-    let chunk = vec![0xa5u8; 1 << 16];
-    let mut written = 0;
-    while file.write_all(&chunk).is_ok() {
-        written += chunk.len() as u64;
-    }
-    // What is left, a page at a time.
-    while file.write_all(&chunk[..4096]).is_ok() {
-        written += 4096;
-    }
-    let _ = file.sync_all();
-    written
-}
-
 /// The data disk (a small tmpfs) fills in the middle of a send, and is freed again
 /// three seconds later.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -319,8 +272,7 @@ async fn a_send_goes_on_by_itself_after_the_disk_was_full() {
 /// Runs SQL statements on the cluster as its superuser, one at a time (ALTER SYSTEM
 /// refuses to run inside a transaction, which several statements in one go would be).
 async fn admin_sql(url: &str, statements: &[&str]) {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
-    let driver = tokio::spawn(connection);
+    let (client, driver) = letterbox::store::postgres::connect(url).await.unwrap();
     for sql in statements {
         client.simple_query(sql).await.unwrap();
     }

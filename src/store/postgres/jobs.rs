@@ -264,6 +264,21 @@ impl Jobs for PgStore {
         Ok(NewJob::Created(job))
     }
 
+    /// One statement; `SKIP LOCKED` so that nodes pruning at the same time, or a
+    /// request replaying a key, never wait on each other.
+    async fn prune_idempotency_keys(&self, created_before: u64, limit: usize) -> Result<usize, StoreError> {
+        let client = self.client().await?;
+        let pruned = execute(
+            &client,
+            "DELETE FROM idempotency_keys WHERE key IN (
+                 SELECT key FROM idempotency_keys WHERE created_at < $1
+                 LIMIT $2 FOR UPDATE SKIP LOCKED)",
+            &[&sql_int(created_before), &sql_limit(limit)],
+        )
+        .await?;
+        Ok(pruned as usize)
+    }
+
     async fn job(&self, id: u64) -> Result<Job, StoreError> {
         let client = self.client().await?;
         let row = query_opt(

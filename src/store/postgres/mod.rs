@@ -16,6 +16,7 @@ mod jobs;
 mod lists;
 mod plugins;
 mod schema;
+mod tls;
 mod transfer;
 
 use std::sync::Arc;
@@ -23,7 +24,6 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::NoTls;
 use tokio_postgres::types::ToSql;
 
 use super::StoreError;
@@ -121,9 +121,7 @@ impl PgStore {
     /// Connects to `url` (`postgres://user:password@host:port/database`) and brings the
     /// schema up to date. Refuses a database whose schema is newer than this binary.
     pub async fn open(url: &str) -> Result<PgStore, StoreError> {
-        let mut config: tokio_postgres::Config = url
-            .parse()
-            .map_err(|e| StoreError::Db(format!("invalid database URL: {e}")))?;
+        let (mut config, tls) = tls::connect_config(url)?;
         config.connect_timeout(CONNECT_TIMEOUT);
         config.application_name("letterbox");
         // The migrations' `IF NOT EXISTS` make the server send NOTICEs at every start,
@@ -137,7 +135,7 @@ impl PgStore {
         ));
         let manager = Manager::from_config(
             config,
-            NoTls,
+            tls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -268,11 +266,22 @@ pub async fn scratch_database(admin_url: &str) -> Result<String, StoreError> {
         NEXT.fetch_add(1, Ordering::SeqCst),
         getrandom::u32().unwrap_or(0)
     );
-    let (client, connection) = tokio_postgres::connect(admin_url, NoTls).await?;
-    let driver = tokio::spawn(connection);
+    let (client, driver) = connect(admin_url).await?;
     client.simple_query(&format!("CREATE DATABASE {name}")).await?;
     drop(client);
     let _ = driver.await;
     url.set_path(&name);
     Ok(url.to_string())
+}
+
+/// One connection to `url` (its `sslmode` and `sslrootcert` as the nodes read them),
+/// outside the pool, for an administrator's statement in a test or a benchmark. The
+/// connection lives until the client is dropped and the returned task ends.
+pub async fn connect(url: &str) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), StoreError> {
+    let (config, tls) = tls::connect_config(url)?;
+    let (client, connection) = config.connect(tls).await?;
+    let driver = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok((client, driver))
 }

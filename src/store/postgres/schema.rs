@@ -59,8 +59,7 @@ mod tests {
     use crate::store::tests::scratch_url as scratch;
 
     async fn versions(url: &str) -> Vec<i32> {
-        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
-        tokio::spawn(connection);
+        let (client, _driver) = super::super::connect(url).await.unwrap();
         let rows = client
             .query("SELECT version FROM letterbox_schema ORDER BY version", &[])
             .await
@@ -82,10 +81,7 @@ mod tests {
     async fn a_schema_newer_than_this_binary_is_refused() {
         let Some(url) = scratch().await else { return };
         PgStore::open(&url).await.unwrap();
-        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(connection);
+        let (client, _driver) = super::super::connect(&url).await.unwrap();
         client
             .execute(
                 "INSERT INTO letterbox_schema (version) VALUES ($1)",

@@ -137,6 +137,30 @@ impl Jobs for RedbStore {
         .await
     }
 
+    /// The keys are not indexed by time: one pass over the table (one key per job sent
+    /// with one), in the writer like every write.
+    async fn prune_idempotency_keys(&self, created_before: u64, limit: usize) -> Result<usize, StoreError> {
+        self.write(move |txn| {
+            let mut keys = txn.open_table(IDEMPOTENCY_KEYS)?;
+            let mut old = Vec::new();
+            for row in keys.iter()? {
+                let (key, value) = row?;
+                let record: IdempotencyRecord = decode(value.value())?;
+                if record.created_at < created_before {
+                    old.push(key.value().to_string());
+                    if old.len() >= limit {
+                        break;
+                    }
+                }
+            }
+            for key in &old {
+                keys.remove(key.as_str())?;
+            }
+            Ok(old.len())
+        })
+        .await
+    }
+
     async fn job(&self, id: u64) -> Result<Job, StoreError> {
         self.read(move |txn| {
             let table = txn.open_table(JOBS)?;

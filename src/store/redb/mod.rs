@@ -18,6 +18,13 @@
 //! writes that arrive meanwhile hear `Unavailable` at once, and `write_failure` says
 //! what is wrong and since when. Nothing committed is lost; a commit that succeeds
 //! (the small one included) clears the failure.
+//!
+//! **A panic heals the same way.** The writer thread runs its loop under
+//! `catch_unwind`: a panic anywhere in it (an operation's own panic only aborts its
+//! batch) drops the batch unapplied, so every caller waiting on it hears `Unavailable`,
+//! and the loop starts again on the path an I/O error takes (open the database again,
+//! then the small write). The queue outlives the panic, so no caller is left waiting
+//! and later writes carry on. Restarts are counted in `letterbox_store_writer_restarts_total`.
 
 mod jobs;
 mod lists;
@@ -36,6 +43,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{NodeInfo, Rescued, StoreError};
+use crate::faults::Faults;
 
 /// Most operations committed in one transaction. Bounds the latency one commit adds to
 /// the first operation of a batch.
@@ -190,6 +198,11 @@ impl RedbStore {
     /// Opens (or creates) the database file and starts its writer thread. The thread
     /// ends, and the file is closed, when the last `Store` handle is dropped.
     pub fn open(path: &Path) -> Result<RedbStore, StoreError> {
+        RedbStore::open_with_faults(path, Faults::default())
+    }
+
+    /// `open`, with faults a test may inject (see `crate::faults`).
+    pub fn open_with_faults(path: &Path, faults: Faults) -> Result<RedbStore, StoreError> {
         let db = open_database(path)?;
         let shared = Arc::new(Shared {
             path: path.to_path_buf(),
@@ -200,7 +213,7 @@ impl RedbStore {
         let writer_shared = shared.clone();
         let thread = std::thread::Builder::new()
             .name("letterbox-store-writer".into())
-            .spawn(move || writer_loop(writer_shared, rx))
+            .spawn(move || supervise_writer(writer_shared, rx, faults))
             .map_err(|e| StoreError::BatchFailed(format!("cannot start writer thread: {e}")))?;
         Ok(RedbStore {
             inner: Arc::new(Inner {
@@ -253,10 +266,13 @@ impl RedbStore {
         });
         let writer = self.inner.writer.as_ref().ok_or(StoreError::Closed)?;
         writer.send(op).await.map_err(|_| StoreError::Closed)?;
-        // An operation dropped unapplied: the writer cannot write (see `writer_loop`).
+        // An operation dropped unapplied: the writer cannot write (see `writer_loop`),
+        // or it panicked and restarts (`supervise_writer`); `Closed` only once the
+        // writer has ended for good.
         rx.await.map_err(|_| match self.inner.shared.failure() {
             Some((why, _)) => StoreError::Unavailable(why),
-            None => StoreError::Closed,
+            None if writer.is_closed() => StoreError::Closed,
+            None => StoreError::Unavailable("the store's writer restarted during this operation".into()),
         })?
     }
 }
@@ -379,17 +395,43 @@ impl super::Backend for RedbStore {
     }
 }
 
+/// The writer thread: runs `writer_loop`, and starts it again after a panic, on the
+/// path an I/O error takes (see the module docs). Ends when every handle is dropped.
+fn supervise_writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Op>, faults: Faults) {
+    let mut after_panic = false;
+    let mut pause = Duration::from_millis(100);
+    loop {
+        let run = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            writer_loop(&shared, &mut rx, &faults, after_panic)
+        }));
+        match run {
+            Ok(()) => return,
+            Err(payload) => {
+                let why = crate::logging::panic_message(payload.as_ref());
+                metrics::counter!("letterbox_store_writer_restarts_total").increment(1);
+                tracing::error!(panic = %why, ?pause, "the store's writer panicked; it starts again");
+                shared.set_failure(Some(format!("the store's writer panicked ({why}) and restarts")));
+                after_panic = true;
+                // A panic that repeats at once must not spin: the pause grows to 2 s.
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
 /// The writer: group-commits the operations waiting for it, and after an I/O error
-/// opens the database again (see the module docs).
-fn writer_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Op>) {
+/// opens the database again (see the module docs). `after_panic`: the previous run
+/// panicked, so start by recovering as after an I/O error.
+fn writer_loop(shared: &Shared, rx: &mut mpsc::Receiver<Op>, faults: &Faults, after_panic: bool) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let (mut commits, mut operations, mut busy) = (0u64, 0u64, Duration::ZERO);
     // After a write failed for want of the disk: when to try to recover by itself
     // (open the database again if redb refuses it, then a small write), whether anything
     // else is written meanwhile or not: readers and /readyz wait for it too.
-    let mut recover_at: Option<Instant> = None;
+    let mut recover_at: Option<Instant> = after_panic.then(Instant::now);
     // redb refuses everything after an I/O error until it is opened again.
-    let mut needs_reopen = false;
+    let mut needs_reopen = after_panic;
     let mut pause = Duration::from_millis(250);
     loop {
         let first = match recover_at {
@@ -397,7 +439,7 @@ fn writer_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Op>) {
             Some(at) => {
                 let now = Instant::now();
                 if now >= at {
-                    match recover(&shared, needs_reopen) {
+                    match recover(shared, needs_reopen) {
                         Ok(()) => {
                             recover_at = None;
                             needs_reopen = false;
@@ -435,7 +477,7 @@ fn writer_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Op>) {
         }
         if needs_reopen {
             // Until the recovery reopens it, the writes hear the failure at once.
-            fail_batch(&mut batch, &shared);
+            fail_batch(&mut batch, shared);
             continue;
         }
         let db = match shared.db() {
@@ -443,7 +485,7 @@ fn writer_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Op>) {
             Err(_) => {
                 needs_reopen = true;
                 recover_at.get_or_insert_with(Instant::now);
-                fail_batch(&mut batch, &shared);
+                fail_batch(&mut batch, shared);
                 continue;
             }
         };
@@ -458,7 +500,7 @@ fn writer_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Op>) {
                     recover_at.get_or_insert_with(Instant::now);
                 }
                 shared.set_failure(Some(e.to_string()));
-                fail_batch(&mut batch, &shared);
+                fail_batch(&mut batch, shared);
                 continue;
             }
         };
@@ -477,6 +519,7 @@ fn writer_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Op>) {
                 Err(_) => abort = Some("a store operation panicked".into()),
             }
         }
+        faults.check(crate::faults::Point::StoreWriter);
         let outcome = match abort {
             Some(why) => {
                 let _ = txn.abort();

@@ -11,12 +11,24 @@ pub struct PgCluster {
     bin: PathBuf,
     port: u16,
     as_root: bool,
+    /// More `-c name=value` settings for the server.
+    settings: Vec<String>,
 }
 
 impl PgCluster {
     /// A new cluster, started; `None` (with a note) where PostgreSQL is not installed,
     /// unless `LETTERBOX_REQUIRE_POSTGRES` says the run must have it.
     pub fn start() -> Option<PgCluster> {
+        Self::start_with(None)
+    }
+
+    /// A new cluster that speaks TLS (`ssl=on`) with this certificate chain and key
+    /// (PEM), started.
+    pub fn start_tls(cert_pem: &str, key_pem: &str) -> Option<PgCluster> {
+        Self::start_with(Some((cert_pem, key_pem)))
+    }
+
+    fn start_with(tls: Option<(&str, &str)>) -> Option<PgCluster> {
         let bin = std::fs::read_dir("/usr/lib/postgresql")
             .ok()
             .and_then(|dirs| {
@@ -48,17 +60,36 @@ impl PgCluster {
             .local_addr()
             .unwrap()
             .port();
-        let cluster = PgCluster {
+        let mut cluster = PgCluster {
             dir,
             bin,
             port,
             as_root,
+            settings: Vec::new(),
         };
         let data = cluster.data();
         cluster.run(
             "initdb",
             &["-D", &data, "-A", "trust", "-U", "postgres", "--no-sync"],
         );
+        if let Some((cert, key)) = tls {
+            // The server refuses a key others can read; as root, the files go to postgres.
+            for (name, pem) in [("server.crt", cert), ("server.key", key)] {
+                let path = cluster.dir.path().join("data").join(name);
+                std::fs::write(&path, pem).unwrap();
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+                if as_root {
+                    let status = Command::new("chown").arg("postgres").arg(&path).status().unwrap();
+                    assert!(status.success(), "chown postgres {name}");
+                }
+            }
+            cluster.settings = vec![
+                "ssl=on".into(),
+                "ssl_cert_file=server.crt".into(),
+                "ssl_key_file=server.key".into(),
+            ];
+        }
         cluster.start_again();
         Some(cluster)
     }
@@ -91,6 +122,12 @@ impl PgCluster {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
     }
 
+    /// The superuser's URL with `host` for the address (a name the server's
+    /// certificate may or may not hold).
+    pub fn url_via(&self, host: &str, query: &str) -> String {
+        format!("postgres://postgres@{host}:{}/postgres?{query}", self.port)
+    }
+
     /// Stops the server at once (`-m immediate`: what a crash or a lost host looks like
     /// to its clients; it recovers from the WAL when started again).
     pub fn stop(&self) {
@@ -102,11 +139,15 @@ impl PgCluster {
     pub fn start_again(&self) {
         let data = self.data();
         let log = self.dir.path().join("log").display().to_string();
-        let options = format!(
+        let mut options = format!(
             "-h 127.0.0.1 -p {} -k {} -c max_connections=200",
             self.port,
             self.dir.path().display()
         );
+        for setting in &self.settings {
+            options.push_str(" -c ");
+            options.push_str(setting);
+        }
         self.run(
             "pg_ctl",
             &["-D", &data, "-l", &log, "-w", "-o", &options, "start"],

@@ -43,9 +43,14 @@ impl Home {
 /// `letterbox serve` on port 0 over `home`, with the test API token, stdout piped (for
 /// the listen address) and stderr passed through.
 pub fn letterbox_command(home: &Home) -> Command {
+    letterbox_command_on(home, "127.0.0.1:0")
+}
+
+/// `letterbox_command`, listening on `listen`.
+pub fn letterbox_command_on(home: &Home, listen: &str) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_letterbox"));
     command
-        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(["serve", "--listen", listen])
         .arg("--data")
         .arg(home.data.path())
         .env_remove("LETTERBOX_DATABASE_URL");
@@ -119,4 +124,25 @@ pub fn signal(server: &Server, signal: &str) {
         .status()
         .unwrap();
     assert!(status.success(), "kill {signal}");
+}
+
+/// Starts `letterbox serve` with `args`, its stdout and stderr going where the test
+/// says (a pipe, a file), on a free port chosen first: its log may never be read, so
+/// the listen address cannot come from there. Returns once it answers `/healthz`.
+pub async fn spawn_with_output(home: &Home, args: &[&str], stdout: Stdio, stderr: Stdio) -> (Server, Api) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = letterbox_command_on(home, &format!("127.0.0.1:{port}"))
+        .args(args)
+        .env("LETTERBOX_LOG", "info")
+        .stdout(stdout)
+        .stderr(stderr)
+        .spawn()
+        .expect("spawn letterbox");
+    let api = Api::new(format!("http://127.0.0.1:{port}"));
+    api.wait_healthy().await;
+    (Server(child), api)
 }

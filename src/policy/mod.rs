@@ -568,7 +568,7 @@ impl PolicyHost {
         });
         self.compiled
             .lock()
-            .expect("policy cache lock")
+            .unwrap_or_else(|e| e.into_inner())
             .insert(id.to_string(), policy.clone());
         Ok(policy)
     }
@@ -600,7 +600,11 @@ impl PolicyHost {
 
     /// The compiled policy for `id`, if this process has prepared it.
     pub fn cached(&self, id: &str) -> Option<Arc<Policy>> {
-        self.compiled.lock().expect("policy cache lock").get(id).cloned()
+        self.compiled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
     }
 
     /// A store for one instance of a policy whose instances may hold `memory_bytes`.
@@ -757,7 +761,7 @@ impl Evaluator {
     /// The most linear memory a warm filter and a warm template instance hold now (0
     /// before the first evaluation): what one instance of each costs.
     pub fn memory_per_instance(&self) -> (usize, usize) {
-        let idle = self.idle.lock().expect("idle lock");
+        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let most = |live: fn(&Warm) -> &Option<Live>| {
             idle.iter()
                 .filter_map(|w| live(w).as_ref())
@@ -770,9 +774,14 @@ impl Evaluator {
 
     /// Runs `work` with a warm instance pair, given back afterwards.
     fn with_warm<R>(&self, work: impl FnOnce(&Self, &mut Warm) -> R) -> R {
-        let mut warm = self.idle.lock().expect("idle lock").pop().unwrap_or_default();
+        let mut warm = self
+            .idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop()
+            .unwrap_or_default();
         let result = work(self, &mut warm);
-        let mut idle = self.idle.lock().expect("idle lock");
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < self.max_idle {
             idle.push(warm);
         }

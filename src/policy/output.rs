@@ -39,7 +39,7 @@ impl CappedOutput {
     }
 
     fn append(&self, bytes: &[u8]) {
-        let mut captured = self.inner.lock().expect("output lock");
+        let mut captured = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let room = captured.cap.saturating_sub(captured.kept.len());
         let keep = room.min(bytes.len());
         captured.kept.extend_from_slice(&bytes[..keep]);
@@ -49,7 +49,7 @@ impl CappedOutput {
     /// Takes what was written since the last call: the kept text and how many bytes were
     /// dropped beyond the cap.
     pub fn take(&self) -> (String, usize) {
-        let mut captured = self.inner.lock().expect("output lock");
+        let mut captured = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let text = String::from_utf8_lossy(&captured.kept).into_owned();
         captured.kept.clear();
         (text, std::mem::take(&mut captured.dropped))

@@ -188,7 +188,6 @@ impl Runner {
         drop(self.compilation(id, name, kind, Some(bytes)));
     }
 
-    /// The compiled policy `id`, waiting for its compilation (started now if needed).
     /// `load_policy` for a job's supervisor: while the policy compiles, the job shows
     /// what it waits for (`waiting`), instead of `running` with nothing happening.
     pub(super) async fn job_policy(
@@ -230,6 +229,7 @@ impl Runner {
             .cloned()
     }
 
+    /// The compiled policy `id`, waiting for its compilation (started now if needed).
     pub(super) async fn compiled(
         &self,
         id: &str,

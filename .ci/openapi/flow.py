@@ -3,13 +3,12 @@ letterbox's /openapi.json (see run): a newsletter, subscribers, a letter, a send
 the job until it completes and its deliveries. Exits non-zero with the reason if any
 step fails. Usage: flow.py BASE_URL TOKEN (PYTHONPATH holds letterbox_client)."""
 
-import json
 import sys
 import time
 
 from letterbox_client import AuthenticatedClient
-from letterbox_client.api.jobs import show_job
-from letterbox_client.api.letters import create_letter, send
+from letterbox_client.api.jobs import list_deliveries, show_job
+from letterbox_client.api.letters import create_letter, send_letter
 from letterbox_client.api.newsletters import create_newsletter
 from letterbox_client.api.subscribers import add_subscribers
 from letterbox_client.models import CreateLetter, CreateNewsletter, SendRequest
@@ -44,7 +43,7 @@ def main(base, token):
         "create a letter",
     )
     submitted = check(
-        send.sync_detailed(letter.id, client=client, body=SendRequest(concurrency=2)), 202, "send"
+        send_letter.sync_detailed(letter.id, client=client, body=SendRequest(concurrency=2)), 202, "send"
     )
     job_id = submitted.job_id
     deadline = time.time() + 60
@@ -57,14 +56,8 @@ def main(base, token):
         time.sleep(0.2)
     if job.counts.delivered != 5:
         sys.exit(f"expected 5 delivered: {job.to_dict()}")
-    # openapi-python-client 0.29 cannot model a delivery (its state, a oneOf, is
-    # flattened into the row: allOf [oneOf, object]) and drops the 200 response, so
-    # its `deliveries` would read the page as a problem. Asked through the same
-    # client's HTTP session instead, until the schema is one it models.
-    page = client.get_httpx_client().get(f"/v1/jobs/{job_id}/deliveries")
-    if page.status_code != 200:
-        sys.exit(f"deliveries: {page.status_code}: {page.content!r}")
-    items = json.loads(page.content)["items"]
+    page = check(list_deliveries.sync_detailed(job_id, client=client), 200, "read the deliveries")
+    items = [item.to_dict() for item in page.items]
     states = sorted({item["state"] for item in items})
     if len(items) != 5 or states != ["delivered"]:
         sys.exit(f"deliveries: {items}")

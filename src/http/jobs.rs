@@ -167,10 +167,39 @@ struct DeliveryQuery {
     limit: Option<usize>,
 }
 
+/// A delivery as the API writes it: `Delivery` with its state's fields beside `state`.
+/// Documentation only (what is serialised is `Delivery`): the derived schema of the
+/// flattened state is `allOf [oneOf, object]`, which client generators cannot model
+/// (openapi-python-client drops the response). Here the state is a plain enum and the
+/// fields that only some states have are optional.
+#[derive(utoipa::ToSchema)]
+#[schema(as = Delivery)]
+#[allow(dead_code)]
+struct DeliveryRow {
+    job_id: u64,
+    subscriber_id: u64,
+    email: String,
+    /// Attempts made so far (a crash re-send counts as one more).
+    attempts: u32,
+    state: StateKind,
+    /// `sending`: since when (unix seconds).
+    since: Option<u64>,
+    /// `delivered`, `failed`, `cancelled`: when (unix seconds).
+    at: Option<u64>,
+    /// `delivered`: the SMTP server's reply.
+    reply: Option<String>,
+    /// `skipped`, `failed`: why.
+    reason: Option<String>,
+    /// `retrying`: when the next attempt is due (unix milliseconds).
+    next_attempt_at_ms: Option<u64>,
+    /// `retrying`: the last attempt's error.
+    last_error: Option<String>,
+}
+
 /// One page of a job's deliveries (all, or those in one state), in subscriber id order,
 /// with the cursor for the next.
-#[utoipa::path(get, path = "/v1/jobs/{id}/deliveries", tag = "jobs", params(("id" = u64, Path), DeliveryQuery),
-    responses((status = 200, body = Page<Delivery>)))]
+#[utoipa::path(get, operation_id = "list_deliveries", path = "/v1/jobs/{id}/deliveries", tag = "jobs", params(("id" = u64, Path), DeliveryQuery),
+    responses((status = 200, body = Page<DeliveryRow>)))]
 async fn deliveries(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<u64>,
@@ -195,7 +224,7 @@ async fn deliveries(
 /// Progress as Server-Sent Events: a `progress` event with the job (as `GET` shows it)
 /// whenever its state or counts change, and a final `end` event once it is completed,
 /// cancelled or failed.
-#[utoipa::path(get, path = "/v1/jobs/{id}/events", tag = "jobs", params(("id" = u64, Path)),
+#[utoipa::path(get, operation_id = "follow_job", path = "/v1/jobs/{id}/events", tag = "jobs", params(("id" = u64, Path)),
     responses((status = 200, description = "`progress` events, then one `end` event; each carries a JobView", content_type = "text/event-stream")))]
 async fn events(
     State(state): State<AppState>,
@@ -253,28 +282,28 @@ fn job_stream(state: AppState, first: Job) -> impl Stream<Item = Result<Event, I
 }
 
 /// Pauses a job: deliveries in flight finish, no new ones start.
-#[utoipa::path(post, path = "/v1/jobs/{id}/pause", tag = "jobs", params(("id" = u64, Path)), responses((status = 200, body = JobView)))]
+#[utoipa::path(post, operation_id = "pause_job", path = "/v1/jobs/{id}/pause", tag = "jobs", params(("id" = u64, Path)), responses((status = 200, body = JobView)))]
 async fn pause(State(state): State<AppState>, ApiPath(id): ApiPath<u64>) -> Result<Json<JobView>, ApiError> {
     let job = state.runner.pause(id).await?;
     Ok(Json(with_progress(&state, job).await))
 }
 
 /// Resumes a paused job (409 if it is not paused).
-#[utoipa::path(post, path = "/v1/jobs/{id}/resume", tag = "jobs", params(("id" = u64, Path)), responses((status = 200, body = JobView)))]
+#[utoipa::path(post, operation_id = "resume_job", path = "/v1/jobs/{id}/resume", tag = "jobs", params(("id" = u64, Path)), responses((status = 200, body = JobView)))]
 async fn resume(State(state): State<AppState>, ApiPath(id): ApiPath<u64>) -> Result<Json<JobView>, ApiError> {
     let job = state.runner.resume(id).await?;
     Ok(Json(with_progress(&state, job).await))
 }
 
 /// Cancels a job: recipients not yet sent are marked cancelled.
-#[utoipa::path(post, path = "/v1/jobs/{id}/cancel", tag = "jobs", params(("id" = u64, Path)), responses((status = 200, body = JobView)))]
+#[utoipa::path(post, operation_id = "cancel_job", path = "/v1/jobs/{id}/cancel", tag = "jobs", params(("id" = u64, Path)), responses((status = 200, body = JobView)))]
 async fn cancel(State(state): State<AppState>, ApiPath(id): ApiPath<u64>) -> Result<Json<JobView>, ApiError> {
     let job = state.runner.cancel(id).await?;
     Ok(Json(with_progress(&state, job).await))
 }
 
 /// Requeues only the failed recipients; returns the job and how many were requeued.
-#[utoipa::path(post, path = "/v1/jobs/{id}/retry-failed", tag = "jobs", params(("id" = u64, Path)), responses((status = 200, body = JobView)))]
+#[utoipa::path(post, operation_id = "retry_failed_recipients", path = "/v1/jobs/{id}/retry-failed", tag = "jobs", params(("id" = u64, Path)), responses((status = 200, body = JobView)))]
 async fn retry_failed(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<u64>,

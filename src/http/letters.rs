@@ -239,7 +239,7 @@ fn parse_rfc3339(s: &str) -> Option<i64> {
 /// Starts (or schedules) a send job. The body is optional. With an `Idempotency-Key`
 /// header, repeating the same request returns the same job (`Idempotent-Replayed:
 /// true`) instead of sending twice.
-#[utoipa::path(post, path = "/v1/letters/{id}/send", tag = "letters",
+#[utoipa::path(post, operation_id = "send_letter", path = "/v1/letters/{id}/send", tag = "letters",
     params(("id" = u64, Path), ("Idempotency-Key" = Option<String>, Header, description = "Repeat-safe submission: 1 to 255 visible ASCII characters",
         min_length = 1, max_length = 255, pattern = "^[!-~]+$")),
     request_body(content = Option<SendRequest>, description = "Optional"),
@@ -341,7 +341,7 @@ struct PreviewRecipient {
 
 /// Runs the letter's policies for one subscriber (`subscriber_id`) or an inline
 /// `recipient` and shows the decision and the message. Sends nothing.
-#[utoipa::path(post, path = "/v1/letters/{id}/preview", tag = "letters", params(("id" = u64, Path)),
+#[utoipa::path(post, operation_id = "preview_letter", path = "/v1/letters/{id}/preview", tag = "letters", params(("id" = u64, Path)),
     request_body = PreviewFor,
     responses((status = 200, description = "`decision` (send or skip), the policy versions, and the `rendered` parts and whole `message` or the skip `reason`", body = Object)))]
 async fn preview(

@@ -18,7 +18,7 @@
 //! This module owns the process-wide subscriber and the panic hook; it knows nothing of
 //! HTTP or the store.
 
-use std::io::{self, Write};
+use std::io::{self, IsTerminal, Write};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -65,6 +65,9 @@ pub fn init(format: Format, filter: tracing_subscriber::EnvFilter) -> Guard {
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
+        // Colour only for a person at a terminal: escape codes in a file, a pipe or a
+        // log collector are noise (and NO_COLOR turns it off anywhere).
+        .with_ansi(io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         // Its complaint about a failed write is an `eprintln!`: never.
         .log_internal_errors(false);
     let installed = match format {

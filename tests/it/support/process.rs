@@ -60,8 +60,10 @@ pub fn letterbox_command_on(home: &Home, listen: &str) -> Command {
             .env("LETTERBOX_DATABASE_URL", url)
             .env("LETTERBOX_LEASE", "2s");
     }
+    // No NO_COLOR: a pipe is not a terminal, so the server must choose plain lines
+    // by itself (contained.rs checks it).
     command
-        .env("NO_COLOR", "1")
+        .env_remove("NO_COLOR")
         .env("LETTERBOX_API_TOKEN", super::TEST_TOKEN)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());

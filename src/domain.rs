@@ -427,7 +427,7 @@ pub struct PolicyVersion {
 }
 
 /// One recipient's progress through one job.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum DeliveryState {
     Pending,
@@ -517,7 +517,8 @@ impl DeliveryState {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+/// Documented in the API as `http::jobs::DeliveryRow`, a shape client generators model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Delivery {
     pub job_id: u64,
     pub subscriber_id: u64,

@@ -66,8 +66,9 @@ pub fn init(format: Format, filter: tracing_subscriber::EnvFilter) -> Guard {
         .with_env_filter(filter)
         .with_writer(writer)
         // Colour only for a person at a terminal: escape codes in a file, a pipe or a
-        // log collector are noise (and NO_COLOR turns it off anywhere).
-        .with_ansi(io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none())
+        // log collector are noise. This replaces tracing-subscriber's own default, so
+        // it keeps that default's NO_COLOR rule (no-color.org: set and not empty).
+        .with_ansi(io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()))
         // Its complaint about a failed write is an `eprintln!`: never.
         .log_internal_errors(false);
     let installed = match format {

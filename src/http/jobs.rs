@@ -313,3 +313,66 @@ async fn retry_failed(
     out.requeued = Some(requeued);
     Ok(Json(out))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::DeliveryState;
+
+    /// `DeliveryRow` is a hand-written description of what `Delivery` serialises to:
+    /// every state's JSON has only documented keys, with `state` among the enum's
+    /// values, and every required key present.
+    #[test]
+    fn the_documented_delivery_row_matches_what_is_served() {
+        let schema = serde_json::to_value(<DeliveryRow as utoipa::PartialSchema>::schema()).unwrap();
+        let properties = schema["properties"].as_object().expect("properties");
+        let required: Vec<&str> = schema["required"]
+            .as_array()
+            .expect("required")
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        let states = [
+            DeliveryState::Pending,
+            DeliveryState::Sending { since: 1 },
+            DeliveryState::Delivered {
+                at: 1,
+                reply: "250 ok".into(),
+            },
+            DeliveryState::Skipped {
+                reason: "filter".into(),
+            },
+            DeliveryState::Retrying {
+                next_attempt_at_ms: 1,
+                last_error: "421".into(),
+            },
+            DeliveryState::Failed {
+                at: 1,
+                reason: "550".into(),
+            },
+            DeliveryState::Cancelled { at: 1 },
+        ];
+        for state in states {
+            let kind = state.kind();
+            let row = serde_json::to_value(Delivery {
+                job_id: 1,
+                subscriber_id: 2,
+                email: "a@example.com".into(),
+                attempts: 1,
+                state,
+            })
+            .unwrap();
+            let row = row.as_object().unwrap();
+            for key in row.keys() {
+                assert!(
+                    properties.contains_key(key),
+                    "{kind:?}: `{key}` is not documented"
+                );
+            }
+            for key in &required {
+                assert!(row.contains_key(*key), "{kind:?}: required `{key}` is missing");
+            }
+            assert_eq!(row["state"], serde_json::to_value(kind).unwrap());
+        }
+    }
+}

@@ -8,6 +8,7 @@
 pub mod client;
 pub mod config;
 pub mod domain;
+pub mod events;
 pub mod faults;
 pub mod http;
 pub mod import;

@@ -66,7 +66,7 @@ pub struct Report {
 pub fn describe(i: &Inventory) -> String {
     format!(
         "{} newsletters, {} subscribers, {} letters, {} plugins ({} versions), {} jobs, {} deliveries, \
-         {} idempotency keys, {} secrets",
+         {} idempotency keys, {} events, {} secrets",
         i.newsletters,
         i.subscribers,
         i.letters,
@@ -75,6 +75,7 @@ pub fn describe(i: &Inventory) -> String {
         i.jobs,
         i.deliveries,
         i.idempotency_keys,
+        i.events,
         i.secrets
     )
 }

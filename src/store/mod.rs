@@ -15,7 +15,11 @@
 //! - a delivery's state, the index by state, the retry schedule and the job's counts
 //!   change together, in one transaction;
 //! - recipients are moved to `sending` durably before any of their messages is sent
-//!   (`claim`), and only a recipient in `sending` can have an outcome recorded.
+//!   (`claim`), and only a recipient in `sending` can have an outcome recorded;
+//! - a change the event log records (`crate::events`: a subscriber's, a job's state, a
+//!   failed delivery) appends its event in the same transaction, and event ids increase
+//!   in commit order with no gaps (but those pruning leaves), so a reader that resumes
+//!   after the last id it saw misses nothing.
 
 pub mod postgres;
 mod redb;
@@ -27,6 +31,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::domain::*;
+use crate::events::{Event, EventFilter, EventPage, NewEvent};
 use crate::faults::Faults;
 
 pub use self::postgres::PgStore;
@@ -300,6 +305,38 @@ pub trait Plugins: Send + Sync {
     async fn plugin_bytes(&self, id: String) -> Result<Vec<u8>, StoreError>;
 }
 
+/// The event log (see `crate::events`). The operations that make a change append its
+/// event themselves, in their transaction; this trait reads the log, appends the events
+/// a user's application posts, and forgets old ones.
+#[async_trait]
+pub trait Events: Send + Sync {
+    /// Appends events, numbering and timing them; returns them as stored. Every
+    /// subscriber they name must exist (`NotFound`), so an event cannot outlive an
+    /// erasure that ran at the same time.
+    async fn append_events(&self, events: Vec<NewEvent>) -> Result<Vec<Event>, StoreError>;
+
+    /// Up to `limit` events matching `filter` with ids greater than `after`, oldest first,
+    /// and the cursor to go on from. Without a subscriber, a type filter examines at most
+    /// `events::SCAN_WINDOW` ids per call, so a page can be short or empty while `more`
+    /// is true.
+    async fn events_after(
+        &self,
+        filter: EventFilter,
+        after: u64,
+        limit: usize,
+    ) -> Result<EventPage, StoreError>;
+
+    /// Forgets at most `limit` of the oldest events recorded before `before_ms` (unix
+    /// ms); returns how many.
+    async fn prune_events(&self, before_ms: u64, limit: usize) -> Result<usize, StoreError>;
+
+    /// The id of the newest event this process knows to be committed: it moves after
+    /// every commit that appends events here, and (on a shared store) when
+    /// `Backend::refresh_status_epoch` sees that other nodes appended some. Readers
+    /// wait on it instead of polling; they must still read the log to know what is new.
+    fn event_head(&self) -> tokio::sync::watch::Receiver<u64>;
+}
+
 /// A node working on the store, as `nodes` lists it.
 #[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct NodeInfo {
@@ -407,6 +444,7 @@ pub enum Record {
         job_id: u64,
         created_at: u64,
     },
+    Event(Event),
 }
 
 /// How many records of each kind a store holds: what a migration must find the same on
@@ -423,6 +461,7 @@ pub struct Inventory {
     pub jobs: u64,
     pub deliveries: u64,
     pub idempotency_keys: u64,
+    pub events: u64,
     /// The jobs' counts summed: deliveries per state, as the jobs record them.
     pub counts: Counts,
 }
@@ -455,6 +494,7 @@ impl Inventory {
             }
             Record::Delivery(_) => self.deliveries += 1,
             Record::IdempotencyKey { .. } => self.idempotency_keys += 1,
+            Record::Event(_) => self.events += 1,
         }
     }
 }
@@ -495,7 +535,7 @@ pub trait Transfer: Send + Sync {
 
 /// A whole database: every operation, plus what the server needs to run on it.
 #[async_trait]
-pub trait Backend: Lists + Jobs + Plugins + Fleet + Transfer {
+pub trait Backend: Lists + Jobs + Plugins + Fleet + Transfer + Events {
     /// "redb" or "postgres", for logs and metrics.
     fn name(&self) -> &'static str;
 
@@ -517,8 +557,9 @@ pub trait Backend: Lists + Jobs + Plugins + Fleet + Transfer {
     fn status_epoch(&self) -> u64;
 
     /// Makes `status_epoch` move for status changes other nodes made since the last
-    /// call. The fleet's watcher calls it a few times a second; a backend no other
-    /// process writes to has nothing to do.
+    /// call (and `Events::event_head` for the events they appended). The fleet's
+    /// watcher calls it a few times a second; a backend no other process writes to has
+    /// nothing to do.
     async fn refresh_status_epoch(&self) -> Result<(), StoreError> {
         Ok(())
     }

@@ -1260,6 +1260,24 @@ async fn transfer_copies_everything_ids_and_all(store: Store) {
             panic!()
         };
         assert!(new_job.id > keyed.id, "{name}: job id reused");
+        // The log goes on after the copied events.
+        let last_copied = records
+            .iter()
+            .filter_map(|r| match r {
+                Record::Event(e) => Some(e.id),
+                _ => None,
+            })
+            .max()
+            .expect("the changes above made events");
+        let fresh_events = target
+            .events_after(crate::events::EventFilter::default(), last_copied, 10)
+            .await
+            .unwrap();
+        assert_eq!(
+            fresh_events.events.iter().map(|e| e.id).collect::<Vec<_>>(),
+            [last_copied + 1, last_copied + 2],
+            "{name}: the new subscriber's and the new job's events"
+        );
         // A recipient in flight cannot be moved: the source must be rescued first.
         let in_flight = Delivery {
             job_id: new_job.id,
@@ -1391,3 +1409,5 @@ conformance!(
     concurrent_upserts_keep_emails_unique,
     transfer_copies_everything_ids_and_all,
 );
+
+mod events;

@@ -9,8 +9,9 @@ use deadpool_postgres::GenericClient;
 use tokio_postgres::Row;
 
 use super::lists::{SUBSCRIBER_COLUMNS, subscriber};
-use super::{PgStore, commit, domain_int, execute, query, query_opt, sql_int, sql_limit};
+use super::{PgStore, commit, domain_int, events, execute, query, query_opt, sql_int, sql_limit};
 use crate::domain::*;
+use crate::events::{delivery_failed, job_changed};
 use crate::store::{ClaimedRecipient, IdempotencyKey, JobChange, Jobs, NewJob, StoreError, wrong_state};
 
 pub(super) const JOB_COLUMNS: &str =
@@ -260,7 +261,9 @@ impl Jobs for PgStore {
             )
             .await?;
         }
+        let appended = events::append(&tx, job_changed(None, &job)).await?;
         commit(tx).await?;
+        self.published(&appended);
         Ok(NewJob::Created(job))
     }
 
@@ -366,9 +369,12 @@ impl Jobs for PgStore {
         {
             return Err(wrong_state(&job, from));
         }
+        let before = job.clone();
         change(&mut job);
         put_job(&tx, &job).await?;
+        let appended = events::append(&tx, job_changed(Some(&before), &job)).await?;
         commit(tx).await?;
+        self.published(&appended);
         Ok(job)
     }
 
@@ -398,10 +404,13 @@ impl Jobs for PgStore {
         if domain_int(taken[0].get(0)) >= u64::from(max_running.max(1)) {
             return Ok((job, false));
         }
+        let before = job.clone();
         job.state = JobState::Running;
         job.started_at.get_or_insert_with(now);
         put_job(&tx, &job).await?;
+        let appended = events::append(&tx, job_changed(Some(&before), &job)).await?;
         commit(tx).await?;
+        self.published(&appended);
         Ok((job, true))
     }
 
@@ -412,10 +421,13 @@ impl Jobs for PgStore {
         if job.state != JobState::Running || job.counts.open() > 0 {
             return Ok((job, false));
         }
+        let before = job.clone();
         job.state = JobState::Completed;
         job.finished_at = Some(now());
         put_job(&tx, &job).await?;
+        let appended = events::append(&tx, job_changed(Some(&before), &job)).await?;
         commit(tx).await?;
+        self.published(&appended);
         Ok((job, true))
     }
 
@@ -543,7 +555,7 @@ impl Jobs for PgStore {
         let ids: Vec<i64> = outcomes.iter().map(|(id, _)| sql_int(*id)).collect();
         let rows = query(
             &tx,
-            "SELECT subscriber_id, state, attempts, claimed_by FROM deliveries
+            "SELECT subscriber_id, state, attempts, claimed_by, email FROM deliveries
              WHERE job_id = $1 AND subscriber_id = ANY($2) ORDER BY subscriber_id FOR UPDATE",
             &[&sql_int(job_id), &ids],
         )
@@ -561,7 +573,7 @@ impl Jobs for PgStore {
                      and another node took the recipient over"
                 )));
             }
-            current.insert(sid, (state, row.get::<_, i32>(2)));
+            current.insert(sid, (state, row.get::<_, i32>(2), row.get::<_, String>(4)));
         }
         let at = now();
         let (mut sids, mut states, mut attempts, mut dues, mut details) = (
@@ -572,12 +584,14 @@ impl Jobs for PgStore {
             Vec::with_capacity(outcomes.len()),
         );
         let mut delta = Delta::default();
+        let mut failed = Vec::new();
         for (sid, outcome) in outcomes {
-            let Some(&(state, tries)) = current.get(&sid) else {
+            let Some((state, tries, email)) = current.get(&sid) else {
                 return Err(StoreError::Inconsistent(format!(
                     "job {job_id} has no delivery {sid}"
                 )));
             };
+            let (state, tries) = (*state, *tries);
             if state != state_code(StateKind::Sending) {
                 let kind = StateKind::ALL.into_iter().find(|k| state_code(*k) == state);
                 return Err(StoreError::Conflict(format!(
@@ -591,6 +605,9 @@ impl Jobs for PgStore {
                 tries
             };
             let new = outcome.into_state(at);
+            if let DeliveryState::Failed { reason, .. } = &new {
+                failed.push((sid, email.clone(), reason.clone(), tries));
+            }
             delta.moved(StateKind::Sending, new.kind(), 1);
             sids.push(sql_int(sid));
             states.push(state_code(new.kind()));
@@ -609,7 +626,12 @@ impl Jobs for PgStore {
         )
         .await?;
         let job = apply_counts(&tx, job_id, &delta, 0).await?;
+        let failed = failed.into_iter().map(|(sid, email, reason, tries)| {
+            delivery_failed(&job, sid, &email, &reason, u32::try_from(tries).unwrap_or(0))
+        });
+        let appended = events::append(&tx, failed).await?;
         commit(tx).await?;
+        self.published(&appended);
         Ok(job)
     }
 
@@ -684,12 +706,15 @@ impl Jobs for PgStore {
         let mut delta = Delta::default();
         delta.moved(StateKind::Failed, StateKind::Pending, n);
         let mut job = apply_counts(&tx, job_id, &delta, 0).await?;
+        let before = job.clone();
         if n > 0 && job.state == JobState::Completed {
             job.state = JobState::Running;
             job.finished_at = None;
             put_job(&tx, &job).await?;
         }
+        let appended = events::append(&tx, job_changed(Some(&before), &job)).await?;
         commit(tx).await?;
+        self.published(&appended);
         Ok(moved.len() as u64)
     }
 

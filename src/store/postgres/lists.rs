@@ -6,9 +6,10 @@ use serde_json::Value;
 use tokio_postgres::Row;
 
 use super::{
-    PgStore, commit, domain_int, execute, is_unique_violation, query, query_opt, sql_int, sql_limit,
+    PgStore, commit, domain_int, events, execute, is_unique_violation, query, query_opt, sql_int, sql_limit,
 };
 use crate::domain::*;
+use crate::events::{NewEvent, subscriber_changed, subscriber_erased, types};
 use crate::store::{Lists, StoreError, normalise_email};
 
 pub(super) const SUBSCRIBER_COLUMNS: &str = "id, newsletter_id, email, name, attributes, status, created_at";
@@ -136,19 +137,38 @@ impl Lists for PgStore {
             names.push(new.name);
             attributes.push(Value::Object(new.attributes));
         }
-        // One statement for the batch; `xmax = 0` tells a fresh row from an updated one.
-        // WITH ORDINALITY keeps the rows in import order, so ids follow it.
-        let inserted_flags = query(
+        // The rows as they were, locked, so each event says what changed.
+        let before: HashMap<u64, Subscriber> = query(
             &tx,
-            "INSERT INTO subscribers (newsletter_id, email, email_key, name, attributes, status, created_at)
-             SELECT $1, u.email, u.key, u.name, u.attributes, 'active', $6
-             FROM unnest($2::text[], $3::text[], $4::text[], $5::jsonb[]) WITH ORDINALITY
-                  AS u(email, key, name, attributes, n)
-             ORDER BY u.n
-             ON CONFLICT (newsletter_id, email_key) DO UPDATE
-                SET name = coalesce(EXCLUDED.name, subscribers.name),
-                    attributes = subscribers.attributes || EXCLUDED.attributes
-             RETURNING (xmax = 0)",
+            &format!(
+                "SELECT {SUBSCRIBER_COLUMNS} FROM subscribers
+                 WHERE newsletter_id = $1 AND email_key = ANY($2) ORDER BY id FOR UPDATE"
+            ),
+            &[&sql_int(newsletter_id), &keys],
+        )
+        .await?
+        .iter()
+        .map(|r| subscriber(r).map(|s| (s.id, s)))
+        .collect::<Result<_, _>>()?;
+        let total = keys.len() as u64;
+        // One statement for the batch; `xmax = 0` tells a fresh row from an updated one,
+        // and a row the import would not change is not written (nor returned).
+        // WITH ORDINALITY keeps the rows in import order, so ids follow it.
+        let written = query(
+            &tx,
+            &format!(
+                "INSERT INTO subscribers (newsletter_id, email, email_key, name, attributes, status, created_at)
+                 SELECT $1, u.email, u.key, u.name, u.attributes, 'active', $6
+                 FROM unnest($2::text[], $3::text[], $4::text[], $5::jsonb[]) WITH ORDINALITY
+                      AS u(email, key, name, attributes, n)
+                 ORDER BY u.n
+                 ON CONFLICT (newsletter_id, email_key) DO UPDATE
+                    SET name = coalesce(EXCLUDED.name, subscribers.name),
+                        attributes = subscribers.attributes || EXCLUDED.attributes
+                    WHERE subscribers.name IS DISTINCT FROM coalesce(EXCLUDED.name, subscribers.name)
+                       OR subscribers.attributes IS DISTINCT FROM subscribers.attributes || EXCLUDED.attributes
+                 RETURNING {SUBSCRIBER_COLUMNS}, (xmax = 0)"
+            ),
             &[
                 &sql_int(newsletter_id),
                 &emails,
@@ -159,11 +179,32 @@ impl Lists for PgStore {
             ],
         )
         .await?;
+        let mut inserted = 0;
+        let mut changes = Vec::with_capacity(written.len());
+        for row in &written {
+            let after = subscriber(row)?;
+            let fresh: bool = row.get(7);
+            inserted += u64::from(fresh);
+            let change = match (fresh, before.get(&after.id)) {
+                (true, _) => subscriber_changed(None, &after),
+                (false, Some(before)) => subscriber_changed(Some(before), &after),
+                // Inserted by another node after the read above.
+                (false, None) => {
+                    let mut event = NewEvent::new(types::SUBSCRIBER_UPDATED);
+                    event.newsletter_id = Some(after.newsletter_id);
+                    event.subscriber_id = Some(after.id);
+                    event.data.insert("email".into(), after.email.clone().into());
+                    Some(event)
+                }
+            };
+            changes.extend(change);
+        }
+        let appended = events::append(&tx, changes).await?;
         commit(tx).await?;
-        let inserted = inserted_flags.iter().filter(|r| r.get::<_, bool>(0)).count() as u64;
+        self.published(&appended);
         Ok(ImportSummary {
             inserted,
-            updated: inserted_flags.len() as u64 - inserted + folded,
+            updated: total - inserted + folded,
             ..Default::default()
         })
     }
@@ -241,17 +282,27 @@ impl Lists for PgStore {
         let row = query_opt(
             &tx,
             &format!(
-                "UPDATE subscribers SET status = 'unsubscribed' WHERE id = $1 AND newsletter_id = $2
-                 RETURNING {SUBSCRIBER_COLUMNS}"
+                "SELECT {SUBSCRIBER_COLUMNS} FROM subscribers WHERE id = $1 AND newsletter_id = $2 FOR UPDATE"
             ),
             &[&sql_int(id), &sql_int(newsletter_id)],
         )
         .await?
         .ok_or_else(|| StoreError::not_found("subscriber", id))?;
+        let before = subscriber(&row)?;
+        let mut after = before.clone();
+        after.status = SubscriberStatus::Unsubscribed;
+        execute(
+            &tx,
+            "UPDATE subscribers SET status = 'unsubscribed' WHERE id = $1",
+            &[&sql_int(id)],
+        )
+        .await?;
         bump_shared_status_epoch(&tx).await?;
+        let appended = events::append(&tx, subscriber_changed(Some(&before), &after)).await?;
         commit(tx).await?;
         self.bump_status_epoch();
-        subscriber(&row)
+        self.published(&appended);
+        Ok(after)
     }
 
     async fn update_subscriber(&self, id: u64, patch: SubscriberPatch) -> Result<Subscriber, StoreError> {
@@ -265,6 +316,7 @@ impl Lists for PgStore {
         .await?
         .ok_or_else(|| StoreError::not_found("subscriber", id))?;
         let mut subscriber = subscriber(&row)?;
+        let before = subscriber.clone();
         let home = subscriber.newsletter_id;
         // The unique (newsletter, email_key) index refuses a taken email below.
         patch.apply(&mut subscriber);
@@ -297,13 +349,15 @@ impl Lists for PgStore {
             }
             other => other?,
         };
-        bump_shared_status_epoch(&tx).await?;
-        commit(tx).await?;
-        self.bump_status_epoch();
         let Value::Object(attributes) = attributes else {
             unreachable!("made from an object above")
         };
         subscriber.attributes = attributes;
+        bump_shared_status_epoch(&tx).await?;
+        let appended = events::append(&tx, subscriber_changed(Some(&before), &subscriber)).await?;
+        commit(tx).await?;
+        self.bump_status_epoch();
+        self.published(&appended);
         Ok(subscriber)
     }
 
@@ -326,9 +380,12 @@ impl Lists for PgStore {
             &[&sql_int(id), &home, &email],
         )
         .await?;
+        events::scrub_subscriber(&tx, id).await?;
         bump_shared_status_epoch(&tx).await?;
+        let appended = events::append(&tx, [subscriber_erased(domain_int(home), id)]).await?;
         commit(tx).await?;
         self.bump_status_epoch();
+        self.published(&appended);
         Ok(())
     }
 

@@ -11,6 +11,7 @@
 //!   job), so transactions do not deadlock each other;
 //! - schema migrations (`schema.rs`) run at start under an advisory lock.
 
+mod events;
 mod fleet;
 mod jobs;
 mod lists;
@@ -115,6 +116,8 @@ pub struct PgStore {
     status_epoch: Arc<AtomicU64>,
     /// The fleet's count (`fleet_counters`) as last read; -1 before the first read.
     shared_epoch: Arc<AtomicI64>,
+    /// The newest event id this node knows committed (see `Events::event_head`).
+    event_head: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl PgStore {
@@ -151,6 +154,7 @@ impl PgStore {
             pool,
             status_epoch: Default::default(),
             shared_epoch: Arc::new(AtomicI64::new(-1)),
+            event_head: Arc::new(tokio::sync::watch::Sender::new(0)),
         };
         let mut client = store.client().await?;
         schema::migrate(&mut client).await?;
@@ -221,18 +225,26 @@ impl super::Backend for PgStore {
         self.status_epoch.load(Ordering::SeqCst)
     }
 
+    /// One read of both fleet counters: the status epoch and the event head.
     async fn refresh_status_epoch(&self) -> Result<(), StoreError> {
         let client = self.client().await?;
-        let row = query_opt(
+        let rows = query(
             &client,
-            "SELECT value FROM fleet_counters WHERE name = 'status_epoch'",
+            "SELECT name, value FROM fleet_counters WHERE name IN ('status_epoch', 'event_id')",
             &[],
         )
         .await?;
-        let shared: i64 = row.map(|r| r.get(0)).unwrap_or(0);
+        let counter = |name: &str| {
+            rows.iter()
+                .find(|r| r.get::<_, &str>(0) == name)
+                .map(|r| r.get::<_, i64>(1))
+                .unwrap_or(0)
+        };
+        let shared = counter("status_epoch");
         if self.shared_epoch.swap(shared, Ordering::SeqCst) != shared {
             self.bump_status_epoch();
         }
+        self.publish_head(domain_int(counter("event_id")));
         Ok(())
     }
 

@@ -12,6 +12,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (2, include_str!("migrations/0002_fleet.sql")),
     (3, include_str!("migrations/0003_rates.sql")),
     (4, include_str!("migrations/0004_status_epoch.sql")),
+    (5, include_str!("migrations/0005_events.sql")),
 ];
 
 /// The newest schema version this binary knows.

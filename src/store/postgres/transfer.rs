@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 use super::jobs::{JOB_COLUMNS, delivery, due_ms, job, put_job, state_code};
 use super::lists::{SUBSCRIBER_COLUMNS, newsletter, subscriber};
 use super::plugins::{plugin, version};
-use super::{PgStore, commit, domain_int, execute, query, sql_int};
+use super::{PgStore, commit, domain_int, events, execute, query, sql_int};
 use crate::domain::*;
 use crate::store::{Inventory, Record, StoreError, Transfer, normalise_email, refuse_in_flight};
 
@@ -161,6 +161,25 @@ impl Transfer for PgStore {
             })
             .collect();
         send(&out, keys).await?;
+        let mut after_event = 0i64;
+        loop {
+            let rows = query(
+                &tx,
+                &format!(
+                    "SELECT {} FROM events WHERE id > $1 ORDER BY id LIMIT $2",
+                    events::COLUMNS
+                ),
+                &[&after_event, &PAGE],
+            )
+            .await?;
+            let Some(last) = rows.last() else { break };
+            after_event = last.get(0);
+            let chunk = rows
+                .iter()
+                .map(|r| events::event(r).map(Record::Event))
+                .collect::<Result<_, _>>()?;
+            send(&out, chunk).await?;
+        }
         tx.commit().await?;
         Ok(())
     }
@@ -173,10 +192,13 @@ impl Transfer for PgStore {
         // Subscribers and deliveries, the many, go in batches of one statement.
         let mut subscribers: Vec<Subscriber> = Vec::new();
         let mut deliveries: Vec<Delivery> = Vec::new();
+        let mut log = Vec::new();
         for record in records {
             match record {
                 Record::Subscriber(s) => subscribers.push(s),
                 Record::Delivery(d) => deliveries.push(d),
+                // Events refer to nothing that must be written before them.
+                Record::Event(e) => log.push(e),
                 other => {
                     // Keep the order: what a record refers to was written before it.
                     flush_subscribers(&tx, &mut subscribers).await?;
@@ -187,6 +209,16 @@ impl Transfer for PgStore {
         }
         flush_subscribers(&tx, &mut subscribers).await?;
         flush_deliveries(&tx, &mut deliveries).await?;
+        if !log.is_empty() {
+            events::insert(&tx, &log).await?;
+            execute(
+                &tx,
+                "UPDATE fleet_counters SET value = greatest(value, (SELECT max(id) FROM events))
+                 WHERE name = 'event_id'",
+                &[],
+            )
+            .await?;
+        }
         // New ids continue after the imported ones.
         for table in ["newsletters", "subscribers", "letters", "jobs"] {
             query(
@@ -210,6 +242,7 @@ impl Transfer for PgStore {
                     (SELECT count(*) FROM plugin_blobs), (SELECT count(*) FROM plugin_versions),
                     (SELECT count(*) FROM plugin_names), (SELECT count(*) FROM jobs),
                     (SELECT count(*) FROM deliveries), (SELECT count(*) FROM idempotency_keys),
+                    (SELECT count(*) FROM events),
                     coalesce(sum(pending), 0)::bigint, coalesce(sum(sending), 0)::bigint,
                     coalesce(sum(delivered), 0)::bigint, coalesce(sum(skipped), 0)::bigint,
                     coalesce(sum(retrying), 0)::bigint, coalesce(sum(failed), 0)::bigint,
@@ -231,14 +264,15 @@ impl Transfer for PgStore {
             jobs: n(7),
             deliveries: n(8),
             idempotency_keys: n(9),
+            events: n(10),
             counts: Counts {
-                pending: n(10),
-                sending: n(11),
-                delivered: n(12),
-                skipped: n(13),
-                retrying: n(14),
-                failed: n(15),
-                cancelled: n(16),
+                pending: n(11),
+                sending: n(12),
+                delivered: n(13),
+                skipped: n(14),
+                retrying: n(15),
+                failed: n(16),
+                cancelled: n(17),
             },
         })
     }
@@ -338,6 +372,7 @@ async fn import_one(tx: &deadpool_postgres::Transaction<'_>, record: Record) -> 
         // `import` batches these; one alone is a batch of one.
         Record::Subscriber(s) => flush_subscribers(tx, &mut vec![s]).await?,
         Record::Delivery(d) => flush_deliveries(tx, &mut vec![d]).await?,
+        Record::Event(e) => events::insert(tx, &[e]).await?,
     }
     Ok(())
 }

@@ -6,8 +6,9 @@ use redb::{ReadableTable, Table, WriteTransaction};
 
 use super::lists::next_id;
 use super::tables::*;
-use super::{RedbStore, decode, encode};
+use super::{RedbStore, decode, encode, events};
 use crate::domain::*;
+use crate::events::job_changed;
 use crate::store::{ClaimedRecipient, IdempotencyKey, JobChange, Jobs, NewJob, StoreError, wrong_state};
 
 pub(super) fn job_in(txn: &WriteTransaction, id: u64) -> Result<Job, StoreError> {
@@ -123,6 +124,7 @@ impl Jobs for RedbStore {
             }
             job.id = next_id(txn, "job")?;
             put_job(txn, &job)?;
+            events::append(txn, job_changed(None, &job))?;
             if let Some(key) = idempotency {
                 let record = IdempotencyRecord {
                     request_hash: key.request_hash,
@@ -244,8 +246,10 @@ impl Jobs for RedbStore {
             {
                 return Err(wrong_state(&job, from));
             }
+            let before = job.clone();
             change(&mut job);
             put_job(txn, &job)?;
+            events::append(txn, job_changed(Some(&before), &job))?;
             Ok(job)
         })
         .await
@@ -345,13 +349,25 @@ impl Jobs for RedbStore {
                 rows.push((delivery, outcome));
             }
             let at = now();
+            let mut failed = Vec::new();
             for (mut delivery, outcome) in rows {
                 if matches!(outcome, Outcome::Released) {
                     delivery.attempts = delivery.attempts.saturating_sub(1);
                 }
                 t.set_state(&mut job, &mut delivery, outcome.into_state(at))?;
+                if let DeliveryState::Failed { reason, .. } = &delivery.state {
+                    failed.push(crate::events::delivery_failed(
+                        &job,
+                        delivery.subscriber_id,
+                        &delivery.email,
+                        reason,
+                        delivery.attempts,
+                    ));
+                }
             }
+            drop(t);
             put_job(txn, &job)?;
+            events::append(txn, failed)?;
             Ok(job)
         })
         .await
@@ -406,11 +422,14 @@ impl Jobs for RedbStore {
                 delivery.attempts = 0;
                 t.set_state(&mut job, &mut delivery, DeliveryState::Pending)?;
             }
+            let before = job.clone();
             if !ids.is_empty() && job.state == JobState::Completed {
                 job.state = JobState::Running;
                 job.finished_at = None;
             }
+            drop(t);
             put_job(txn, &job)?;
+            events::append(txn, job_changed(Some(&before), &job))?;
             Ok(ids.len() as u64)
         })
         .await
@@ -438,9 +457,11 @@ impl Jobs for RedbStore {
             if running + queued_before >= u64::from(max_running.max(1)) {
                 return Ok((job, false));
             }
+            let before = job.clone();
             job.state = JobState::Running;
             job.started_at.get_or_insert_with(now);
             put_job(txn, &job)?;
+            events::append(txn, job_changed(Some(&before), &job))?;
             Ok((job, true))
         })
         .await
@@ -452,9 +473,11 @@ impl Jobs for RedbStore {
             if job.state != JobState::Running || job.counts.open() > 0 {
                 return Ok((job, false));
             }
+            let before = job.clone();
             job.state = JobState::Completed;
             job.finished_at = Some(now());
             put_job(txn, &job)?;
+            events::append(txn, job_changed(Some(&before), &job))?;
             Ok((job, true))
         })
         .await

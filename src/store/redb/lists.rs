@@ -5,8 +5,9 @@
 use redb::{ReadableTable, WriteTransaction};
 
 use super::tables::*;
-use super::{RedbStore, decode, encode};
+use super::{RedbStore, decode, encode, events};
 use crate::domain::*;
+use crate::events::subscriber_changed;
 use crate::store::{Lists, StoreError, normalise_email};
 
 pub(super) fn next_id(txn: &WriteTransaction, sequence: &str) -> Result<u64, StoreError> {
@@ -108,6 +109,7 @@ impl Lists for RedbStore {
             let mut sequences = txn.open_table(SEQUENCES)?;
             let mut last_id = sequences.get("subscriber")?.map(|v| v.value()).unwrap_or(0);
             let created_at = now();
+            let mut changes = Vec::new();
             for new in subscribers {
                 let key = normalise_email(&new.email);
                 let existing = emails.get((newsletter_id, key.as_str()))?.map(|v| v.value());
@@ -116,12 +118,18 @@ impl Lists for RedbStore {
                         let row = rows.get((newsletter_id, id))?.ok_or_else(|| {
                             StoreError::Inconsistent(format!("email index names missing subscriber {id}"))
                         })?;
-                        let mut old: Subscriber = decode(row.value())?;
+                        let before: Subscriber = decode(row.value())?;
                         drop(row);
-                        old.name = new.name.or(old.name);
-                        old.attributes.extend(new.attributes);
+                        let mut after = before.clone();
+                        after.name = new.name.or(after.name);
+                        after.attributes.extend(new.attributes);
                         summary.updated += 1;
-                        old
+                        if after == before {
+                            // Importing the same list again writes nothing.
+                            continue;
+                        }
+                        changes.extend(subscriber_changed(Some(&before), &after));
+                        after
                     }
                     None => {
                         last_id += 1;
@@ -129,7 +137,7 @@ impl Lists for RedbStore {
                         emails.insert((newsletter_id, key.as_str()), id)?;
                         homes.insert(id, newsletter_id)?;
                         summary.inserted += 1;
-                        Subscriber {
+                        let subscriber = Subscriber {
                             id,
                             newsletter_id,
                             email: new.email,
@@ -137,12 +145,16 @@ impl Lists for RedbStore {
                             attributes: new.attributes,
                             status: SubscriberStatus::Active,
                             created_at,
-                        }
+                        };
+                        changes.extend(subscriber_changed(None, &subscriber));
+                        subscriber
                     }
                 };
                 rows.insert((newsletter_id, subscriber.id), encode(&subscriber).as_slice())?;
             }
             sequences.insert("subscriber", last_id)?;
+            drop((emails, rows, homes, sequences));
+            events::append(txn, changes)?;
             Ok(summary)
         })
         .await
@@ -191,10 +203,13 @@ impl Lists for RedbStore {
                 let row = table
                     .get((newsletter_id, id))?
                     .ok_or_else(|| StoreError::not_found("subscriber", id))?;
-                let mut subscriber: Subscriber = decode(row.value())?;
+                let before: Subscriber = decode(row.value())?;
                 drop(row);
+                let mut subscriber = before.clone();
                 subscriber.status = SubscriberStatus::Unsubscribed;
                 table.insert((newsletter_id, id), encode(&subscriber).as_slice())?;
+                drop(table);
+                events::append(txn, subscriber_changed(Some(&before), &subscriber))?;
                 Ok(subscriber)
             })
             .await;
@@ -239,6 +254,7 @@ impl Lists for RedbStore {
         let result = self
             .write(move |txn| {
                 let (home, mut subscriber) = subscriber_in(txn, id)?;
+                let before = subscriber.clone();
                 if let Some(email) = &patch.email {
                     let (old_key, new_key) = (normalise_email(&subscriber.email), normalise_email(email));
                     if old_key != new_key {
@@ -255,6 +271,7 @@ impl Lists for RedbStore {
                 patch.apply(&mut subscriber);
                 txn.open_table(SUBSCRIBERS)?
                     .insert((home, id), encode(&subscriber).as_slice())?;
+                events::append(txn, subscriber_changed(Some(&before), &subscriber))?;
                 Ok(subscriber)
             })
             .await;
@@ -299,6 +316,9 @@ impl Lists for RedbStore {
                     let erased = String::from_utf8_lossy(&erased).replace(&subscriber.email, "[erased]");
                     deliveries.insert((job_id, id), erased.as_bytes())?;
                 }
+                drop(deliveries);
+                events::scrub_subscriber(txn, id)?;
+                events::append(txn, [crate::events::subscriber_erased(home, id)])?;
                 Ok(())
             })
             .await;

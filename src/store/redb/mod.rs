@@ -26,6 +26,7 @@
 //! then the small write). The queue outlives the panic, so no caller is left waiting
 //! and later writes carry on. Restarts are counted in `letterbox_store_writer_restarts_total`.
 
+mod events;
 mod jobs;
 mod lists;
 mod plugins;
@@ -105,6 +106,8 @@ struct Shared {
     db: RwLock<Option<Arc<Database>>>,
     /// Why writes fail, and since when (unix seconds); `None` while commits succeed.
     failure: Mutex<Option<(String, u64)>>,
+    /// The newest committed event id, published by the writer after each commit.
+    event_head: tokio::sync::watch::Sender<u64>,
 }
 
 impl Shared {
@@ -188,6 +191,8 @@ fn open_database(path: &Path) -> Result<Database, StoreError> {
         txn.open_table(RETRY_SCHEDULE)?;
         txn.open_table(IDEMPOTENCY_KEYS)?;
         txn.open_table(SECRETS)?;
+        txn.open_table(EVENTS)?;
+        txn.open_table(EVENTS_BY_SUBSCRIBER)?;
     }
     lists::backfill_subscriber_homes(&txn)?;
     txn.commit()?;
@@ -204,10 +209,12 @@ impl RedbStore {
     /// `open`, with faults a test may inject (see `crate::faults`).
     pub fn open_with_faults(path: &Path, faults: Faults) -> Result<RedbStore, StoreError> {
         let db = open_database(path)?;
+        let head = events::head(&db.begin_read()?.open_table(tables::SEQUENCES)?)?;
         let shared = Arc::new(Shared {
             path: path.to_path_buf(),
             db: RwLock::new(Some(Arc::new(db))),
             failure: Mutex::new(None),
+            event_head: tokio::sync::watch::Sender::new(head),
         });
         let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
         let writer_shared = shared.clone();
@@ -520,6 +527,11 @@ fn writer_loop(shared: &Shared, rx: &mut mpsc::Receiver<Op>, faults: &Faults, af
             }
         }
         faults.check(crate::faults::Point::StoreWriter);
+        // The event head as this transaction leaves it, published once it commits.
+        let event_head = match txn.open_table(tables::SEQUENCES) {
+            Ok(sequences) => events::head(&sequences).ok(),
+            Err(_) => None,
+        };
         let outcome = match abort {
             Some(why) => {
                 let _ = txn.abort();
@@ -538,6 +550,13 @@ fn writer_loop(shared: &Shared, rx: &mut mpsc::Receiver<Op>, faults: &Faults, af
         };
         drop(db);
         if outcome.is_ok() {
+            if let Some(head) = event_head {
+                shared.event_head.send_if_modified(|h| {
+                    let moved = head > *h;
+                    *h = (*h).max(head);
+                    moved
+                });
+            }
             shared.set_failure(None);
             recover_at = None;
             pause = Duration::from_millis(250);

@@ -56,3 +56,12 @@ pub const IDEMPOTENCY_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new(
 
 /// Secret name → its bytes (see `Backend::secret`).
 pub const SECRETS: TableDefinition<&str, &[u8]> = TableDefinition::new("secrets");
+
+/// Event id → `events::Event`: the event log, in commit order (ids come from the
+/// `event` sequence inside the writer's transaction, and there is one writer).
+pub const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+
+/// (subscriber id, event id) for every event that names a subscriber: one subscriber's
+/// history, and what an erasure must scrub, without a walk over the log.
+pub const EVENTS_BY_SUBSCRIBER: TableDefinition<(u64, u64), ()> =
+    TableDefinition::new("events_by_subscriber");

@@ -104,6 +104,9 @@ impl Transfer for RedbStore {
                     created_at: record.created_at,
                 })?;
             }
+            for row in txn.open_table(EVENTS)?.iter()? {
+                chunks.push(Record::Event(decode(row?.1.value())?))?;
+            }
             chunks.flush()
         })
         .await
@@ -129,8 +132,16 @@ impl Transfer for RedbStore {
             let mut states = txn.open_table(DELIVERY_STATES)?;
             let mut retries = txn.open_table(RETRY_SCHEDULE)?;
             let mut keys = txn.open_table(IDEMPOTENCY_KEYS)?;
+            let mut events = txn.open_table(EVENTS)?;
+            let mut events_by_subscriber = txn.open_table(EVENTS_BY_SUBSCRIBER)?;
             // The highest id of each sequence in these records.
-            let mut last = [("newsletter", 0u64), ("subscriber", 0), ("letter", 0), ("job", 0)];
+            let mut last = [
+                ("newsletter", 0u64),
+                ("subscriber", 0),
+                ("letter", 0),
+                ("job", 0),
+                ("event", 0),
+            ];
             for record in records {
                 match record {
                     Record::Secret { name, value } => {
@@ -189,6 +200,13 @@ impl Transfer for RedbStore {
                         };
                         keys.insert(key.as_str(), encode(&record).as_slice())?;
                     }
+                    Record::Event(e) => {
+                        last[4].1 = last[4].1.max(e.id);
+                        if let Some(sid) = e.subscriber_id {
+                            events_by_subscriber.insert((sid, e.id), ())?;
+                        }
+                        events.insert(e.id, encode(&e).as_slice())?;
+                    }
                 }
             }
             let mut sequences = txn.open_table(SEQUENCES)?;
@@ -216,6 +234,7 @@ impl Transfer for RedbStore {
                 jobs: 0,
                 deliveries: txn.open_table(DELIVERIES)?.len()?,
                 idempotency_keys: txn.open_table(IDEMPOTENCY_KEYS)?.len()?,
+                events: txn.open_table(EVENTS)?.len()?,
                 counts: Counts::default(),
             };
             for row in txn.open_table(JOBS)?.iter()? {

@@ -50,6 +50,8 @@ pub struct Config {
     pub request_timeout: Duration,
     /// How long a send's idempotency key is kept; older ones are pruned.
     pub idempotency_ttl: Duration,
+    /// How long the event log keeps an event; older ones are pruned.
+    pub event_retention: Duration,
     /// Base URL the public `/u/{token}` links use; defaults to `http://` + the listen
     /// address.
     pub public_url: Option<String>,
@@ -80,6 +82,7 @@ impl Config {
             drain_timeout: Duration::from_secs(30),
             request_timeout: Duration::from_secs(30),
             idempotency_ttl: Duration::from_secs(24 * 3600),
+            event_retention: Duration::from_secs(90 * 24 * 3600),
             public_url: None,
             policy_limits: PolicyLimits::default(),
             policy_failures: FailureLimit::default(),
@@ -116,6 +119,7 @@ impl std::fmt::Debug for Config {
             .field("drain_timeout", &self.drain_timeout)
             .field("request_timeout", &self.request_timeout)
             .field("idempotency_ttl", &self.idempotency_ttl)
+            .field("event_retention", &self.event_retention)
             .field("public_url", &self.public_url)
             .field("policy_limits", &self.policy_limits)
             .field("policy_failures", &self.policy_failures)

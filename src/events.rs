@@ -243,6 +243,8 @@ pub struct EventPage {
     pub next: u64,
     /// Whether the log holds events past `next` (which may or may not match).
     pub more: bool,
+    /// The newest event's id as the read saw it.
+    pub head: u64,
 }
 
 impl EventPage {
@@ -258,6 +260,7 @@ impl EventPage {
             events,
             next,
             more: next < head,
+            head,
         }
     }
 }

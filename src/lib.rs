@@ -133,6 +133,7 @@ pub async fn run(
             public_url,
             lease: config.lease,
             idempotency_ttl: config.idempotency_ttl,
+            event_retention: config.event_retention,
             faults: config.faults.clone(),
         },
         unsubscribe,
@@ -169,12 +170,13 @@ pub async fn run(
 
     tracing::info!("listening on http://{local_addr}");
     let app = http::router(http::AppState {
-        store,
+        store: store.clone(),
         runner: runner.clone(),
         api_token,
         public_metrics: config.public_metrics,
         request_timeout: config.request_timeout,
         faults: config.faults.clone(),
+        stopping: stop.clone(),
     });
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(stop.clone().cancelled_owned())
@@ -182,6 +184,14 @@ pub async fn run(
     // Whether the server ended by request or by error, let deliveries finish cleanly.
     tracing::info!("shutting down: draining in-flight deliveries");
     runner.shutdown(config.drain_timeout).await;
+    drop(runner);
+    // A connection's task lets go of its handles a moment after the server stopped
+    // waiting for it; the database is closed (a redb file unlocked, the pool's
+    // connections ended) when the last handle goes, and the caller may open it again
+    // as soon as this returns.
+    if !store.released(std::time::Duration::from_secs(5)).await {
+        tracing::warn!("the store is still in use after the shutdown; it closes when the last user ends");
+    }
     tracing::info!("stopped");
     served.map_err(Error::Serve)
 }

@@ -241,6 +241,10 @@ struct ServeArgs {
     /// same job; older keys are pruned in the background [default: 24h].
     #[arg(long, env = "LETTERBOX_IDEMPOTENCY_TTL")]
     idempotency_ttl: Option<String>,
+    /// How long the event log keeps an event; older ones are pruned in the background
+    /// [default: 90d].
+    #[arg(long, env = "LETTERBOX_EVENT_RETENTION")]
+    event_retention: Option<String>,
     /// How long a request may take before it is answered 503 (its work still finishes).
     /// CSV imports, which last as long as their upload, and event streams are exempt
     /// [default: 30s].
@@ -306,6 +310,7 @@ impl ServeArgs {
             ("retry.cap", self.retry_cap),
             ("drain_timeout", self.drain_timeout),
             ("idempotency_ttl", self.idempotency_ttl),
+            ("event_retention", self.event_retention),
             ("request_timeout", self.request_timeout),
             ("policy.timeout_ms", self.policy_timeout_ms.map(|n| n.to_string())),
             ("policy.memory_mib", self.policy_memory_mib.map(|n| n.to_string())),

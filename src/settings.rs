@@ -46,6 +46,7 @@ struct File {
     request_timeout: String,
     drain_timeout: String,
     idempotency_ttl: String,
+    event_retention: String,
     delivery: Delivery,
     retry: Retry,
     policy: Policy,
@@ -134,6 +135,7 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("request_timeout", "30s"),
     ("drain_timeout", "30s"),
     ("idempotency_ttl", "24h"),
+    ("event_retention", "90d"),
     ("delivery.concurrency", "16"),
     ("delivery.max_deliveries", "512"),
     ("delivery.max_running_jobs", "4"),
@@ -324,6 +326,7 @@ fn resolve(
     config.request_timeout = positive_duration("request_timeout", &file.request_timeout)?;
     config.drain_timeout = duration("drain_timeout", &file.drain_timeout)?;
     config.idempotency_ttl = positive_duration("idempotency_ttl", &file.idempotency_ttl)?;
+    config.event_retention = positive_duration("event_retention", &file.event_retention)?;
 
     let d = &file.delivery;
     config.concurrency = in_range(

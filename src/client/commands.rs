@@ -42,6 +42,26 @@ pub enum Command {
     /// One job: show, follow, pause, resume, cancel, retry-failed.
     #[command(subcommand)]
     Job(JobCommand),
+    /// The event log, oldest first: what happened to subscribers, jobs and deliveries,
+    /// and your own events. `--follow` goes on printing events as they are recorded.
+    Events {
+        /// Keep printing new events until interrupted (reconnects after a restart).
+        #[arg(long, short)]
+        follow: bool,
+        /// Only these types, comma-separated: `job.completed`, `subscriber.*`,
+        /// `custom.*`, ...
+        #[arg(long = "type")]
+        types: Option<String>,
+        /// Only this subscriber's events: an id or an email.
+        #[arg(long)]
+        subscriber: Option<String>,
+        /// Events after this id [default: the newest `--last`].
+        #[arg(long)]
+        after: Option<u64>,
+        /// Without --after, start this many events back from the newest.
+        #[arg(long, default_value_t = 20)]
+        last: u64,
+    },
     /// The live nodes working on the server's store (one with redb; a fleet's nodes on
     /// PostgreSQL): id, address, version, heartbeat age, recipients claimed.
     Nodes,
@@ -440,6 +460,22 @@ pub async fn run(target: Target, command: Command) -> Result<(), ClientError> {
                 }
                 out
             });
+        }
+        Command::Events {
+            follow,
+            types,
+            subscriber,
+            after,
+            last,
+        } => {
+            let query = super::log::Query {
+                types,
+                subscriber,
+                after,
+                last,
+                follow,
+            };
+            super::log::run(&client, query).await?;
         }
         Command::Nodes => {
             let nodes = client.get("/v1/nodes").await?;

@@ -19,6 +19,8 @@ const RECONNECT_FOR: Duration = Duration::from_secs(120);
 pub(super) struct Event {
     pub name: String,
     pub data: String,
+    /// The `id` field, when the event has one.
+    pub id: Option<String>,
 }
 
 /// Splits a Server-Sent Events byte stream into events. Keeps what is not yet a whole
@@ -36,6 +38,7 @@ impl Parser {
             let block: Vec<u8> = self.buffer.drain(..end.1).collect();
             let text = String::from_utf8_lossy(&block[..end.0]);
             let mut name = String::from("message");
+            let mut id = None;
             let mut data: Vec<&str> = Vec::new();
             for line in text.lines() {
                 let (field, value) = line.split_once(':').unwrap_or((line, ""));
@@ -43,6 +46,7 @@ impl Parser {
                 match field {
                     "event" => name = value.to_string(),
                     "data" => data.push(value),
+                    "id" => id = Some(value.to_string()),
                     _ => {}
                 }
             }
@@ -50,6 +54,7 @@ impl Parser {
                 events.push(Event {
                     name,
                     data: data.join("\n"),
+                    id,
                 });
             }
         }
@@ -187,17 +192,19 @@ mod tests {
     fn events_split_across_chunks_and_keep_alives_are_skipped() {
         let mut parser = Parser::default();
         assert!(parser.push(b"event: progress\ndata: {\"a\"").is_empty());
-        let events = parser.push(b":1}\n\n:\n\nevent: end\r\ndata: 2\r\ndata: 3\r\n\r\nevent: x");
+        let events = parser.push(b":1}\n\n:\n\nevent: end\r\nid: 7\r\ndata: 2\r\ndata: 3\r\n\r\nevent: x");
         assert_eq!(
             events,
             vec![
                 Event {
                     name: "progress".into(),
-                    data: "{\"a\":1}".into()
+                    data: "{\"a\":1}".into(),
+                    id: None,
                 },
                 Event {
                     name: "end".into(),
-                    data: "2\n3".into()
+                    data: "2\n3".into(),
+                    id: Some("7".into()),
                 },
             ]
         );

@@ -6,6 +6,7 @@
 
 mod commands;
 mod events;
+mod log;
 
 use std::time::Duration;
 

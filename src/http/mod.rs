@@ -3,6 +3,7 @@
 
 mod auth;
 mod error;
+mod events;
 mod jobs;
 mod letters;
 mod metrics;
@@ -44,6 +45,9 @@ pub struct AppState {
     pub request_timeout: std::time::Duration,
     /// Panics a test injects into requests (see `crate::faults`).
     pub faults: crate::faults::Faults,
+    /// Cancelled when the server starts to stop: responses that go on (event
+    /// streams) end, so the graceful shutdown does not wait for them.
+    pub stopping: tokio_util::sync::CancellationToken,
 }
 
 /// The routes, and the OpenAPI document that describes them (served at `/openapi.json`).
@@ -96,6 +100,7 @@ fn routes_and_document(state: &AppState) -> (Router<AppState>, utoipa::openapi::
         .merge(letters::router())
         .merge(plugins::router(state.runner.policy_limits().max_upload_bytes))
         .merge(jobs::router())
+        .merge(events::router())
         .merge(nodes::router())
         .route_layer(axum::middleware::from_fn_with_state(
             state.faults.clone(),

@@ -1,7 +1,7 @@
 //! Housekeeping: what the store keeps only for a while, pruned in the background in
 //! small batches, so that a prune never holds the store (redb's single writer, a
-//! PostgreSQL row lock) long enough to stall a send. Today: idempotency keys older than
-//! `--idempotency-ttl`.
+//! PostgreSQL row lock) long enough to stall a send: idempotency keys older than
+//! `--idempotency-ttl`, events older than `--event-retention`.
 //!
 //! Every node prunes (there is no leader); the deletes are idempotent, and on
 //! PostgreSQL they skip rows another node is deleting. A failing store is tried again
@@ -23,6 +23,7 @@ impl Runner {
         let stop = self.inner.fleet_stop.clone();
         loop {
             self.prune_idempotency_keys().await;
+            self.prune_events().await;
             tokio::select! {
                 _ = tokio::time::sleep(EVERY) => {}
                 _ = stop.cancelled() => return,
@@ -52,6 +53,32 @@ impl Runner {
         }
         if pruned > 0 {
             tracing::info!(pruned, "forgot idempotency keys older than the TTL");
+        }
+    }
+
+    async fn prune_events(&self) {
+        let retention = u64::try_from(self.inner.config.event_retention.as_millis()).unwrap_or(u64::MAX);
+        let before = crate::domain::now_ms().saturating_sub(retention);
+        let mut pruned = 0;
+        loop {
+            match self.inner.store.prune_events(before, BATCH).await {
+                Ok(n) => {
+                    pruned += n;
+                    if n < BATCH {
+                        break;
+                    }
+                    // A backlog (a shorter retention, a long stop) drains at up to
+                    // ~10k events/s, between the sends' commits, not instead of them.
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "events not pruned; next round");
+                    break;
+                }
+            }
+        }
+        if pruned > 0 {
+            tracing::info!(pruned, "pruned events older than the retention");
         }
     }
 }

@@ -95,6 +95,8 @@ pub struct RunnerConfig {
     pub lease: Duration,
     /// How long a send's idempotency key is kept (see `housekeeping`).
     pub idempotency_ttl: Duration,
+    /// How long the event log keeps an event.
+    pub event_retention: Duration,
     /// Panics a test injects (see `crate::faults`).
     pub faults: crate::faults::Faults,
 }

@@ -153,6 +153,10 @@ pub trait Lists: Send + Sync {
         email: String,
     ) -> Result<Option<Subscriber>, StoreError>;
 
+    /// Every subscriber with this email (domain case-insensitive), in any newsletter,
+    /// by id.
+    async fn subscribers_with_email(&self, email: String) -> Result<Vec<Subscriber>, StoreError>;
+
     /// Marks a subscriber unsubscribed. Idempotent.
     async fn unsubscribe(&self, newsletter_id: u64, id: u64) -> Result<Subscriber, StoreError>;
 
@@ -608,6 +612,19 @@ impl Store {
 
     pub fn from_backend(backend: impl Backend + 'static) -> Store {
         Store(Arc::new(backend))
+    }
+
+    /// Waits, at most `limit`, until this is the last handle on the backend, then drops
+    /// it, which closes the database. Returns whether it was the last.
+    pub async fn released(self, limit: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + limit;
+        while Arc::strong_count(&self.0) > 1 {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        true
     }
 
     /// Changes a job with `f` and returns the result.

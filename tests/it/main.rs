@@ -10,6 +10,7 @@ mod contained;
 mod crash;
 mod delivery;
 mod e2e;
+mod events;
 mod fleet;
 mod hardening;
 mod languages;

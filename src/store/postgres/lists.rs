@@ -276,6 +276,17 @@ impl Lists for PgStore {
         row.as_ref().map(subscriber).transpose()
     }
 
+    async fn subscribers_with_email(&self, email: String) -> Result<Vec<Subscriber>, StoreError> {
+        let client = self.client().await?;
+        let rows = query(
+            &client,
+            &format!("SELECT {SUBSCRIBER_COLUMNS} FROM subscribers WHERE email_key = $1 ORDER BY id"),
+            &[&normalise_email(&email)],
+        )
+        .await?;
+        rows.iter().map(subscriber).collect()
+    }
+
     async fn unsubscribe(&self, newsletter_id: u64, id: u64) -> Result<Subscriber, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;

@@ -74,11 +74,7 @@ fn read_page(
     let head = head(&txn.open_table(SEQUENCES)?)?;
     let mut events = Vec::new();
     let Some(start) = after.checked_add(1) else {
-        return Ok(EventPage {
-            events,
-            next: after,
-            more: false,
-        });
+        return Ok(EventPage::new(events, limit, after, after, head));
     };
     let full = |events: &Vec<Event>| events.len() >= limit;
     // Where a short page leaves the cursor: as far as was examined.

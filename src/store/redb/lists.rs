@@ -247,6 +247,28 @@ impl Lists for RedbStore {
         .await
     }
 
+    /// One index lookup per newsletter (there are few).
+    async fn subscribers_with_email(&self, email: String) -> Result<Vec<Subscriber>, StoreError> {
+        self.read(move |txn| {
+            let key = normalise_email(&email);
+            let emails = txn.open_table(SUBSCRIBER_EMAILS)?;
+            let rows = txn.open_table(SUBSCRIBERS)?;
+            let mut out = Vec::new();
+            for newsletter in txn.open_table(NEWSLETTERS)?.iter()? {
+                let newsletter = newsletter?.0.value();
+                let Some(id) = emails.get((newsletter, key.as_str()))? else {
+                    continue;
+                };
+                if let Some(row) = rows.get((newsletter, id.value()))? {
+                    out.push(decode(row.value())?);
+                }
+            }
+            out.sort_by_key(|s: &Subscriber| s.id);
+            Ok(out)
+        })
+        .await
+    }
+
     /// Applies a change to a subscriber. A new email must not belong to another
     /// subscriber of the newsletter (`Conflict`). Running jobs see the change before
     /// their next message to this subscriber.

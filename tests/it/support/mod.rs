@@ -327,6 +327,15 @@ impl Api {
         (status, headers, body)
     }
 
+    /// GET with extra headers, the response left unread (an event stream to follow).
+    pub async fn get_response(&self, path: &str, headers: &[(&str, &str)]) -> reqwest::Response {
+        let mut request = self.client.get(format!("{}{path}", self.base));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.send().await.unwrap()
+    }
+
     /// GET returning the body as text (e.g. an event stream, read until it ends).
     pub async fn get_text(&self, path: &str) -> (u16, String) {
         let response = self

@@ -16,3 +16,6 @@ CREATE TABLE events (
 CREATE INDEX events_by_subscriber ON events (subscriber_id, id) WHERE subscriber_id IS NOT NULL;
 CREATE INDEX events_by_time ON events (at_ms);
 INSERT INTO fleet_counters (name, value) VALUES ('event_id', 0);
+
+-- A subscriber by email across newsletters (an event posted for an address).
+CREATE INDEX subscribers_by_email ON subscribers (email_key);

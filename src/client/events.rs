@@ -11,8 +11,8 @@ use serde_json::Value;
 
 use super::{Client, ClientError, problem};
 
-/// How long the stream may stay unreachable before `follow` gives up.
-const RECONNECT_FOR: Duration = Duration::from_secs(120);
+/// How long a stream may stay unreachable before following it gives up.
+pub(super) const RECONNECT_FOR: Duration = Duration::from_secs(120);
 
 /// One event of the stream: its name (`progress` or `end`) and JSON data.
 #[derive(Debug, PartialEq)]
@@ -117,8 +117,26 @@ pub(super) async fn follow(client: &Client, id: u64) -> Result<Value, ClientErro
 /// Reads one connection's events into `bar`: `Some(job)` at the `end` event, `None` if
 /// the stream closed first.
 async fn stream(client: &Client, id: u64, bar: &ProgressBar) -> Result<Option<Value>, ClientError> {
+    read_stream(client, &format!("/v1/jobs/{id}/events"), |event| {
+        let job: Value = serde_json::from_str(&event.data)
+            .map_err(|e| ClientError::Io(format!("a job event is not JSON: {e}")))?;
+        draw(bar, &job);
+        Ok((event.name == "end").then_some(job))
+    })
+    .await
+}
+
+/// Opens the Server-Sent Events stream at `path` and hands each event to `on_event`
+/// until it returns `Some` (that is the result) or the server closes the stream
+/// (`None`: the caller may reopen it). A refusal is the server's problem; a dropped
+/// connection is `Unreachable`.
+pub(super) async fn read_stream<T>(
+    client: &Client,
+    path: &str,
+    mut on_event: impl FnMut(Event) -> Result<Option<T>, ClientError>,
+) -> Result<Option<T>, ClientError> {
     let response = client
-        .request(Method::GET, &format!("/v1/jobs/{id}/events"))
+        .request(Method::GET, path)
         .header(reqwest::header::ACCEPT, "text/event-stream")
         .send()
         .await
@@ -133,11 +151,8 @@ async fn stream(client: &Client, id: u64, bar: &ProgressBar) -> Result<Option<Va
     while let Some(chunk) = body.next().await {
         let chunk = chunk.map_err(|e| client.unreachable(e))?;
         for event in parser.push(&chunk) {
-            let job: Value = serde_json::from_str(&event.data)
-                .map_err(|e| ClientError::Io(format!("a job event is not JSON: {e}")))?;
-            draw(bar, &job);
-            if event.name == "end" {
-                return Ok(Some(job));
+            if let Some(done) = on_event(event)? {
+                return Ok(Some(done));
             }
         }
     }

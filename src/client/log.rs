@@ -5,15 +5,10 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
-use reqwest::Method;
 use serde_json::Value;
 
-use super::events::Parser;
-use super::{Client, ClientError, problem};
-
-/// How long the stream may stay unreachable before `--follow` gives up.
-const RECONNECT_FOR: Duration = Duration::from_secs(120);
+use super::events::{RECONNECT_FOR, read_stream};
+use super::{Client, ClientError};
 
 /// What to print.
 pub struct Query {
@@ -87,30 +82,17 @@ fn urlencoding(value: &str) -> String {
 /// One connection of the stream, printing events and moving `after` past each; returns
 /// when the server ends it.
 async fn follow(client: &Client, filters: &str, after: &mut u64) -> Result<(), ClientError> {
-    let response = client
-        .request(Method::GET, &format!("/v1/events/stream?after={after}{filters}"))
-        .header(reqwest::header::ACCEPT, "text/event-stream")
-        .send()
-        .await
-        .map_err(|e| client.unreachable(e))?;
-    let status = response.status();
-    if !status.is_success() {
-        let body = response.bytes().await.unwrap_or_default();
-        return Err(problem(status, &body));
-    }
-    let mut parser = Parser::default();
-    let mut body = response.bytes_stream();
-    while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| client.unreachable(e))?;
-        for event in parser.push(&chunk) {
-            let value: Value = serde_json::from_str(&event.data)
-                .map_err(|e| ClientError::Io(format!("an event is not JSON: {e}")))?;
-            print(client, &value)?;
-            if let Some(id) = event.id.and_then(|id| id.parse().ok()) {
-                *after = id;
-            }
+    let path = format!("/v1/events/stream?after={after}{filters}");
+    read_stream::<()>(client, &path, |event| {
+        let value: Value = serde_json::from_str(&event.data)
+            .map_err(|e| ClientError::Io(format!("an event is not JSON: {e}")))?;
+        print(client, &value)?;
+        if let Some(id) = event.id.and_then(|id| id.parse().ok()) {
+            *after = id;
         }
-    }
+        Ok(None)
+    })
+    .await?;
     Ok(())
 }
 

@@ -19,7 +19,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::error::{ApiJson, ApiQuery};
-use super::{ApiError, AppState, page_limit};
+use super::{ApiError, AppState, int64, page_limit};
 use crate::domain::Subscriber;
 use crate::events::{Event, EventFilter, EventPage, NewEvent, types};
 use crate::store::Store;
@@ -293,12 +293,9 @@ fn follow(
     })
 }
 
-/// A cursor as the OpenAPI document types it (int64).
+/// A cursor or id as the OpenAPI document types it (`int64`); an absent cursor is 0.
 fn cursor(name: &str, after: Option<u64>) -> Result<u64, ApiError> {
-    match after {
-        Some(a) if a > i64::MAX as u64 => Err(ApiError::field(name, format!("must be at most {}", i64::MAX))),
-        other => Ok(other.unwrap_or(0)),
-    }
+    Ok(int64(name, after)?.unwrap_or(0))
 }
 
 async fn filter(

@@ -155,12 +155,17 @@ fn is_csv(headers: &axum::http::HeaderMap) -> bool {
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("text/csv"))
 }
 
-/// A listing's `?cursor=`: ids are int64 in the OpenAPI document (what JSON clients
-/// can hold), so a larger one is refused rather than read as an id no row has.
+/// A listing's `?cursor=` (see `int64`).
 fn page_cursor(cursor: Option<u64>) -> Result<Option<u64>, ApiError> {
-    match cursor {
-        Some(c) if c > i64::MAX as u64 => {
-            Err(ApiError::field("cursor", format!("must be at most {}", i64::MAX)))
+    int64("cursor", cursor)
+}
+
+/// An id or cursor in `field`: ids are int64 in the OpenAPI document (what JSON clients
+/// can hold), so a larger one is refused rather than read as an id no row has.
+fn int64(field: &str, value: Option<u64>) -> Result<Option<u64>, ApiError> {
+    match value {
+        Some(v) if v > i64::MAX as u64 => {
+            Err(ApiError::field(field, format!("must be at most {}", i64::MAX)))
         }
         other => Ok(other),
     }

@@ -34,23 +34,12 @@ impl Runner {
     async fn prune_idempotency_keys(&self) {
         let ttl = self.inner.config.idempotency_ttl.as_secs();
         let before = crate::domain::now().saturating_sub(ttl);
-        let mut pruned = 0;
-        loop {
-            match self.inner.store.prune_idempotency_keys(before, BATCH).await {
-                Ok(n) => {
-                    pruned += n;
-                    if n < BATCH {
-                        break;
-                    }
-                    // Let what waits for the store go first.
-                    tokio::task::yield_now().await;
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "idempotency keys not pruned; next round");
-                    break;
-                }
-            }
-        }
+        let store = &self.inner.store;
+        // Let what waits for the store go first between batches.
+        let pruned = drain("idempotency keys", None, || {
+            store.prune_idempotency_keys(before, BATCH)
+        })
+        .await;
         if pruned > 0 {
             tracing::info!(pruned, "forgot idempotency keys older than the TTL");
         }
@@ -59,26 +48,42 @@ impl Runner {
     async fn prune_events(&self) {
         let retention = u64::try_from(self.inner.config.event_retention.as_millis()).unwrap_or(u64::MAX);
         let before = crate::domain::now_ms().saturating_sub(retention);
-        let mut pruned = 0;
-        loop {
-            match self.inner.store.prune_events(before, BATCH).await {
-                Ok(n) => {
-                    pruned += n;
-                    if n < BATCH {
-                        break;
-                    }
-                    // A backlog (a shorter retention, a long stop) drains at up to
-                    // ~10k events/s, between the sends' commits, not instead of them.
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "events not pruned; next round");
-                    break;
-                }
-            }
-        }
+        let store = &self.inner.store;
+        // A backlog (a shorter retention, a long stop) drains at up to ~10k events/s,
+        // between the sends' commits, not instead of them.
+        let pause = Some(Duration::from_millis(50));
+        let pruned = drain("events", pause, || store.prune_events(before, BATCH)).await;
         if pruned > 0 {
             tracing::info!(pruned, "pruned events older than the retention");
+        }
+    }
+}
+
+/// Calls `prune` (one batch of at most `BATCH`) until a batch comes back short or the
+/// store fails (tried again next round), pausing between batches (`None`: a yield).
+/// Returns how many rows went.
+async fn drain<F, Fut>(what: &str, pause: Option<Duration>, mut prune: F) -> usize
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<usize, crate::store::StoreError>>,
+{
+    let mut pruned = 0;
+    loop {
+        match prune().await {
+            Ok(n) => {
+                pruned += n;
+                if n < BATCH {
+                    return pruned;
+                }
+                match pause {
+                    Some(pause) => tokio::time::sleep(pause).await,
+                    None => tokio::task::yield_now().await,
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "{what} not pruned; next round");
+                return pruned;
+            }
         }
     }
 }

@@ -89,6 +89,12 @@ pub mod types {
     pub const SUBSCRIBER_REINSTATED: &str = "subscriber.reinstated";
     pub const SUBSCRIBER_ERASED: &str = "subscriber.erased";
     pub const DELIVERY_FAILED: &str = "delivery.failed";
+    /// A hard or soft bounce came back (`data.kind`, `data.status`, `data.decision`).
+    pub const DELIVERY_BOUNCED: &str = "delivery.bounced";
+    /// The recipient reported a letter as spam.
+    pub const DELIVERY_COMPLAINED: &str = "delivery.complained";
+    /// The receiver refused the sender (5.7.x): the address is not blamed.
+    pub const DELIVERY_BLOCKED: &str = "delivery.blocked";
     pub const JOB_CREATED: &str = "job.created";
     pub const JOB_STARTED: &str = "job.started";
     pub const JOB_PAUSED: &str = "job.paused";
@@ -100,7 +106,7 @@ pub mod types {
     pub const CUSTOM_PREFIX: &str = "custom.";
 
     /// Every built-in type, for documentation and for checking a filter.
-    pub const BUILT_IN: [&str; 15] = [
+    pub const BUILT_IN: [&str; 18] = [
         SUBSCRIBER_CREATED,
         SUBSCRIBER_UPDATED,
         SUBSCRIBER_UNSUBSCRIBED,
@@ -109,6 +115,9 @@ pub mod types {
         SUBSCRIBER_REINSTATED,
         SUBSCRIBER_ERASED,
         DELIVERY_FAILED,
+        DELIVERY_BOUNCED,
+        DELIVERY_COMPLAINED,
+        DELIVERY_BLOCKED,
         JOB_CREATED,
         JOB_STARTED,
         JOB_PAUSED,

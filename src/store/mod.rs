@@ -30,6 +30,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+use crate::bounces::{Bounce, BounceFilter, NewBounce, NewSuppression, Rules, Suppression};
 use crate::domain::*;
 use crate::events::{Event, EventFilter, EventPage, NewEvent};
 use crate::faults::Faults;
@@ -341,6 +342,46 @@ pub trait Events: Send + Sync {
     fn event_head(&self) -> tokio::sync::watch::Receiver<u64>;
 }
 
+/// Bounce and complaint reports, and the suppression list (see `crate::bounces`).
+#[async_trait]
+pub trait Bounces: Send + Sync {
+    /// Records a report and applies `rules`, in one transaction: one record per
+    /// subscriber it is about (the subscriber named; else the one with its email in the
+    /// newsletter named; else every subscriber with its email; a complaint is about
+    /// every subscriber with the address), their new statuses and their events, and
+    /// for a complaint the address on the suppression list. A report about nobody is
+    /// kept as one unattributed record. `NotFound` for a newsletter that does not exist.
+    async fn record_bounce(&self, report: NewBounce, rules: Rules) -> Result<Vec<Bounce>, StoreError>;
+
+    /// Up to `limit` reports matching `filter` with ids below `before`, newest first.
+    async fn bounces(
+        &self,
+        filter: BounceFilter,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<Bounce>, StoreError>;
+
+    /// Makes a bounced or complained subscriber active again: their reports stay but no
+    /// longer count towards the soft-bounce rule, and their address leaves the
+    /// suppression list. Refused (`Conflict`) for an unsubscribed subscriber, whose
+    /// consent only they can give back. Idempotent for an active one.
+    async fn reinstate(&self, subscriber_id: u64) -> Result<(Subscriber, Option<Suppression>), StoreError>;
+
+    /// Puts addresses on the suppression list (already listed ones stay as they are).
+    /// Returns how many were new.
+    async fn add_suppressions(&self, suppressions: Vec<NewSuppression>) -> Result<u64, StoreError>;
+
+    /// Takes an address off the suppression list (`NotFound` if it is not on it).
+    async fn remove_suppression(&self, email: String) -> Result<Suppression, StoreError>;
+
+    /// Up to `limit` suppressions in the order of their normalised email, after `after`.
+    async fn suppressions(&self, after: Option<String>, limit: usize)
+    -> Result<Vec<Suppression>, StoreError>;
+
+    /// The suppressions of those of `emails` that are on the list.
+    async fn suppressed(&self, emails: Vec<String>) -> Result<Vec<Suppression>, StoreError>;
+}
+
 /// A node working on the store, as `nodes` lists it.
 #[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct NodeInfo {
@@ -449,6 +490,8 @@ pub enum Record {
         created_at: u64,
     },
     Event(Event),
+    Bounce(Bounce),
+    Suppression(Suppression),
 }
 
 /// How many records of each kind a store holds: what a migration must find the same on
@@ -466,6 +509,10 @@ pub struct Inventory {
     pub deliveries: u64,
     pub idempotency_keys: u64,
     pub events: u64,
+    #[serde(default)]
+    pub bounces: u64,
+    #[serde(default)]
+    pub suppressions: u64,
     /// The jobs' counts summed: deliveries per state, as the jobs record them.
     pub counts: Counts,
 }
@@ -499,6 +546,8 @@ impl Inventory {
             Record::Delivery(_) => self.deliveries += 1,
             Record::IdempotencyKey { .. } => self.idempotency_keys += 1,
             Record::Event(_) => self.events += 1,
+            Record::Bounce(_) => self.bounces += 1,
+            Record::Suppression(_) => self.suppressions += 1,
         }
     }
 }
@@ -539,7 +588,7 @@ pub trait Transfer: Send + Sync {
 
 /// A whole database: every operation, plus what the server needs to run on it.
 #[async_trait]
-pub trait Backend: Lists + Jobs + Plugins + Fleet + Transfer + Events {
+pub trait Backend: Lists + Jobs + Plugins + Fleet + Transfer + Events + Bounces {
     /// "redb" or "postgres", for logs and metrics.
     fn name(&self) -> &'static str;
 

@@ -1174,6 +1174,23 @@ async fn transfer_copies_everything_ids_and_all(store: Store) {
     let NewJob::Created(keyed) = store.create_job(job_for(other.id), Some(key)).await.unwrap() else {
         panic!("a new job")
     };
+    let bounce = crate::bounces::NewBounce {
+        raw: Some("Action: failed".into()),
+        ..crate::bounces::NewBounce::new(crate::bounces::BounceKind::Hard, "api", "x@example.com")
+    };
+    let bounced = store
+        .record_bounce(bounce.clone(), Default::default())
+        .await
+        .unwrap();
+    store
+        .add_suppressions(vec![crate::bounces::NewSuppression {
+            email: "no@example.com".into(),
+            reason: crate::bounces::SuppressionReason::Manual,
+            note: None,
+            bounce_id: None,
+        }])
+        .await
+        .unwrap();
 
     let records = export_all(&store).await;
     let inventory = store.inventory().await.unwrap();
@@ -1199,6 +1216,7 @@ async fn transfer_copies_everything_ids_and_all(store: Store) {
         ),
         (3, 3, 2)
     );
+    assert_eq!((inventory.bounces, inventory.suppressions), (1, 1));
 
     let mut targets = vec![redb().await];
     targets.extend(postgres().await);
@@ -1277,6 +1295,20 @@ async fn transfer_copies_everything_ids_and_all(store: Store) {
             fresh_events.events.iter().map(|e| e.id).collect::<Vec<_>>(),
             [last_copied + 1, last_copied + 2],
             "{name}: the new subscriber's and the new job's events"
+        );
+        let rebounced = target
+            .record_bounce(bounce.clone(), Default::default())
+            .await
+            .unwrap();
+        assert!(rebounced[0].id > bounced[0].id, "{name}: bounce id reused");
+        assert_eq!(
+            target
+                .suppressed(vec!["no@example.com".into()])
+                .await
+                .unwrap()
+                .len(),
+            1,
+            "{name}"
         );
         // A recipient in flight cannot be moved: the source must be rescued first.
         let in_flight = Delivery {
@@ -1410,4 +1442,5 @@ conformance!(
     transfer_copies_everything_ids_and_all,
 );
 
+mod bounces;
 mod events;

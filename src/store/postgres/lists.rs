@@ -392,6 +392,7 @@ impl Lists for PgStore {
         )
         .await?;
         events::scrub_subscriber(&tx, id).await?;
+        super::bounces::scrub_subscriber(&tx, id).await?;
         bump_shared_status_epoch(&tx).await?;
         let appended = events::append(&tx, [subscriber_erased(domain_int(home), id)]).await?;
         commit(tx).await?;
@@ -435,7 +436,9 @@ impl Lists for PgStore {
 
 /// Counts a status change for the whole fleet, in the transaction that makes it: the
 /// other nodes see the count move only once the change is visible (`PgStore::refresh`).
-async fn bump_shared_status_epoch(tx: &impl deadpool_postgres::GenericClient) -> Result<(), StoreError> {
+pub(super) async fn bump_shared_status_epoch(
+    tx: &impl deadpool_postgres::GenericClient,
+) -> Result<(), StoreError> {
     execute(
         tx,
         "UPDATE fleet_counters SET value = value + 1 WHERE name = 'status_epoch'",

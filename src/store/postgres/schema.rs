@@ -13,6 +13,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (3, include_str!("migrations/0003_rates.sql")),
     (4, include_str!("migrations/0004_status_epoch.sql")),
     (5, include_str!("migrations/0005_events.sql")),
+    (6, include_str!("migrations/0006_bounces.sql")),
 ];
 
 /// The newest schema version this binary knows.

@@ -180,6 +180,38 @@ impl Transfer for PgStore {
                 .collect::<Result<_, _>>()?;
             send(&out, chunk).await?;
         }
+        let mut after_bounce = 0i64;
+        loop {
+            let rows = query(
+                &tx,
+                "SELECT id, doc FROM bounces WHERE id > $1 ORDER BY id LIMIT $2",
+                &[&after_bounce, &PAGE],
+            )
+            .await?;
+            let Some(last) = rows.last() else { break };
+            after_bounce = last.get(0);
+            let chunk = rows
+                .iter()
+                .map(|r| Ok(Record::Bounce(serde_json::from_value(r.get(1))?)))
+                .collect::<Result<_, StoreError>>()?;
+            send(&out, chunk).await?;
+        }
+        let mut after_key = String::new();
+        loop {
+            let rows = query(
+                &tx,
+                "SELECT email_key, doc FROM suppressions WHERE email_key > $1 ORDER BY email_key LIMIT $2",
+                &[&after_key, &PAGE],
+            )
+            .await?;
+            let Some(last) = rows.last() else { break };
+            after_key = last.get(0);
+            let chunk = rows
+                .iter()
+                .map(|r| Ok(Record::Suppression(serde_json::from_value(r.get(1))?)))
+                .collect::<Result<_, StoreError>>()?;
+            send(&out, chunk).await?;
+        }
         tx.commit().await?;
         Ok(())
     }
@@ -220,7 +252,7 @@ impl Transfer for PgStore {
             .await?;
         }
         // New ids continue after the imported ones.
-        for table in ["newsletters", "subscribers", "letters", "jobs"] {
+        for table in ["newsletters", "subscribers", "letters", "jobs", "bounces"] {
             query(
                 &tx,
                 &format!(
@@ -242,7 +274,8 @@ impl Transfer for PgStore {
                     (SELECT count(*) FROM plugin_blobs), (SELECT count(*) FROM plugin_versions),
                     (SELECT count(*) FROM plugin_names), (SELECT count(*) FROM jobs),
                     (SELECT count(*) FROM deliveries), (SELECT count(*) FROM idempotency_keys),
-                    (SELECT count(*) FROM events),
+                    (SELECT count(*) FROM events), (SELECT count(*) FROM bounces),
+                    (SELECT count(*) FROM suppressions),
                     coalesce(sum(pending), 0)::bigint, coalesce(sum(sending), 0)::bigint,
                     coalesce(sum(delivered), 0)::bigint, coalesce(sum(skipped), 0)::bigint,
                     coalesce(sum(retrying), 0)::bigint, coalesce(sum(failed), 0)::bigint,
@@ -265,14 +298,16 @@ impl Transfer for PgStore {
             deliveries: n(8),
             idempotency_keys: n(9),
             events: n(10),
+            bounces: n(11),
+            suppressions: n(12),
             counts: Counts {
-                pending: n(11),
-                sending: n(12),
-                delivered: n(13),
-                skipped: n(14),
-                retrying: n(15),
-                failed: n(16),
-                cancelled: n(17),
+                pending: n(13),
+                sending: n(14),
+                delivered: n(15),
+                skipped: n(16),
+                retrying: n(17),
+                failed: n(18),
+                cancelled: n(19),
             },
         })
     }
@@ -373,6 +408,27 @@ async fn import_one(tx: &deadpool_postgres::Transaction<'_>, record: Record) -> 
         Record::Subscriber(s) => flush_subscribers(tx, &mut vec![s]).await?,
         Record::Delivery(d) => flush_deliveries(tx, &mut vec![d]).await?,
         Record::Event(e) => events::insert(tx, &[e]).await?,
+        Record::Bounce(b) => {
+            execute(
+                tx,
+                "INSERT INTO bounces (id, at_ms, subscriber_id, doc) VALUES ($1, $2, $3, $4)",
+                &[
+                    &sql_int(b.id),
+                    &sql_int(b.at_ms),
+                    &b.subscriber_id.map(sql_int),
+                    &serde_json::to_value(&b)?,
+                ],
+            )
+            .await?;
+        }
+        Record::Suppression(s) => {
+            execute(
+                tx,
+                "INSERT INTO suppressions (email_key, doc) VALUES ($1, $2)",
+                &[&normalise_email(&s.email), &serde_json::to_value(&s)?],
+            )
+            .await?;
+        }
     }
     Ok(())
 }

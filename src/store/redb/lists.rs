@@ -18,7 +18,7 @@ pub(super) fn next_id(txn: &WriteTransaction, sequence: &str) -> Result<u64, Sto
 }
 
 /// Subscriber id → (newsletter id, subscriber), from the tables of a read or a write.
-fn find_subscriber(
+pub(super) fn find_subscriber(
     homes: &impl ReadableTable<u64, u64>,
     rows: &impl ReadableTable<(u64, u64), &'static [u8]>,
     id: u64,
@@ -34,7 +34,7 @@ fn find_subscriber(
 }
 
 /// `find_subscriber` inside a write.
-fn subscriber_in(txn: &WriteTransaction, id: u64) -> Result<(u64, Subscriber), StoreError> {
+pub(super) fn subscriber_in(txn: &WriteTransaction, id: u64) -> Result<(u64, Subscriber), StoreError> {
     find_subscriber(
         &txn.open_table(SUBSCRIBER_HOMES)?,
         &txn.open_table(SUBSCRIBERS)?,
@@ -340,6 +340,7 @@ impl Lists for RedbStore {
                 }
                 drop(deliveries);
                 events::scrub_subscriber(txn, id)?;
+                super::bounces::scrub_subscriber(txn, id)?;
                 events::append(txn, [crate::events::subscriber_erased(home, id)])?;
                 Ok(())
             })

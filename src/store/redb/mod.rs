@@ -26,6 +26,7 @@
 //! then the small write). The queue outlives the panic, so no caller is left waiting
 //! and later writes carry on. Restarts are counted in `letterbox_store_writer_restarts_total`.
 
+mod bounces;
 mod events;
 mod jobs;
 mod lists;
@@ -193,6 +194,10 @@ fn open_database(path: &Path) -> Result<Database, StoreError> {
         txn.open_table(SECRETS)?;
         txn.open_table(EVENTS)?;
         txn.open_table(EVENTS_BY_SUBSCRIBER)?;
+        txn.open_table(BOUNCES)?;
+        txn.open_table(BOUNCES_BY_SUBSCRIBER)?;
+        txn.open_table(UNATTRIBUTED_BOUNCES)?;
+        txn.open_table(SUPPRESSIONS)?;
     }
     lists::backfill_subscriber_homes(&txn)?;
     txn.commit()?;

@@ -65,3 +65,18 @@ pub const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 /// history, and what an erasure must scrub, without a walk over the log.
 pub const EVENTS_BY_SUBSCRIBER: TableDefinition<(u64, u64), ()> =
     TableDefinition::new("events_by_subscriber");
+
+/// Bounce id → `bounces::Bounce`: every bounce and complaint report, as recorded.
+pub const BOUNCES: TableDefinition<u64, &[u8]> = TableDefinition::new("bounces");
+
+/// (subscriber id, bounce id): one subscriber's reports (their listing, the soft-bounce
+/// count, what a reinstatement or an erasure touches).
+pub const BOUNCES_BY_SUBSCRIBER: TableDefinition<(u64, u64), ()> =
+    TableDefinition::new("bounces_by_subscriber");
+
+/// Bounce id of every report about nobody in the store (unattributed).
+pub const UNATTRIBUTED_BOUNCES: TableDefinition<u64, ()> = TableDefinition::new("unattributed_bounces");
+
+/// Normalised email (`store::normalise_email`) → `bounces::Suppression`: the addresses
+/// no newsletter sends to.
+pub const SUPPRESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("suppressions");

@@ -107,6 +107,12 @@ impl Transfer for RedbStore {
             for row in txn.open_table(EVENTS)?.iter()? {
                 chunks.push(Record::Event(decode(row?.1.value())?))?;
             }
+            for row in txn.open_table(BOUNCES)?.iter()? {
+                chunks.push(Record::Bounce(decode(row?.1.value())?))?;
+            }
+            for row in txn.open_table(SUPPRESSIONS)?.iter()? {
+                chunks.push(Record::Suppression(decode(row?.1.value())?))?;
+            }
             chunks.flush()
         })
         .await
@@ -134,6 +140,10 @@ impl Transfer for RedbStore {
             let mut keys = txn.open_table(IDEMPOTENCY_KEYS)?;
             let mut events = txn.open_table(EVENTS)?;
             let mut events_by_subscriber = txn.open_table(EVENTS_BY_SUBSCRIBER)?;
+            let mut bounces = txn.open_table(BOUNCES)?;
+            let mut bounces_by_subscriber = txn.open_table(BOUNCES_BY_SUBSCRIBER)?;
+            let mut unattributed = txn.open_table(UNATTRIBUTED_BOUNCES)?;
+            let mut suppressions = txn.open_table(SUPPRESSIONS)?;
             // The highest id of each sequence in these records.
             let mut last = [
                 ("newsletter", 0u64),
@@ -141,6 +151,7 @@ impl Transfer for RedbStore {
                 ("letter", 0),
                 ("job", 0),
                 ("event", 0),
+                ("bounce", 0),
             ];
             for record in records {
                 match record {
@@ -207,6 +218,24 @@ impl Transfer for RedbStore {
                         }
                         events.insert(e.id, encode(&e).as_slice())?;
                     }
+                    Record::Bounce(b) => {
+                        last[5].1 = last[5].1.max(b.id);
+                        // An erased subscriber's reports keep their id but leave the index.
+                        match b.subscriber_id {
+                            Some(sid) if !b.email.is_empty() => {
+                                bounces_by_subscriber.insert((sid, b.id), ())?;
+                            }
+                            Some(_) => {}
+                            None => {
+                                unattributed.insert(b.id, ())?;
+                            }
+                        }
+                        bounces.insert(b.id, encode(&b).as_slice())?;
+                    }
+                    Record::Suppression(s) => {
+                        let key = normalise_email(&s.email);
+                        suppressions.insert(key.as_str(), encode(&s).as_slice())?;
+                    }
                 }
             }
             let mut sequences = txn.open_table(SEQUENCES)?;
@@ -235,6 +264,8 @@ impl Transfer for RedbStore {
                 deliveries: txn.open_table(DELIVERIES)?.len()?,
                 idempotency_keys: txn.open_table(IDEMPOTENCY_KEYS)?.len()?,
                 events: txn.open_table(EVENTS)?.len()?,
+                bounces: txn.open_table(BOUNCES)?.len()?,
+                suppressions: txn.open_table(SUPPRESSIONS)?.len()?,
                 counts: Counts::default(),
             };
             for row in txn.open_table(JOBS)?.iter()? {

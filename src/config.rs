@@ -52,6 +52,8 @@ pub struct Config {
     pub idempotency_ttl: Duration,
     /// How long the event log keeps an event; older ones are pruned.
     pub event_retention: Duration,
+    /// What bounces and complaints do (see `crate::bounces`).
+    pub bounces: crate::bounces::BounceSettings,
     /// Base URL the public `/u/{token}` links use; defaults to `http://` + the listen
     /// address.
     pub public_url: Option<String>,
@@ -83,6 +85,7 @@ impl Config {
             request_timeout: Duration::from_secs(30),
             idempotency_ttl: Duration::from_secs(24 * 3600),
             event_retention: Duration::from_secs(90 * 24 * 3600),
+            bounces: Default::default(),
             public_url: None,
             policy_limits: PolicyLimits::default(),
             policy_failures: FailureLimit::default(),
@@ -120,6 +123,7 @@ impl std::fmt::Debug for Config {
             .field("request_timeout", &self.request_timeout)
             .field("idempotency_ttl", &self.idempotency_ttl)
             .field("event_retention", &self.event_retention)
+            .field("bounces", &self.bounces)
             .field("public_url", &self.public_url)
             .field("policy_limits", &self.policy_limits)
             .field("policy_failures", &self.policy_failures)

@@ -549,6 +549,12 @@ pub enum Outcome {
     /// Claimed, but the job stopped before the message was sent: back to pending, and
     /// the claim does not count as an attempt.
     Released,
+    /// Not tried: its recipient domain is paused (the receiver refuses the sender). Tried
+    /// again at `at_ms`, and the claim does not count as an attempt.
+    Deferred {
+        at_ms: u64,
+        reason: String,
+    },
 }
 
 impl Outcome {
@@ -562,7 +568,17 @@ impl Outcome {
             },
             Outcome::Failed { reason } => DeliveryState::Failed { at, reason },
             Outcome::Released => DeliveryState::Pending,
+            Outcome::Deferred { at_ms, reason } => DeliveryState::Retrying {
+                next_attempt_at_ms: at_ms,
+                last_error: reason,
+            },
         }
+    }
+
+    /// Whether the claim that led to this outcome counts as an attempt (a message was
+    /// tried, or decided on).
+    pub fn is_attempt(&self) -> bool {
+        !matches!(self, Outcome::Released | Outcome::Deferred { .. })
     }
 }
 

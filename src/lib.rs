@@ -135,6 +135,7 @@ pub async fn run(
             lease: config.lease,
             idempotency_ttl: config.idempotency_ttl,
             event_retention: config.event_retention,
+            bounces: config.bounces,
             faults: config.faults.clone(),
         },
         unsubscribe,

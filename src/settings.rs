@@ -49,6 +49,7 @@ struct File {
     event_retention: String,
     delivery: Delivery,
     retry: Retry,
+    bounces: Bounces,
     policy: Policy,
     smtp: Option<Smtp>,
     #[serde(default)]
@@ -78,6 +79,16 @@ struct Retry {
     attempts: u32,
     base: String,
     cap: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Bounces {
+    soft_limit: u32,
+    soft_window: String,
+    block_after: u32,
+    block_window: String,
+    block_pause: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -142,6 +153,11 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("retry.attempts", "5"),
     ("retry.base", "60s"),
     ("retry.cap", "1h"),
+    ("bounces.soft_limit", "3"),
+    ("bounces.soft_window", "7d"),
+    ("bounces.block_after", "10"),
+    ("bounces.block_window", "10m"),
+    ("bounces.block_pause", "30m"),
     ("policy.timeout_ms", "100"),
     ("policy.memory_mib", "64"),
     ("policy.memory_max_mib", "512"),
@@ -327,6 +343,18 @@ fn resolve(
     config.drain_timeout = duration("drain_timeout", &file.drain_timeout)?;
     config.idempotency_ttl = positive_duration("idempotency_ttl", &file.idempotency_ttl)?;
     config.event_retention = positive_duration("event_retention", &file.event_retention)?;
+    let b = &file.bounces;
+    config.bounces = crate::bounces::BounceSettings {
+        rules: crate::bounces::Rules {
+            soft_limit: in_range("bounces.soft_limit", b.soft_limit, 1, 100)?,
+            soft_window_ms: positive_duration("bounces.soft_window", &b.soft_window)?.as_millis() as u64,
+        },
+        blocks: crate::bounces::BlockLimit {
+            after: in_range("bounces.block_after", b.block_after, 1, 1_000_000)?,
+            window: positive_duration("bounces.block_window", &b.block_window)?,
+            pause: positive_duration("bounces.block_pause", &b.block_pause)?,
+        },
+    };
 
     let d = &file.delivery;
     config.concurrency = in_range(

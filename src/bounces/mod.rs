@@ -230,6 +230,32 @@ impl Default for Rules {
     }
 }
 
+/// When refusals of the sender (5.7.x) pause a recipient domain on a node: `after`
+/// of them within `window` pause that domain's sends for `pause`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockLimit {
+    pub after: u32,
+    pub window: std::time::Duration,
+    pub pause: std::time::Duration,
+}
+
+impl Default for BlockLimit {
+    fn default() -> Self {
+        BlockLimit {
+            after: 10,
+            window: std::time::Duration::from_secs(600),
+            pause: std::time::Duration::from_secs(1800),
+        }
+    }
+}
+
+/// The `[bounces]` settings.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BounceSettings {
+    pub rules: Rules,
+    pub blocks: BlockLimit,
+}
+
 /// What the rules make of one report about one subscriber.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Decision {
@@ -432,22 +458,28 @@ impl Status {
         })
     }
 
-    /// The enhanced status code of an SMTP reply (`RCPT TO: 550 5.1.1 <ann@…>: user
-    /// unknown`): RFC 2034 puts it first in the reply's text, right after the reply
-    /// code, and of the same class.
+    /// The enhanced status code of an SMTP reply as an error quotes it (`RCPT TO: 550
+    /// permanent error (550): 5.1.1 <ann@…>: user unknown`): RFC 2034 puts it first in
+    /// the reply's text, of the reply code's class; the first code of a matching class
+    /// within a few words after the reply code is taken.
     pub fn in_reply(reply: &str) -> Option<Status> {
-        let mut tokens = reply.split_whitespace().flat_map(|t| t.splitn(2, '-'));
-        while let Some(token) = tokens.next() {
-            let code = token.as_bytes();
-            if code.len() == 3 && matches!(code[0], b'2' | b'4' | b'5') && code.iter().all(u8::is_ascii_digit)
-            {
-                return tokens
-                    .next()
-                    .and_then(Status::parse)
-                    .filter(|s| s.class == code[0] - b'0');
-            }
-        }
-        None
+        let tokens: Vec<&str> = reply
+            .split_whitespace()
+            .flat_map(|t| t.split('-'))
+            .map(|t| t.trim_matches(|c: char| "():,;[]<>".contains(c)))
+            .filter(|t| !t.is_empty())
+            .collect();
+        let is_code = |t: &str| {
+            let b = t.as_bytes();
+            b.len() == 3 && matches!(b[0], b'2' | b'4' | b'5') && b.iter().all(u8::is_ascii_digit)
+        };
+        let at = tokens.iter().position(|t| is_code(t))?;
+        let class = tokens[at].as_bytes()[0] - b'0';
+        tokens[at + 1..]
+            .iter()
+            .take(6)
+            .filter_map(|t| Status::parse(t))
+            .find(|s| s.class == class)
     }
 
     /// What a refusal with this code says about the address, if anything:
@@ -515,6 +547,10 @@ mod tests {
         assert_eq!(Status::in_reply("RCPT TO: 550 user unknown"), None);
         assert_eq!(Status::in_reply("version 5.1.1 of something said 550"), None);
         assert_eq!(Status::in_reply("DATA: 550 4.2.2 mixed classes"), None);
+        assert_eq!(
+            Status::in_reply("RCPT TO: 550 permanent error (550): 5.1.1 no such user"),
+            Some(status("5.1.1"))
+        );
     }
 
     fn subscriber(status: SubscriberStatus) -> Subscriber {

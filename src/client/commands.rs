@@ -62,6 +62,12 @@ pub enum Command {
         #[arg(long, default_value_t = 20)]
         last: u64,
     },
+    /// Bounce and complaint reports, newest first: what came back, and what the rules
+    /// decided (`--unattributed`: those about no subscriber).
+    Bounces(super::bounces::BouncesArgs),
+    /// The suppression list: addresses no newsletter sends to (`add`, `list`, `remove`).
+    #[command(subcommand)]
+    Suppressions(super::bounces::SuppressionsCommand),
     /// The live nodes working on the server's store (one with redb; a fleet's nodes on
     /// PostgreSQL): id, address, version, heartbeat age, recipients claimed.
     Nodes,
@@ -88,6 +94,9 @@ pub enum SubscribersCommand {
         #[arg(long)]
         newsletter: u64,
     },
+    /// Make a bounced or complained subscriber active again (their reports stay, no
+    /// longer counted; their address leaves the suppression list).
+    Reinstate { id: u64 },
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -477,6 +486,11 @@ pub async fn run(target: Target, command: Command) -> Result<(), ClientError> {
             };
             super::log::run(&client, query).await?;
         }
+        Command::Bounces(args) => super::bounces::list(&client, args).await?,
+        Command::Suppressions(command) => super::bounces::suppressions(&client, command).await?,
+        Command::Subscribers(SubscribersCommand::Reinstate { id }) => {
+            super::bounces::reinstate(&client, id).await?
+        }
         Command::Nodes => {
             let nodes = client.get("/v1/nodes").await?;
             print(&client, &nodes, || {
@@ -530,7 +544,7 @@ pub async fn run(target: Target, command: Command) -> Result<(), ClientError> {
 }
 
 /// Prints `value` as JSON with `--json`, else the human text.
-fn print(client: &Client, value: &Value, human: impl FnOnce() -> String) {
+pub(super) fn print(client: &Client, value: &Value, human: impl FnOnce() -> String) {
     if client.json_output() {
         println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
     } else {
@@ -539,12 +553,12 @@ fn print(client: &Client, value: &Value, human: impl FnOnce() -> String) {
 }
 
 /// `value` for a query string.
-fn encode(value: &str) -> percent_encoding::PercentEncode<'_> {
+pub(super) fn encode(value: &str) -> percent_encoding::PercentEncode<'_> {
     percent_encoding::utf8_percent_encode(value, percent_encoding::NON_ALPHANUMERIC)
 }
 
 /// A JSON string without its quotes (other values as JSON).
-fn text(value: &Value) -> String {
+pub(super) fn text(value: &Value) -> String {
     value
         .as_str()
         .map(str::to_string)

@@ -4,6 +4,7 @@
 //! JSON. Server errors are shown as their problem `detail` (and field errors), and make
 //! the process exit non-zero.
 
+mod bounces;
 mod commands;
 mod events;
 mod log;
@@ -153,6 +154,24 @@ impl Client {
 
     pub async fn post(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
         self.send(self.request(Method::POST, path).json(body)).await
+    }
+
+    pub async fn delete(&self, path: &str) -> Result<Value, ClientError> {
+        self.send(self.request(Method::DELETE, path)).await
+    }
+
+    /// A POST of `body` as it is, with its content type (a CSV file).
+    pub async fn post_bytes(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> Result<Value, ClientError> {
+        let request = self
+            .request(Method::POST, path)
+            .header(reqwest::header::CONTENT_TYPE, content_type)
+            .body(body);
+        self.send(request).await
     }
 
     fn unreachable(&self, source: reqwest::Error) -> ClientError {

@@ -52,6 +52,10 @@ pub struct JobView {
     /// Set while the job waits on this node before it can send (a policy it uses is
     /// still compiling): why, and since when.
     waiting: Option<Stall>,
+    /// Recipient domains this node holds back because their receivers keep refusing
+    /// the sender (5.7.x): their recipients wait, as `retrying`, until the pause ends.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    paused_domains: Vec<crate::runner::DomainPause>,
 }
 
 /// A string that is one of `names`, for the OpenAPI document.
@@ -132,6 +136,10 @@ async fn with_progress(state: &AppState, job: Job) -> JobView {
     let progress = state.runner.progress(&job).await;
     let stalled = state.runner.stalled(job.id);
     let waiting = state.runner.waiting(job.id);
+    let paused_domains = match job.state {
+        JobState::Running => state.runner.paused_domains(),
+        _ => Vec::new(),
+    };
     JobView {
         job,
         rate_per_second: progress.map(|p| p.rate_per_second).unwrap_or(0.0),
@@ -139,6 +147,7 @@ async fn with_progress(state: &AppState, job: Job) -> JobView {
         requeued: None,
         stalled,
         waiting,
+        paused_domains,
     }
 }
 

@@ -2,6 +2,7 @@
 //! store or the runner, and shape JSON; they hold no state of their own.
 
 mod auth;
+mod bounces;
 mod error;
 mod events;
 mod jobs;
@@ -101,6 +102,7 @@ fn routes_and_document(state: &AppState) -> (Router<AppState>, utoipa::openapi::
         .merge(plugins::router(state.runner.policy_limits().max_upload_bytes))
         .merge(jobs::router())
         .merge(events::router())
+        .merge(bounces::router())
         .merge(nodes::router())
         .route_layer(axum::middleware::from_fn_with_state(
             state.faults.clone(),

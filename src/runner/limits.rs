@@ -426,3 +426,139 @@ mod tests {
         assert_eq!(limiter.tracked(), 0, "idle domains are forgotten");
     }
 }
+
+/// A recipient domain whose sends this node holds back because its receiver kept
+/// refusing the sender (5.7.x).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
+pub struct DomainPause {
+    pub domain: String,
+    /// Until when (unix ms); its recipients wait until then, their attempts not used up.
+    pub until_ms: u64,
+    /// How many refusals, within how long, and the last one's words.
+    pub reason: String,
+}
+
+/// Refusals of the sender per recipient domain on this node, and the domains they
+/// paused (`bounces::BlockLimit`). Per node: a block is usually of the sending IP.
+pub(super) struct DomainBlocks {
+    limit: crate::bounces::BlockLimit,
+    domains: Mutex<HashMap<String, Blocks>>,
+}
+
+#[derive(Default)]
+struct Blocks {
+    times: VecDeque<Instant>,
+    paused: Option<(Instant, DomainPause)>,
+}
+
+impl DomainBlocks {
+    pub(super) fn new(limit: crate::bounces::BlockLimit) -> Self {
+        DomainBlocks {
+            limit,
+            domains: Default::default(),
+        }
+    }
+
+    /// Notes one refusal of the sender by `domain`'s receiver; returns the pause it
+    /// starts, if it is the one that reaches the limit.
+    pub(super) fn note(&self, domain: &str, reply: &str) -> Option<DomainPause> {
+        let now = Instant::now();
+        let mut domains = self.domains.lock().unwrap_or_else(|e| e.into_inner());
+        // Forget domains with nothing recent and no pause, so the map stays small.
+        domains.retain(|_, b| {
+            b.paused.as_ref().is_some_and(|(until, _)| *until > now)
+                || b.times
+                    .back()
+                    .is_some_and(|t| now.duration_since(*t) <= self.limit.window)
+        });
+        let blocks = domains.entry(domain.to_string()).or_default();
+        blocks.times.push_back(now);
+        while blocks
+            .times
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > self.limit.window)
+        {
+            blocks.times.pop_front();
+        }
+        let paused = blocks.paused.as_ref().is_some_and(|(until, _)| *until > now);
+        if paused || blocks.times.len() < self.limit.after as usize {
+            return None;
+        }
+        let pause = DomainPause {
+            domain: domain.to_string(),
+            until_ms: crate::domain::now_ms() + self.limit.pause.as_millis() as u64,
+            reason: format!(
+                "{} refusals of the sender within {} (the last: {reply})",
+                blocks.times.len(),
+                humantime::format_duration(self.limit.window)
+            ),
+        };
+        blocks.times.clear();
+        blocks.paused = Some((now + self.limit.pause, pause.clone()));
+        Some(pause)
+    }
+
+    /// The pause `domain` is under, if any.
+    pub(super) fn paused(&self, domain: &str) -> Option<DomainPause> {
+        let domains = self.domains.lock().unwrap_or_else(|e| e.into_inner());
+        let (until, pause) = domains.get(domain)?.paused.as_ref()?;
+        (*until > Instant::now()).then(|| pause.clone())
+    }
+
+    /// Every domain paused now, by name.
+    pub(super) fn all(&self) -> Vec<DomainPause> {
+        let now = Instant::now();
+        let domains = self.domains.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<DomainPause> = domains
+            .values()
+            .filter_map(|b| b.paused.as_ref().filter(|(until, _)| *until > now))
+            .map(|(_, pause)| pause.clone())
+            .collect();
+        out.sort_by(|a, b| a.domain.cmp(&b.domain));
+        out
+    }
+}
+
+#[cfg(test)]
+mod block_tests {
+    use super::*;
+
+    #[test]
+    fn refusals_pause_a_domain_at_the_limit_and_only_then() {
+        let blocks = DomainBlocks::new(crate::bounces::BlockLimit {
+            after: 3,
+            window: Duration::from_secs(60),
+            pause: Duration::from_secs(60),
+        });
+        assert_eq!(blocks.note("gmail.com", "550 5.7.1 no"), None);
+        assert_eq!(blocks.note("yahoo.com", "550 5.7.1 no"), None);
+        assert_eq!(blocks.note("gmail.com", "550 5.7.1 no"), None);
+        assert_eq!(blocks.paused("gmail.com"), None);
+        let pause = blocks
+            .note("gmail.com", "550 5.7.1 spam")
+            .expect("the third pauses");
+        assert!(
+            pause.reason.contains("3 refusals of the sender within 1m"),
+            "{}",
+            pause.reason
+        );
+        assert!(pause.reason.contains("550 5.7.1 spam"));
+        assert_eq!(blocks.paused("gmail.com"), Some(pause.clone()));
+        assert_eq!(blocks.paused("yahoo.com"), None);
+        assert_eq!(blocks.note("gmail.com", "again"), None, "already paused");
+        assert_eq!(blocks.all(), [pause]);
+    }
+
+    #[test]
+    fn a_pause_ends() {
+        let blocks = DomainBlocks::new(crate::bounces::BlockLimit {
+            after: 1,
+            window: Duration::from_secs(60),
+            pause: Duration::from_millis(1),
+        });
+        assert!(blocks.note("gmail.com", "550 5.7.1").is_some());
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(blocks.paused("gmail.com"), None);
+        assert!(blocks.all().is_empty());
+    }
+}

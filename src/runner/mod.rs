@@ -50,7 +50,7 @@ use crate::tokens::UnsubscribeKey;
 pub use compile::PolicyStatus;
 pub use health::Stall;
 use limits::{DomainLimiter, RateMeter};
-pub use limits::{DomainLimits, FailureLimit};
+pub use limits::{DomainLimits, DomainPause, FailureLimit};
 
 pub const MAX_CONCURRENCY: u32 = 1000;
 /// Recipients claimed per store transaction (see the re-send bound above).
@@ -97,6 +97,8 @@ pub struct RunnerConfig {
     pub idempotency_ttl: Duration,
     /// How long the event log keeps an event.
     pub event_retention: Duration,
+    /// What bounces and complaints do, and when refusals pause a domain.
+    pub bounces: crate::bounces::BounceSettings,
     /// Panics a test injects (see `crate::faults`).
     pub faults: crate::faults::Faults,
 }
@@ -205,6 +207,8 @@ struct Inner {
     rate_pools: fleet::RatePools,
     delivery_slots: Arc<Semaphore>,
     domains: DomainLimiter,
+    /// Recipient domains whose receivers refuse the sender, and those paused for it.
+    blocks: limits::DomainBlocks,
     /// Jobs stalled on a failing store here (see `health`).
     stalls: health::Stalls,
     /// Policy compilations on this node (see `compile`).
@@ -246,6 +250,7 @@ impl Runner {
                 transports,
                 delivery_slots: Arc::new(Semaphore::new(config.max_deliveries.max(1) as usize)),
                 domains: DomainLimiter::new(config.domain_limits.clone()),
+                blocks: limits::DomainBlocks::new(config.bounces.blocks),
                 config,
                 unsubscribe,
                 shutdown: CancellationToken::new(),
@@ -791,6 +796,17 @@ impl Runner {
         self.inner.stalls.get(job_id)
     }
 
+    /// What bounce and complaint reports do (the `[bounces]` settings).
+    pub fn bounce_rules(&self) -> crate::bounces::Rules {
+        self.inner.config.bounces.rules
+    }
+
+    /// The recipient domains this node holds back because their receivers refuse
+    /// the sender (see `bounces::BlockLimit`).
+    pub fn paused_domains(&self) -> Vec<DomainPause> {
+        self.inner.blocks.all()
+    }
+
     /// Every job stalled on a failing store on this node, by id.
     pub fn stalls(&self) -> Vec<(u64, Stall)> {
         self.inner.stalls.all()
@@ -849,6 +865,21 @@ fn message_id(job_id: u64, nonce: Option<&str>, subscriber_id: u64, domain: &str
         Some(nonce) => format!("letterbox.{job_id}.{subscriber_id}.{nonce}@{domain}"),
         None => format!("letterbox.{job_id}.{subscriber_id}@{domain}"),
     }
+}
+
+/// The job, subscriber and nonce a `message_id` names (angle brackets allowed), if it
+/// is one of ours; the caller checks the nonce against the job's.
+pub fn parse_message_id(text: &str) -> Option<(u64, u64, Option<String>)> {
+    let text = text.trim().trim_start_matches('<').trim_end_matches('>');
+    let (local, _domain) = text.rsplit_once('@')?;
+    let mut parts = local.strip_prefix("letterbox.")?.split('.');
+    let job = parts.next()?.parse().ok()?;
+    let subscriber = parts.next()?.parse().ok()?;
+    let nonce = parts.next().map(str::to_string);
+    if parts.next().is_some() || nonce.as_deref().is_some_and(|n| n.is_empty()) {
+        return None;
+    }
+    Some((job, subscriber, nonce))
 }
 
 fn outgoing(

@@ -16,10 +16,11 @@ use tracing::Instrument;
 use super::health::Backoff;
 use super::limits::{DomainPermit, FailureWindow, RateMeter};
 use super::{BULK_BATCH, CLAIM_BATCH, Control, Runner, RunnerError, message_id, outgoing};
+use crate::bounces::{BounceKind, NewBounce, Status, Suppression};
 use crate::domain::*;
 use crate::mail::{self, MailError, Transport};
 use crate::policy::{Evaluator, LetterInput, PolicyError, Verdict};
-use crate::store::StoreError;
+use crate::store::{StoreError, normalise_email};
 
 /// Restart intensity of a job's supervisor: more crashes (panics in `drive`) than this
 /// within the window pause the job instead of driving it again.
@@ -32,6 +33,7 @@ const SNAPSHOT_PAGE: usize = 1000;
 /// What a job needs for every delivery, resolved once when it starts running.
 struct JobContext {
     job_id: u64,
+    letter_id: u64,
     newsletter: Newsletter,
     message_domain: String,
     message_id_nonce: Option<String>,
@@ -275,10 +277,12 @@ enum JobEnd {
 }
 
 /// A claimed recipient, with its subscriber as read by the claim at status epoch
-/// `epoch`, and the node id it was claimed under.
+/// `epoch` and its address's suppression as read after it (`None` when that read
+/// failed: the delivery reads both again), and the node id it was claimed under.
 struct Claimed {
     delivery: Delivery,
     subscriber: Option<Subscriber>,
+    suppression: Option<Option<Suppression>>,
     epoch: u64,
     node: String,
 }
@@ -643,6 +647,7 @@ impl Runner {
         );
         let ctx = Arc::new(JobContext {
             job_id,
+            letter_id: job.letter_id,
             recorder: record_tx,
             evaluations: eval_tx,
             guard,
@@ -737,13 +742,26 @@ impl Runner {
                         Err(e) => return Err(e.into()),
                     };
                 }
+                // One read for the batch; a failed read leaves each delivery to read its own.
+                let emails = claimed.iter().map(|(d, _)| d.email.clone()).collect();
+                let suppressed: Option<HashMap<String, Suppression>> = match store.suppressed(emails).await {
+                    Ok(list) => Some(list.into_iter().map(|s| (normalise_email(&s.email), s)).collect()),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not read the suppression list for a claim");
+                        None
+                    }
+                };
                 for (delivery, subscriber) in claimed {
                     let subscriber_id = delivery.subscriber_id;
                     let runner = self.clone();
                     let ctx = ctx.clone();
+                    let suppression = suppressed
+                        .as_ref()
+                        .map(|list| list.get(&normalise_email(&delivery.email)).cloned());
                     let claimed = Claimed {
                         delivery,
                         subscriber,
+                        suppression,
                         epoch,
                         node: node.clone(),
                     };
@@ -912,6 +930,10 @@ impl Runner {
                 tracing::info!(error, attempts = delivery.attempts, "delivery will be retried");
                 report.retry_at_ms = Some(*at_ms);
             }
+            Outcome::Deferred { at_ms, reason } => {
+                tracing::debug!(reason, "deferred: its domain is paused");
+                report.retry_at_ms = Some(*at_ms);
+            }
             Outcome::Failed { reason } => tracing::warn!(reason, "delivery failed"),
             Outcome::Released => tracing::debug!("released: the job stopped before sending"),
         }
@@ -921,6 +943,7 @@ impl Runner {
             Outcome::Retry { .. } => "retry",
             Outcome::Failed { .. } => "failed",
             Outcome::Released => "released",
+            Outcome::Deferred { .. } => "deferred",
         };
         metrics::counter!("letterbox_deliveries_total", "outcome" => label).increment(1);
         report.finished = matches!(
@@ -955,19 +978,23 @@ impl Runner {
         }
         let delivery = &claimed.delivery;
         let claimed_node = claimed.node.clone();
+        if let Some(deferred) = self.domain_paused(delivery) {
+            return Ok(deferred);
+        }
         // The claim read the subscriber; read again only if a status changed since.
         let mut epoch = claimed.epoch;
-        let subscriber = if inner.store.status_epoch() == epoch {
-            claimed.subscriber
-        } else {
-            epoch = inner.store.status_epoch();
-            match self.reread(ctx, delivery).await {
-                Ok(subscriber) => subscriber,
-                Err(outcome) => return Ok(outcome),
+        let recipient = match claimed.suppression {
+            Some(suppression) if inner.store.status_epoch() == epoch => (claimed.subscriber, suppression),
+            _ => {
+                epoch = inner.store.status_epoch();
+                match self.reread(ctx, delivery).await {
+                    Ok(recipient) => recipient,
+                    Err(outcome) => return Ok(outcome),
+                }
             }
         };
         // Re-checked at send time: an unsubscribe wins over a snapshot taken earlier.
-        let subscriber = match sendable(subscriber) {
+        let subscriber = match sendable(recipient) {
             Ok(subscriber) => subscriber,
             Err(skipped) => return Ok(skipped),
         };
@@ -1006,13 +1033,16 @@ impl Runner {
         // window of recipients): a status that changed meanwhile still wins.
         if inner.store.status_epoch() != epoch {
             match self.reread(ctx, delivery).await {
-                Ok(subscriber) => {
-                    if let Err(skipped) = sendable(subscriber) {
+                Ok(recipient) => {
+                    if let Err(skipped) = sendable(recipient) {
                         return Ok(skipped);
                     }
                 }
                 Err(outcome) => return Ok(outcome),
             }
+        }
+        if let Some(deferred) = self.domain_paused(delivery) {
+            return Ok(deferred);
         }
         // Fencing: nothing goes out under a claim this node may no longer hold.
         if stop.is_cancelled() || !inner.node.holds(&claimed_node) {
@@ -1024,25 +1054,102 @@ impl Runner {
         Ok(match ctx.transport.send(&outgoing, &go).await {
             Ok(reply) => Outcome::Delivered { reply },
             Err(MailError::Withheld) => Outcome::Released,
-            Err(e) if e.is_transient() => self.retry_or_fail(ctx, delivery, e.to_string()),
-            Err(e) => Outcome::Failed {
-                reason: e.to_string(),
+            Err(e) if e.is_transient() => match self.retry_or_fail(ctx, delivery, e.to_string()) {
+                // A full mailbox (4.2.2) that outlasted every attempt is a soft bounce.
+                Outcome::Failed { reason } => self.rejected(ctx, delivery, &e.to_string(), reason).await,
+                retry => retry,
             },
+            Err(e) => self.rejected(ctx, delivery, &e.to_string(), e.to_string()).await,
         })
     }
 
-    /// The delivery's subscriber as stored now (`None` once erased), or the outcome
-    /// when it cannot be read.
-    async fn reread(&self, ctx: &JobContext, delivery: &Delivery) -> Result<Option<Subscriber>, Outcome> {
-        match self
-            .inner
-            .store
-            .subscriber(ctx.newsletter.id, delivery.subscriber_id)
-            .await
-        {
-            Ok(s) => Ok(Some(s)),
-            Err(StoreError::NotFound { .. }) => Ok(None),
+    /// The delivery's subscriber as stored now (`None` once erased) and its address's
+    /// suppression, or the outcome when they cannot be read.
+    async fn reread(&self, ctx: &JobContext, delivery: &Delivery) -> Result<Recipient, Outcome> {
+        let store = &self.inner.store;
+        let subscriber = match store.subscriber(ctx.newsletter.id, delivery.subscriber_id).await {
+            Ok(s) => Some(s),
+            Err(StoreError::NotFound { .. }) => None,
+            Err(e) => return Err(self.retry_or_fail(ctx, delivery, e.to_string())),
+        };
+        match store.suppressed(vec![delivery.email.clone()]).await {
+            Ok(mut list) => Ok((subscriber, list.pop())),
             Err(e) => Err(self.retry_or_fail(ctx, delivery, e.to_string())),
+        }
+    }
+
+    /// The outcome for a recipient whose domain this node holds back, if it does.
+    fn domain_paused(&self, delivery: &Delivery) -> Option<Outcome> {
+        let domain = crate::bounces::domain_of(&delivery.email);
+        let pause = self.inner.blocks.paused(&domain)?;
+        let until = std::time::UNIX_EPOCH + std::time::Duration::from_millis(pause.until_ms);
+        Some(Outcome::Deferred {
+            at_ms: pause.until_ms,
+            reason: format!(
+                "recipient domain {domain} paused until {}: {}",
+                humantime::format_rfc3339_seconds(until),
+                pause.reason
+            ),
+        })
+    }
+
+    /// A refusal the delivery ends on (`reason`): if the server's reply classifies as a
+    /// bounce or a block (`bounces::Status`), it is recorded as one, with the rules
+    /// applied, before the failure is: a crash between the two re-sends to a
+    /// subscriber who is then skipped. A report that cannot be recorded now is tried
+    /// again with the delivery, if it has attempts left.
+    async fn rejected(&self, ctx: &JobContext, delivery: &Delivery, reply: &str, reason: String) -> Outcome {
+        let classified = Status::in_reply(reply).and_then(|status| Some((status, status.bounce_kind()?)));
+        let Some((status, kind)) = classified else {
+            return Outcome::Failed { reason };
+        };
+        metrics::counter!("letterbox_rejections_total", "kind" => kind.as_str()).increment(1);
+        if kind == BounceKind::Blocked {
+            let domain = crate::bounces::domain_of(&delivery.email);
+            metrics::counter!("letterbox_sender_blocks_total", "domain" => domain.clone()).increment(1);
+            if let Some(pause) = self.inner.blocks.note(&domain, reply) {
+                metrics::counter!("letterbox_domain_pauses_total", "domain" => domain.clone()).increment(1);
+                tracing::warn!(
+                    domain,
+                    reason = pause.reason,
+                    "recipient domain paused on this node"
+                );
+            }
+        }
+        let report = NewBounce {
+            kind,
+            source: crate::bounces::sources::SMTP.into(),
+            email: delivery.email.clone(),
+            newsletter_id: Some(ctx.newsletter.id),
+            subscriber_id: Some(delivery.subscriber_id),
+            job_id: Some(ctx.job_id),
+            letter_id: Some(ctx.letter_id),
+            status: Some(status.to_string()),
+            diagnostic: Some(reply.to_string()),
+            raw: None,
+        };
+        let rules = self.inner.config.bounces.rules;
+        match self.inner.store.record_bounce(report, rules).await {
+            Ok(records) => {
+                let decision = records.first().map(|r| r.decision.as_str()).unwrap_or_default();
+                Outcome::Failed {
+                    reason: format!("{reason} [{decision}]"),
+                }
+            }
+            Err(e) if e.is_unavailable() && delivery.attempts < ctx.retry.max_attempts => {
+                tracing::warn!(error = %e, "a bounce could not be recorded: the delivery will be retried");
+                self.retry_or_fail(
+                    ctx,
+                    delivery,
+                    format!("{reason} (its bounce could not be recorded: {e})"),
+                )
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "a bounce could not be recorded");
+                Outcome::Failed {
+                    reason: format!("{reason} (its bounce could not be recorded: {e})"),
+                }
+            }
         }
     }
 
@@ -1060,8 +1167,19 @@ impl Runner {
     }
 }
 
+/// A recipient as last read: its subscriber (`None` once erased) and its address's
+/// suppression.
+type Recipient = (Option<Subscriber>, Option<Suppression>);
+
 /// The subscriber, if it may still be sent to; else the skip that says why not.
-fn sendable(subscriber: Option<Subscriber>) -> Result<Subscriber, Outcome> {
+fn sendable((subscriber, suppression): Recipient) -> Result<Subscriber, Outcome> {
+    if let (Some(s), Some(suppression)) = (&subscriber, suppression)
+        && s.status == SubscriberStatus::Active
+    {
+        return Err(Outcome::Skipped {
+            reason: suppression.skip_reason(),
+        });
+    }
     match subscriber {
         None => Err(Outcome::Skipped {
             reason: "subscriber was deleted".into(),

@@ -40,6 +40,14 @@ const KNOWN_ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/events"),
     ("post", "/v1/events"),
     ("get", "/v1/events/stream"),
+    ("post", "/v1/bounces"),
+    ("get", "/v1/bounces"),
+    ("get", "/v1/subscribers/{id}/bounces"),
+    ("post", "/v1/subscribers/{id}/reinstate"),
+    ("get", "/v1/suppressions"),
+    ("post", "/v1/suppressions"),
+    ("get", "/v1/suppressions/{email}"),
+    ("delete", "/v1/suppressions/{email}"),
 ];
 
 /// Every operation of the served document: (method, path template, needs the token).

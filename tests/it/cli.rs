@@ -156,12 +156,70 @@ async fn a_whole_send_from_the_command_line() {
     assert!(out.ok, "{}", out.stderr);
     assert_eq!(out.json()["requeued"], 1);
     let out = run(args(&format!("job follow {job}"))).await;
-    assert!(!out.ok, "it fails again");
+    assert!(out.ok, "the bounced recipient is skipped: {}", out.stderr);
     assert!(
-        out.stdout.contains("300 delivered, 0 skipped, 1 failed"),
+        out.stdout.contains("300 delivered, 1 skipped, 0 failed"),
         "{}",
         out.stdout
     );
+    assert_eq!(
+        smtp.tries("gone@example.com"),
+        1,
+        "a hard bounce is not tried again"
+    );
+
+    // What came back (the 5.1.1 at RCPT), and the operator's answers to it.
+    let out = run(args("bounces")).await;
+    assert!(out.ok, "{}", out.stderr);
+    let line = out.stdout.lines().nth(1).unwrap_or_default();
+    assert!(
+        line.contains("hard") && line.contains("smtp") && line.contains("gone@example.com"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        line.contains("subscriber bounced: hard bounce 5.1.1"),
+        "{}",
+        out.stdout
+    );
+    let out = run(args("--json bounces")).await;
+    let gone = out.json()["items"][0]["subscriber_id"].as_u64().unwrap();
+    let out = run(args(&format!("subscribers reinstate {gone}"))).await;
+    assert!(out.ok, "{}", out.stderr);
+    assert!(
+        out.stdout.contains("<gone@example.com> is active"),
+        "{}",
+        out.stdout
+    );
+    let mut add = args("suppressions add gone@example.com bad-address --note");
+    add.push("asked by phone".into());
+    let out = run(add).await;
+    assert!(out.ok, "{}", out.stderr);
+    assert!(
+        out.stdout
+            .starts_with("1 added, 0 already on the list, 1 rejected"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("row 2: invalid email address"),
+        "{}",
+        out.stdout
+    );
+    let out = run(args("suppressions list")).await;
+    assert!(out.ok, "{}", out.stderr);
+    let line = out.stdout.lines().nth(1).unwrap_or_default();
+    assert!(
+        line.contains("gone@example.com") && line.contains("manual") && line.contains("asked by phone"),
+        "{}",
+        out.stdout
+    );
+    let out = run(args("suppressions remove gone@example.com")).await;
+    assert!(out.ok, "{}", out.stderr);
+    assert_eq!(out.stdout.trim(), "gone@example.com is off the suppression list");
+    let out = run(args("suppressions remove gone@example.com")).await;
+    assert!(!out.ok);
+    assert!(out.stderr.contains("not found"), "{}", out.stderr);
 
     // Server errors: the problem's detail and field errors, and a failing exit.
     let out = run(args("job pause 999")).await;

@@ -261,10 +261,11 @@ async fn cancel_stops_the_send_and_marks_the_rest_cancelled() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_failed_requeues_only_the_failed_recipients() {
-    // "bad" recipients are refused (5xx) the first time only.
+    // "bad" recipients are refused (5xx, for a reason that is not their address's) the
+    // first time only.
     let script: Script = Arc::new(|rcpt: &str, before: u32| {
         if rcpt.starts_with("bad") && before == 0 {
-            Reply::PermFail
+            Reply::Refuse
         } else {
             Reply::Accept
         }

@@ -599,7 +599,7 @@ impl Jobs for PgStore {
                     kind.map_or("unknown", StateKind::as_str)
                 )));
             }
-            let tries = if matches!(outcome, Outcome::Released) {
+            let tries = if !outcome.is_attempt() {
                 (tries - 1).max(0)
             } else {
                 tries

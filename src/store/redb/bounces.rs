@@ -307,10 +307,8 @@ impl Bounces for RedbStore {
     }
 
     async fn remove_suppression(&self, email: String) -> Result<Suppression, StoreError> {
-        self.write(move |txn| {
-            lift(txn, &email)?.ok_or_else(|| StoreError::not_found("suppression", email))
-        })
-        .await
+        self.write(move |txn| lift(txn, &email)?.ok_or_else(|| StoreError::not_found("suppression", email)))
+            .await
     }
 
     async fn suppressions(

@@ -351,7 +351,7 @@ impl Jobs for RedbStore {
             let at = now();
             let mut failed = Vec::new();
             for (mut delivery, outcome) in rows {
-                if matches!(outcome, Outcome::Released) {
+                if !outcome.is_attempt() {
                     delivery.attempts = delivery.attempts.saturating_sub(1);
                 }
                 t.set_state(&mut job, &mut delivery, outcome.into_state(at))?;

@@ -26,6 +26,13 @@ pub enum Reply {
     TempFail,
     /// `550 5.1.1` at RCPT: no such user.
     PermFail,
+    /// `550 5.6.0` at RCPT: refused for good, for a reason that says nothing about the
+    /// address (no bounce).
+    Refuse,
+    /// `452 4.2.2` at RCPT: mailbox full (a soft bounce once it outlasts the retries).
+    Full,
+    /// `554 5.7.1` after the message: the receiver refuses the sender (a block).
+    Blocked,
     /// Reads part of the message after DATA, then closes the connection.
     DropInData,
     /// Never answers the end of the message.
@@ -513,6 +520,8 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
             match script(&address, before) {
                 Reply::TempFail => b"451 4.3.0 try again later\r\n",
                 Reply::PermFail => b"550 5.1.1 no such user\r\n",
+                Reply::Refuse => b"550 5.6.0 refused\r\n",
+                Reply::Full => b"452 4.2.2 mailbox full\r\n",
                 other => {
                     planned = other;
                     recipients.push(address);
@@ -546,16 +555,21 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                     tokio::time::sleep(Duration::from_secs(3600)).await;
                     return None;
                 }
-                if !delay.is_zero() {
-                    tokio::time::sleep(delay).await;
+                if planned == Reply::Blocked {
+                    recipients.clear();
+                    b"554 5.7.1 rejected as spam\r\n"
+                } else {
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
+                    state.lock().unwrap().received.push(Received {
+                        recipients: std::mem::take(&mut recipients),
+                        data,
+                        started,
+                        at: Instant::now(),
+                    });
+                    b"250 2.0.0 accepted\r\n"
                 }
-                state.lock().unwrap().received.push(Received {
-                    recipients: std::mem::take(&mut recipients),
-                    data,
-                    started,
-                    at: Instant::now(),
-                });
-                b"250 2.0.0 accepted\r\n"
             }
         } else if command.starts_with("QUIT") {
             let _ = write.write_all(b"221 bye\r\n").await;

@@ -74,7 +74,7 @@ struct ReportBounce {
     job: Option<u64>,
     /// The enhanced status code (RFC 3463), e.g. `5.1.1`.
     #[serde(default)]
-    #[schema(pattern = r"^[245]\.[0-9]{1,3}\.[0-9]{1,3}$")]
+    #[schema(pattern = r"^[45]\.[0-9]{1,3}\.[0-9]{1,3}$")]
     status: Option<String>,
     /// The remote server's words (kept, at most 2 KiB).
     #[serde(default)]

@@ -400,11 +400,12 @@ async fn a_domain_limit_holds_across_the_fleet() {
     assert_eq!(claimed_by.len(), 3, "every node worked the job");
 }
 
-/// An unsubscribe made through one node stops the sends another node already claimed:
-/// a status change counts for the whole fleet (`fleet_counters`), and every node reads
-/// again, before sending, the claimed recipients whose status may have moved.
+/// An unsubscribe, a bounce, a complaint or a suppression made through one node stops
+/// the sends another node already claimed: each counts for the whole fleet
+/// (`fleet_counters`), and every node reads again, before sending, the claimed
+/// recipients whose status may have moved.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unsubscribe_on_one_node_stops_what_another_claimed() {
+async fn a_status_change_on_one_node_stops_what_another_claimed() {
     const N: usize = 600;
     let Some(homes) = fleet_homes(2).await else { return };
     // A slow server and two transactions per node: each node claims a window of
@@ -462,14 +463,26 @@ async fn an_unsubscribe_on_one_node_stops_what_another_claimed() {
     everyone.retain(|(_, email)| !sent.contains(email));
     everyone.sort_unstable_by_key(|(id, _)| std::cmp::Reverse(*id));
     let mut unsubscribed_at: HashMap<String, Instant> = HashMap::new();
-    for (id, email) in &everyone {
-        let (status, body) = a
-            .patch(
-                &format!("/v1/subscribers/{id}"),
-                json!({ "status": "unsubscribed" }),
-            )
-            .await;
-        assert_eq!(status, 200, "{body}");
+    for (i, (id, email)) in everyone.iter().enumerate() {
+        let (status, body) = match i % 4 {
+            0 => {
+                a.patch(
+                    &format!("/v1/subscribers/{id}"),
+                    json!({ "status": "unsubscribed" }),
+                )
+                .await
+            }
+            1 => {
+                a.post("/v1/bounces", json!({ "type": "hard", "subscriber": id }))
+                    .await
+            }
+            2 => {
+                a.post("/v1/bounces", json!({ "type": "complaint", "email": email }))
+                    .await
+            }
+            _ => a.post("/v1/suppressions", json!({ "emails": [email] })).await,
+        };
+        assert!(status == 200 || status == 201, "{body}");
         unsubscribed_at.insert(email.clone(), Instant::now());
     }
 
@@ -493,7 +506,7 @@ async fn an_unsubscribe_on_one_node_stops_what_another_claimed() {
         .filter(|m| unsubscribed_at.contains_key(&m.recipients[0]))
         .count();
     eprintln!(
-        "{} unsubscribed mid-send through one node: {got} of them sent before it took, {} late",
+        "{} unsubscribed, bounced, complained or suppressed mid-send through one node: {got} of them sent before it took, {} late",
         unsubscribed_at.len(),
         late.len()
     );

@@ -409,8 +409,10 @@ async fn a_status_change_on_one_node_stops_what_another_claimed() {
     const N: usize = 600;
     let Some(homes) = fleet_homes(2).await else { return };
     // A slow server and two transactions per node: each node claims a window of
-    // `concurrency + 2 x CLAIM_BATCH` (258) far ahead of what it sends.
-    let smtp = SmtpServer::start_with_delay(Duration::from_millis(50)).await;
+    // `concurrency + 2 x CLAIM_BATCH` (258) far ahead of what it sends. Slow enough that
+    // most of the list is still unsent while the ~600 changes are made one by one (a
+    // complaint is a bigger transaction than an unsubscribe).
+    let smtp = SmtpServer::start_with_delay(Duration::from_millis(100)).await;
     let url = smtp.url();
     let args = ["--smtp", &url, "--concurrency", "2"];
     let fleet: Vec<(Server, Api)> = homes.iter().map(|home| spawn_node(home, &args)).collect();

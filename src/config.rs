@@ -54,6 +54,11 @@ pub struct Config {
     pub event_retention: Duration,
     /// What bounces and complaints do (see `crate::bounces`).
     pub bounces: crate::bounces::BounceSettings,
+    /// The domain of VERP return paths (`b-…@domain`): every message's envelope sender
+    /// names its job and subscriber. `None`: the From address is the envelope sender.
+    pub bounce_domain: Option<String>,
+    /// Where the inbound SMTP listener listens (needs `bounce_domain`); `None`: off.
+    pub inbound_smtp: Option<std::net::SocketAddr>,
     /// Base URL the public `/u/{token}` links use; defaults to `http://` + the listen
     /// address.
     pub public_url: Option<String>,
@@ -86,6 +91,8 @@ impl Config {
             idempotency_ttl: Duration::from_secs(24 * 3600),
             event_retention: Duration::from_secs(90 * 24 * 3600),
             bounces: Default::default(),
+            bounce_domain: None,
+            inbound_smtp: None,
             public_url: None,
             policy_limits: PolicyLimits::default(),
             policy_failures: FailureLimit::default(),
@@ -124,6 +131,8 @@ impl std::fmt::Debug for Config {
             .field("idempotency_ttl", &self.idempotency_ttl)
             .field("event_retention", &self.event_retention)
             .field("bounces", &self.bounces)
+            .field("bounce_domain", &self.bounce_domain)
+            .field("inbound_smtp", &self.inbound_smtp)
             .field("public_url", &self.public_url)
             .field("policy_limits", &self.policy_limits)
             .field("policy_failures", &self.policy_failures)

@@ -13,6 +13,7 @@ pub mod events;
 pub mod faults;
 pub mod http;
 pub mod import;
+pub mod inbound;
 pub mod logging;
 pub mod mail;
 pub mod migrate;
@@ -40,7 +41,7 @@ use crate::policy::PolicyHost;
 use crate::policy::builtin;
 use crate::runner::{Runner, RunnerConfig};
 use crate::store::Store;
-use crate::tokens::{ApiToken, UnsubscribeKey};
+use crate::tokens::{ApiToken, UnsubscribeKey, VerpKey};
 
 /// Why the server could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +60,11 @@ pub enum Error {
     Runner(#[from] runner::RunnerError),
     #[error("HTTP server: {0}")]
     Serve(std::io::Error),
+    #[error("inbound SMTP listener on {address}: {source}")]
+    Inbound {
+        address: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// Runs letterbox on `listener` until `shutdown` resolves. On shutdown the HTTP server
@@ -83,6 +89,7 @@ pub async fn run(
     };
     let store = Store::open_with_faults(location, config.faults.clone()).await?;
     let unsubscribe = UnsubscribeKey::load_or_create(&store, Some(&data_dir.join("unsubscribe.key"))).await?;
+    let verp = VerpKey::load_or_create(&store).await?;
     let (api_token, generated) = ApiToken::load_or_create(
         config.api_token.as_deref(),
         &store,
@@ -136,9 +143,11 @@ pub async fn run(
             idempotency_ttl: config.idempotency_ttl,
             event_retention: config.event_retention,
             bounces: config.bounces,
+            bounce_domain: config.bounce_domain.clone(),
             faults: config.faults.clone(),
         },
         unsubscribe,
+        verp.clone(),
     );
     for (name, kind, bytes) in [
         (
@@ -170,6 +179,24 @@ pub async fn run(
         trigger.cancel();
     });
 
+    let inbound = match (config.inbound_smtp, &config.bounce_domain) {
+        (Some(address), Some(domain)) => {
+            let listener = TcpListener::bind(address)
+                .await
+                .map_err(|source| Error::Inbound { address, source })?;
+            tracing::info!(address = %address, domain, "inbound SMTP listener for bounces and complaints");
+            let inbound = inbound::Inbound {
+                store: store.clone(),
+                rules: config.bounces.rules,
+                verp,
+                domain: domain.clone(),
+                limits: inbound::Limits::default(),
+            };
+            Some(tokio::spawn(inbound::serve(listener, inbound, stop.clone())))
+        }
+        _ => None,
+    };
+
     tracing::info!("listening on http://{local_addr}");
     let app = http::router(http::AppState {
         store: store.clone(),
@@ -187,6 +214,9 @@ pub async fn run(
     tracing::info!("shutting down: draining in-flight deliveries");
     runner.shutdown(config.drain_timeout).await;
     drop(runner);
+    if let Some(inbound) = inbound {
+        let _ = inbound.await;
+    }
     // A connection's task lets go of its handles a moment after the server stopped
     // waiting for it; the database is closed (a redb file unlocked, the pool's
     // connections ended) when the last handle goes, and the caller may open it again

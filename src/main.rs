@@ -250,6 +250,15 @@ struct ServeArgs {
     /// [default: 30s].
     #[arg(long, env = "LETTERBOX_REQUEST_TIMEOUT")]
     request_timeout: Option<String>,
+    /// The domain of VERP return paths: each message's envelope sender becomes
+    /// `b-…@DOMAIN`, naming its job and subscriber, so a bounce says whose it is. Its MX
+    /// must reach the inbound listener (--inbound-smtp) or a relay to it.
+    #[arg(long, env = "LETTERBOX_BOUNCE_DOMAIN")]
+    bounce_domain: Option<String>,
+    /// Run the inbound SMTP listener for bounces and complaints on ADDR:PORT (e.g.
+    /// 0.0.0.0:25, or a high port behind a forward); needs --bounce-domain [default: off].
+    #[arg(long, env = "LETTERBOX_INBOUND_SMTP")]
+    inbound_smtp: Option<String>,
     /// Public base URL for unsubscribe links (default: http://LISTEN).
     #[arg(long, env = "LETTERBOX_PUBLIC_URL")]
     public_url: Option<String>,
@@ -293,6 +302,8 @@ impl ServeArgs {
             ("api_token", self.api_token),
             ("public_metrics", self.public_metrics.map(|b| b.to_string())),
             ("public_url", self.public_url),
+            ("bounces.domain", self.bounce_domain),
+            ("bounces.inbound_smtp", self.inbound_smtp),
             ("dkim.key_file", self.dkim_key.map(|d| d.display().to_string())),
             ("dkim.selector", self.dkim_selector),
             ("dkim.domain", self.dkim_domain),

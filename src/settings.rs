@@ -84,6 +84,10 @@ struct Retry {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Bounces {
+    /// The domain of VERP return paths; the listener takes mail for it only.
+    domain: Option<String>,
+    /// Where the inbound SMTP listener listens (`ADDR:PORT`); off when absent.
+    inbound_smtp: Option<String>,
     soft_limit: u32,
     soft_window: String,
     block_after: u32,
@@ -344,6 +348,37 @@ fn resolve(
     config.idempotency_ttl = positive_duration("idempotency_ttl", &file.idempotency_ttl)?;
     config.event_retention = positive_duration("event_retention", &file.event_retention)?;
     let b = &file.bounces;
+    if let Some(domain) = &b.domain {
+        let domain = domain.trim().trim_start_matches('@').to_ascii_lowercase();
+        let valid = !domain.is_empty()
+            && domain.len() <= 253
+            && domain.contains('.')
+            && domain.split('.').all(|label| {
+                !label.is_empty() && label.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-')
+            });
+        if !valid {
+            return Err(invalid(
+                "bounces.domain",
+                format!("{domain:?} is not a domain name like bounces.example.com"),
+            ));
+        }
+        config.bounce_domain = Some(domain);
+    }
+    if let Some(address) = &b.inbound_smtp {
+        let address: SocketAddr = address.parse().map_err(|e| {
+            invalid(
+                "bounces.inbound_smtp",
+                format!("{address:?} is not an address like 0.0.0.0:2525: {e}"),
+            )
+        })?;
+        if config.bounce_domain.is_none() {
+            return Err(invalid(
+                "bounces.inbound_smtp",
+                "needs bounces.domain (--bounce-domain): the listener takes mail for that domain only",
+            ));
+        }
+        config.inbound_smtp = Some(address);
+    }
     config.bounces = crate::bounces::BounceSettings {
         rules: crate::bounces::Rules {
             soft_limit: in_range("bounces.soft_limit", b.soft_limit, 1, 100)?,
@@ -499,6 +534,12 @@ mod tests {
                 .starts_with("database.url: must be a PostgreSQL URL")
         );
         assert!(error("api_token = \"short\"\n").starts_with("api_token: "));
+        assert!(
+            error("[bounces]\ninbound_smtp = \"127.0.0.1:2525\"\n")
+                .starts_with("bounces.inbound_smtp: needs bounces.domain")
+        );
+        assert!(error("[bounces]\ndomain = \"not a domain\"\n").starts_with("bounces.domain: "));
+        assert!(error("[bounces]\nsoft_limit = 0\n").starts_with("bounces.soft_limit: "));
         let unknown = error("[delivery]\nconcurency = 3\n");
         assert!(unknown.contains("concurency"), "{unknown}");
         let syntax = error("listen = \n");

@@ -43,6 +43,7 @@ pub enum SecretError {
 
 /// Store names of the secrets.
 const UNSUBSCRIBE_KEY: &str = "unsubscribe-key";
+const VERP_KEY: &str = "verp-key";
 const API_TOKEN_HASH: &str = "api-token-sha256";
 
 fn random_32() -> Result<[u8; 32], SecretError> {
@@ -129,6 +130,62 @@ impl UnsubscribeKey {
     }
 }
 
+/// Bytes of the MAC in a return path: 64 bits. A forger gets one guess per message it
+/// sends to the listener, and a wrong guess changes nothing.
+const VERP_MAC_BYTES: usize = 8;
+
+/// The key of VERP return paths (`b-JOB-SUBSCRIBER-MAC@bounce-domain`): each message's
+/// envelope sender names its job and subscriber, with a MAC, so a bounce to it says
+/// exactly whose it is, and a forged or guessed address is refused.
+#[derive(Clone)]
+pub struct VerpKey(Arc<[u8; 32]>);
+
+impl VerpKey {
+    pub async fn load_or_create(store: &Store) -> Result<VerpKey, SecretError> {
+        let (key, _) = store.secret(VERP_KEY, random_32()?.to_vec()).await?;
+        Ok(VerpKey(Arc::new(exactly_32(key, "VERP key")?)))
+    }
+
+    fn mac(&self, job_id: u64, subscriber_id: u64) -> HmacSha256 {
+        let mut mac = HmacSha256::new_from_slice(self.0.as_slice()).expect("HMAC takes any key length");
+        mac.update(b"verp:");
+        mac.update(&job_id.to_be_bytes());
+        mac.update(&subscriber_id.to_be_bytes());
+        mac
+    }
+
+    /// The return path of job `job_id`'s message to `subscriber_id`. Lower-case digits
+    /// only, so an MTA that changes the case of the local part changes nothing.
+    pub fn address(&self, job_id: u64, subscriber_id: u64, domain: &str) -> String {
+        let tag = self.mac(job_id, subscriber_id).finalize().into_bytes();
+        format!(
+            "b-{job_id}-{subscriber_id}-{}@{domain}",
+            hex::encode(&tag[..VERP_MAC_BYTES])
+        )
+    }
+
+    /// The (job id, subscriber id) a genuine return path at `domain` names; `None` for
+    /// anything else (another domain, a forged or mangled MAC).
+    pub fn verify(&self, address: &str, domain: &str) -> Option<(u64, u64)> {
+        let (local, at) = address.rsplit_once('@')?;
+        if !at.eq_ignore_ascii_case(domain) {
+            return None;
+        }
+        let local = local.to_ascii_lowercase();
+        let mut parts = local.strip_prefix("b-")?.splitn(3, '-');
+        let job_id = parts.next()?.parse().ok()?;
+        let subscriber_id = parts.next()?.parse().ok()?;
+        let tag = hex::decode(parts.next()?).ok()?;
+        if tag.len() != VERP_MAC_BYTES {
+            return None;
+        }
+        self.mac(job_id, subscriber_id)
+            .verify_truncated_left(&tag)
+            .ok()
+            .map(|_| (job_id, subscriber_id))
+    }
+}
+
 /// The bearer token every `/v1` request must carry, as its SHA-256.
 #[derive(Clone)]
 pub struct ApiToken(Arc<[u8; 32]>);
@@ -208,6 +265,36 @@ mod tests {
         assert_eq!(key.verify(&forged), None);
         assert_eq!(key.verify("3.42.zz"), None);
         assert_eq!(key.verify(""), None);
+    }
+
+    #[tokio::test]
+    async fn return_paths_name_their_recipient_and_resist_forgery() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_store(dir.path()).await;
+        let key = VerpKey::load_or_create(&store).await.unwrap();
+        let again = VerpKey::load_or_create(&store).await.unwrap();
+        let path = key.address(7, 1234, "bounces.example.com");
+        assert!(
+            path.starts_with("b-7-1234-") && path.ends_with("@bounces.example.com"),
+            "{path}"
+        );
+        assert_eq!(again.verify(&path, "bounces.example.com"), Some((7, 1234)));
+        // An MTA may change the case of the address.
+        assert_eq!(
+            key.verify(&path.to_ascii_uppercase(), "bounces.example.com"),
+            Some((7, 1234))
+        );
+        assert_eq!(key.verify(&path, "other.example.com"), None);
+        let forged = path.replacen("b-7-1234-", "b-7-1235-", 1);
+        assert_eq!(key.verify(&forged, "bounces.example.com"), None);
+        assert_eq!(
+            key.verify("b-7-1234-00@bounces.example.com", "bounces.example.com"),
+            None
+        );
+        assert_eq!(
+            key.verify("postmaster@bounces.example.com", "bounces.example.com"),
+            None
+        );
     }
 
     #[tokio::test]

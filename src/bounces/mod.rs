@@ -28,14 +28,18 @@ pub enum BounceKind {
     /// The receiver refused the *sender* (policy, reputation: 5.7.x). Says nothing
     /// about the address, so it never suppresses it; counted per recipient domain.
     Blocked,
+    /// Not a bounce (an automatic reply, a delay notice, a message nobody could read):
+    /// kept with its evidence, never counted.
+    Ignored,
 }
 
 impl BounceKind {
-    pub const ALL: [BounceKind; 4] = [
+    pub const ALL: [BounceKind; 5] = [
         BounceKind::Hard,
         BounceKind::Soft,
         BounceKind::Complaint,
         BounceKind::Blocked,
+        BounceKind::Ignored,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -44,6 +48,7 @@ impl BounceKind {
             BounceKind::Soft => "soft",
             BounceKind::Complaint => "complaint",
             BounceKind::Blocked => "blocked",
+            BounceKind::Ignored => "ignored",
         }
     }
 }
@@ -54,6 +59,8 @@ pub mod sources {
     pub const API: &str = "api";
     /// A rejection during the SMTP transaction of a send.
     pub const SMTP: &str = "smtp";
+    /// A message to the inbound listener (`--inbound-smtp`).
+    pub const INBOUND: &str = "inbound";
 }
 
 /// The longest raw message kept with a report; the rest is cut (and the cut said).
@@ -185,12 +192,14 @@ impl Bounce {
         self
     }
 
-    /// `delivery.bounced`, `delivery.complained` or `delivery.blocked`.
-    pub fn event(&self) -> NewEvent {
+    /// `delivery.bounced`, `delivery.complained` or `delivery.blocked`; nothing for a
+    /// message that was not a bounce.
+    pub fn event(&self) -> Option<NewEvent> {
         let kind = match self.kind {
             BounceKind::Hard | BounceKind::Soft => crate::events::types::DELIVERY_BOUNCED,
             BounceKind::Complaint => crate::events::types::DELIVERY_COMPLAINED,
             BounceKind::Blocked => crate::events::types::DELIVERY_BLOCKED,
+            BounceKind::Ignored => return None,
         };
         let mut event = NewEvent::new(kind);
         event.newsletter_id = self.newsletter_id;
@@ -209,7 +218,7 @@ impl Bounce {
             unreachable!("an object literal")
         };
         event.data = data;
-        event
+        Some(event)
     }
 }
 
@@ -326,6 +335,9 @@ pub fn decide(
             decision.words = format!(
                 "the receiver refused the sender{code} (policy or reputation): not counted against the address"
             );
+        }
+        BounceKind::Ignored => {
+            decision.words = "not a bounce: kept, not counted".into();
         }
     }
     decision

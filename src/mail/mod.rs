@@ -208,6 +208,8 @@ pub struct Outgoing {
     /// Without angle brackets: `local@domain`.
     pub message_id: String,
     pub unsubscribe_url: Option<String>,
+    /// The envelope sender (a VERP return path) when it is not the From address.
+    pub return_path: Option<String>,
 }
 
 /// The message exactly as it would be sent (RFC 5322 text), e.g. for a preview.
@@ -248,8 +250,12 @@ fn build(o: &Outgoing) -> Result<Message, MailError> {
     let from = from_mailbox(&o.from)?;
     let to_address = Address::from_str(&o.to).map_err(|_| MailError::InvalidAddress(o.to.clone()))?;
     // Given, the envelope is not derived by parsing the From and To headers back.
-    let envelope = Envelope::new(Some(from.email.clone()), vec![to_address.clone()])
-        .map_err(|e| MailError::Build(e.to_string()))?;
+    let sender = match &o.return_path {
+        Some(path) => Address::from_str(path).map_err(|_| MailError::InvalidAddress(path.clone()))?,
+        None => from.email.clone(),
+    };
+    let envelope =
+        Envelope::new(Some(sender), vec![to_address.clone()]).map_err(|e| MailError::Build(e.to_string()))?;
     // Names are folded when they are stored, but rows stored before that (or given to a
     // preview) may still hold a line break, which lettre cannot write and panics on.
     let to_name = o
@@ -470,6 +476,7 @@ mod tests {
             headers: vec![("X-Campaign".into(), "spring".into())],
             message_id: "letterbox.1.2@example.com".into(),
             unsubscribe_url: Some("http://localhost/u/abc".into()),
+            return_path: None,
         }
     }
 
@@ -689,6 +696,7 @@ mod properties {
                 headers: vec![("X-Campaign".into(), header_value.clone())],
                 message_id: "letterbox.1.2.0123456789abcdef@example.com".into(),
                 unsubscribe_url: Some("http://localhost/u/abc".into()),
+                return_path: None,
             };
             let message = match build(&o) {
                 Ok(message) => message,

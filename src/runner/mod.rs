@@ -99,6 +99,8 @@ pub struct RunnerConfig {
     pub event_retention: Duration,
     /// What bounces and complaints do, and when refusals pause a domain.
     pub bounces: crate::bounces::BounceSettings,
+    /// The domain of VERP return paths, if messages get them.
+    pub bounce_domain: Option<String>,
     /// Panics a test injects (see `crate::faults`).
     pub faults: crate::faults::Faults,
 }
@@ -183,6 +185,8 @@ struct Inner {
     transports: Transports,
     config: RunnerConfig,
     unsubscribe: UnsubscribeKey,
+    /// Signs each message's return path (with `config.bounce_domain`).
+    verp: crate::tokens::VerpKey,
     /// Tells job supervisors to stop claiming and drain.
     shutdown: CancellationToken,
     /// Tells them to stop waiting for in-flight deliveries (the drain timed out).
@@ -237,6 +241,7 @@ impl Runner {
         transports: Transports,
         config: RunnerConfig,
         unsubscribe: UnsubscribeKey,
+        verp: crate::tokens::VerpKey,
     ) -> Runner {
         Runner {
             inner: Arc::new(Inner {
@@ -253,6 +258,7 @@ impl Runner {
                 blocks: limits::DomainBlocks::new(config.bounces.blocks),
                 config,
                 unsubscribe,
+                verp,
                 shutdown: CancellationToken::new(),
                 abandon: CancellationToken::new(),
                 tracker: TaskTracker::new(),
@@ -796,6 +802,12 @@ impl Runner {
         self.inner.stalls.get(job_id)
     }
 
+    /// The VERP return path of a job's message to a subscriber, if messages get one.
+    fn return_path(&self, job_id: u64, subscriber_id: u64) -> Option<String> {
+        let domain = self.inner.config.bounce_domain.as_deref()?;
+        Some(self.inner.verp.address(job_id, subscriber_id, domain))
+    }
+
     /// What bounce and complaint reports do (the `[bounces]` settings).
     pub fn bounce_rules(&self) -> crate::bounces::Rules {
         self.inner.config.bounces.rules
@@ -899,6 +911,7 @@ fn outgoing(
         headers: rendered.headers,
         message_id,
         unsubscribe_url: Some(unsubscribe_url),
+        return_path: None,
     }
 }
 

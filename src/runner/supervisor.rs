@@ -1021,7 +1021,8 @@ impl Runner {
             delivery.subscriber_id,
             &ctx.message_domain,
         );
-        let outgoing = outgoing(&ctx.newsletter, subscriber, rendered, message_id, unsubscribe_url);
+        let mut outgoing = outgoing(&ctx.newsletter, subscriber, rendered, message_id, unsubscribe_url);
+        outgoing.return_path = self.return_path(ctx.job_id, delivery.subscriber_id);
         tokio::select! {
             _ = async {
                 self.fleet_rate_token(&ctx.transport).await;

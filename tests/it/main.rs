@@ -14,6 +14,7 @@ mod e2e;
 mod events;
 mod fleet;
 mod hardening;
+mod inbound;
 mod languages;
 mod migrate;
 mod outage;

@@ -195,7 +195,7 @@ impl Bounces for PgStore {
         if changed {
             bump_shared_status_epoch(&tx).await?;
         }
-        let mut log: Vec<_> = records.iter().map(Bounce::event).collect();
+        let mut log: Vec<_> = records.iter().filter_map(Bounce::event).collect();
         log.extend(changes);
         let appended = events::append(&tx, log).await?;
         commit(tx).await?;

@@ -198,7 +198,7 @@ impl Bounces for RedbStore {
                         now(),
                     )?;
                 }
-                let mut log: Vec<_> = records.iter().map(Bounce::event).collect();
+                let mut log: Vec<_> = records.iter().filter_map(Bounce::event).collect();
                 log.extend(changes);
                 events::append(txn, log)?;
                 Ok(records)

@@ -46,6 +46,8 @@ pub type Script = Arc<dyn Fn(&str, u32) -> Reply + Send + Sync>;
 #[derive(Debug, Clone)]
 pub struct Received {
     pub recipients: Vec<String>,
+    /// The envelope sender (MAIL FROM), without angle brackets.
+    pub mail_from: String,
     /// The message as sent after DATA, dot-unstuffed, with CRLF line ends.
     pub data: String,
     /// When its transaction began (MAIL FROM).
@@ -417,6 +419,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     let mut recipients: Vec<String> = Vec::new();
     let mut started = Instant::now();
     let mut planned = Reply::Accept;
+    let mut mail_from = String::new();
     let offers_starttls = behaviour.tls.is_some() && !secure;
     // Credentials travel only once the session is encrypted, when it can be.
     let offers_auth = behaviour.login.is_some() && (secure || behaviour.tls.is_none());
@@ -506,6 +509,15 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
             }
             recipients.clear();
             started = Instant::now();
+            if command.starts_with("MAIL FROM") {
+                mail_from = line.trim_end()[10..]
+                    .trim()
+                    .trim_start_matches('<')
+                    .split('>')
+                    .next()
+                    .unwrap_or_default()
+                    .to_string();
+            }
             planned = Reply::Accept;
             b"250 ok\r\n"
         } else if command.starts_with("RCPT TO:") {
@@ -564,6 +576,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                     }
                     state.lock().unwrap().received.push(Received {
                         recipients: std::mem::take(&mut recipients),
+                        mail_from: mail_from.clone(),
                         data,
                         started,
                         at: Instant::now(),

@@ -1,0 +1,388 @@
+//! The inbound SMTP listener with real SMTP over TCP: letters go out with a VERP return
+//! path, and what comes back to it (a DSN, an ARF complaint, a vacation reply, a forged
+//! return path, a relay attempt, junk) is read with mail-parser and recorded, or
+//! refused, as a real MTA would see it.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+use crate::support::{Api, SmtpServer, TestServer};
+
+const DOMAIN: &str = "bounces.example.net";
+
+/// A free local port (bound, then let go) for the listener.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// An SMTP client that checks each reply's code.
+struct Client {
+    reader: BufReader<tokio::net::tcp::OwnedReadHalf>,
+    writer: tokio::net::tcp::OwnedWriteHalf,
+}
+
+impl Client {
+    async fn connect(port: u16) -> (Client, String) {
+        let stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let (read, writer) = stream.into_split();
+        let mut client = Client {
+            reader: BufReader::new(read),
+            writer,
+        };
+        let greeting = client.reply().await;
+        (client, greeting)
+    }
+
+    /// The whole (possibly multi-line) reply.
+    async fn reply(&mut self) -> String {
+        let mut all = String::new();
+        loop {
+            let mut line = String::new();
+            let n = tokio::time::timeout(Duration::from_secs(10), self.reader.read_line(&mut line))
+                .await
+                .expect("a reply within 10 s")
+                .unwrap();
+            if n == 0 {
+                return all;
+            }
+            all.push_str(&line);
+            if line.as_bytes().get(3) != Some(&b'-') {
+                return all;
+            }
+        }
+    }
+
+    async fn command(&mut self, line: &str) -> String {
+        self.writer
+            .write_all(format!("{line}\r\n").as_bytes())
+            .await
+            .unwrap();
+        self.reply().await
+    }
+
+    /// A whole transaction; the reply to the end of the message.
+    async fn send(&mut self, from: &str, to: &str, message: &str) -> String {
+        assert!(
+            self.command(&format!("MAIL FROM:<{from}>"))
+                .await
+                .starts_with("250")
+        );
+        let rcpt = self.command(&format!("RCPT TO:<{to}>")).await;
+        if !rcpt.starts_with("250") {
+            return rcpt;
+        }
+        assert!(self.command("DATA").await.starts_with("354"));
+        let mut body = String::new();
+        for line in message.replace("\r\n", "\n").lines() {
+            if line.starts_with('.') {
+                body.push('.');
+            }
+            body.push_str(line);
+            body.push_str("\r\n");
+        }
+        body.push_str(".\r\n");
+        self.writer.write_all(body.as_bytes()).await.unwrap();
+        self.reply().await
+    }
+}
+
+async fn server(smtp: &SmtpServer, port: u16) -> TestServer {
+    let data = tempfile::tempdir().unwrap();
+    let mut config = letterbox::Config::new(data.path());
+    config.smtp = Some(letterbox::Config::smtp_url(smtp.url()));
+    config.bounce_domain = Some(DOMAIN.into());
+    config.inbound_smtp = Some(format!("127.0.0.1:{port}").parse().unwrap());
+    TestServer::start_with(config, data).await
+}
+
+fn dsn(return_path: &str, recipient: &str, status: &str, message_id: &str) -> String {
+    format!(
+        "From: MAILER-DAEMON@mx.example.org\r\n\
+To: {return_path}\r\n\
+Subject: Undelivered Mail Returned to Sender\r\n\
+Auto-Submitted: auto-replied\r\n\
+MIME-Version: 1.0\r\n\
+Content-Type: multipart/report; report-type=delivery-status; boundary=\"B\"\r\n\
+\r\n\
+--B\r\n\
+Content-Type: text/plain\r\n\
+\r\n\
+I'm sorry to have to inform you that your message could not be delivered.\r\n\
+--B\r\n\
+Content-Type: message/delivery-status\r\n\
+\r\n\
+Reporting-MTA: dns; mx.example.org\r\n\
+Arrival-Date: Sun, 6 Dec 2026 21:00:00 +0000\r\n\
+\r\n\
+Final-Recipient: rfc822; {recipient}\r\n\
+Original-Recipient: rfc822;{recipient}\r\n\
+Action: failed\r\n\
+Status: {status}\r\n\
+Remote-MTA: dns; mx.example.org\r\n\
+Diagnostic-Code: smtp; 550 {status} <{recipient}>: Recipient address\r\n\
+\x20   rejected: User unknown in local recipient table\r\n\
+\r\n\
+--B\r\n\
+Content-Type: text/rfc822-headers\r\n\
+\r\n\
+From: Weekly <news@example.com>\r\n\
+To: {recipient}\r\n\
+Subject: Hello\r\n\
+Message-ID: <{message_id}>\r\n\
+\r\n\
+--B--\r\n"
+    )
+}
+
+fn arf(to_address: &str, message_id: &str) -> String {
+    format!(
+        "From: feedback@isp.example\r\n\
+To: abuse@{DOMAIN}\r\n\
+Subject: FW: Hello\r\n\
+MIME-Version: 1.0\r\n\
+Content-Type: multipart/report; report-type=feedback-report; boundary=\"F\"\r\n\
+\r\n\
+--F\r\n\
+Content-Type: text/plain\r\n\
+\r\n\
+This is an email abuse report for an email message received from IP 192.0.2.1.\r\n\
+--F\r\n\
+Content-Type: message/feedback-report\r\n\
+\r\n\
+Feedback-Type: abuse\r\n\
+User-Agent: SomeGenerator/1.0\r\n\
+Version: 1\r\n\
+Original-Mail-From: <somebody@example.com>\r\n\
+Arrival-Date: Thu, 8 Mar 2005 14:00:00 EDT\r\n\
+Reported-Domain: example.com\r\n\
+\r\n\
+--F\r\n\
+Content-Type: message/rfc822\r\n\
+Content-Disposition: inline\r\n\
+\r\n\
+From: Weekly <news@example.com>\r\n\
+To: {to_address}\r\n\
+Subject: Hello\r\n\
+Message-ID: <{message_id}>\r\n\
+\r\n\
+Hi!\r\n\
+--F--\r\n"
+    )
+}
+
+/// Every report of a subscriber, newest first.
+async fn reports(api: &Api, id: u64) -> Vec<Value> {
+    let (status, page) = api.get(&format!("/v1/subscribers/{id}/bounces")).await;
+    assert_eq!(status, 200, "{page}");
+    page["items"].as_array().unwrap().clone()
+}
+
+async fn status_of(api: &Api, id: u64) -> String {
+    let (_, s) = api.get(&format!("/v1/subscribers/{id}")).await;
+    s["status"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_comes_back_to_the_return_path_is_read_and_recorded() {
+    let smtp = SmtpServer::start().await;
+    let port = free_port();
+    let server = server(&smtp, port).await;
+    let api = &server.api;
+    let newsletter = api.newsletter().await;
+    let people: Vec<_> = ["ann", "bob", "cat", "dan", "eve"]
+        .iter()
+        .map(|n| json!({ "email": format!("{n}@example.org") }))
+        .collect();
+    api.add_subscribers(newsletter, json!(people)).await;
+    let letter = api
+        .letter(newsletter, json!({ "subject": "Hello", "text": "Hi\r\n" }))
+        .await;
+    let job = api.send(letter, json!({})).await;
+    api.wait_job(job, Duration::from_secs(60)).await;
+    let (_, list) = api
+        .get(&format!("/v1/newsletters/{newsletter}/subscribers"))
+        .await;
+    let id = |name: &str| {
+        list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["email"] == format!("{name}@example.org"))
+            .unwrap()["id"]
+            .as_u64()
+            .unwrap()
+    };
+    // Each message went out with its own authenticated return path; From is unchanged.
+    let mut return_paths = std::collections::HashMap::new();
+    for message in smtp.received() {
+        let to = message.recipients[0].clone();
+        let from = message.mail_from.clone();
+        assert!(
+            from.starts_with("b-") && from.ends_with(&format!("@{DOMAIN}")),
+            "{from}"
+        );
+        assert_eq!(message.header("From").unwrap(), "Weekly <news@example.com>");
+        return_paths.insert(to, (from, message.header("Message-ID").unwrap()));
+    }
+    assert_eq!(return_paths.len(), 5);
+    let (ann_path, ann_id) = return_paths["ann@example.org"].clone();
+
+    let (mut client, greeting) = Client::connect(port).await;
+    assert!(greeting.starts_with("220 "), "{greeting}");
+    let ehlo = client.command("EHLO mx.example.org").await;
+    assert!(ehlo.contains("SIZE "), "{ehlo}");
+
+    // A DSN to ann's return path: a hard bounce, Postfix's words kept.
+    let ann_id = ann_id.trim_matches(|c| c == '<' || c == '>').to_string();
+    let answer = client
+        .send(
+            "",
+            &ann_path,
+            &dsn(&ann_path, "ann@example.org", "5.1.1", &ann_id),
+        )
+        .await;
+    assert!(answer.starts_with("250"), "{answer}");
+    assert_eq!(status_of(api, id("ann")).await, "bounced");
+    let r = &reports(api, id("ann")).await[0];
+    assert_eq!(
+        (r["kind"].as_str(), r["source"].as_str()),
+        (Some("hard"), Some("inbound"))
+    );
+    assert_eq!(r["status"], "5.1.1");
+    assert_eq!(r["job_id"], job);
+    assert!(
+        r["diagnostic"]
+            .as_str()
+            .unwrap()
+            .contains("User unknown in local recipient table"),
+        "{r}"
+    );
+    assert!(
+        r["raw"]
+            .as_str()
+            .unwrap()
+            .contains("Reporting-MTA: dns; mx.example.org")
+    );
+
+    // A DSN without a return path, found by the Message-ID of the letter it quotes.
+    let (_, bob_id) = return_paths["bob@example.org"].clone();
+    let bob_id = bob_id.trim_matches(|c| c == '<' || c == '>').to_string();
+    let to = format!("postmaster@{DOMAIN}");
+    let answer = client
+        .send("", &to, &dsn(&to, "bob@example.org", "5.2.1", &bob_id))
+        .await;
+    assert!(answer.starts_with("250"), "{answer}");
+    assert_eq!(status_of(api, id("bob")).await, "bounced");
+
+    // An ARF complaint: the address is suppressed in every newsletter.
+    let (_, cat_id) = return_paths["cat@example.org"].clone();
+    let cat_id = cat_id.trim_matches(|c| c == '<' || c == '>').to_string();
+    let answer = client
+        .send(
+            "feedback@isp.example",
+            &format!("abuse@{DOMAIN}"),
+            &arf("cat@example.org", &cat_id),
+        )
+        .await;
+    assert!(answer.starts_with("250"), "{answer}");
+    assert_eq!(status_of(api, id("cat")).await, "complained");
+    let (status, suppression) = api.get("/v1/suppressions/cat@example.org").await;
+    assert_eq!(status, 200, "{suppression}");
+    assert_eq!(suppression["reason"], "complained");
+
+    // A vacation reply to dan's return path: kept, never counted.
+    let (dan_path, _) = return_paths["dan@example.org"].clone();
+    let vacation = format!(
+        "From: dan@example.org\r\nTo: {dan_path}\r\nSubject: Out of Office: Hello\r\n\
+Auto-Submitted: auto-replied\r\n\r\nI am away until Monday.\r\n"
+    );
+    let answer = client.send("dan@example.org", &dan_path, &vacation).await;
+    assert!(answer.starts_with("250"), "{answer}");
+    assert_eq!(status_of(api, id("dan")).await, "active");
+    let r = &reports(api, id("dan")).await[0];
+    assert_eq!(r["kind"], "ignored", "{r}");
+    assert!(
+        r["diagnostic"].as_str().unwrap().contains("automatic reply"),
+        "{r}"
+    );
+
+    // A forged return path (eve's ids, a made-up MAC) changes nothing: kept, unattributed.
+    let eve = id("eve");
+    let forged = format!("b-{job}-{eve}-0123456789abcdef@{DOMAIN}");
+    let answer = client
+        .send(
+            "",
+            &forged,
+            &dsn(&forged, "eve@example.net", "5.1.1", "nobody@example.net"),
+        )
+        .await;
+    assert!(answer.starts_with("250"), "{answer}");
+    assert_eq!(status_of(api, eve).await, "active");
+    let (_, unattributed) = api.get("/v1/bounces?unattributed=true").await;
+    assert!(
+        unattributed["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b["email"] == "eve@example.net"),
+        "{unattributed}"
+    );
+
+    // Never a relay: mail for another domain is refused at RCPT.
+    let answer = client
+        .send(
+            "spammer@example.com",
+            "victim@example.com",
+            "Subject: hi\r\n\r\nbuy\r\n",
+        )
+        .await;
+    assert!(answer.starts_with("550 5.7.1"), "{answer}");
+    assert_eq!(client.command("QUIT").await.trim(), "221 2.0.0 bye");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_listener_limits_size_and_survives_junk() {
+    let smtp = SmtpServer::start().await;
+    let port = free_port();
+    let server = server(&smtp, port).await;
+    let (mut client, _) = Client::connect(port).await;
+    client.command("EHLO x").await;
+    // Declared too big, and too big in fact.
+    let answer = client.command("MAIL FROM:<> SIZE=999999999").await;
+    assert!(answer.starts_with("552"), "{answer}");
+    let lines = format!("{}\r\n", "x".repeat(990)).repeat(11 * 1024);
+    let answer = client
+        .send(
+            "",
+            &format!("x@{DOMAIN}"),
+            &format!("Subject: big\r\n\r\n{lines}"),
+        )
+        .await;
+    assert!(answer.starts_with("552"), "{answer}");
+    // One line as long as that counts the same.
+    let one_line = format!("Subject: big\r\n\r\n{}\r\n", "x".repeat(11 << 20));
+    let answer = client.send("", &format!("x@{DOMAIN}"), &one_line).await;
+    assert!(answer.starts_with("552"), "{answer}");
+    // Junk: binary bytes, no headers, a broken multipart; each kept as unattributed.
+    for junk in [
+        "\u{1}\u{2}\u{3} not mail at all".to_string(),
+        "Content-Type: multipart/report; report-type=delivery-status; boundary=\"x\"\r\n\r\n--x\r\nbroken"
+            .to_string(),
+        format!("Subject: {}\r\n\r\nbody", "h".repeat(900)),
+    ] {
+        let answer = client.send("", &format!("x@{DOMAIN}"), &junk).await;
+        assert!(answer.starts_with("250"), "{answer}");
+    }
+    let line = format!("NOOP {}", "a".repeat(5000));
+    assert!(client.command(&line).await.starts_with("500"));
+    assert!(client.command("NOOP").await.starts_with("250"), "still serving");
+    server.stop().await;
+}

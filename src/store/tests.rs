@@ -310,7 +310,11 @@ fn node(id: &str) -> NodeInfo {
 /// redb the earlier node is the previous process, and registering is the rescue.
 async fn a_dead_nodes_claims_go_back_to_pending_and_it_is_fenced(store: Store) {
     let lease = std::time::Duration::from_millis(400);
-    store.register_node(&node("n-a"), lease).await.unwrap();
+    // A long lease while the job is made: on a loaded machine that can outlast 400 ms.
+    store
+        .register_node(&node("n-a"), std::time::Duration::from_secs(60))
+        .await
+        .unwrap();
     let (_, job) = job_with(&store, 5).await;
     let claimed = ids(&store.claim("n-a", job.id, 3, now_ms()).await.unwrap());
     let listed = store.nodes().await.unwrap();

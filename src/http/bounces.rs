@@ -192,12 +192,12 @@ async fn report_bounce(
     report.newsletter_id = body.newsletter;
     let job_id = match message {
         Some((job, subscriber, nonce)) => {
-            let found = state
-                .store
-                .job(job)
-                .await
-                .ok()
-                .filter(|j| j.message_id_nonce == nonce);
+            // A store that fails is a 503, not a verdict on the Message-ID.
+            let found = match state.store.job(job).await {
+                Ok(found) => Some(found).filter(|j| j.message_id_nonce == nonce),
+                Err(crate::store::StoreError::NotFound { .. }) => None,
+                Err(e) => return Err(e.into()),
+            };
             let Some(_) = found else {
                 return Err(ApiError::field(
                     "message_id",

@@ -278,6 +278,16 @@ async fn data(
     }
 }
 
+/// A job, if it exists; a store that fails is an error (the message is answered `451`
+/// and comes again), never a reason to record it as someone else's.
+async fn job_of(inbound: &Inbound, id: u64) -> Result<Option<crate::domain::Job>, crate::store::StoreError> {
+    match inbound.store.job(id).await {
+        Ok(job) => Ok(Some(job)),
+        Err(crate::store::StoreError::NotFound { .. }) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// Reads, attributes and records one message; how many records it made.
 async fn accept(
     inbound: &Inbound,
@@ -289,16 +299,15 @@ async fn accept(
     let verp = recipients
         .iter()
         .find_map(|r| inbound.verp.verify(r, &inbound.domain));
-    let mut by_message_id = None;
+    let mut attributed = verp;
     if verp.is_none()
         && let Some(id) = reading.original_message_id.as_deref()
         && let Some((job, subscriber, nonce)) = crate::runner::parse_message_id(id)
-        && let Ok(found) = inbound.store.job(job).await
+        && let Some(found) = job_of(inbound, job).await?
         && found.message_id_nonce == nonce
     {
-        by_message_id = Some((job, subscriber));
+        attributed = Some((job, subscriber));
     }
-    let attributed = verp.or(by_message_id);
     let raw_text = String::from_utf8_lossy(raw).into_owned();
     let mut recorded = 0;
     for finding in reading.findings {
@@ -314,7 +323,7 @@ async fn accept(
             // A report about another recipient than the one the return path names (a
             // forwarded address) is kept by its address.
             report.subscriber_id = Some(subscriber_id);
-            if let Ok(job) = inbound.store.job(job_id).await {
+            if let Some(job) = job_of(inbound, job_id).await? {
                 report.job_id = Some(job.id);
                 report.letter_id = Some(job.letter_id);
                 report.newsletter_id = Some(job.newsletter_id);

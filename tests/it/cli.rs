@@ -221,6 +221,28 @@ async fn a_whole_send_from_the_command_line() {
     assert!(!out.ok);
     assert!(out.stderr.contains("not found"), "{}", out.stderr);
 
+    // The event log says it all, one line each; a typo in a type is named.
+    let out = run(args(
+        "events --after 0 --type delivery.bounced,subscriber.bounced,subscriber.reinstated",
+    ))
+    .await;
+    assert!(out.ok, "{}", out.stderr);
+    let kinds: Vec<&str> = out
+        .stdout
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(2))
+        .collect();
+    assert_eq!(
+        kinds,
+        ["delivery.bounced", "subscriber.bounced", "subscriber.reinstated"],
+        "{}",
+        out.stdout
+    );
+    assert!(out.stdout.contains("gone@example.com"), "{}", out.stdout);
+    let out = run(args("events --type delivery.bouncd")).await;
+    assert!(!out.ok);
+    assert!(out.stderr.contains("delivery.bouncd"), "{}", out.stderr);
+
     // Server errors: the problem's detail and field errors, and a failing exit.
     let out = run(args("job pause 999")).await;
     assert!(!out.ok);

@@ -59,6 +59,8 @@ pub struct Config {
     pub bounce_domain: Option<String>,
     /// Where the inbound SMTP listener listens (needs `bounce_domain`); `None`: off.
     pub inbound_smtp: Option<std::net::SocketAddr>,
+    /// The listener's certificate chain and key (PEM files), offered as STARTTLS.
+    pub inbound_tls: Option<(PathBuf, PathBuf)>,
     /// Base URL the public `/u/{token}` links use; defaults to `http://` + the listen
     /// address.
     pub public_url: Option<String>,
@@ -93,6 +95,7 @@ impl Config {
             bounces: Default::default(),
             bounce_domain: None,
             inbound_smtp: None,
+            inbound_tls: None,
             public_url: None,
             policy_limits: PolicyLimits::default(),
             policy_failures: FailureLimit::default(),
@@ -133,6 +136,7 @@ impl std::fmt::Debug for Config {
             .field("bounces", &self.bounces)
             .field("bounce_domain", &self.bounce_domain)
             .field("inbound_smtp", &self.inbound_smtp)
+            .field("inbound_tls", &self.inbound_tls)
             .field("public_url", &self.public_url)
             .field("policy_limits", &self.policy_limits)
             .field("policy_failures", &self.policy_failures)

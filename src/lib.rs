@@ -60,6 +60,8 @@ pub enum Error {
     Runner(#[from] runner::RunnerError),
     #[error("HTTP server: {0}")]
     Serve(std::io::Error),
+    #[error("inbound SMTP listener's certificate: {0}")]
+    InboundTls(String),
     #[error("inbound SMTP listener on {address}: {source}")]
     Inbound {
         address: std::net::SocketAddr,
@@ -181,6 +183,13 @@ pub async fn run(
 
     let inbound = match (config.inbound_smtp, &config.bounce_domain) {
         (Some(address), Some(domain)) => {
+            let tls = match &config.inbound_tls {
+                Some((cert, key)) => Some(tokio_rustls::TlsAcceptor::from(
+                    crate::tls::server_config(&cert.display().to_string(), &key.display().to_string())
+                        .map_err(Error::InboundTls)?,
+                )),
+                None => None,
+            };
             let listener = TcpListener::bind(address)
                 .await
                 .map_err(|source| Error::Inbound { address, source })?;
@@ -191,6 +200,7 @@ pub async fn run(
                 verp,
                 domain: domain.clone(),
                 limits: inbound::Limits::default(),
+                tls,
             };
             Some(tokio::spawn(inbound::serve(listener, inbound, stop.clone())))
         }

@@ -259,6 +259,12 @@ struct ServeArgs {
     /// 0.0.0.0:25, or a high port behind a forward); needs --bounce-domain [default: off].
     #[arg(long, env = "LETTERBOX_INBOUND_SMTP")]
     inbound_smtp: Option<String>,
+    /// The inbound listener's certificate chain (PEM): STARTTLS is offered with it.
+    #[arg(long, env = "LETTERBOX_INBOUND_TLS_CERT")]
+    inbound_tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --inbound-tls-cert.
+    #[arg(long, env = "LETTERBOX_INBOUND_TLS_KEY")]
+    inbound_tls_key: Option<PathBuf>,
     /// Public base URL for unsubscribe links (default: http://LISTEN).
     #[arg(long, env = "LETTERBOX_PUBLIC_URL")]
     public_url: Option<String>,
@@ -304,6 +310,14 @@ impl ServeArgs {
             ("public_url", self.public_url),
             ("bounces.domain", self.bounce_domain),
             ("bounces.inbound_smtp", self.inbound_smtp),
+            (
+                "bounces.tls_cert",
+                self.inbound_tls_cert.map(|p| p.display().to_string()),
+            ),
+            (
+                "bounces.tls_key",
+                self.inbound_tls_key.map(|p| p.display().to_string()),
+            ),
             ("dkim.key_file", self.dkim_key.map(|d| d.display().to_string())),
             ("dkim.selector", self.dkim_selector),
             ("dkim.domain", self.dkim_domain),

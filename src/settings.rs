@@ -88,6 +88,9 @@ struct Bounces {
     domain: Option<String>,
     /// Where the inbound SMTP listener listens (`ADDR:PORT`); off when absent.
     inbound_smtp: Option<String>,
+    /// The listener's certificate chain and private key (PEM): STARTTLS is offered.
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
     soft_limit: u32,
     soft_window: String,
     block_after: u32,
@@ -379,6 +382,16 @@ fn resolve(
         }
         config.inbound_smtp = Some(address);
     }
+    config.inbound_tls = match (&b.tls_cert, &b.tls_key) {
+        (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
+        (None, None) => None,
+        _ => {
+            return Err(invalid(
+                "bounces.tls_cert",
+                "give both the certificate (tls_cert) and its key (tls_key), or neither",
+            ));
+        }
+    };
     config.bounces = crate::bounces::BounceSettings {
         rules: crate::bounces::Rules {
             soft_limit: in_range("bounces.soft_limit", b.soft_limit, 1, 100)?,
@@ -540,6 +553,7 @@ mod tests {
         );
         assert!(error("[bounces]\ndomain = \"not a domain\"\n").starts_with("bounces.domain: "));
         assert!(error("[bounces]\nsoft_limit = 0\n").starts_with("bounces.soft_limit: "));
+        assert!(error("[bounces]\ntls_cert = \"a.pem\"\n").starts_with("bounces.tls_cert: give both"));
         let unknown = error("[delivery]\nconcurency = 3\n");
         assert!(unknown.contains("concurency"), "{unknown}");
         let syntax = error("listen = \n");

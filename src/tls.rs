@@ -25,6 +25,22 @@ pub fn load_pem_certificates(path: &str) -> Result<Vec<CertificateDer<'static>>,
     Ok(certs)
 }
 
+/// A TLS server configuration from a PEM certificate chain and its PEM private key
+/// (the inbound listener's STARTTLS). `Err` names the file and the problem.
+pub fn server_config(cert_path: &str, key_path: &str) -> Result<Arc<rustls::ServerConfig>, String> {
+    let certs = load_pem_certificates(cert_path)?;
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key_path)
+        .map_err(|e| format!("{key_path}: not a PEM private key: {e}"))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("{cert_path} and {key_path} do not make a certificate and its key: {e}"))?;
+    Ok(Arc::new(config))
+}
+
 /// Checks the chain and signatures as usual, but accepts a certificate for another name
 /// (SMTP's `tls_verify_hostname=false`, PostgreSQL's `sslmode=verify-ca`).
 #[derive(Debug)]

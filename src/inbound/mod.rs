@@ -60,6 +60,16 @@ pub struct Inbound {
     /// Lower-case; mail only for `…@domain` is accepted.
     pub domain: String,
     pub limits: Limits,
+    /// Offered as STARTTLS when a certificate is configured.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+/// How a session ended.
+enum Ended {
+    /// The client quit, went away or was too slow.
+    Closed,
+    /// The client asked for TLS and was told to go ahead.
+    StartTls,
 }
 
 /// Serves SMTP on `listener` until `stop` is cancelled.
@@ -85,10 +95,10 @@ pub async fn serve(listener: TcpListener, inbound: Inbound, stop: CancellationTo
         let stop = stop.clone();
         let permit = slots.clone().try_acquire_owned();
         tokio::spawn(async move {
-            let (read_half, mut write_half) = stream.into_split();
+            let mut stream = BufReader::new(stream);
             let Ok(_permit) = permit else {
                 metrics::counter!("letterbox_inbound_refused_total", "why" => "connections").increment(1);
-                let _ = write_half
+                let _ = stream
                     .write_all(b"421 4.7.0 too many connections, try later\r\n")
                     .await;
                 return;
@@ -96,7 +106,7 @@ pub async fn serve(listener: TcpListener, inbound: Inbound, stop: CancellationTo
             // A session in the middle of a message when the server stops just ends:
             // nothing was answered 250, so the sender sends it again.
             tokio::select! {
-                _ = session(&inbound, BufReader::new(read_half), &mut write_half) => {}
+                _ = connection(&inbound, stream) => {}
                 _ = stop.cancelled() => {}
             }
             tracing::debug!(%peer, "inbound SMTP session ended");
@@ -139,37 +149,70 @@ async fn line(
     }
 }
 
-/// One SMTP session.
-async fn session(
-    inbound: &Inbound,
-    mut reader: impl AsyncBufReadExt + AsyncRead + Unpin,
-    writer: &mut (impl AsyncWrite + Unpin),
-) {
-    let limits = inbound.limits;
-    let reply = |text: &str| format!("{text}\r\n");
-    if writer
-        .write_all(reply(&format!("220 {} letterbox ESMTP", inbound.domain)).as_bytes())
-        .await
-        .is_err()
-    {
+/// One connection: a session, and after STARTTLS a new one over TLS (RFC 3207: the
+/// client starts again from EHLO, and nothing said before counts).
+async fn connection(inbound: &Inbound, mut stream: BufReader<tokio::net::TcpStream>) {
+    let greeting = format!("220 {} letterbox ESMTP\r\n", inbound.domain);
+    if stream.write_all(greeting.as_bytes()).await.is_err() {
         return;
     }
+    let tls = inbound.tls.as_ref();
+    if let Ended::StartTls = session(inbound, &mut stream, tls.is_some()).await
+        && let Some(acceptor) = tls
+    {
+        // Commands sent after STARTTLS before the handshake would be read as if they
+        // came over TLS (CVE-2011-0411): such a client is dropped.
+        if !stream.buffer().is_empty() {
+            return;
+        }
+        let handshake =
+            tokio::time::timeout(inbound.limits.idle_timeout, acceptor.accept(stream.into_inner()));
+        let Ok(Ok(secure)) = handshake.await else {
+            metrics::counter!("letterbox_inbound_refused_total", "why" => "tls").increment(1);
+            return;
+        };
+        session(inbound, &mut BufReader::new(secure), false).await;
+    }
+}
+
+/// One SMTP session on `stream` (buffered for reading, written through); STARTTLS is
+/// offered if `offer_tls`.
+async fn session(
+    inbound: &Inbound,
+    stream: &mut (impl AsyncBufReadExt + AsyncRead + AsyncWrite + Unpin),
+    offer_tls: bool,
+) -> Ended {
+    let limits = inbound.limits;
+    let reply = |text: &str| format!("{text}\r\n");
     let mut buffer = Vec::with_capacity(256);
     let mut recipients: Vec<String> = Vec::new();
     let mut mail_from = false;
     loop {
-        let Some((fits, _)) = line(&mut reader, &mut buffer, MAX_LINE, limits.idle_timeout).await else {
-            return;
+        let Some((fits, _)) = line(stream, &mut buffer, MAX_LINE, limits.idle_timeout).await else {
+            return Ended::Closed;
         };
         let command = String::from_utf8_lossy(&buffer).trim_end().to_string();
         let upper = command.to_ascii_uppercase();
         let answer = if !fits {
             "500 5.5.2 line too long".to_string()
         } else if upper.starts_with("EHLO") {
+            let starttls = if offer_tls { "250-STARTTLS\r\n" } else { "" };
             format!(
-                "250-{}\r\n250-SIZE {}\r\n250-8BITMIME\r\n250 ENHANCEDSTATUSCODES",
+                "250-{}\r\n250-SIZE {}\r\n{starttls}250-8BITMIME\r\n250 ENHANCEDSTATUSCODES",
                 inbound.domain, limits.max_message_bytes
             )
+        } else if upper == "STARTTLS" {
+            if offer_tls {
+                if stream
+                    .write_all(b"220 2.0.0 ready to start TLS\r\n")
+                    .await
+                    .is_err()
+                {
+                    return Ended::Closed;
+                }
+                return Ended::StartTls;
+            }
+            "454 4.7.0 TLS not available".to_string()
         } else if upper.starts_with("HELO") {
             format!("250 {}", inbound.domain)
         } else if upper.starts_with("MAIL FROM:") {
@@ -210,11 +253,11 @@ async fn session(
             if recipients.is_empty() {
                 "554 5.5.1 no valid recipients".to_string()
             } else {
-                if writer.write_all(b"354 end with <CRLF>.<CRLF>\r\n").await.is_err() {
-                    return;
+                if stream.write_all(b"354 end with <CRLF>.<CRLF>\r\n").await.is_err() {
+                    return Ended::Closed;
                 }
-                let Some(message) = data(&mut reader, &mut buffer, limits).await else {
-                    return;
+                let Some(message) = data(stream, &mut buffer, limits).await else {
+                    return Ended::Closed;
                 };
                 let rcpts = std::mem::take(&mut recipients);
                 mail_from = false;
@@ -239,15 +282,15 @@ async fn session(
         } else if upper == "NOOP" {
             "250 2.0.0 ok".to_string()
         } else if upper == "QUIT" {
-            let _ = writer.write_all(b"221 2.0.0 bye\r\n").await;
-            return;
+            let _ = stream.write_all(b"221 2.0.0 bye\r\n").await;
+            return Ended::Closed;
         } else if upper.starts_with("VRFY") {
             "252 2.5.2 cannot verify".to_string()
         } else {
             "500 5.5.2 command not recognised".to_string()
         };
-        if writer.write_all(reply(&answer).as_bytes()).await.is_err() {
-            return;
+        if stream.write_all(reply(&answer).as_bytes()).await.is_err() {
+            return Ended::Closed;
         }
     }
 }

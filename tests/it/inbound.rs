@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
+use crate::support::smtp::TestCa;
 use crate::support::{Api, SmtpServer, TestServer};
 
 const DOMAIN: &str = "bounces.example.net";
@@ -94,8 +95,17 @@ impl Client {
 }
 
 async fn server(smtp: &SmtpServer, port: u16) -> TestServer {
+    server_with(smtp, port, |_, _| {}).await
+}
+
+async fn server_with(
+    smtp: &SmtpServer,
+    port: u16,
+    tweak: impl FnOnce(&mut letterbox::Config, &std::path::Path),
+) -> TestServer {
     let data = tempfile::tempdir().unwrap();
     let mut config = letterbox::Config::new(data.path());
+    tweak(&mut config, data.path());
     config.smtp = Some(letterbox::Config::smtp_url(smtp.url()));
     config.bounce_domain = Some(DOMAIN.into());
     config.inbound_smtp = Some(format!("127.0.0.1:{port}").parse().unwrap());
@@ -384,5 +394,48 @@ async fn the_listener_limits_size_and_survives_junk() {
     let line = format!("NOOP {}", "a".repeat(5000));
     assert!(client.command(&line).await.starts_with("500"));
     assert!(client.command("NOOP").await.starts_with("250"), "still serving");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starttls_is_offered_with_a_certificate() {
+    letterbox::client::install_crypto_provider();
+    let ca = TestCa::new(&["localhost"]);
+    let smtp = SmtpServer::start().await;
+    let port = free_port();
+    let server = server_with(&smtp, port, |config, dir| {
+        let (cert, key) = (dir.join("bounces.crt"), dir.join("bounces.key"));
+        std::fs::write(&cert, &ca.cert_pem).unwrap();
+        std::fs::write(&key, &ca.key_pem).unwrap();
+        config.inbound_tls = Some((cert, key));
+    })
+    .await;
+    let (mut client, _) = Client::connect(port).await;
+    let ehlo = client.command("EHLO mx.example.org").await;
+    assert!(ehlo.contains("250-STARTTLS"), "{ehlo}");
+    // Commands smuggled behind STARTTLS (CVE-2011-0411) end the connection.
+    client.writer.write_all(b"STARTTLS\r\nRSET\r\n").await.unwrap();
+    assert!(client.reply().await.starts_with("220"));
+    assert_eq!(client.reply().await, "", "closed");
+
+    // A real client (lettre) that requires TLS and trusts the test CA delivers a DSN.
+    use lettre::AsyncTransport;
+    use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
+    let root = Certificate::from_pem(ca.ca_pem.as_bytes()).unwrap();
+    let tls = TlsParameters::builder("localhost".into())
+        .add_root_certificate(root)
+        .build_rustls()
+        .unwrap();
+    let transport = lettre::AsyncSmtpTransport::<lettre::Tokio1Executor>::builder_dangerous("127.0.0.1")
+        .port(port)
+        .tls(Tls::Required(tls))
+        .build();
+    let to = format!("postmaster@{DOMAIN}");
+    let envelope = lettre::address::Envelope::new(None, vec![to.parse().unwrap()]).unwrap();
+    let message = dsn(&to, "someone@example.org", "5.1.1", "nobody@example.net");
+    let response = transport.send_raw(&envelope, message.as_bytes()).await.unwrap();
+    assert_eq!(response.code().to_string(), "250");
+    let (_, page) = server.api.get("/v1/bounces?unattributed=true").await;
+    assert_eq!(page["items"][0]["email"], "someone@example.org", "{page}");
     server.stop().await;
 }

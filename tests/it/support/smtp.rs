@@ -135,6 +135,9 @@ struct Tls {
 pub struct TestCa {
     /// The CA certificate, PEM: what letterbox's `tls_ca` must point to.
     pub ca_pem: String,
+    /// The server certificate and its key, PEM (for a server letterbox runs itself).
+    pub cert_pem: String,
+    pub key_pem: String,
     config: Arc<rustls::ServerConfig>,
 }
 
@@ -154,6 +157,7 @@ impl TestCa {
             .unwrap()
             .signed_by(&key, &ca, &ca_key)
             .unwrap();
+        let (cert_pem, key_pem) = (cert.pem(), key.serialize_pem());
         let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let config = rustls::ServerConfig::builder_with_provider(provider)
@@ -164,6 +168,8 @@ impl TestCa {
             .unwrap();
         TestCa {
             ca_pem: ca.pem(),
+            cert_pem,
+            key_pem,
             config: Arc::new(config),
         }
     }

@@ -104,6 +104,27 @@ impl NewBounce {
         }
     }
 
+    /// This report as recorded about `subscriber`: their address and newsletter; the
+    /// job and letter only for the subscriber it named (a complaint reaches others
+    /// with the address, whom that job did not mail).
+    pub fn about(&self, subscriber: &Subscriber, named: bool) -> NewBounce {
+        let mut mine = self.clone();
+        mine.email = subscriber.email.clone();
+        mine.newsletter_id = Some(subscriber.newsletter_id);
+        if !named {
+            (mine.job_id, mine.letter_id) = (None, None);
+        }
+        mine
+    }
+
+    /// This report as answering a message of `job`.
+    pub fn answering(mut self, job: &crate::domain::Job) -> NewBounce {
+        self.job_id = Some(job.id);
+        self.letter_id = Some(job.letter_id);
+        self.newsletter_id = Some(job.newsletter_id);
+        self
+    }
+
     /// The report as kept: texts cut to their caps.
     pub fn capped(mut self) -> NewBounce {
         self.diagnostic = self.diagnostic.map(|d| cut(d, MAX_DIAGNOSTIC));
@@ -192,6 +213,17 @@ impl Bounce {
         self
     }
 
+    /// The suppression-list entry a complaint recorded as this makes, if it names an
+    /// address.
+    pub fn complaint_suppression(&self) -> Option<NewSuppression> {
+        (!self.email.is_empty()).then(|| NewSuppression {
+            email: self.email.clone(),
+            reason: SuppressionReason::Complained,
+            note: None,
+            bounce_id: Some(self.id),
+        })
+    }
+
     /// `delivery.bounced`, `delivery.complained` or `delivery.blocked`; nothing for a
     /// message that was not a bounce.
     pub fn event(&self) -> Option<NewEvent> {
@@ -228,6 +260,13 @@ pub struct Rules {
     /// Soft bounces of one subscriber within `soft_window_ms` that make them `bounced`.
     pub soft_limit: u32,
     pub soft_window_ms: u64,
+}
+
+impl Rules {
+    /// The earliest time (unix ms) a soft bounce recorded at `at_ms` counts with.
+    pub fn soft_since(&self, at_ms: u64) -> u64 {
+        at_ms.saturating_sub(self.soft_window_ms)
+    }
 }
 
 impl Default for Rules {

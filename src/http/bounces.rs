@@ -190,7 +190,7 @@ async fn report_bounce(
     report.raw = body.raw;
     report.subscriber_id = body.subscriber;
     report.newsletter_id = body.newsletter;
-    let job_id = match message {
+    let job = match message {
         Some((job, subscriber, nonce)) => {
             // A store that fails is a 503, not a verdict on the Message-ID.
             let found = match state.store.job(job).await {
@@ -198,22 +198,22 @@ async fn report_bounce(
                 Err(crate::store::StoreError::NotFound { .. }) => None,
                 Err(e) => return Err(e.into()),
             };
-            let Some(_) = found else {
+            let Some(found) = found else {
                 return Err(ApiError::field(
                     "message_id",
                     "names no message this installation sent",
                 ));
             };
             report.subscriber_id = Some(subscriber);
-            Some(job)
+            Some(found)
         }
-        None => body.job,
+        None => match body.job {
+            Some(id) => Some(state.store.job(id).await?),
+            None => None,
+        },
     };
-    if let Some(job_id) = job_id {
-        let job = state.store.job(job_id).await?;
-        report.job_id = Some(job.id);
-        report.letter_id = Some(job.letter_id);
-        report.newsletter_id = Some(job.newsletter_id);
+    if let Some(job) = &job {
+        report = report.answering(job);
     }
     let rules = state.runner.bounce_rules();
     let bounces = state.store.record_bounce(report, rules).await?;

@@ -342,14 +342,19 @@ async fn accept(
     let verp = recipients
         .iter()
         .find_map(|r| inbound.verp.verify(r, &inbound.domain));
-    let mut attributed = verp;
-    if verp.is_none()
+    // Whom it is about (the subscriber, and the job that mailed them, if it is still
+    // kept), looked up once for all its findings.
+    let mut attributed = match verp {
+        Some((job, subscriber)) => Some((job_of(inbound, job).await?, subscriber)),
+        None => None,
+    };
+    if attributed.is_none()
         && let Some(id) = reading.original_message_id.as_deref()
         && let Some((job, subscriber, nonce)) = crate::runner::parse_message_id(id)
         && let Some(found) = job_of(inbound, job).await?
         && found.message_id_nonce == nonce
     {
-        attributed = Some((job, subscriber));
+        attributed = Some((Some(found), subscriber));
     }
     let raw_text = String::from_utf8_lossy(raw).into_owned();
     let mut recorded = 0;
@@ -362,14 +367,12 @@ async fn accept(
             None => finding.what,
         });
         report.raw = Some(raw_text.clone());
-        if let Some((job_id, subscriber_id)) = attributed {
-            // A report about another recipient than the one the return path names (a
-            // forwarded address) is kept by its address.
-            report.subscriber_id = Some(subscriber_id);
-            if let Some(job) = job_of(inbound, job_id).await? {
-                report.job_id = Some(job.id);
-                report.letter_id = Some(job.letter_id);
-                report.newsletter_id = Some(job.newsletter_id);
+        if let Some((job, subscriber_id)) = &attributed {
+            // The return path (or the Message-ID) says whom it is about, whatever
+            // address the report quotes (a forwarded one, say).
+            report.subscriber_id = Some(*subscriber_id);
+            if let Some(job) = job {
+                report = report.answering(job);
             }
         }
         recorded += inbound.store.record_bounce(report, inbound.rules).await?.len();

@@ -9,8 +9,7 @@ use serde_json::Value;
 use super::lists::{SUBSCRIBER_COLUMNS, bump_shared_status_epoch, subscriber};
 use super::{PgStore, commit, domain_int, events, execute, query, query_opt, sql_int, sql_limit};
 use crate::bounces::{
-    Bounce, BounceFilter, BounceKind, NewBounce, NewSuppression, Rules, Suppression, SuppressionReason,
-    decide,
+    Bounce, BounceFilter, BounceKind, NewBounce, NewSuppression, Rules, Suppression, decide,
 };
 use crate::domain::{Subscriber, SubscriberStatus, now, now_ms};
 use crate::events::subscriber_changed;
@@ -137,10 +136,7 @@ impl Bounces for PgStore {
                         &tx,
                         "SELECT count(*) FROM bounces WHERE subscriber_id = $1 AND at_ms >= $2
                          AND doc->>'kind' = 'soft' AND (doc->>'counted')::boolean",
-                        &[
-                            &sql_int(before.id),
-                            &sql_int(at_ms.saturating_sub(rules.soft_window_ms)),
-                        ],
+                        &[&sql_int(before.id), &sql_int(rules.soft_since(at_ms))],
                     )
                     .await?;
                     u32::try_from(row[0].get::<_, i64>(0)).unwrap_or(u32::MAX)
@@ -149,12 +145,7 @@ impl Bounces for PgStore {
             };
             let decision = decide(&rules, &report, Some(before), soft);
             suppress_address |= decision.suppress_address;
-            let mut mine = report.clone();
-            mine.email = before.email.clone();
-            mine.newsletter_id = Some(before.newsletter_id);
-            if !named {
-                (mine.job_id, mine.letter_id) = (None, None);
-            }
+            let mine = report.about(before, *named);
             records.push(insert_bounce(&tx, at_ms, &mine, Some(before.id), &decision).await?);
             if let Some(status) = decision.status {
                 let mut after = before.clone();
@@ -173,17 +164,8 @@ impl Bounces for PgStore {
             suppress_address = decision.suppress_address;
             records.push(insert_bounce(&tx, at_ms, &report, None, &decision).await?);
         }
-        let first = &records[0];
-        if suppress_address && !first.email.is_empty() {
-            let (key, doc) = suppression_doc(
-                NewSuppression {
-                    email: first.email.clone(),
-                    reason: SuppressionReason::Complained,
-                    note: None,
-                    bounce_id: Some(first.id),
-                },
-                now(),
-            )?;
+        if suppress_address && let Some(entry) = records[0].complaint_suppression() {
+            let (key, doc) = suppression_doc(entry, now())?;
             execute(
                 &tx,
                 "INSERT INTO suppressions (email_key, doc) VALUES ($1, $2) ON CONFLICT DO NOTHING",

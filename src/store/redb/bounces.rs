@@ -6,7 +6,7 @@ use redb::{ReadableTable, WriteTransaction};
 
 use super::lists::{find_subscriber, next_id};
 use super::tables::*;
-use super::{RedbStore, decode, encode, events};
+use super::{RedbStore, decode, encode, events, ids_under};
 use crate::bounces::{
     Bounce, BounceFilter, BounceKind, NewBounce, NewSuppression, Rules, Suppression, decide,
 };
@@ -59,11 +59,9 @@ fn targets(txn: &WriteTransaction, report: &NewBounce) -> Result<Vec<(Subscriber
 
 /// How many of a subscriber's counted soft bounces were recorded at or after `since_ms`.
 fn soft_bounces_since(txn: &WriteTransaction, subscriber_id: u64, since_ms: u64) -> Result<u32, StoreError> {
-    let index = txn.open_table(BOUNCES_BY_SUBSCRIBER)?;
     let table = txn.open_table(BOUNCES)?;
     let mut count = 0;
-    for row in index.range((subscriber_id, 0)..=(subscriber_id, u64::MAX))? {
-        let id = row?.0.value().1;
+    for id in ids_under(&txn.open_table(BOUNCES_BY_SUBSCRIBER)?, subscriber_id)? {
         if let Some(row) = table.get(id)? {
             let bounce: Bounce = decode(row.value())?;
             if bounce.counted && bounce.kind == BounceKind::Soft && bounce.at_ms >= since_ms {
@@ -119,10 +117,7 @@ fn lift(txn: &WriteTransaction, email: &str) -> Result<Option<Suppression>, Stor
 /// decision) with nothing personal left, out of the subscriber's index.
 pub(super) fn scrub_subscriber(txn: &WriteTransaction, subscriber_id: u64) -> Result<(), StoreError> {
     let mut index = txn.open_table(BOUNCES_BY_SUBSCRIBER)?;
-    let ids: Vec<u64> = index
-        .range((subscriber_id, 0)..=(subscriber_id, u64::MAX))?
-        .map(|row| row.map(|(k, _)| k.value().1).map_err(StoreError::from))
-        .collect::<Result<_, _>>()?;
+    let ids = ids_under(&index, subscriber_id)?;
     let mut table = txn.open_table(BOUNCES)?;
     for id in ids {
         index.remove((subscriber_id, id))?;
@@ -147,25 +142,15 @@ impl Bounces for RedbStore {
                 let mut suppress_address = false;
                 for (subscriber, named) in &targets {
                     let soft = match report.kind {
-                        BounceKind::Soft => soft_bounces_since(
-                            txn,
-                            subscriber.id,
-                            at_ms.saturating_sub(rules.soft_window_ms),
-                        )?,
+                        BounceKind::Soft => soft_bounces_since(txn, subscriber.id, rules.soft_since(at_ms))?,
                         _ => 0,
                     };
                     let decision = decide(&rules, &report, Some(subscriber), soft);
                     suppress_address |= decision.suppress_address;
-                    let mut mine = report.clone();
-                    mine.email = subscriber.email.clone();
-                    mine.newsletter_id = Some(subscriber.newsletter_id);
-                    if !named {
-                        (mine.job_id, mine.letter_id) = (None, None);
-                    }
                     let bounce = Bounce::new(
                         next_id(txn, "bounce")?,
                         at_ms,
-                        &mine,
+                        &report.about(subscriber, *named),
                         Some(subscriber.id),
                         &decision,
                     );
@@ -185,18 +170,8 @@ impl Bounces for RedbStore {
                     put_bounce(txn, &bounce)?;
                     records.push(bounce);
                 }
-                let first = &records[0];
-                if suppress_address && !first.email.is_empty() {
-                    suppress(
-                        txn,
-                        NewSuppression {
-                            email: first.email.clone(),
-                            reason: crate::bounces::SuppressionReason::Complained,
-                            note: None,
-                            bounce_id: Some(first.id),
-                        },
-                        now(),
-                    )?;
+                if suppress_address && let Some(entry) = records[0].complaint_suppression() {
+                    suppress(txn, entry, now())?;
                 }
                 let mut log: Vec<_> = records.iter().filter_map(Bounce::event).collect();
                 log.extend(changes);
@@ -266,11 +241,7 @@ impl Bounces for RedbStore {
                 let mut after = before.clone();
                 after.status = SubscriberStatus::Active;
                 put_subscriber(txn, &after)?;
-                let ids: Vec<u64> = txn
-                    .open_table(BOUNCES_BY_SUBSCRIBER)?
-                    .range((subscriber_id, 0)..=(subscriber_id, u64::MAX))?
-                    .map(|row| row.map(|(k, _)| k.value().1).map_err(StoreError::from))
-                    .collect::<Result<_, _>>()?;
+                let ids = ids_under(&txn.open_table(BOUNCES_BY_SUBSCRIBER)?, subscriber_id)?;
                 let mut table = txn.open_table(BOUNCES)?;
                 for id in ids {
                     let Some(row) = table.get(id)? else { continue };

@@ -6,7 +6,7 @@ use redb::{ReadTransaction, ReadableTable, WriteTransaction};
 use serde_json::Map;
 
 use super::tables::*;
-use super::{RedbStore, decode, encode};
+use super::{RedbStore, decode, encode, ids_under};
 use crate::domain::now_ms;
 use crate::events::{Event, EventFilter, EventPage, NewEvent, SCAN_WINDOW};
 use crate::store::{Events, StoreError};
@@ -47,11 +47,7 @@ pub(super) fn append(
 /// times and ids stay, so counts and cursors do not change.
 pub(super) fn scrub_subscriber(txn: &WriteTransaction, subscriber_id: u64) -> Result<(), StoreError> {
     let mut table = txn.open_table(EVENTS)?;
-    let ids: Vec<u64> = txn
-        .open_table(EVENTS_BY_SUBSCRIBER)?
-        .range((subscriber_id, 0)..=(subscriber_id, u64::MAX))?
-        .map(|row| row.map(|(k, _)| k.value().1).map_err(StoreError::from))
-        .collect::<Result<_, _>>()?;
+    let ids = ids_under(&txn.open_table(EVENTS_BY_SUBSCRIBER)?, subscriber_id)?;
     for id in ids {
         let Some(row) = table.get(id)? else { continue };
         let mut event: Event = decode(row.value())?;

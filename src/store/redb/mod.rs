@@ -653,3 +653,12 @@ fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
     Ok(serde_json::from_slice(bytes)?)
 }
+
+/// The second halves of the `(first, second)` keys of an index under `first`, in
+/// order: one subscriber's event or report ids.
+fn ids_under(index: &impl ReadableTable<(u64, u64), ()>, first: u64) -> Result<Vec<u64>, StoreError> {
+    index
+        .range((first, 0)..=(first, u64::MAX))?
+        .map(|row| row.map(|(k, _)| k.value().1).map_err(StoreError::from))
+        .collect()
+}

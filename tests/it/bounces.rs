@@ -11,15 +11,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::support::smtp::{Reply, Script};
-use crate::support::{Api, SmtpServer, TestServer};
-
-async fn server_with(smtp: &SmtpServer, tweak: impl FnOnce(&mut letterbox::Config)) -> TestServer {
-    let data = tempfile::tempdir().unwrap();
-    let mut config = letterbox::Config::new(data.path());
-    config.smtp = Some(letterbox::Config::smtp_url(smtp.url()));
-    tweak(&mut config);
-    TestServer::start_with(config, data).await
-}
+use crate::support::{Api, SmtpServer, TestServer, emails};
 
 /// A newsletter with `emails` as subscribers, in that order, and a letter to them.
 /// Returns the newsletter, the letter and the subscribers' ids by email.
@@ -55,10 +47,6 @@ async fn list_and_letter(api: &Api, emails: &[String]) -> (u64, u64, HashMap<Str
     }
 }
 
-fn emails(prefix: &str, domain: &str, n: usize) -> Vec<String> {
-    (0..n).map(|i| format!("{prefix}{i}@{domain}")).collect()
-}
-
 async fn deliveries(api: &Api, job: u64) -> HashMap<String, Value> {
     let (status, page) = api.get(&format!("/v1/jobs/{job}/deliveries?limit=1000")).await;
     assert_eq!(status, 200, "{page}");
@@ -91,7 +79,7 @@ async fn rejections_bounce_the_address_or_blame_the_sender() {
         _ => Reply::Accept,
     });
     let smtp = SmtpServer::scripted(Duration::ZERO, script).await;
-    let server = server_with(&smtp, |config| {
+    let server = TestServer::with_smtp(&smtp, |config| {
         config.bounces.blocks = letterbox::bounces::BlockLimit {
             after: 3,
             window: Duration::from_secs(600),
@@ -253,7 +241,7 @@ async fn rejections_bounce_the_address_or_blame_the_sender() {
 async fn reports_and_suppressions_stop_a_running_job_and_can_be_undone() {
     // Slow enough that the last recipients are claimed long before they are sent.
     let smtp = SmtpServer::start_with_delay(Duration::from_millis(15)).await;
-    let server = server_with(&smtp, |_| {}).await;
+    let server = TestServer::with_smtp(&smtp, |_| {}).await;
     let api = &server.api;
     let list = emails("r", "example.org", 300);
     let (newsletter, letter, ids) = list_and_letter(api, &list).await;

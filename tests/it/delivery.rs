@@ -9,16 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::support::smtp::{Reply, Script};
-use crate::support::{Api, SmtpServer, TestServer};
-
-/// Starts letterbox delivering to `smtp`, after `tweak` adjusted its configuration.
-async fn server_with(smtp: &SmtpServer, tweak: impl FnOnce(&mut letterbox::Config)) -> TestServer {
-    let data = tempfile::tempdir().unwrap();
-    let mut config = letterbox::Config::new(data.path());
-    config.smtp = Some(letterbox::Config::smtp_url(smtp.url()));
-    tweak(&mut config);
-    TestServer::start_with(config, data).await
-}
+use crate::support::{Api, SmtpServer, TestServer, emails};
 
 /// A newsletter with `emails` as subscribers and a plain letter; returns the letter.
 async fn letter_to(api: &Api, emails: &[String]) -> u64 {
@@ -27,10 +18,6 @@ async fn letter_to(api: &Api, emails: &[String]) -> u64 {
     api.add_subscribers(newsletter, json!(people)).await;
     let letter = json!({ "subject": "Hello", "text": "Hi {{ email }}\r\n" });
     api.letter(newsletter, letter).await
-}
-
-fn emails(prefix: &str, domain: &str, n: usize) -> Vec<String> {
-    (0..n).map(|i| format!("{prefix}{i}@{domain}")).collect()
 }
 
 /// Every delivery of a job, following the cursor.
@@ -81,7 +68,7 @@ async fn transient_failures_retry_then_succeed_and_permanent_ones_fail_at_once()
         _ => Reply::Accept,
     });
     let smtp = SmtpServer::scripted(Duration::ZERO, script).await;
-    let server = server_with(&smtp, |_| {}).await;
+    let server = TestServer::with_smtp(&smtp, |_| {}).await;
     let api = &server.api;
     let mut list = Vec::new();
     for prefix in ["ok", "flaky", "drop", "gone", "down"] {
@@ -150,7 +137,7 @@ async fn a_stalled_server_times_out_and_the_recipient_is_retried() {
         }
     });
     let smtp = SmtpServer::scripted(Duration::ZERO, script).await;
-    let server = server_with(&smtp, |config| {
+    let server = TestServer::with_smtp(&smtp, |config| {
         let smtp = config.smtp.as_mut().unwrap();
         smtp.command_timeout = Duration::from_millis(300);
     })
@@ -180,7 +167,7 @@ async fn a_stalled_server_times_out_and_the_recipient_is_retried() {
 async fn pause_then_resume_never_resends_a_delivered_recipient() {
     const N: usize = 300;
     let smtp = SmtpServer::start_with_delay(Duration::from_millis(10)).await;
-    let server = server_with(&smtp, |_| {}).await;
+    let server = TestServer::with_smtp(&smtp, |_| {}).await;
     let api = &server.api;
     let letter = letter_to(api, &emails("p", "example.org", N)).await;
     let job = api.send(letter, json!({ "concurrency": 4 })).await;
@@ -220,7 +207,7 @@ async fn pause_then_resume_never_resends_a_delivered_recipient() {
 async fn cancel_stops_the_send_and_marks_the_rest_cancelled() {
     const N: usize = 300;
     let smtp = SmtpServer::start_with_delay(Duration::from_millis(10)).await;
-    let server = server_with(&smtp, |_| {}).await;
+    let server = TestServer::with_smtp(&smtp, |_| {}).await;
     let api = &server.api;
     let letter = letter_to(api, &emails("c", "example.org", N)).await;
     let job = api.send(letter, json!({ "concurrency": 4 })).await;
@@ -271,7 +258,7 @@ async fn retry_failed_requeues_only_the_failed_recipients() {
         }
     });
     let smtp = SmtpServer::scripted(Duration::ZERO, script).await;
-    let server = server_with(&smtp, |_| {}).await;
+    let server = TestServer::with_smtp(&smtp, |_| {}).await;
     let api = &server.api;
     let mut list = emails("good", "example.org", 20);
     list.extend(emails("bad", "example.org", 5));
@@ -303,7 +290,7 @@ async fn retry_failed_requeues_only_the_failed_recipients() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotency_key_gives_one_job_per_request() {
     let smtp = SmtpServer::start().await;
-    let server = server_with(&smtp, |_| {}).await;
+    let server = TestServer::with_smtp(&smtp, |_| {}).await;
     let api = &server.api;
     let letter = letter_to(api, &emails("i", "example.org", 5)).await;
     let path = format!("/v1/letters/{letter}/send");
@@ -359,7 +346,7 @@ async fn idempotency_key_gives_one_job_per_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scheduled_send_waits_for_its_time() {
     let smtp = SmtpServer::start().await;
-    let server = server_with(&smtp, |_| {}).await;
+    let server = TestServer::with_smtp(&smtp, |_| {}).await;
     let api = &server.api;
     let letter = letter_to(api, &emails("s", "example.org", 3)).await;
     // A fresh server compiles the built-in policies in the background; the send request
@@ -414,7 +401,7 @@ async fn a_scheduled_send_waits_for_its_time() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_domain_cap_holds_across_the_job() {
     let smtp = SmtpServer::start_with_delay(Duration::from_millis(30)).await;
-    let server = server_with(&smtp, |config| {
+    let server = TestServer::with_smtp(&smtp, |config| {
         config.domain_limits.add("capped.example=2").unwrap();
     })
     .await;
@@ -439,7 +426,7 @@ async fn the_domain_cap_holds_across_the_job() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transport_rate_limit_spaces_the_messages() {
     let smtp = SmtpServer::start().await;
-    let server = server_with(&smtp, |config| {
+    let server = TestServer::with_smtp(&smtp, |config| {
         let url = format!("{}?rate=20/s", smtp.url());
         config
             .transports
@@ -480,7 +467,7 @@ async fn a_transport_rate_limit_spaces_the_messages() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_stream_progress_until_the_end() {
     let smtp = SmtpServer::start_with_delay(Duration::from_millis(5)).await;
-    let server = server_with(&smtp, |_| {}).await;
+    let server = TestServer::with_smtp(&smtp, |_| {}).await;
     let api = &server.api;
     let letter = letter_to(api, &emails("e", "example.org", 100)).await;
     let job = api.send(letter, json!({ "concurrency": 2 })).await;
@@ -519,7 +506,7 @@ async fn events_stream_progress_until_the_end() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_are_dkim_signed_when_a_key_is_configured() {
     let smtp = SmtpServer::start().await;
-    let server = server_with(&smtp, |config| {
+    let server = TestServer::with_smtp(&smtp, |config| {
         config.dkim = Some(letterbox::mail::DkimSettings {
             // An Ed25519 seed (32 bytes), base64.
             private_key: "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=".into(),
@@ -547,7 +534,7 @@ async fn messages_are_dkim_signed_when_a_key_is_configured() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_beyond_the_running_limit_wait_queued_and_running_ones_report_a_rate() {
     let smtp = SmtpServer::start_with_delay(Duration::from_millis(5)).await;
-    let server = server_with(&smtp, |config| config.max_running_jobs = 1).await;
+    let server = TestServer::with_smtp(&smtp, |config| config.max_running_jobs = 1).await;
     let api = &server.api;
     let first = letter_to(api, &emails("a", "example.org", 150)).await;
     let second = letter_to(api, &emails("b", "example.org", 20)).await;
@@ -582,7 +569,7 @@ async fn jobs_beyond_the_running_limit_wait_queued_and_running_ones_report_a_rat
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pooled_connection_the_server_closed_is_replaced_without_a_retry() {
     let smtp = SmtpServer::closing_after_each_message().await;
-    let server = server_with(&smtp, |_| {}).await;
+    let server = TestServer::with_smtp(&smtp, |_| {}).await;
     let api = &server.api;
     let letter = letter_to(api, &emails("z", "example.org", 10)).await;
     // One attempt only: a stale connection must not cost the recipient anything.
@@ -603,7 +590,7 @@ async fn commands_are_pipelined_only_when_offered_and_the_message_arrives_intact
         (SmtpServer::start().await, true),
         (SmtpServer::without_pipelining().await, false),
     ] {
-        let server = server_with(&smtp, |_| {}).await;
+        let server = TestServer::with_smtp(&smtp, |_| {}).await;
         let api = &server.api;
         let newsletter = api.newsletter().await;
         let people: Vec<_> = emails("p", "example.org", 20)
@@ -650,7 +637,7 @@ fn sample(metrics: &str, name: &str, labels: &str) -> Option<f64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_deliveries_and_time_each_stage() {
     let smtp = SmtpServer::start().await;
-    let server = server_with(&smtp, |_| {}).await;
+    let server = TestServer::with_smtp(&smtp, |_| {}).await;
     let api = &server.api;
     let letter = letter_to(api, &emails("m", "example.org", 12)).await;
     let job = api.send(letter, json!({})).await;
@@ -681,7 +668,7 @@ async fn metrics_count_deliveries_and_time_each_stage() {
     let anonymous = crate::support::Api::with_token(api.base.clone(), None);
     assert_eq!(anonymous.get_text("/metrics").await.0, 401);
     server.stop().await;
-    let public = server_with(&smtp, |c| c.public_metrics = true).await;
+    let public = TestServer::with_smtp(&smtp, |c| c.public_metrics = true).await;
     let anonymous = crate::support::Api::with_token(public.api.base.clone(), None);
     assert_eq!(anonymous.get_text("/metrics").await.0, 200);
     public.stop().await;

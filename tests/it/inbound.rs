@@ -94,22 +94,18 @@ impl Client {
     }
 }
 
-async fn server(smtp: &SmtpServer, port: u16) -> TestServer {
-    server_with(smtp, port, |_, _| {}).await
+/// Delivers to `smtp` with the bounce domain and the listener on `port`, after `tweak`.
+async fn server_with(smtp: &SmtpServer, port: u16, tweak: impl FnOnce(&mut letterbox::Config)) -> TestServer {
+    TestServer::with_smtp(smtp, |config| {
+        config.bounce_domain = Some(DOMAIN.into());
+        config.inbound_smtp = Some(format!("127.0.0.1:{port}").parse().unwrap());
+        tweak(config);
+    })
+    .await
 }
 
-async fn server_with(
-    smtp: &SmtpServer,
-    port: u16,
-    tweak: impl FnOnce(&mut letterbox::Config, &std::path::Path),
-) -> TestServer {
-    let data = tempfile::tempdir().unwrap();
-    let mut config = letterbox::Config::new(data.path());
-    tweak(&mut config, data.path());
-    config.smtp = Some(letterbox::Config::smtp_url(smtp.url()));
-    config.bounce_domain = Some(DOMAIN.into());
-    config.inbound_smtp = Some(format!("127.0.0.1:{port}").parse().unwrap());
-    TestServer::start_with(config, data).await
+async fn server(smtp: &SmtpServer, port: u16) -> TestServer {
+    server_with(smtp, port, |_| {}).await
 }
 
 fn dsn(return_path: &str, recipient: &str, status: &str, message_id: &str) -> String {
@@ -403,7 +399,9 @@ async fn starttls_is_offered_with_a_certificate() {
     let ca = TestCa::new(&["localhost"]);
     let smtp = SmtpServer::start().await;
     let port = free_port();
-    let server = server_with(&smtp, port, |config, dir| {
+    let files = tempfile::tempdir().unwrap();
+    let dir = files.path();
+    let server = server_with(&smtp, port, |config| {
         let (cert, key) = (dir.join("bounces.crt"), dir.join("bounces.key"));
         std::fs::write(&cert, &ca.cert_pem).unwrap();
         std::fs::write(&key, &ca.key_pem).unwrap();

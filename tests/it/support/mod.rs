@@ -68,6 +68,15 @@ impl TestServer {
         Self::start_with(config, data).await
     }
 
+    /// Delivers to `smtp`, after `tweak` adjusted the configuration.
+    pub async fn with_smtp(smtp: &SmtpServer, tweak: impl FnOnce(&mut letterbox::Config)) -> TestServer {
+        let data = tempfile::tempdir().unwrap();
+        let mut config = letterbox::Config::new(data.path());
+        config.smtp = Some(letterbox::Config::smtp_url(smtp.url()));
+        tweak(&mut config);
+        Self::start_with(config, data).await
+    }
+
     /// Starts with `config`; its API token is `TEST_TOKEN` unless it names one.
     pub async fn start_with(mut config: letterbox::Config, data: tempfile::TempDir) -> TestServer {
         config.api_token.get_or_insert_with(|| TEST_TOKEN.to_string());
@@ -121,6 +130,11 @@ impl TestServer {
         let _ = self.stop.take().unwrap().send(());
         self.task.take().unwrap().await.unwrap().unwrap();
     }
+}
+
+/// `n` addresses `{prefix}{i}@{domain}`, i from 0.
+pub fn emails(prefix: &str, domain: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}{i}@{domain}")).collect()
 }
 
 /// A reqwest client builder, with the TLS crypto provider the binary uses installed.

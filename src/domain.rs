@@ -558,19 +558,29 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// The state this outcome leaves. Its texts quote remote servers and policies,
+    /// which may send anything: they are made storable (see `storable`).
     pub fn into_state(self, at: u64) -> DeliveryState {
         match self {
-            Outcome::Delivered { reply } => DeliveryState::Delivered { at, reply },
-            Outcome::Skipped { reason } => DeliveryState::Skipped { reason },
+            Outcome::Delivered { reply } => DeliveryState::Delivered {
+                at,
+                reply: storable(reply),
+            },
+            Outcome::Skipped { reason } => DeliveryState::Skipped {
+                reason: storable(reason),
+            },
             Outcome::Retry { at_ms, error } => DeliveryState::Retrying {
                 next_attempt_at_ms: at_ms,
-                last_error: error,
+                last_error: storable(error),
             },
-            Outcome::Failed { reason } => DeliveryState::Failed { at, reason },
+            Outcome::Failed { reason } => DeliveryState::Failed {
+                at,
+                reason: storable(reason),
+            },
             Outcome::Released => DeliveryState::Pending,
             Outcome::Deferred { at_ms, reason } => DeliveryState::Retrying {
                 next_attempt_at_ms: at_ms,
-                last_error: reason,
+                last_error: storable(reason),
             },
         }
     }
@@ -579,6 +589,17 @@ impl Outcome {
     /// tried, or decided on).
     pub fn is_attempt(&self) -> bool {
         !matches!(self, Outcome::Released | Outcome::Deferred { .. })
+    }
+}
+
+/// Text from outside (a remote server's reply, a report as received) as every backend
+/// can keep it: a NUL character, which mail may not carry (RFC 5322) but junk does and
+/// PostgreSQL's text and JSONB cannot hold, shown as U+FFFD.
+pub fn storable(text: String) -> String {
+    if text.contains('\0') {
+        text.replace('\0', "\u{fffd}")
+    } else {
+        text
     }
 }
 

@@ -229,6 +229,10 @@ impl Columns {
                 self.width
             ));
         }
+        // PostgreSQL's text cannot hold NUL; every backend refuses the row alike.
+        if record.iter().any(|field| field.contains('\0')) {
+            return Err("contains the NUL character (U+0000)".into());
+        }
         let mut attributes = Map::new();
         for (i, key) in &self.attributes {
             // An empty cell is no value, not an empty string.

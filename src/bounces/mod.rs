@@ -125,10 +125,15 @@ impl NewBounce {
         self
     }
 
-    /// The report as kept: texts cut to their caps.
+    /// The report as kept, the same on every backend: texts storable
+    /// (`domain::storable`: junk carries NUL bytes) and cut to their caps.
     pub fn capped(mut self) -> NewBounce {
-        self.diagnostic = self.diagnostic.map(|d| cut(d, MAX_DIAGNOSTIC));
-        self.raw = self.raw.map(|r| cut(r, MAX_RAW));
+        use crate::domain::storable;
+        self.diagnostic = self.diagnostic.map(|d| cut(storable(d), MAX_DIAGNOSTIC));
+        self.raw = self.raw.map(|r| cut(storable(r), MAX_RAW));
+        self.status = self.status.map(storable);
+        self.email = storable(self.email);
+        self.source = storable(self.source);
         self
     }
 }

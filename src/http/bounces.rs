@@ -388,6 +388,7 @@ async fn add_suppressions(
     let rows: Vec<(String, Option<String>)> = if is_csv(&headers) {
         csv_rows(&body)?
     } else {
+        super::error::refuse_nul(&body)?;
         let json: AddSuppressions = serde_json::from_slice(&body)
             .map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))?;
         if json.emails.is_empty() {

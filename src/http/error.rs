@@ -144,6 +144,7 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::NotFound { .. } => ApiError::NotFound(e.to_string()),
             StoreError::Conflict(detail) => ApiError::Conflict(detail),
+            StoreError::Unstorable(detail) => ApiError::invalid(detail),
             StoreError::Closed => ApiError::Unavailable("the server is shutting down".into()),
             // A failing database is a state that heals, not a bug: 503, so clients and
             // load balancers try again. The cause (hosts, paths) stays in the log.
@@ -244,10 +245,82 @@ impl From<QueryRejection> for ApiError {
     }
 }
 
-/// `axum::Json` with our error body on rejection.
-#[derive(FromRequest)]
-#[from_request(via(axum::Json), rejection(ApiError))]
+/// `axum::Json` with our error body on rejection, which also refuses strings with a
+/// NUL character (`\u0000`), naming where: PostgreSQL's text cannot hold one, and a
+/// request must mean the same on every backend.
 pub struct ApiJson<T>(pub T);
+
+impl<T, S> FromRequest<S> for ApiJson<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(request: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        if !json_content_type(request.headers()) {
+            return Err(ApiError::UnsupportedMediaType(
+                "expected a JSON body with `Content-Type: application/json`".into(),
+            ));
+        }
+        let bytes = axum::body::Bytes::from_request(request, state).await?;
+        refuse_nul(&bytes)?;
+        let Json(value) = Json::<T>::from_bytes(&bytes)?;
+        Ok(ApiJson(value))
+    }
+}
+
+/// Refuses a JSON body with a NUL character (`\u0000`) in a string or key, naming
+/// where. Only a body that spells the escape is parsed for it.
+pub fn refuse_nul(body: &[u8]) -> Result<(), ApiError> {
+    if !body.windows(6).any(|w| w == b"\\u0000") {
+        return Ok(());
+    }
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return Ok(()); // not JSON: the caller's parser says so
+    };
+    match nul_at(&value, String::new()) {
+        Some(field) => Err(ApiError::field(
+            if field.is_empty() { "body" } else { &field },
+            "may not contain the NUL character (U+0000)",
+        )),
+        None => Ok(()),
+    }
+}
+
+/// `application/json` or `application/*+json`, as axum's `Json` accepts.
+fn json_content_type(headers: &axum::http::HeaderMap) -> bool {
+    let Some(value) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let essence = value.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+/// Where in `value` a string or key holds a NUL: `email`, `[3].name`, `data.note`.
+fn nul_at(value: &serde_json::Value, path: String) -> Option<String> {
+    use serde_json::Value;
+    match value {
+        Value::String(text) => text.contains('\0').then_some(path),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, item)| nul_at(item, format!("{path}[{i}]"))),
+        Value::Object(fields) => fields.iter().find_map(|(key, item)| {
+            let here = if path.is_empty() {
+                key.clone()
+            } else {
+                format!("{path}.{key}")
+            };
+            if key.contains('\0') {
+                Some(here)
+            } else {
+                nul_at(item, here)
+            }
+        }),
+        _ => None,
+    }
+}
 
 /// `axum::extract::Path` with our error body on rejection.
 #[derive(FromRequestParts)]

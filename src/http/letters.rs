@@ -253,6 +253,7 @@ async fn send(
     let parsed: Value = if body.iter().all(u8::is_ascii_whitespace) {
         Value::Null
     } else {
+        super::error::refuse_nul(&body)?;
         serde_json::from_slice(&body).map_err(|e| ApiError::invalid(format!("invalid send request: {e}")))?
     };
     let request: SendRequest = match &parsed {

@@ -47,6 +47,10 @@ pub enum StoreError {
     /// The database refused the operation for a reason trying again will not change.
     #[error("database error: {0}")]
     Db(String),
+    /// A value the database cannot hold (PostgreSQL's text cannot hold NUL): the
+    /// caller's input, refused as it is, nothing changed.
+    #[error("{0}")]
+    Unstorable(String),
     /// The database could not carry the operation out: it cannot be reached, its disk
     /// is full, an I/O error. Nothing was changed; trying again later may succeed.
     #[error("the store is unavailable: {0}")]

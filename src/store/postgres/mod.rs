@@ -49,7 +49,13 @@ impl From<tokio_postgres::Error> for StoreError {
         match e.as_db_error() {
             Some(db) => {
                 let text = format!("{} ({})", db.message(), db.code().code());
-                if transient_sqlstate(db.code().code()) {
+                // 22021 (a NUL byte in a text parameter) and 22P05 (`\u0000` in JSONB).
+                if matches!(db.code().code(), "22021" | "22P05") {
+                    StoreError::Unstorable(format!(
+                        "text may not contain the NUL character (U+0000): {}",
+                        db.message()
+                    ))
+                } else if transient_sqlstate(db.code().code()) {
                     StoreError::Unavailable(text)
                 } else {
                     StoreError::Db(text)

@@ -259,6 +259,16 @@ async fn reports_about_nobody_are_kept_as_unattributed(store: Store) {
     assert!(unattributed.iter().all(|b| b.subscriber_id.is_none()));
     let all = store.bounces(BounceFilter::default(), None, 10).await.unwrap();
     assert_eq!(all.len(), 4);
+    // Junk with NUL bytes (the listener keeps whatever arrives) is kept on every backend.
+    let mut junk = report(BounceKind::Soft, "junk\0@example.org");
+    junk.raw = Some("\0\u{1}binary\0".into());
+    junk.diagnostic = Some("a\0b".into());
+    let kept = store.record_bounce(junk, Rules::default()).await.unwrap();
+    assert_eq!(kept[0].raw.as_deref(), Some("\u{fffd}\u{1}binary\u{fffd}"));
+    assert_eq!(kept[0].diagnostic.as_deref(), Some("a\u{fffd}b"));
+    let all = store.bounces(BounceFilter::default(), None, 10).await.unwrap();
+    assert_eq!(all.len(), 5);
+    assert_eq!(all[0].email, "junk\u{fffd}@example.org");
     // A newsletter that does not exist is refused, and nothing is recorded.
     let mut nowhere = report(BounceKind::Hard, "a@example.com");
     nowhere.newsletter_id = Some(424_242);
@@ -270,7 +280,7 @@ async fn reports_about_nobody_are_kept_as_unattributed(store: Store) {
             .await
             .unwrap()
             .len(),
-        4
+        5
     );
 }
 

@@ -9,19 +9,11 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
+use crate::support::postfix::{LOCAL_DOMAIN, Postfix};
 use crate::support::smtp::TestCa;
-use crate::support::{Api, SmtpServer, TestServer};
+use crate::support::{Api, SmtpServer, TestServer, emails, free_port};
 
 const DOMAIN: &str = "bounces.example.net";
-
-/// A free local port (bound, then let go) for the listener.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// An SMTP client that checks each reply's code.
 struct Client {
@@ -70,6 +62,12 @@ impl Client {
 
     /// A whole transaction; the reply to the end of the message.
     async fn send(&mut self, from: &str, to: &str, message: &str) -> String {
+        self.send_bytes(from, to, message.as_bytes()).await
+    }
+
+    /// The same for any bytes: lines end in CRLF on the wire (a bare CR stays inside
+    /// its line) and a leading dot is doubled.
+    async fn send_bytes(&mut self, from: &str, to: &str, message: &[u8]) -> String {
         assert!(
             self.command(&format!("MAIL FROM:<{from}>"))
                 .await
@@ -80,16 +78,18 @@ impl Client {
             return rcpt;
         }
         assert!(self.command("DATA").await.starts_with("354"));
-        let mut body = String::new();
-        for line in message.replace("\r\n", "\n").lines() {
-            if line.starts_with('.') {
-                body.push('.');
+        let mut body = Vec::with_capacity(message.len() + 64);
+        let message = message.strip_suffix(b"\n").unwrap_or(message);
+        for line in message.split(|b| *b == b'\n') {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            if line.starts_with(b".") {
+                body.push(b'.');
             }
-            body.push_str(line);
-            body.push_str("\r\n");
+            body.extend_from_slice(line);
+            body.extend_from_slice(b"\r\n");
         }
-        body.push_str(".\r\n");
-        self.writer.write_all(body.as_bytes()).await.unwrap();
+        body.extend_from_slice(b".\r\n");
+        self.writer.write_all(&body).await.unwrap();
         self.reply().await
     }
 }
@@ -436,4 +436,195 @@ async fn starttls_is_offered_with_a_certificate() {
     let (_, page) = server.api.get("/v1/bounces?unattributed=true").await;
     assert_eq!(page["items"][0]["email"], "someone@example.org", "{page}");
     server.stop().await;
+}
+
+/// Real bounces from a real MTA: letterbox sends through Postfix, which relays the good
+/// domain to a test SMTP server and bounces unknown local users with its own DSNs to
+/// the VERP return path, delivered over SMTP to letterbox's listener.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postfix_bounces_come_back_through_the_listener_and_suppress_the_mailboxes() {
+    let good = SmtpServer::start().await;
+    let port = free_port();
+    let postfix = Postfix::start(&[(DOMAIN, port), ("good.example.org", good.port)]);
+    let data = tempfile::tempdir().unwrap();
+    let mut config = letterbox::Config::new(data.path());
+    config.smtp = Some(letterbox::Config::smtp_url(postfix.url()));
+    config.bounce_domain = Some(DOMAIN.into());
+    config.inbound_smtp = Some(format!("127.0.0.1:{port}").parse().unwrap());
+    let server = TestServer::start_with(config, data).await;
+    let api = &server.api;
+
+    let kept = emails("ok", "good.example.org", 6);
+    let gone = emails("gone", LOCAL_DOMAIN, 4);
+    let newsletter = api.newsletter().await;
+    let people: Vec<_> = kept.iter().chain(&gone).map(|e| json!({ "email": e })).collect();
+    api.add_subscribers(newsletter, json!(people)).await;
+    let (_, list) = api
+        .get(&format!("/v1/newsletters/{newsletter}/subscribers"))
+        .await;
+    let id_of = |email: &str| {
+        list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["email"] == email)
+            .unwrap()["id"]
+            .as_u64()
+            .unwrap()
+    };
+    let letter = api
+        .letter(newsletter, json!({ "subject": "Hello", "text": "Hi\r\n" }))
+        .await;
+    let job = api.send(letter, json!({})).await;
+    let done = api.wait_job(job, Duration::from_secs(60)).await;
+    // Postfix took every message: the bounces come afterwards, as they do in life.
+    assert_eq!(done["counts"]["delivered"], 10, "{done}");
+
+    // Postfix's DSNs reach the listener and each names its subscriber.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    for email in &gone {
+        while status_of(api, id_of(email)).await != "bounced" {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{email} not bounced; Postfix's log:\n{}",
+                postfix.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let found = reports(api, id_of(email)).await;
+        assert_eq!(found.len(), 1, "{found:?}");
+        let r = &found[0];
+        assert_eq!(
+            (r["kind"].as_str(), r["source"].as_str(), r["status"].as_str()),
+            (Some("hard"), Some("inbound"), Some("5.1.1")),
+            "{r}"
+        );
+        assert_eq!(r["job_id"], job, "{r}");
+        // Postfix's own words, and its whole report, kept.
+        let user = email.split('@').next().unwrap();
+        assert!(
+            r["diagnostic"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("unknown user: \"{user}\"")),
+            "{r}"
+        );
+        let raw = r["raw"].as_str().unwrap();
+        assert!(raw.contains("Reporting-MTA: dns; mta.test"), "{raw}");
+        assert!(raw.contains("X-Postfix-Queue-ID"), "{raw}");
+    }
+    for email in &kept {
+        assert_eq!(status_of(api, id_of(email)).await, "active", "{email}");
+    }
+    assert_eq!(good.count(), 6);
+    let (_, unattributed) = api.get("/v1/bounces?unattributed=true").await;
+    assert_eq!(unattributed["items"], json!([]), "{unattributed}");
+
+    // The next letter goes only to the mailboxes that exist.
+    let letter = api
+        .letter(newsletter, json!({ "subject": "Again", "text": "Hi\r\n" }))
+        .await;
+    let job = api.send(letter, json!({})).await;
+    let done = api.wait_job(job, Duration::from_secs(60)).await;
+    assert_eq!(done["counts"]["delivered"], 6, "{done}");
+    // Postfix relayed the six and bounced nothing more.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while good.count() < 12 {
+        assert!(std::time::Instant::now() < deadline, "{}", postfix.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, page) = api.get("/v1/bounces").await;
+    assert_eq!(page["items"].as_array().unwrap().len(), 4, "{page}");
+    server.stop().await;
+}
+
+/// Messages no MTA should send: binary junk, reports cut anywhere with junk spliced in,
+/// a header of hundreds of kilobytes, tens of thousands of headers, multiparts nested
+/// up to 100,000 deep (9 MB, under the size limit).
+fn hostile_message() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+    use proptest::prelude::*;
+    let junk = proptest::collection::vec(any::<u8>(), 0..8192);
+    let whole = dsn(
+        &format!("x@{DOMAIN}"),
+        "someone@example.org",
+        "5.1.1",
+        "nobody@example.net",
+    );
+    let whole_len = whole.len();
+    prop_oneof![
+        junk.clone(),
+        (0..whole_len, junk).prop_map(move |(cut, junk)| {
+            let mut bytes = whole.as_bytes()[..cut].to_vec();
+            bytes.extend_from_slice(&junk);
+            bytes.extend_from_slice(&whole.as_bytes()[cut..]);
+            bytes
+        }),
+        (1usize..400_000).prop_map(|n| format!("Subject: {}\r\n\r\nbody", "h".repeat(n)).into_bytes()),
+        (1usize..30_000).prop_map(|n| format!("{}\r\nbody", "X-H: v\r\n".repeat(n)).into_bytes()),
+        (1usize..100_000).prop_map(|depth| {
+            let mut message = String::new();
+            for level in 0..depth {
+                message.push_str(&format!(
+                    "Content-Type: multipart/report; report-type=delivery-status; boundary=\"b{level}\"\r\n\r\n--b{level}\r\n"
+                ));
+            }
+            message.push_str("Content-Type: message/delivery-status\r\n\r\nStatus: 5.1.1\r\n");
+            message.into_bytes()
+        }),
+    ]
+}
+
+/// Whatever arrives, the listener answers it (recorded, or refused with a reason) and
+/// keeps serving: no message panics it, hangs it or closes the connection.
+#[test]
+fn no_message_brings_the_listener_down() {
+    use proptest::test_runner::{Config, TestCaseError, TestRunner};
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let port = free_port();
+    let (smtp, server) = runtime.block_on(async {
+        let smtp = SmtpServer::start().await;
+        let server = server(&smtp, port).await;
+        (smtp, server)
+    });
+    let (mut client, _) = runtime.block_on(Client::connect(port));
+    runtime.block_on(client.command("EHLO fuzz.example.org"));
+    // The runner's closure is `Fn`; one connection carries every case.
+    let client = std::cell::RefCell::new(client);
+    let mut runner = TestRunner::new(Config {
+        cases: 48,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let to = format!("postmaster@{DOMAIN}");
+    runner
+        .run(&hostile_message(), |message| {
+            let mut client = client.borrow_mut();
+            let answer = runtime.block_on(client.send_bytes("", &to, &message));
+            // Recorded, or too big; never a failure of ours (451), never silence.
+            if !(answer.starts_with("250") || answer.starts_with("552")) {
+                return Err(TestCaseError::fail(format!("answered {answer:?}")));
+            }
+            let noop = runtime.block_on(client.command("NOOP"));
+            if !noop.starts_with("250") {
+                return Err(TestCaseError::fail(format!("then NOOP got {noop:?}")));
+            }
+            Ok(())
+        })
+        .unwrap();
+    // A new connection is served, and a real report after all that is still read.
+    runtime.block_on(async {
+        let (mut fresh, greeting) = Client::connect(port).await;
+        assert!(greeting.starts_with("220 "), "{greeting}");
+        fresh.command("EHLO mx.example.org").await;
+        let report = dsn(&to, "after@example.org", "5.1.1", "nobody@example.net");
+        assert!(fresh.send("", &to, &report).await.starts_with("250"));
+        let (_, page) = server.api.get("/v1/bounces?unattributed=true&limit=1").await;
+        assert_eq!(page["items"][0]["email"], "after@example.org", "{page}");
+        server.stop().await;
+        drop(smtp);
+    });
 }

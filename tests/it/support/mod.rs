@@ -4,6 +4,7 @@
 pub mod disk;
 pub mod mime;
 pub mod pg;
+pub mod postfix;
 pub mod process;
 pub mod smtp;
 
@@ -130,6 +131,15 @@ impl TestServer {
         let _ = self.stop.take().unwrap().send(());
         self.task.take().unwrap().await.unwrap().unwrap();
     }
+}
+
+/// A free local port (bound, then let go), for a listener the test configures.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// `n` addresses `{prefix}{i}@{domain}`, i from 0.

@@ -61,6 +61,8 @@ pub struct Config {
     pub inbound_smtp: Option<std::net::SocketAddr>,
     /// The listener's certificate chain and key (PEM files), offered as STARTTLS.
     pub inbound_tls: Option<(PathBuf, PathBuf)>,
+    /// Which provider webhooks are on, and their secrets (see `crate::providers`).
+    pub providers: crate::providers::ProviderSettings,
     /// Base URL the public `/u/{token}` links use; defaults to `http://` + the listen
     /// address.
     pub public_url: Option<String>,
@@ -96,6 +98,7 @@ impl Config {
             bounce_domain: None,
             inbound_smtp: None,
             inbound_tls: None,
+            providers: Default::default(),
             public_url: None,
             policy_limits: PolicyLimits::default(),
             policy_failures: FailureLimit::default(),
@@ -137,6 +140,7 @@ impl std::fmt::Debug for Config {
             .field("bounce_domain", &self.bounce_domain)
             .field("inbound_smtp", &self.inbound_smtp)
             .field("inbound_tls", &self.inbound_tls)
+            .field("providers", &self.providers)
             .field("public_url", &self.public_url)
             .field("policy_limits", &self.policy_limits)
             .field("policy_failures", &self.policy_failures)

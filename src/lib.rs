@@ -19,6 +19,7 @@ pub mod mail;
 pub mod migrate;
 pub mod policy;
 pub mod project;
+pub mod providers;
 pub mod runner;
 pub mod settings;
 pub mod store;
@@ -62,6 +63,8 @@ pub enum Error {
     Serve(std::io::Error),
     #[error("inbound SMTP listener's certificate: {0}")]
     InboundTls(String),
+    #[error("provider webhooks: {0}")]
+    Providers(providers::ProviderError),
     #[error("inbound SMTP listener on {address}: {source}")]
     Inbound {
         address: std::net::SocketAddr,
@@ -215,6 +218,7 @@ pub async fn run(
         public_metrics: config.public_metrics,
         request_timeout: config.request_timeout,
         faults: config.faults.clone(),
+        providers: providers::Providers::new(&config.providers).map_err(Error::Providers)?,
         stopping: stop.clone(),
     });
     let served = axum::serve(listener, app)

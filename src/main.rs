@@ -265,6 +265,18 @@ struct ServeArgs {
     /// The private key (PEM) of --inbound-tls-cert.
     #[arg(long, env = "LETTERBOX_INBOUND_TLS_KEY")]
     inbound_tls_key: Option<PathBuf>,
+    /// Accept SES bounces and complaints from this SNS topic at /webhooks/ses (its
+    /// ARN; repeat for more). The topic's HTTPS subscription is confirmed by itself.
+    #[arg(long = "ses-topic", env = "LETTERBOX_SES_TOPICS", value_delimiter = ',')]
+    ses_topics: Vec<String>,
+    /// Mailgun's webhook signing key: accept its failed/complained events at
+    /// /webhooks/mailgun.
+    #[arg(long, env = "LETTERBOX_MAILGUN_SIGNING_KEY")]
+    mailgun_signing_key: Option<String>,
+    /// USER:PASSWORD that Postmark's webhook URL carries: accept its bounce and spam
+    /// complaint webhooks at /webhooks/postmark.
+    #[arg(long, env = "LETTERBOX_POSTMARK_AUTH")]
+    postmark_auth: Option<String>,
     /// Public base URL for unsubscribe links (default: http://LISTEN).
     #[arg(long, env = "LETTERBOX_PUBLIC_URL")]
     public_url: Option<String>,
@@ -309,6 +321,8 @@ impl ServeArgs {
             ("public_metrics", self.public_metrics.map(|b| b.to_string())),
             ("public_url", self.public_url),
             ("bounces.domain", self.bounce_domain),
+            ("bounces.mailgun_signing_key", self.mailgun_signing_key),
+            ("bounces.postmark_auth", self.postmark_auth),
             ("bounces.inbound_smtp", self.inbound_smtp),
             (
                 "bounces.tls_cert",
@@ -357,6 +371,7 @@ impl ServeArgs {
             values: values.into_iter().filter_map(|(k, v)| Some((k, v?))).collect(),
             domain_limits: self.domain_limits,
             transports: self.transports,
+            ses_topics: self.ses_topics,
         }
     }
 }

@@ -96,6 +96,13 @@ struct Bounces {
     block_after: u32,
     block_window: String,
     block_pause: String,
+    /// SNS topics (ARNs) whose SES notifications `/webhooks/ses` accepts.
+    #[serde(default)]
+    ses_topics: Vec<String>,
+    /// Mailgun's webhook signing key: `/webhooks/mailgun` is on with it.
+    mailgun_signing_key: Option<String>,
+    /// `user:password` in Postmark's webhook URL: `/webhooks/postmark` is on with it.
+    postmark_auth: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -189,6 +196,8 @@ pub struct Overrides {
     pub domain_limits: Vec<String>,
     /// `NAME=URL` transports added to the file's `[transports]`.
     pub transports: Vec<String>,
+    /// SNS topic ARNs added to the file's `bounces.ses_topics`.
+    pub ses_topics: Vec<String>,
 }
 
 /// The file to read: `explicit` (which must exist), else `letterbox.toml` in the
@@ -238,7 +247,12 @@ pub fn load(file: Option<&Path>, overrides: Overrides) -> Result<Settings, Setti
         .build()
         .and_then(|c| c.try_deserialize())
         .map_err(load_error)?;
-    resolve(file, overrides.domain_limits, overrides.transports)
+    resolve(
+        file,
+        overrides.domain_limits,
+        overrides.transports,
+        overrides.ses_topics,
+    )
 }
 
 fn duration(key: &str, value: &str) -> Result<Duration, SettingsError> {
@@ -303,6 +317,7 @@ fn resolve(
     file: File,
     extra_limits: Vec<String>,
     extra_transports: Vec<String>,
+    extra_topics: Vec<String>,
 ) -> Result<Settings, SettingsError> {
     let listen: SocketAddr = file.listen.parse().map_err(|e| {
         invalid(
@@ -403,6 +418,44 @@ fn resolve(
             pause: positive_duration("bounces.block_pause", &b.block_pause)?,
         },
     };
+
+    for topic in b.ses_topics.iter().chain(&extra_topics) {
+        let topic = topic.trim();
+        // arn:aws:sns:REGION:ACCOUNT:NAME (arn:aws-cn:…, arn:aws-us-gov:… too).
+        let parts: Vec<&str> = topic.split(':').collect();
+        if parts.len() != 6
+            || !parts[0].eq("arn")
+            || !parts[1].starts_with("aws")
+            || parts[2] != "sns"
+            || parts[5].is_empty()
+        {
+            return Err(invalid(
+                "bounces.ses_topics",
+                format!(
+                    "{topic:?} is not an SNS topic ARN like arn:aws:sns:us-east-1:123456789012:ses-bounces"
+                ),
+            ));
+        }
+        config.providers.ses_topics.push(topic.to_string());
+    }
+    if let Some(key) = &b.mailgun_signing_key {
+        if key.trim().is_empty() {
+            return Err(invalid("bounces.mailgun_signing_key", "is empty"));
+        }
+        config.providers.mailgun_signing_key = Some(key.trim().to_string());
+    }
+    if let Some(auth) = &b.postmark_auth {
+        match auth.split_once(':') {
+            Some((user, password)) if !user.is_empty() && password.len() >= 12 => {}
+            _ => {
+                return Err(invalid(
+                    "bounces.postmark_auth",
+                    "must be USER:PASSWORD with a password of at least 12 characters",
+                ));
+            }
+        }
+        config.providers.postmark_auth = Some(auth.clone());
+    }
 
     let d = &file.delivery;
     config.concurrency = in_range(
@@ -553,6 +606,18 @@ mod tests {
         );
         assert!(error("[bounces]\ndomain = \"not a domain\"\n").starts_with("bounces.domain: "));
         assert!(error("[bounces]\nsoft_limit = 0\n").starts_with("bounces.soft_limit: "));
+        assert!(error("[bounces]\nses_topics = [\"ses-bounces\"]\n").starts_with("bounces.ses_topics: "));
+        assert!(error("[bounces]\npostmark_auth = \"hooks:short\"\n").starts_with("bounces.postmark_auth: "));
+        let topics = load_text(
+            "[bounces]\nses_topics = [\"arn:aws:sns:eu-west-1:123456789012:bounces\"]\nmailgun_signing_key = \"k\"\n",
+            Vec::new(),
+        )
+        .unwrap();
+        assert_eq!(
+            topics.config.providers.ses_topics,
+            ["arn:aws:sns:eu-west-1:123456789012:bounces"]
+        );
+        assert_eq!(topics.config.providers.mailgun_signing_key.as_deref(), Some("k"));
         assert!(error("[bounces]\ntls_cert = \"a.pem\"\n").starts_with("bounces.tls_cert: give both"));
         let unknown = error("[delivery]\nconcurency = 3\n");
         assert!(unknown.contains("concurency"), "{unknown}");

@@ -61,6 +61,12 @@ pub mod sources {
     pub const SMTP: &str = "smtp";
     /// A message to the inbound listener (`--inbound-smtp`).
     pub const INBOUND: &str = "inbound";
+    /// Amazon SES, through an SNS notification.
+    pub const SES: &str = "ses";
+    /// Mailgun's webhook.
+    pub const MAILGUN: &str = "mailgun";
+    /// Postmark's webhook.
+    pub const POSTMARK: &str = "postmark";
 }
 
 /// The longest raw message kept with a report; the rest is cut (and the cut said).
@@ -552,6 +558,22 @@ impl Status {
             (5, 7, _) => Some(BounceKind::Blocked),
             _ => None,
         }
+    }
+}
+
+/// The job and subscriber one of our Message-IDs names, if it is genuine: its job is
+/// still kept and the nonce matches. A store that fails is an error, never a "no".
+pub async fn answered(
+    store: &crate::store::Store,
+    message_id: &str,
+) -> Result<Option<(crate::domain::Job, u64)>, crate::store::StoreError> {
+    let Some((job, subscriber, nonce)) = crate::runner::parse_message_id(message_id) else {
+        return Ok(None);
+    };
+    match store.job(job).await {
+        Ok(found) if found.message_id_nonce == nonce => Ok(Some((found, subscriber))),
+        Ok(_) | Err(crate::store::StoreError::NotFound { .. }) => Ok(None),
+        Err(e) => Err(e),
     }
 }
 

@@ -150,7 +150,7 @@ async fn report_bounce(
     };
     let message = match body.message_id.as_deref() {
         Some(text) => match crate::runner::parse_message_id(text) {
-            Some(parsed) => Some(parsed),
+            Some(_) => Some(text),
             None => {
                 push(
                     &mut errors,
@@ -191,14 +191,9 @@ async fn report_bounce(
     report.subscriber_id = body.subscriber;
     report.newsletter_id = body.newsletter;
     let job = match message {
-        Some((job, subscriber, nonce)) => {
+        Some(message_id) => {
             // A store that fails is a 503, not a verdict on the Message-ID.
-            let found = match state.store.job(job).await {
-                Ok(found) => Some(found).filter(|j| j.message_id_nonce == nonce),
-                Err(crate::store::StoreError::NotFound { .. }) => None,
-                Err(e) => return Err(e.into()),
-            };
-            let Some(found) = found else {
+            let Some((found, subscriber)) = crate::bounces::answered(&state.store, message_id).await? else {
                 return Err(ApiError::field(
                     "message_id",
                     "names no message this installation sent",

@@ -209,6 +209,23 @@ impl From<RunnerError> for ApiError {
     }
 }
 
+impl From<crate::providers::ProviderError> for ApiError {
+    fn from(e: crate::providers::ProviderError) -> Self {
+        use crate::providers::ProviderError;
+        match e {
+            ProviderError::Off(detail) => ApiError::NotFound(detail.into()),
+            ProviderError::Unauthenticated(detail) => ApiError::Unauthorized(detail),
+            ProviderError::Invalid(detail) => ApiError::BadRequest(detail),
+            // The provider retries a 503: the certificate may be reachable then.
+            ProviderError::Unavailable(detail) => {
+                tracing::warn!(cause = %detail, "provider webhook");
+                ApiError::Unavailable(detail)
+            }
+            ProviderError::Store(e) => e.into(),
+        }
+    }
+}
+
 impl From<JsonRejection> for ApiError {
     fn from(rejection: JsonRejection) -> Self {
         let detail = rejection.body_text();

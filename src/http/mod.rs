@@ -12,6 +12,7 @@ mod newsletters;
 mod nodes;
 mod openapi;
 mod plugins;
+mod providers;
 mod timeout;
 mod unsubscribe;
 
@@ -46,6 +47,8 @@ pub struct AppState {
     pub request_timeout: std::time::Duration,
     /// Panics a test injects into requests (see `crate::faults`).
     pub faults: crate::faults::Faults,
+    /// The provider webhooks' verifiers (`None` where a provider is off).
+    pub providers: crate::providers::Providers,
     /// Cancelled when the server starts to stop: responses that go on (event
     /// streams) end, so the graceful shutdown does not wait for them.
     pub stopping: tokio_util::sync::CancellationToken,
@@ -92,7 +95,8 @@ fn routes_and_document(state: &AppState) -> (Router<AppState>, utoipa::openapi::
         .routes(routes!(readyz))
         .routes(routes!(openapi::serve))
         .merge(public_metrics)
-        .merge(unsubscribe::router());
+        .merge(unsubscribe::router())
+        .merge(providers::router());
     let public_paths: BTreeSet<String> = public.get_openapi().paths.paths.keys().cloned().collect();
     // The API proper (and `/metrics` unless public): every route needs the bearer token.
     let api = OpenApiRouter::new()

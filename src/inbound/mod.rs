@@ -350,11 +350,9 @@ async fn accept(
     };
     if attributed.is_none()
         && let Some(id) = reading.original_message_id.as_deref()
-        && let Some((job, subscriber, nonce)) = crate::runner::parse_message_id(id)
-        && let Some(found) = job_of(inbound, job).await?
-        && found.message_id_nonce == nonce
+        && let Some((job, subscriber)) = crate::bounces::answered(&inbound.store, id).await?
     {
-        attributed = Some((Some(found), subscriber));
+        attributed = Some((Some(job), subscriber));
     }
     let raw_text = String::from_utf8_lossy(raw).into_owned();
     let mut recorded = 0;

@@ -20,6 +20,7 @@ mod migrate;
 mod outage;
 mod pg_tls;
 mod policies;
+mod providers;
 mod subscribers;
 mod support;
 mod tls;

@@ -75,6 +75,16 @@ fn checked(
     attributes: Map<String, Value>,
 ) -> Result<(NewSubscriber, bool), String> {
     let email = mail::parse_address(email).map_err(|e| e.to_string())?;
+    // PostgreSQL's text cannot hold NUL: the row is refused alike on every backend (a
+    // name's control characters, NUL among them, are folded below instead).
+    if let Some((key, _)) = attributes
+        .iter()
+        .find(|(key, value)| key.contains('\0') || has_nul(value))
+    {
+        return Err(format!(
+            "attribute {key:?} may not contain the NUL character (U+0000)"
+        ));
+    }
     if let Some(raw) = raw_name {
         check_name_length(raw)?;
     }
@@ -87,6 +97,15 @@ fn checked(
         },
         folded,
     ))
+}
+
+fn has_nul(value: &Value) -> bool {
+    match value {
+        Value::String(text) => text.contains('\0'),
+        Value::Array(items) => items.iter().any(has_nul),
+        Value::Object(fields) => fields.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        _ => false,
+    }
 }
 
 /// A batch of parsed rows on its way to the store.
@@ -228,10 +247,6 @@ impl Columns {
                 record.len(),
                 self.width
             ));
-        }
-        // PostgreSQL's text cannot hold NUL; every backend refuses the row alike.
-        if record.iter().any(|field| field.contains('\0')) {
-            return Err("contains the NUL character (U+0000)".into());
         }
         let mut attributes = Map::new();
         for (i, key) in &self.attributes {

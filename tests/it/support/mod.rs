@@ -127,6 +127,15 @@ impl TestServer {
         Self::start_with(config, data).await
     }
 
+    /// Graceful shutdown, then a new server on the same data directory, its
+    /// configuration changed by `tweak`.
+    pub async fn restart_with(mut self, tweak: impl FnOnce(&mut letterbox::Config)) -> TestServer {
+        self.shut_down().await;
+        let TestServer { data, mut config, .. } = self;
+        tweak(&mut config);
+        Self::start_with(config, data).await
+    }
+
     async fn shut_down(&mut self) {
         let _ = self.stop.take().unwrap().send(());
         self.task.take().unwrap().await.unwrap().unwrap();

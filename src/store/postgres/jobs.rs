@@ -551,88 +551,20 @@ impl Jobs for PgStore {
     ) -> Result<Job, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        job_basics(&tx, job_id).await?;
-        let ids: Vec<i64> = outcomes.iter().map(|(id, _)| sql_int(*id)).collect();
-        let rows = query(
-            &tx,
-            "SELECT subscriber_id, state, attempts, claimed_by, email FROM deliveries
-             WHERE job_id = $1 AND subscriber_id = ANY($2) ORDER BY subscriber_id FOR UPDATE",
-            &[&sql_int(job_id), &ids],
-        )
-        .await?;
-        let mut current = std::collections::HashMap::with_capacity(rows.len());
-        for row in &rows {
-            let sid = domain_int(row.get(0));
-            let state: i16 = row.get(1);
-            // Fencing: a claim that is no longer this node's was taken over after its
-            // lease expired (put back to pending and claimed again elsewhere). One that
-            // is not in flight at all is a `Conflict` below.
-            if state == state_code(StateKind::Sending) && row.get::<_, Option<&str>>(3) != Some(node) {
-                return Err(StoreError::TakenOver(format!(
-                    "delivery {sid} of job {job_id} is no longer claimed by node {node}: its lease expired \
-                     and another node took the recipient over"
-                )));
+        match record_in(&tx, node, job_id, outcomes).await {
+            Ok((job, appended)) => {
+                commit(tx).await?;
+                self.published(&appended);
+                Ok(job)
             }
-            current.insert(sid, (state, row.get::<_, i32>(2), row.get::<_, String>(4)));
+            // The rows it locked are released before the refusal is returned, not
+            // whenever the dropped transaction's ROLLBACK reaches the server: a claim
+            // right after (another connection, SKIP LOCKED) would pass over them.
+            Err(e) => {
+                let _ = tx.rollback().await;
+                Err(e)
+            }
         }
-        let at = now();
-        let (mut sids, mut states, mut attempts, mut dues, mut details) = (
-            Vec::with_capacity(outcomes.len()),
-            Vec::with_capacity(outcomes.len()),
-            Vec::with_capacity(outcomes.len()),
-            Vec::with_capacity(outcomes.len()),
-            Vec::with_capacity(outcomes.len()),
-        );
-        let mut delta = Delta::default();
-        let mut failed = Vec::new();
-        for (sid, outcome) in outcomes {
-            let Some((state, tries, email)) = current.get(&sid) else {
-                return Err(StoreError::Inconsistent(format!(
-                    "job {job_id} has no delivery {sid}"
-                )));
-            };
-            let (state, tries) = (*state, *tries);
-            if state != state_code(StateKind::Sending) {
-                let kind = StateKind::ALL.into_iter().find(|k| state_code(*k) == state);
-                return Err(StoreError::Conflict(format!(
-                    "delivery {sid} of job {job_id} is not in flight ({})",
-                    kind.map_or("unknown", StateKind::as_str)
-                )));
-            }
-            let tries = if !outcome.is_attempt() {
-                (tries - 1).max(0)
-            } else {
-                tries
-            };
-            let new = outcome.into_state(at);
-            if let DeliveryState::Failed { reason, .. } = &new {
-                failed.push((sid, email.clone(), reason.clone(), tries));
-            }
-            delta.moved(StateKind::Sending, new.kind(), 1);
-            sids.push(sql_int(sid));
-            states.push(state_code(new.kind()));
-            attempts.push(tries);
-            dues.push(due_ms(&new));
-            details.push(serde_json::to_value(&new)?);
-        }
-        execute(
-            &tx,
-            "UPDATE deliveries d
-                SET state = u.state, attempts = u.attempts, due_ms = u.due, detail = u.detail, claimed_by = NULL
-             FROM unnest($2::bigint[], $3::smallint[], $4::int[], $5::bigint[], $6::jsonb[])
-                  AS u(id, state, attempts, due, detail)
-             WHERE d.job_id = $1 AND d.subscriber_id = u.id",
-            &[&sql_int(job_id), &sids, &states, &attempts, &dues, &details],
-        )
-        .await?;
-        let job = apply_counts(&tx, job_id, &delta, 0).await?;
-        let failed = failed.into_iter().map(|(sid, email, reason, tries)| {
-            delivery_failed(&job, sid, &email, &reason, u32::try_from(tries).unwrap_or(0))
-        });
-        let appended = events::append(&tx, failed).await?;
-        commit(tx).await?;
-        self.published(&appended);
-        Ok(job)
     }
 
     async fn next_retry_at(&self, job_id: u64) -> Result<Option<u64>, StoreError> {
@@ -753,4 +685,94 @@ impl Jobs for PgStore {
         };
         rows.iter().map(|row| delivery(job_id, row)).collect()
     }
+}
+
+/// `Jobs::record`'s work inside its transaction: the job as it is after, and the events
+/// appended.
+async fn record_in(
+    tx: &impl GenericClient,
+    node: &str,
+    job_id: u64,
+    outcomes: Vec<(u64, Outcome)>,
+) -> Result<(Job, Vec<crate::events::Event>), StoreError> {
+    job_basics(tx, job_id).await?;
+    let ids: Vec<i64> = outcomes.iter().map(|(id, _)| sql_int(*id)).collect();
+    let rows = query(
+        tx,
+        "SELECT subscriber_id, state, attempts, claimed_by, email FROM deliveries
+             WHERE job_id = $1 AND subscriber_id = ANY($2) ORDER BY subscriber_id FOR UPDATE",
+        &[&sql_int(job_id), &ids],
+    )
+    .await?;
+    let mut current = std::collections::HashMap::with_capacity(rows.len());
+    for row in &rows {
+        let sid = domain_int(row.get(0));
+        let state: i16 = row.get(1);
+        // Fencing: a claim that is no longer this node's was taken over after its
+        // lease expired (put back to pending and claimed again elsewhere). One that
+        // is not in flight at all is a `Conflict` below.
+        if state == state_code(StateKind::Sending) && row.get::<_, Option<&str>>(3) != Some(node) {
+            return Err(StoreError::TakenOver(format!(
+                "delivery {sid} of job {job_id} is no longer claimed by node {node}: its lease expired \
+                     and another node took the recipient over"
+            )));
+        }
+        current.insert(sid, (state, row.get::<_, i32>(2), row.get::<_, String>(4)));
+    }
+    let at = now();
+    let (mut sids, mut states, mut attempts, mut dues, mut details) = (
+        Vec::with_capacity(outcomes.len()),
+        Vec::with_capacity(outcomes.len()),
+        Vec::with_capacity(outcomes.len()),
+        Vec::with_capacity(outcomes.len()),
+        Vec::with_capacity(outcomes.len()),
+    );
+    let mut delta = Delta::default();
+    let mut failed = Vec::new();
+    for (sid, outcome) in outcomes {
+        let Some((state, tries, email)) = current.get(&sid) else {
+            return Err(StoreError::Inconsistent(format!(
+                "job {job_id} has no delivery {sid}"
+            )));
+        };
+        let (state, tries) = (*state, *tries);
+        if state != state_code(StateKind::Sending) {
+            let kind = StateKind::ALL.into_iter().find(|k| state_code(*k) == state);
+            return Err(StoreError::Conflict(format!(
+                "delivery {sid} of job {job_id} is not in flight ({})",
+                kind.map_or("unknown", StateKind::as_str)
+            )));
+        }
+        let tries = if !outcome.is_attempt() {
+            (tries - 1).max(0)
+        } else {
+            tries
+        };
+        let new = outcome.into_state(at);
+        if let DeliveryState::Failed { reason, .. } = &new {
+            failed.push((sid, email.clone(), reason.clone(), tries));
+        }
+        delta.moved(StateKind::Sending, new.kind(), 1);
+        sids.push(sql_int(sid));
+        states.push(state_code(new.kind()));
+        attempts.push(tries);
+        dues.push(due_ms(&new));
+        details.push(serde_json::to_value(&new)?);
+    }
+    execute(
+            tx,
+            "UPDATE deliveries d
+                SET state = u.state, attempts = u.attempts, due_ms = u.due, detail = u.detail, claimed_by = NULL
+             FROM unnest($2::bigint[], $3::smallint[], $4::int[], $5::bigint[], $6::jsonb[])
+                  AS u(id, state, attempts, due, detail)
+             WHERE d.job_id = $1 AND d.subscriber_id = u.id",
+            &[&sql_int(job_id), &sids, &states, &attempts, &dues, &details],
+        )
+        .await?;
+    let job = apply_counts(tx, job_id, &delta, 0).await?;
+    let failed = failed.into_iter().map(|(sid, email, reason, tries)| {
+        delivery_failed(&job, sid, &email, &reason, u32::try_from(tries).unwrap_or(0))
+    });
+    let appended = events::append(tx, failed).await?;
+    Ok((job, appended))
 }

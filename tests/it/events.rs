@@ -326,18 +326,26 @@ async fn a_stream_on_one_node_hears_what_another_node_records() {
 /// meanwhile (nobody lost, nobody twice), and the log's ids go on after the pruned ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_prunes_a_backlog_while_a_send_runs() {
-    const PEOPLE: usize = 30_000;
-    let smtp = SmtpServer::start().await;
+    const BACKLOG: usize = 100_000;
+    const PEOPLE: usize = 3_000;
+    // 10 ms a message at concurrency 4: the send lasts several seconds.
+    let smtp = SmtpServer::start_with_delay(Duration::from_millis(10)).await;
     let server = TestServer::with_smtp(&smtp, |_| {}).await;
-    // A backlog: a subscriber.created event per person.
+    // A backlog: a subscriber.created event for each person of another list.
+    server.api.letter_to_many("old", BACKLOG).await;
     let letter = server.api.letter_to_many("keep", PEOPLE).await;
     let first_created = |page: &Value| page["events"][0]["id"].as_u64();
     let (_, page) = server.api.get("/v1/events?type=subscriber.created&limit=1").await;
     let oldest = first_created(&page).expect("a backlog");
     let job = server.api.send(letter, json!({ "concurrency": 4 })).await;
+    server
+        .api
+        .wait_for(job, Duration::from_secs(60), |view| {
+            view["counts"]["delivered"].as_u64() > Some(0)
+        })
+        .await;
     // Restarted with a retention every event so far has outlived: its first
     // housekeeping round meets the backlog while the job resumes.
-    tokio::time::sleep(Duration::from_millis(300)).await;
     let server = server
         .restart_with(|config| config.event_retention = Duration::from_millis(100))
         .await;
@@ -373,7 +381,7 @@ async fn retention_prunes_a_backlog_while_a_send_runs() {
         .post_ok("/v1/events", json!({ "type": "custom.after", "data": {} }), 201)
         .await;
     assert!(
-        posted["id"].as_u64().unwrap() > oldest + PEOPLE as u64,
+        posted["id"].as_u64().unwrap() > oldest + (BACKLOG + PEOPLE) as u64,
         "{posted}"
     );
     server.stop().await;

@@ -603,6 +603,32 @@ pub fn storable(text: String) -> String {
     }
 }
 
+/// Where in `value` a string or key holds a NUL (which `storable` text may not, and
+/// PostgreSQL cannot keep): `email`, `[3].name`, `data.note` below `path`.
+pub fn nul_at(value: &serde_json::Value, path: String) -> Option<String> {
+    use serde_json::Value;
+    match value {
+        Value::String(text) => text.contains('\0').then_some(path),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, item)| nul_at(item, format!("{path}[{i}]"))),
+        Value::Object(fields) => fields.iter().find_map(|(key, item)| {
+            let here = if path.is_empty() {
+                key.clone()
+            } else {
+                format!("{path}.{key}")
+            };
+            if key.contains('\0') {
+                Some(here)
+            } else {
+                nul_at(item, here)
+            }
+        }),
+        _ => None,
+    }
+}
+
 /// A JSON number as a whole number ≥ 0, written `5` or `5.0`: JSON Schema counts both
 /// as integers, so generated clients may send either.
 pub fn whole(number: &serde_json::Number) -> Option<u64> {

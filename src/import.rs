@@ -79,7 +79,7 @@ fn checked(
     // name's control characters, NUL among them, are folded below instead).
     if let Some((key, _)) = attributes
         .iter()
-        .find(|(key, value)| key.contains('\0') || has_nul(value))
+        .find(|(key, value)| key.contains('\0') || crate::domain::nul_at(value, String::new()).is_some())
     {
         return Err(format!(
             "attribute {key:?} may not contain the NUL character (U+0000)"
@@ -97,15 +97,6 @@ fn checked(
         },
         folded,
     ))
-}
-
-fn has_nul(value: &Value) -> bool {
-    match value {
-        Value::String(text) => text.contains('\0'),
-        Value::Array(items) => items.iter().any(has_nul),
-        Value::Object(fields) => fields.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
-        _ => false,
-    }
 }
 
 /// A batch of parsed rows on its way to the store.

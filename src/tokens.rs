@@ -236,11 +236,14 @@ impl ApiToken {
     /// Whether `presented` is the token, compared in constant time.
     pub fn matches(&self, presented: &str) -> bool {
         let hash: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
-        hash.iter()
-            .zip(self.0.iter())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
+        same_secret(&hash, self.0.as_ref())
     }
+}
+
+/// Whether two secrets (or their digests) are equal, in time that depends on their
+/// length only, never on where they differ.
+pub fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]

@@ -296,7 +296,7 @@ pub fn refuse_nul(body: &[u8]) -> Result<(), ApiError> {
     let Ok(value) = serde_json::from_slice::<serde_json::Value>(body) else {
         return Ok(()); // not JSON: the caller's parser says so
     };
-    match nul_at(&value, String::new()) {
+    match crate::domain::nul_at(&value, String::new()) {
         Some(field) => Err(ApiError::field(
             if field.is_empty() { "body" } else { &field },
             "may not contain the NUL character (U+0000)",
@@ -312,31 +312,6 @@ fn json_content_type(headers: &axum::http::HeaderMap) -> bool {
     };
     let essence = value.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
     essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
-}
-
-/// Where in `value` a string or key holds a NUL: `email`, `[3].name`, `data.note`.
-fn nul_at(value: &serde_json::Value, path: String) -> Option<String> {
-    use serde_json::Value;
-    match value {
-        Value::String(text) => text.contains('\0').then_some(path),
-        Value::Array(items) => items
-            .iter()
-            .enumerate()
-            .find_map(|(i, item)| nul_at(item, format!("{path}[{i}]"))),
-        Value::Object(fields) => fields.iter().find_map(|(key, item)| {
-            let here = if path.is_empty() {
-                key.clone()
-            } else {
-                format!("{path}.{key}")
-            };
-            if key.contains('\0') {
-                Some(here)
-            } else {
-                nul_at(item, here)
-            }
-        }),
-        _ => None,
-    }
 }
 
 /// `axum::extract::Path` with our error body on rejection.

@@ -174,8 +174,3 @@ fn status_in(text: &str) -> Option<crate::bounces::Status> {
             .find(|s| s.class == 4 || s.class == 5)
     })
 }
-
-/// Constant-time comparison of secrets.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}

@@ -43,7 +43,7 @@ impl Postmark {
             .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b.trim()).ok())
             .unwrap_or_default();
         let digest: [u8; 32] = Sha256::digest(&presented).into();
-        if super::same(&digest, &self.credentials) {
+        if crate::tokens::same_secret(&digest, &self.credentials) {
             Ok(())
         } else {
             Err(ProviderError::Unauthenticated(

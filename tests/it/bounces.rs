@@ -25,26 +25,8 @@ async fn list_and_letter(api: &Api, emails: &[String]) -> (u64, u64, HashMap<Str
             json!({ "subject": "Hello", "text": "Hi {{ email }}\r\n" }),
         )
         .await;
-    let mut ids = HashMap::new();
-    let mut cursor = 0;
-    loop {
-        let (status, page) = api
-            .get(&format!(
-                "/v1/newsletters/{newsletter}/subscribers?limit=1000&cursor={cursor}"
-            ))
-            .await;
-        assert_eq!(status, 200, "{page}");
-        for s in page["items"].as_array().unwrap() {
-            ids.insert(
-                s["email"].as_str().unwrap().to_string(),
-                s["id"].as_u64().unwrap(),
-            );
-        }
-        match page["next"].as_u64() {
-            Some(next) => cursor = next,
-            None => return (newsletter, letter, ids),
-        }
-    }
+    let ids = api.subscriber_ids(newsletter).await;
+    (newsletter, letter, ids)
 }
 
 async fn deliveries(api: &Api, job: u64) -> HashMap<String, Value> {

@@ -212,19 +212,8 @@ async fn what_comes_back_to_the_return_path_is_read_and_recorded() {
         .await;
     let job = api.send(letter, json!({})).await;
     api.wait_job(job, Duration::from_secs(60)).await;
-    let (_, list) = api
-        .get(&format!("/v1/newsletters/{newsletter}/subscribers"))
-        .await;
-    let id = |name: &str| {
-        list["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["email"] == format!("{name}@example.org"))
-            .unwrap()["id"]
-            .as_u64()
-            .unwrap()
-    };
+    let ids = api.subscriber_ids(newsletter).await;
+    let id = |name: &str| ids[&format!("{name}@example.org")];
     // Each message went out with its own authenticated return path; From is unchanged.
     let mut return_paths = std::collections::HashMap::new();
     for message in smtp.received() {
@@ -459,19 +448,8 @@ async fn postfix_bounces_come_back_through_the_listener_and_suppress_the_mailbox
     let newsletter = api.newsletter().await;
     let people: Vec<_> = kept.iter().chain(&gone).map(|e| json!({ "email": e })).collect();
     api.add_subscribers(newsletter, json!(people)).await;
-    let (_, list) = api
-        .get(&format!("/v1/newsletters/{newsletter}/subscribers"))
-        .await;
-    let id_of = |email: &str| {
-        list["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["email"] == email)
-            .unwrap()["id"]
-            .as_u64()
-            .unwrap()
-    };
+    let ids = api.subscriber_ids(newsletter).await;
+    let id_of = |email: &str| ids[email];
     let letter = api
         .letter(newsletter, json!({ "subject": "Hello", "text": "Hi\r\n" }))
         .await;

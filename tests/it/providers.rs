@@ -180,21 +180,12 @@ async fn sent_to(server: &TestServer, smtp: &SmtpServer, names: &[&str]) -> Vec<
         .await;
     let job = api.send(letter, json!({})).await;
     api.wait_job(job, Duration::from_secs(60)).await;
-    let (_, list) = api
-        .get(&format!("/v1/newsletters/{newsletter}/subscribers"))
-        .await;
+    let ids = api.subscriber_ids(newsletter).await;
     names
         .iter()
         .map(|n| {
             let email = format!("{n}@example.org");
-            let id = list["items"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|s| s["email"] == email)
-                .unwrap()["id"]
-                .as_u64()
-                .unwrap();
+            let id = ids[&email];
             let message = smtp
                 .received()
                 .into_iter()

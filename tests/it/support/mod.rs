@@ -292,6 +292,30 @@ impl Api {
         body["id"].as_u64().unwrap()
     }
 
+    /// Every subscriber of `newsletter`: id by email, all pages read.
+    pub async fn subscriber_ids(&self, newsletter: u64) -> std::collections::HashMap<String, u64> {
+        let mut ids = std::collections::HashMap::new();
+        let mut cursor = 0;
+        loop {
+            let (status, page) = self
+                .get(&format!(
+                    "/v1/newsletters/{newsletter}/subscribers?limit=1000&cursor={cursor}"
+                ))
+                .await;
+            assert_eq!(status, 200, "{page}");
+            for s in page["items"].as_array().unwrap() {
+                ids.insert(
+                    s["email"].as_str().unwrap().to_string(),
+                    s["id"].as_u64().unwrap(),
+                );
+            }
+            match page["next"].as_u64() {
+                Some(next) => cursor = next,
+                None => return ids,
+            }
+        }
+    }
+
     /// A newsletter of `n` recipients (`{prefix}{i}@example.org`) and a letter to them;
     /// returns the letter's id.
     pub async fn letter_to_many(&self, prefix: &str, n: usize) -> u64 {

@@ -1,0 +1,271 @@
+//! The engine: compiling, checking and caching components (on disk and in memory), the
+//! linker, and the epoch ticker every deadline counts on.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Semaphore;
+use wasmtime::component::{Component, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
+
+use super::letter::{v1, v2};
+use super::sandbox::{self, EPOCH_TICK, HostState, PolicyLimits};
+use super::{PolicyError, inspect};
+use crate::domain::PluginKind;
+
+/// A compiled, checked and linked policy, ready to be instantiated.
+pub struct Policy {
+    /// `name@sha256-prefix`, used in failure reasons and logs.
+    pub(super) label: String,
+    pub(super) pre: Prepared,
+    /// Linear memory each instance may hold: the component's ask, else the default.
+    pub(super) memory_bytes: usize,
+}
+
+/// A component linked against one of the worlds.
+pub(super) enum Prepared {
+    Filter1(v1::filter::FilterPre<HostState>),
+    Template1(v1::template::TemplatePre<HostState>),
+    Filter2(v2::filter::FilterPre<HostState>),
+    Template2(v2::template::TemplatePre<HostState>),
+}
+
+impl Policy {
+    pub fn kind(&self) -> PluginKind {
+        match self.pre {
+            Prepared::Filter1(_) | Prepared::Filter2(_) => PluginKind::Filter,
+            Prepared::Template1(_) | Prepared::Template2(_) => PluginKind::Template,
+        }
+    }
+
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// The linear memory each instance may hold.
+    pub fn memory_bytes(&self) -> usize {
+        self.memory_bytes
+    }
+
+    /// The WIT version the component was built against: "0.1" or "0.2".
+    pub fn wit_version(&self) -> &'static str {
+        match self.pre {
+            Prepared::Filter1(_) | Prepared::Template1(_) => "0.1",
+            Prepared::Filter2(_) | Prepared::Template2(_) => "0.2",
+        }
+    }
+}
+
+/// The policy engine. Cheap to clone.
+#[derive(Clone)]
+pub struct PolicyHost {
+    engine: Engine,
+    linker: Arc<Linker<HostState>>,
+    pub(super) limits: Arc<PolicyLimits>,
+    /// Compiled policies by plugin id. A std mutex: held only for a lookup or an insert,
+    /// never across compilation.
+    compiled: Arc<Mutex<HashMap<String, Arc<Policy>>>>,
+    /// Where serialized compiled components are kept across restarts.
+    cache_dir: Option<PathBuf>,
+    /// The engine's compatibility hash: part of cache file names, so a new wasmtime or
+    /// different settings never load stale code.
+    compat: String,
+    /// Concurrent evaluations in the process: policy calls are CPU-bound, so more than
+    /// a few per core only adds live instances and latency.
+    pub(super) evaluations: Arc<Semaphore>,
+    /// 2 per core: the size of `evaluations`, and the warm instance pairs an
+    /// evaluator keeps idle.
+    pub(super) parallel_evaluations: usize,
+}
+
+impl PolicyHost {
+    /// Creates the engine (pooling allocator where the address space can be reserved),
+    /// the linker and the epoch ticker. `cache_dir` keeps compiled code across restarts.
+    pub fn new(limits: PolicyLimits, cache_dir: Option<PathBuf>) -> Result<Self, PolicyError> {
+        let engine_error = |e: wasmtime::Error| PolicyError::Engine(format!("{e:#}"));
+        let mut config = Config::new();
+        config.epoch_interruption(true);
+        if std::env::var_os("LETTERBOX_PERFMAP").is_some() {
+            config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
+        let mut pool = PoolingAllocationConfig::default();
+        pool.max_memory_size(limits.max_memory_bytes.max(limits.memory_bytes));
+        // An instance is replaced every 1,000 recipients: keeping its first pages
+        // resident for the next one saves faulting them in again (what a policy's heap
+        // typically touches).
+        pool.linear_memory_keep_resident(1 << 20);
+        pool.table_keep_resident(64 << 10);
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = match Engine::new(&config) {
+            Ok(engine) => engine,
+            Err(e) => {
+                tracing::warn!(
+                    error = %format!("{e:#}"),
+                    "cannot reserve address space for the pooling allocator; \
+                     falling back to on-demand instance allocation (slower instantiation)"
+                );
+                config.allocation_strategy(InstanceAllocationStrategy::OnDemand);
+                Engine::new(&config).map_err(engine_error)?
+            }
+        };
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(engine_error)?;
+
+        let mut hasher = std::hash::DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut hasher);
+        let compat = format!("{:016x}", hasher.finish());
+        if let Some(dir) = &cache_dir {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| PolicyError::Engine(format!("{}: {e}", dir.display())))?;
+        }
+
+        // The epoch ticker: ends by itself when the engine is dropped.
+        let weak = engine.weak();
+        std::thread::Builder::new()
+            .name("letterbox-epoch".into())
+            .spawn(move || {
+                while let Some(engine) = weak.upgrade() {
+                    engine.increment_epoch();
+                    drop(engine);
+                    std::thread::sleep(EPOCH_TICK);
+                }
+            })
+            .map_err(|e| PolicyError::Engine(format!("cannot start the epoch thread: {e}")))?;
+
+        let parallel_evaluations = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2) * 2;
+        Ok(PolicyHost {
+            engine,
+            linker: Arc::new(linker),
+            limits: Arc::new(limits),
+            compiled: Arc::new(Mutex::new(HashMap::new())),
+            cache_dir,
+            compat,
+            evaluations: Arc::new(Semaphore::new(parallel_evaluations)),
+            parallel_evaluations,
+        })
+    }
+
+    pub fn limits(&self) -> &PolicyLimits {
+        &self.limits
+    }
+
+    /// The most memory per instance a component may ask for here, in MiB.
+    pub fn max_memory_mib(&self) -> u32 {
+        (self.limits.max_memory_bytes.max(self.limits.memory_bytes) >> 20) as u32
+    }
+
+    /// Checks `bytes` are a component implementing `kind`'s world with acceptable
+    /// imports, compiles them (or loads the cached compilation) and caches the result
+    /// under `id` (the bytes' sha256). Blocking: compiling can take a second.
+    pub fn prepare(
+        &self,
+        id: &str,
+        name: &str,
+        kind: PluginKind,
+        bytes: &[u8],
+    ) -> Result<Arc<Policy>, PolicyError> {
+        if let Some(policy) = self.cached(id)
+            && policy.kind() == kind
+        {
+            return Ok(policy);
+        }
+        // Before anything costly: a component that can never run is refused in
+        // milliseconds, not after seconds of compilation.
+        let surface = inspect::check(bytes, kind, self.max_memory_mib())?;
+        let v2 = surface.exports.iter().any(|e| e == "prepare");
+        let memory_bytes = surface
+            .memory_mib
+            .map_or(self.limits.memory_bytes, |mib| (mib as usize) << 20);
+        let cache_file = self
+            .cache_dir
+            .as_ref()
+            .map(|dir| dir.join(format!("{id}-{}.cwasm", self.compat)));
+        let cached = cache_file.as_ref().filter(|f| f.exists()).and_then(|file| {
+            // SAFETY: the file was written below by `Component::serialize` with this
+            // engine configuration (its compatibility hash is in the name) into
+            // letterbox's own data directory, and wasmtime checks its header. Whoever
+            // can write that directory can already rewrite the database; the file is
+            // trusted exactly as much.
+            match unsafe { Component::deserialize_file(&self.engine, file) } {
+                Ok(component) => Some(component),
+                Err(e) => {
+                    tracing::warn!(file = %file.display(), error = %e, "ignoring unusable compiled policy");
+                    None
+                }
+            }
+        });
+        let fresh = cached.is_none();
+        let component = match cached {
+            Some(component) => component,
+            None => Component::new(&self.engine, bytes)
+                .map_err(|e| PolicyError::InvalidComponent(format!("{e:#}")))?,
+        };
+        let pre = self.check(&component, kind, v2)?;
+        if fresh
+            && let Some(file) = &cache_file
+            && let Err(e) = write_cache(file, &component)
+        {
+            tracing::warn!(file = %file.display(), error = %e, "cannot cache compiled policy");
+        }
+        let policy = Arc::new(Policy {
+            label: format!("{name}@{}", &id[..id.len().min(12)]),
+            pre,
+            memory_bytes,
+        });
+        self.compiled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_string(), policy.clone());
+        Ok(policy)
+    }
+
+    /// Links the compiled component, checking its exports' types against the world
+    /// (`inspect::check` has already checked the names).
+    fn check(&self, component: &Component, kind: PluginKind, v2: bool) -> Result<Prepared, PolicyError> {
+        let wrong_world = |e: wasmtime::Error| PolicyError::WrongWorld {
+            kind,
+            detail: format!("{e:#}"),
+        };
+        let instance_pre = self.linker.instantiate_pre(component).map_err(wrong_world)?;
+        // 0.2 worlds export `prepare`; 0.1 worlds do not.
+        Ok(match (kind, v2) {
+            (PluginKind::Filter, false) => {
+                Prepared::Filter1(v1::filter::FilterPre::new(instance_pre).map_err(wrong_world)?)
+            }
+            (PluginKind::Template, false) => {
+                Prepared::Template1(v1::template::TemplatePre::new(instance_pre).map_err(wrong_world)?)
+            }
+            (PluginKind::Filter, true) => {
+                Prepared::Filter2(v2::filter::FilterPre::new(instance_pre).map_err(wrong_world)?)
+            }
+            (PluginKind::Template, true) => {
+                Prepared::Template2(v2::template::TemplatePre::new(instance_pre).map_err(wrong_world)?)
+            }
+        })
+    }
+
+    /// The compiled policy for `id`, if this process has prepared it.
+    pub fn cached(&self, id: &str) -> Option<Arc<Policy>> {
+        self.compiled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    /// A store for one instance of a policy whose instances may hold `memory_bytes`.
+    pub(super) fn new_store(&self, memory_bytes: usize) -> Store<HostState> {
+        sandbox::new_store(&self.engine, &self.limits, memory_bytes)
+    }
+}
+
+fn write_cache(file: &std::path::Path, component: &Component) -> std::io::Result<()> {
+    let bytes = component
+        .serialize()
+        .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
+    let tmp = file.with_extension("tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, file)
+}

@@ -22,6 +22,7 @@ fn main() {
     }
     println!("cargo:rerun-if-changed=wit");
     println!("cargo:rerun-if-changed=wit/0.1");
+    println!("cargo:rerun-if-changed=wit/0.2");
 
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let output = Command::new(cargo)

@@ -167,6 +167,8 @@ pub struct Letter {
 pub enum PluginKind {
     Filter,
     Template,
+    /// Reacts to events and timers (WIT 0.3's `automation` world).
+    Automation,
 }
 
 impl PluginKind {
@@ -174,6 +176,18 @@ impl PluginKind {
         match self {
             PluginKind::Filter => "filter",
             PluginKind::Template => "template",
+            PluginKind::Automation => "automation",
+        }
+    }
+}
+
+impl PluginKind {
+    /// "a filter", "a template", "an automation".
+    pub fn with_article(self) -> &'static str {
+        match self {
+            PluginKind::Filter => "a filter",
+            PluginKind::Template => "a template",
+            PluginKind::Automation => "an automation",
         }
     }
 }

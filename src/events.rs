@@ -79,6 +79,27 @@ impl NewEvent {
     }
 }
 
+/// The longest event type.
+pub const MAX_TYPE_LEN: usize = 100;
+
+/// Whether `name` is made of the characters an event type may hold.
+pub fn well_formed(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_TYPE_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-'))
+        && !name.starts_with('.')
+        && !name.ends_with('.')
+        && !name.contains("..")
+}
+
+/// Whether `kind` is a type a user may record: `custom.` and a well-formed name.
+pub fn is_custom(kind: &str) -> bool {
+    kind.strip_prefix(types::CUSTOM_PREFIX)
+        .is_some_and(|name| well_formed(name) && well_formed(kind))
+}
+
 /// The types letterbox itself writes. Users add their own under `custom.`.
 pub mod types {
     pub const SUBSCRIBER_CREATED: &str = "subscriber.created";

@@ -270,7 +270,7 @@ pub async fn run(target: Target, command: Command) -> Result<(), ClientError> {
                 println!("  {}", file.strip_prefix(&dir).unwrap_or(file).display());
             }
             println!(
-                "next: `letterbox plugin build {0}`, then `letterbox plugin upload {0}` ({0}/README.md says how to preview it)",
+                "next: `letterbox plugin build {0}`, then `letterbox plugin upload {0}` ({0}/README.md says how to try it)",
                 dir.display()
             );
         }
@@ -837,7 +837,8 @@ fn plugin_kind(s: &str) -> Result<PluginKind, String> {
     match s {
         "filter" => Ok(PluginKind::Filter),
         "template" => Ok(PluginKind::Template),
-        _ => Err("expected filter or template".into()),
+        "automation" => Ok(PluginKind::Automation),
+        _ => Err("expected filter, template or automation".into()),
     }
 }
 

@@ -176,9 +176,10 @@ impl From<PolicyError> for ApiError {
             | PolicyError::TooMuchMemory { .. }
             | PolicyError::WrongWorld { .. } => ApiError::invalid(e.to_string()),
             // A stored policy failing when run for a request (e.g. a preview).
-            PolicyError::Trap { .. } | PolicyError::Rejected { .. } | PolicyError::OutputTooLarge { .. } => {
-                ApiError::invalid(e.to_string())
-            }
+            PolicyError::Trap { .. }
+            | PolicyError::Rejected { .. }
+            | PolicyError::BadReaction { .. }
+            | PolicyError::OutputTooLarge { .. } => ApiError::invalid(e.to_string()),
             PolicyError::Engine(_) => ApiError::Internal(e.to_string()),
         }
     }

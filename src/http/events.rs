@@ -21,14 +21,11 @@ use utoipa_axum::routes;
 use super::error::{ApiJson, ApiQuery};
 use super::{ApiError, AppState, int64, page_limit};
 use crate::domain::Subscriber;
-use crate::events::{Event, EventFilter, EventPage, NewEvent, types};
+use crate::events::{self, Event, EventFilter, EventPage, NewEvent, types};
 use crate::store::Store;
 
 /// The most a custom event's `data` may hold, as JSON.
 const MAX_DATA_BYTES: usize = 16 << 10;
-
-/// The longest event type.
-const MAX_TYPE_LEN: usize = 100;
 
 /// Events a stream reads from the store at a time.
 const STREAM_BATCH: usize = 256;
@@ -377,29 +374,18 @@ async fn resolve(
     Ok(subscriber)
 }
 
-/// Whether `name` is made of the characters an event type may hold.
-fn well_formed(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= MAX_TYPE_LEN
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-'))
-        && !name.starts_with('.')
-        && !name.ends_with('.')
-        && !name.contains("..")
-}
-
 fn check_custom_type(kind: &str) -> Result<(), ApiError> {
-    match kind.strip_prefix(types::CUSTOM_PREFIX) {
-        Some(name) if well_formed(name) && well_formed(kind) => Ok(()),
-        _ => Err(ApiError::field(
-            "type",
-            format!(
-                "`{kind}` is not a custom event type: `custom.` and a name of lowercase letters, digits, \
-                 `.`, `_` and `-` (at most {MAX_TYPE_LEN} characters)"
-            ),
-        )),
+    if events::is_custom(kind) {
+        return Ok(());
     }
+    Err(ApiError::field(
+        "type",
+        format!(
+            "`{kind}` is not a custom event type: `custom.` and a name of lowercase letters, digits, \
+             `.`, `_` and `-` (at most {} characters)",
+            events::MAX_TYPE_LEN
+        ),
+    ))
 }
 
 /// A `type` filter: comma-separated types or `prefix.*`. An unknown built-in type is
@@ -425,7 +411,7 @@ fn parse_types(spec: Option<&str>) -> Result<Vec<String>, ApiError> {
         } else {
             (custom && name != "custom") || types::BUILT_IN.contains(&name)
         };
-        if !well_formed(name) || !known {
+        if !events::well_formed(name) || !known {
             return Err(ApiError::field(
                 "type",
                 format!(

@@ -12,7 +12,7 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 
 use super::letter::{v1, v2};
 use super::sandbox::{self, EPOCH_TICK, HostState, PolicyLimits};
-use super::{PolicyError, inspect};
+use super::{PolicyError, automation, inspect};
 use crate::domain::PluginKind;
 
 /// A compiled, checked and linked policy, ready to be instantiated.
@@ -22,6 +22,8 @@ pub struct Policy {
     pub(super) pre: Prepared,
     /// Linear memory each instance may hold: the component's ask, else the default.
     pub(super) memory_bytes: usize,
+    /// "0.1", "0.2" or "0.3".
+    wit_version: &'static str,
 }
 
 /// A component linked against one of the worlds.
@@ -29,7 +31,9 @@ pub(super) enum Prepared {
     Filter1(v1::filter::FilterPre<HostState>),
     Template1(v1::template::TemplatePre<HostState>),
     Filter2(v2::filter::FilterPre<HostState>),
+    /// 0.3's filter and template worlds are 0.2's: those bindings serve both.
     Template2(v2::template::TemplatePre<HostState>),
+    Automation(automation::bindings::AutomationPre<HostState>),
 }
 
 impl Policy {
@@ -37,6 +41,7 @@ impl Policy {
         match self.pre {
             Prepared::Filter1(_) | Prepared::Filter2(_) => PluginKind::Filter,
             Prepared::Template1(_) | Prepared::Template2(_) => PluginKind::Template,
+            Prepared::Automation(_) => PluginKind::Automation,
         }
     }
 
@@ -51,10 +56,7 @@ impl Policy {
 
     /// The WIT version the component was built against: "0.1" or "0.2".
     pub fn wit_version(&self) -> &'static str {
-        match self.pre {
-            Prepared::Filter1(_) | Prepared::Template1(_) => "0.1",
-            Prepared::Filter2(_) | Prepared::Template2(_) => "0.2",
-        }
+        self.wit_version
     }
 }
 
@@ -175,6 +177,9 @@ impl PolicyHost {
         // milliseconds, not after seconds of compilation.
         let surface = inspect::check(bytes, kind, self.max_memory_mib())?;
         let v2 = surface.exports.iter().any(|e| e == "prepare");
+        // The types interface a component imports names its version; one that uses no
+        // type of ours is told apart by `prepare` (0.2 on) alone.
+        let wit_version = inspect::wit_version(&surface).unwrap_or(if v2 { "0.2" } else { "0.1" });
         let memory_bytes = surface
             .memory_mib
             .map_or(self.limits.memory_bytes, |mib| (mib as usize) << 20);
@@ -213,6 +218,7 @@ impl PolicyHost {
             label: format!("{name}@{}", &id[..id.len().min(12)]),
             pre,
             memory_bytes,
+            wit_version,
         });
         self.compiled
             .lock()
@@ -243,6 +249,9 @@ impl PolicyHost {
             (PluginKind::Template, true) => {
                 Prepared::Template2(v2::template::TemplatePre::new(instance_pre).map_err(wrong_world)?)
             }
+            (PluginKind::Automation, _) => Prepared::Automation(
+                automation::bindings::AutomationPre::new(instance_pre).map_err(wrong_world)?,
+            ),
         })
     }
 

@@ -371,6 +371,7 @@ impl Evaluator {
                         .instantiate(&mut store)
                         .and_then(|t| t.call_validate(&mut store, letter)),
                     Prepared::Filter1(_) | Prepared::Template1(_) => continue,
+                    Prepared::Automation(_) => unreachable!("checked in PolicyHost::evaluator"),
                 };
                 log_output(&policy.label, &store);
                 if let Err(found) = found.map_err(trap)? {
@@ -414,6 +415,7 @@ impl Evaluator {
                 log_output(&policy.label, &store);
                 (Bindings::Template2(t), prepared.map_err(trap)?)
             }
+            Prepared::Automation(_) => unreachable!("checked in PolicyHost::evaluator"),
         };
         Ok(Live {
             store,
@@ -504,6 +506,7 @@ fn batch_limit(policy: &Policy) -> usize {
     match policy.pre {
         Prepared::Filter1(_) | Prepared::Template1(_) => 1,
         Prepared::Filter2(_) | Prepared::Template2(_) => BATCH,
+        Prepared::Automation(_) => 1,
     }
 }
 

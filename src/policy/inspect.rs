@@ -166,24 +166,44 @@ pub fn check(bytes: &[u8], kind: PluginKind, max_memory_mib: u32) -> Result<Surf
     {
         return Err(PolicyError::RefusedImport { name: name.clone() });
     }
-    let (wanted, other, other_kind) = match kind {
-        PluginKind::Filter => ("filter", "render", PluginKind::Template),
-        PluginKind::Template => ("render", "filter", PluginKind::Filter),
-    };
+    let wanted = main_export(kind);
     if !surface.exports.iter().any(|e| e == wanted) {
-        let detail = if surface.exports.iter().any(|e| e == other) {
-            format!(
-                "it exports `{other}`, the {other_kind} world's function; upload it with kind={other_kind}"
-            )
-        } else {
-            format!(
+        let other_kind = [PluginKind::Filter, PluginKind::Template, PluginKind::Automation]
+            .into_iter()
+            .find(|k| surface.exports.iter().any(|e| e == main_export(*k)));
+        let detail = match other_kind {
+            Some(other_kind) => format!(
+                "it exports `{}`, the {other_kind} world's function; upload it with kind={other_kind}",
+                main_export(other_kind)
+            ),
+            None => format!(
                 "the {kind} world expects an exported function `{wanted}`, the component exports {:?}",
                 surface.exports
-            )
+            ),
         };
         return Err(PolicyError::WrongWorld { kind, detail });
     }
     Ok(surface)
+}
+
+/// The export that tells a kind's world from the others.
+fn main_export(kind: PluginKind) -> &'static str {
+    match kind {
+        PluginKind::Filter => "filter",
+        PluginKind::Template => "render",
+        PluginKind::Automation => "on-event",
+    }
+}
+
+/// The `letterbox:policy` version a component was built against, by the types interface
+/// it imports ("0.1", "0.2" or "0.3"); `None` when it imports none.
+pub fn wit_version(surface: &Surface) -> Option<&'static str> {
+    surface.imports.iter().find_map(|import| {
+        let version = import.strip_prefix("letterbox:policy/")?.split_once('@')?.1;
+        ["0.1", "0.2", "0.3"]
+            .into_iter()
+            .find(|v| version.strip_prefix(v).is_some_and(|rest| rest.starts_with('.')))
+    })
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
 //! The filter and template worlds (`letterbox:policy@0.1.0` in `wit/0.1`, `@0.2.0` in
-//! `wit`): their bindings, and the conversions between their types and letterbox's.
+//! `wit/0.2`, the same again in `@0.3.0` in `wit`): their bindings, and the conversions between their types and letterbox's.
 
 use super::Rendered;
 use crate::domain::{Letter, Newsletter, Subscriber};
@@ -19,14 +19,16 @@ pub(super) mod bindings {
         }
         pub use filter::letterbox::policy::types;
     }
-    /// `letterbox:policy@0.2.0` (wit): the letter once per instance, recipients in batches.
+    /// `letterbox:policy@0.2.0` (wit/0.2): the letter once per instance, recipients in
+    /// batches. 0.3's filter and template worlds are these (the same exports, the same
+    /// types), so these bindings serve components built against either.
     pub mod v2 {
         pub mod filter {
-            wasmtime::component::bindgen!({ path: "wit", world: "filter" });
+            wasmtime::component::bindgen!({ path: "wit/0.2", world: "filter" });
         }
         pub mod template {
             wasmtime::component::bindgen!({
-                path: "wit",
+                path: "wit/0.2",
                 world: "template",
                 with: { "letterbox:policy/types": super::filter::letterbox::policy::types },
             });

@@ -22,10 +22,12 @@
 //!
 //! The files: `engine` (the engine, compiling, checking and caching components),
 //! `sandbox` (the limits and the store every call runs in), `letter` (the filter and
-//! template worlds' bindings, 0.1 and 0.2, with their conversions), `evaluator` (warm
-//! instances and batches for one job), `inspect` (reading a component before compiling
+//! template worlds' bindings, 0.1 to 0.3, with their conversions), `evaluator` (warm
+//! instances and batches for one job), `automation` (the automation world's bindings,
+//! conversions and reaction checks, and `Automaton`, one automation's instances), `inspect` (reading a component before compiling
 //! it) and `template_check` (the default template's syntax).
 
+pub mod automation;
 pub mod builtin;
 mod engine;
 mod evaluator;
@@ -36,6 +38,7 @@ mod sandbox;
 mod template_check;
 
 use crate::domain::PluginKind;
+pub use automation::{Action, Automaton, Reaction, Trigger, When};
 pub use engine::{Policy, PolicyHost};
 pub use evaluator::Evaluator;
 pub use letter::LetterInput;
@@ -66,6 +69,9 @@ pub enum PolicyError {
     /// The policy returned `err(reason)`.
     #[error("policy {policy} returned an error: {reason}")]
     Rejected { policy: String, reason: String },
+    /// An automation's reaction breaks a rule of the host's (too big, not JSON, a bad name).
+    #[error("policy {policy} answered with a reaction letterbox cannot act on: {reason}")]
+    BadReaction { policy: String, reason: String },
     /// The policy returned more data than a call may.
     #[error("policy {policy} returned {size} bytes, more than the limit of {limit}")]
     OutputTooLarge {
@@ -89,6 +95,7 @@ impl PolicyError {
         match self {
             PolicyError::Trap { policy, .. }
             | PolicyError::Rejected { policy, .. }
+            | PolicyError::BadReaction { policy, .. }
             | PolicyError::OutputTooLarge { policy, .. } => Some(policy),
             _ => None,
         }

@@ -121,6 +121,15 @@ pub fn example(lang: Lang, kind: PluginKind) -> &'static str {
         (Lang::Python, PluginKind::Template) => {
             include_str!("../../examples/policies/python/template.py")
         }
+        (Lang::Rust, PluginKind::Automation) => {
+            include_str!("../../examples/policies/rust/automation.rs")
+        }
+        (Lang::Js, PluginKind::Automation) => {
+            include_str!("../../examples/policies/js/automation.js")
+        }
+        (Lang::Python, PluginKind::Automation) => {
+            include_str!("../../examples/policies/python/automation.py")
+        }
     }
 }
 
@@ -246,11 +255,12 @@ fn readme(project: &Project) -> String {
             "    letterbox letter create --newsletter 1 --subject 'Hi {{{{name}}}}' \\\n        \
              --text 'Your picks this week.' --template {name}\n"
         ),
+        PluginKind::Automation => return automation_readme(project, &setup),
     };
     format!(
         "# {name}\n\n\
          A letterbox {kind} policy in {language}, against `wit/policy.wit`\n\
-         (letterbox:policy@0.2.0). It starts as the example from letterbox's\n\
+         (letterbox:policy@0.3.0). It starts as the example from letterbox's\n\
          `examples/policies/`; `{source}` says what it does.\n\n\
          ## Build\n\n{setup}\n    letterbox plugin build .\n\n\
          writes `{OUTPUT}` and checks it as the server will (imports, exports).\n\n\
@@ -261,6 +271,30 @@ fn readme(project: &Project) -> String {
          -d '{{\"subscriber_id\": 1}}' http://127.0.0.1:8080/v1/letters/LETTER_ID/preview\n\n\
          The preview shows the filter's decision and the rendered message for that\n\
          subscriber; nothing is sent. `letterbox send LETTER_ID --follow` sends it.\n\n\
+         What the policy prints (console.log, print, println!) goes to the server's log,\n\
+         the first 4 KiB of each call, with the policy's name. Limits, versions and\n\
+         pinning are in letterbox's plugins/README.md.\n",
+        source = source_file(*language),
+    )
+}
+
+/// The README of an automation project: built and uploaded like the others, tried by
+/// creating an automation that names it.
+fn automation_readme(project: &Project, setup: &str) -> String {
+    let Project { name, language, .. } = project;
+    format!(
+        "# {name}\n\n\
+         A letterbox automation policy in {language}, against `wit/policy.wit`\n\
+         (letterbox:policy@0.3.0, world `automation`). It starts as the drip sequence from\n\
+         letterbox's `examples/policies/`; `{source}` says what it does and what its\n\
+         config holds.\n\n\
+         ## Build\n\n{setup}\n    letterbox plugin build .\n\n\
+         writes `{OUTPUT}` and checks it as the server will (imports, exports).\n\n\
+         ## Upload\n\n\
+         With a server running (`letterbox serve`) and `LETTERBOX_API_TOKEN` set:\n\n    \
+         letterbox plugin upload .\n\n\
+         An automation names this policy, the event types it listens to and its config;\n\
+         letterbox's README (Automations) shows how to create one and follow what it does.\n\n\
          What the policy prints (console.log, print, println!) goes to the server's log,\n\
          the first 4 KiB of each call, with the policy's name. Limits, versions and\n\
          pinning are in letterbox's plugins/README.md.\n",
@@ -283,6 +317,7 @@ fn js_build_args(kind: PluginKind) -> Vec<String> {
         match kind {
             PluginKind::Filter => "filter-js",
             PluginKind::Template => "template-js",
+            PluginKind::Automation => "automation-js",
         },
         "--backend",
         "quickjs",

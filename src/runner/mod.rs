@@ -623,8 +623,9 @@ impl Runner {
         };
         if plugin.kind != kind {
             return Err(RunnerError::Invalid(format!(
-                "{reference:?} is a {} policy, not a {kind} policy",
-                plugin.kind
+                "{reference:?} is {} policy, not {} policy",
+                plugin.kind.with_article(),
+                kind.with_article()
             )));
         }
         Ok(PolicyVersion {

@@ -119,6 +119,31 @@ async fn uploads_are_validated() {
     assert_eq!(status, 422, "{body}");
     let (status, body) = api.upload("sender", "x", wasm("test_trap_template")).await;
     assert_eq!(status, 400, "{body}");
+
+    // An automation (WIT 0.3) is a kind of its own: uploaded and compiled like the
+    // others, refused where a filter or template is expected, and the other way round.
+    let (status, body) = api.upload("automation", "auto", wasm("test_automation")).await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["kind"], "automation");
+    assert_eq!(api.compiled("auto").await["status"], "ready");
+    let (status, body) = api.upload("filter", "auto2", wasm("test_automation")).await;
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        detail_of(&body).contains("upload it with kind=automation"),
+        "{body}"
+    );
+    let newsletter = api.newsletter().await;
+    let (status, body) = api
+        .post(
+            &format!("/v1/newsletters/{newsletter}/letters"),
+            json!({ "subject": "S", "text": "T", "filter": "auto" }),
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        detail_of(&body).contains("\"auto\" is an automation policy, not a filter policy"),
+        "{body}"
+    );
     server.stop().await;
 }
 

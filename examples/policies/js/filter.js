@@ -1,4 +1,4 @@
-// A letterbox filter policy in JavaScript (letterbox:policy@0.2.0, world `filter`).
+// A letterbox filter policy in JavaScript (letterbox:policy@0.3.0, world `filter`).
 //
 // Two rules, both read from the letter's params:
 //   {"segment": {"attribute": "plan", "equals": "pro"}}

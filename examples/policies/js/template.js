@@ -1,4 +1,4 @@
-// A letterbox template policy in JavaScript (letterbox:policy@0.2.0, world `template`).
+// A letterbox template policy in JavaScript (letterbox:policy@0.3.0, world `template`).
 //
 // The subject, text and HTML may use {{name}}, {{email}} and {{unsubscribe_url}}.
 // A subscriber whose attributes hold a list of picks,

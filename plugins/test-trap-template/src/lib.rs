@@ -1,7 +1,7 @@
 //! A deliberately broken template used by letterbox's tests: it traps (panics, which is
 //! `unreachable` in Wasm) for any recipient whose email starts with `trap`, and renders a
-//! fixed message for everyone else. Built against WIT 0.2, where recipients come in
-//! batches: it shows that a trap fails only the recipient it trapped on, not the batch
+//! fixed message for everyone else. Built against WIT 0.2 (so a 0.2 component stays
+//! in the tests), where recipients come in batches: it shows that a trap fails only the recipient it trapped on, not the batch
 //! it came in. Not embedded in the binary.
 
 // The code wit-bindgen generates for `validate(letter)` takes the letter flattened into
@@ -9,7 +9,7 @@
 #![allow(clippy::too_many_arguments)]
 
 wit_bindgen::generate!({
-    path: "../../wit",
+    path: "../../wit/0.2",
     world: "template",
 });
 

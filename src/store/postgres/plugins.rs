@@ -13,6 +13,7 @@ fn kind_of(text: &str) -> Result<PluginKind, StoreError> {
     match text {
         "filter" => Ok(PluginKind::Filter),
         "template" => Ok(PluginKind::Template),
+        "automation" => Ok(PluginKind::Automation),
         other => Err(StoreError::Inconsistent(format!("unknown plugin kind {other:?}"))),
     }
 }

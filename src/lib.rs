@@ -5,6 +5,7 @@
 //! drains in-flight deliveries. `main.rs` only turns flags into a `Config`; the tests
 //! call `run` on port 0. See ARCHITECTURE.md for the module map and invariants.
 
+pub mod automations;
 pub mod bounces;
 pub mod client;
 pub mod config;

@@ -66,7 +66,7 @@ pub struct Report {
 pub fn describe(i: &Inventory) -> String {
     format!(
         "{} newsletters, {} subscribers, {} letters, {} plugins ({} versions), {} jobs, {} deliveries, \
-         {} idempotency keys, {} events, {} secrets",
+         {} idempotency keys, {} events, {} bounces, {} suppressions, {} automations ({} timers), {} secrets",
         i.newsletters,
         i.subscribers,
         i.letters,
@@ -76,6 +76,10 @@ pub fn describe(i: &Inventory) -> String {
         i.deliveries,
         i.idempotency_keys,
         i.events,
+        i.bounces,
+        i.suppressions,
+        i.automations,
+        i.timers,
         i.secrets
     )
 }

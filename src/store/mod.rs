@@ -30,6 +30,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+use crate::automations::{
+    Automation, AutomationSpec, AutomationState, AutomationVersion, Failure, QueuedSend, Timer, Turn,
+};
 use crate::bounces::{Bounce, BounceFilter, NewBounce, NewSuppression, Rules, Suppression};
 use crate::domain::*;
 use crate::events::{Event, EventFilter, EventPage, NewEvent};
@@ -403,6 +406,94 @@ pub struct NodeInfo {
     pub claims: u64,
 }
 
+/// What a turn committed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TurnOutcome {
+    pub automation: Automation,
+    /// Sends it queued (for `dispatch_sends`).
+    pub queued_sends: usize,
+}
+
+/// Automations, their durable timers and per-subscriber states, their failures, and
+/// the sends their reactions queue.
+#[async_trait]
+pub trait Automations: Send + Sync {
+    /// Stores a new automation (active, version 1) whose cursor is the log's head: it is
+    /// called for events recorded from now on. `Conflict` if the name is taken.
+    async fn create_automation(&self, spec: AutomationSpec) -> Result<Automation, StoreError>;
+
+    async fn automation(&self, id: u64) -> Result<Automation, StoreError>;
+
+    /// Every automation, by id.
+    async fn list_automations(&self) -> Result<Vec<Automation>, StoreError>;
+
+    /// A new version of an automation's spec. Its cursor, timers and states stay.
+    /// `Conflict` if the new name is another automation's.
+    async fn update_automation(&self, id: u64, spec: AutomationSpec) -> Result<Automation, StoreError>;
+
+    async fn automation_versions(&self, id: u64) -> Result<Vec<AutomationVersion>, StoreError>;
+
+    /// Pauses (with a reason) or resumes an automation. Resuming forgets the failures in
+    /// a row; it goes on from its cursor, so nothing recorded meanwhile is missed.
+    async fn set_automation_state(
+        &self,
+        id: u64,
+        state: AutomationState,
+        reason: Option<String>,
+    ) -> Result<Automation, StoreError>;
+
+    /// Deletes an automation with its timers, states, failures and queued sends.
+    async fn delete_automation(&self, id: u64) -> Result<(), StoreError>;
+
+    /// Up to `limit` of an automation's timers due at `now_ms`, earliest first.
+    async fn due_timers(
+        &self,
+        automation_id: u64,
+        now_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<Timer>, StoreError>;
+
+    /// When an automation's earliest timer is due.
+    async fn next_timer_due(&self, automation_id: u64) -> Result<Option<u64>, StoreError>;
+
+    /// An automation's timers by subscriber and name, after `after` (a subscriber id
+    /// and a name), at most `limit`.
+    async fn timers(
+        &self,
+        automation_id: u64,
+        after: Option<(u64, String)>,
+        limit: usize,
+    ) -> Result<Vec<Timer>, StoreError>;
+
+    /// The states an automation keeps for these subscribers (0 for none), by subscriber.
+    async fn automation_states(
+        &self,
+        automation_id: u64,
+        subscribers: Vec<u64>,
+    ) -> Result<Vec<(u64, serde_json::Value)>, StoreError>;
+
+    /// Commits a turn (see `Turn`): `Conflict` and nothing changed if another turn of
+    /// the automation committed since this one read its work.
+    async fn commit_turn(&self, turn: Turn) -> Result<TurnOutcome, StoreError>;
+
+    /// An automation's failures, oldest first, after id `after`.
+    async fn automation_failures(
+        &self,
+        automation_id: u64,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Failure>, StoreError>;
+
+    /// Up to `limit` sends queued by reactions, oldest first.
+    async fn queued_sends(&self, limit: usize) -> Result<Vec<QueuedSend>, StoreError>;
+
+    /// Turns queued sends of one letter into one job, in one transaction: `job` is
+    /// stored (prepared, with one pending delivery per send still queued) and the sends
+    /// leave the queue. `None` if none of them is queued any more (another node took
+    /// them). Sends to a subscriber that is gone are dropped.
+    async fn dispatch_sends(&self, job: Job, sends: Vec<u64>) -> Result<Option<Job>, StoreError>;
+}
+
 /// The nodes sharing a store, their leases, and the recipients a dead one held.
 ///
 /// A node registers when it starts, with a lease that its heartbeat renews. A node
@@ -496,6 +587,21 @@ pub enum Record {
     Event(Event),
     Bounce(Bounce),
     Suppression(Suppression),
+    /// An automation, its cursor and counters included.
+    Automation(Automation),
+    AutomationVersion {
+        automation_id: u64,
+        version: AutomationVersion,
+    },
+    /// The state an automation keeps for a subscriber (0: none).
+    AutomationState {
+        automation_id: u64,
+        subscriber_id: u64,
+        state: serde_json::Value,
+    },
+    Timer(Timer),
+    AutomationFailure(Failure),
+    QueuedSend(QueuedSend),
 }
 
 /// How many records of each kind a store holds: what a migration must find the same on
@@ -517,6 +623,18 @@ pub struct Inventory {
     pub bounces: u64,
     #[serde(default)]
     pub suppressions: u64,
+    #[serde(default)]
+    pub automations: u64,
+    #[serde(default)]
+    pub automation_versions: u64,
+    #[serde(default)]
+    pub automation_states: u64,
+    #[serde(default)]
+    pub timers: u64,
+    #[serde(default)]
+    pub automation_failures: u64,
+    #[serde(default)]
+    pub queued_sends: u64,
     /// The jobs' counts summed: deliveries per state, as the jobs record them.
     pub counts: Counts,
 }
@@ -552,6 +670,12 @@ impl Inventory {
             Record::Event(_) => self.events += 1,
             Record::Bounce(_) => self.bounces += 1,
             Record::Suppression(_) => self.suppressions += 1,
+            Record::Automation(_) => self.automations += 1,
+            Record::AutomationVersion { .. } => self.automation_versions += 1,
+            Record::AutomationState { .. } => self.automation_states += 1,
+            Record::Timer(_) => self.timers += 1,
+            Record::AutomationFailure(_) => self.automation_failures += 1,
+            Record::QueuedSend(_) => self.queued_sends += 1,
         }
     }
 }
@@ -592,7 +716,7 @@ pub trait Transfer: Send + Sync {
 
 /// A whole database: every operation, plus what the server needs to run on it.
 #[async_trait]
-pub trait Backend: Lists + Jobs + Plugins + Fleet + Transfer + Events + Bounces {
+pub trait Backend: Lists + Jobs + Plugins + Fleet + Transfer + Events + Bounces + Automations {
     /// "redb" or "postgres", for logs and metrics.
     fn name(&self) -> &'static str;
 

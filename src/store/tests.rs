@@ -1196,6 +1196,47 @@ async fn transfer_copies_everything_ids_and_all(store: Store) {
         .await
         .unwrap();
 
+    // An automation that has handled something: a state, a timer, a failure and a
+    // queued send to carry over.
+    let automation = store
+        .create_automation(crate::automations::AutomationSpec {
+            name: "drip".into(),
+            policy: "drip".into(),
+            events: vec!["custom.*".into()],
+            newsletter_id: None,
+            config: Default::default(),
+        })
+        .await
+        .unwrap();
+    let someone = store.subscribers_after(other.id, 0, 1).await.unwrap()[0].id;
+    let handled = |event_id, outcome| crate::automations::Handled {
+        trigger: crate::automations::TriggerKey::Event { event_id },
+        subscriber_id: Some(someone),
+        outcome,
+    };
+    let reaction = crate::policy::Reaction {
+        actions: vec![
+            crate::policy::Action::StartTimer {
+                name: "t".into(),
+                when: crate::policy::When::At(4_000_000_000),
+                data: json!({"step": 1}),
+            },
+            crate::policy::Action::SendLetter { letter: letter.id },
+        ],
+        state: Some(json!({"step": 0})),
+    };
+    store
+        .commit_turn(crate::automations::Turn {
+            automation_id: automation.id,
+            turns: 0,
+            cursor: automation.cursor,
+            handled: vec![handled(1, Ok(reaction)), handled(2, Err("trapped".into()))],
+            now_ms: 1,
+            pause_after: 10,
+        })
+        .await
+        .unwrap();
+
     let records = export_all(&store).await;
     let inventory = store.inventory().await.unwrap();
     let mut counted = Inventory::default();
@@ -1221,6 +1262,17 @@ async fn transfer_copies_everything_ids_and_all(store: Store) {
         (3, 3, 2)
     );
     assert_eq!((inventory.bounces, inventory.suppressions), (1, 1));
+    assert_eq!(
+        (
+            inventory.automations,
+            inventory.automation_versions,
+            inventory.automation_states,
+            inventory.timers,
+            inventory.automation_failures,
+            inventory.queued_sends
+        ),
+        (1, 1, 1, 1, 1, 1)
+    );
 
     let mut targets = vec![redb().await];
     targets.extend(postgres().await);
@@ -1314,6 +1366,25 @@ async fn transfer_copies_everything_ids_and_all(store: Store) {
             1,
             "{name}"
         );
+        // Automations go on where they were, with new ids after the copied ones.
+        assert_eq!(
+            target.automation(automation.id).await.unwrap(),
+            store.automation(automation.id).await.unwrap(),
+            "{name}"
+        );
+        assert_eq!(
+            target.next_timer_due(automation.id).await.unwrap(),
+            Some(4_000_000_000_000),
+            "{name}"
+        );
+        let again = target
+            .create_automation(crate::automations::AutomationSpec {
+                name: "again".into(),
+                ..target.automation(automation.id).await.unwrap().spec
+            })
+            .await
+            .unwrap();
+        assert!(again.id > automation.id, "{name}: automation id reused");
         // A recipient in flight cannot be moved: the source must be rescued first.
         let in_flight = Delivery {
             job_id: new_job.id,
@@ -1446,5 +1517,6 @@ conformance!(
     transfer_copies_everything_ids_and_all,
 );
 
+mod automations;
 mod bounces;
 mod events;

@@ -11,6 +11,7 @@
 //!   job), so transactions do not deadlock each other;
 //! - schema migrations (`schema.rs`) run at start under an advisory lock.
 
+mod automations;
 mod bounces;
 mod events;
 mod fleet;

@@ -14,6 +14,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (4, include_str!("migrations/0004_status_epoch.sql")),
     (5, include_str!("migrations/0005_events.sql")),
     (6, include_str!("migrations/0006_bounces.sql")),
+    (7, include_str!("migrations/0007_automations.sql")),
 ];
 
 /// The newest schema version this binary knows.

@@ -212,6 +212,7 @@ impl Transfer for PgStore {
                 .collect::<Result<_, StoreError>>()?;
             send(&out, chunk).await?;
         }
+        export_automations(&tx, &out).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -252,7 +253,16 @@ impl Transfer for PgStore {
             .await?;
         }
         // New ids continue after the imported ones.
-        for table in ["newsletters", "subscribers", "letters", "jobs", "bounces"] {
+        for table in [
+            "newsletters",
+            "subscribers",
+            "letters",
+            "jobs",
+            "bounces",
+            "automations",
+            "automation_failures",
+            "queued_sends",
+        ] {
             query(
                 &tx,
                 &format!(
@@ -262,6 +272,12 @@ impl Transfer for PgStore {
             )
             .await?;
         }
+        query(
+            &tx,
+            "SELECT setval('timer_ids', max(id)) FROM timers HAVING max(id) IS NOT NULL",
+            &[],
+        )
+        .await?;
         commit(tx).await
     }
 
@@ -276,6 +292,9 @@ impl Transfer for PgStore {
                     (SELECT count(*) FROM deliveries), (SELECT count(*) FROM idempotency_keys),
                     (SELECT count(*) FROM events), (SELECT count(*) FROM bounces),
                     (SELECT count(*) FROM suppressions),
+                    (SELECT count(*) FROM automations), (SELECT count(*) FROM automation_versions),
+                    (SELECT count(*) FROM automation_states), (SELECT count(*) FROM timers),
+                    (SELECT count(*) FROM automation_failures), (SELECT count(*) FROM queued_sends),
                     coalesce(sum(pending), 0)::bigint, coalesce(sum(sending), 0)::bigint,
                     coalesce(sum(delivered), 0)::bigint, coalesce(sum(skipped), 0)::bigint,
                     coalesce(sum(retrying), 0)::bigint, coalesce(sum(failed), 0)::bigint,
@@ -300,14 +319,20 @@ impl Transfer for PgStore {
             events: n(10),
             bounces: n(11),
             suppressions: n(12),
+            automations: n(13),
+            automation_versions: n(14),
+            automation_states: n(15),
+            timers: n(16),
+            automation_failures: n(17),
+            queued_sends: n(18),
             counts: Counts {
-                pending: n(13),
-                sending: n(14),
-                delivered: n(15),
-                skipped: n(16),
-                retrying: n(17),
-                failed: n(18),
-                cancelled: n(19),
+                pending: n(19),
+                sending: n(20),
+                delivered: n(21),
+                skipped: n(22),
+                retrying: n(23),
+                failed: n(24),
+                cancelled: n(25),
             },
         })
     }
@@ -429,7 +454,199 @@ async fn import_one(tx: &deadpool_postgres::Transaction<'_>, record: Record) -> 
             )
             .await?;
         }
+        Record::Automation(a) => {
+            execute(
+                tx,
+                "INSERT INTO automations (id, name, turns, doc) VALUES ($1, $2, $3, $4)",
+                &[
+                    &sql_int(a.id),
+                    &a.spec.name,
+                    &sql_int(a.turns),
+                    &serde_json::to_value(&a)?,
+                ],
+            )
+            .await?;
+        }
+        Record::AutomationVersion {
+            automation_id,
+            version,
+        } => {
+            execute(
+                tx,
+                "INSERT INTO automation_versions (automation_id, version, doc) VALUES ($1, $2, $3)",
+                &[
+                    &sql_int(automation_id),
+                    &i64::from(version.version),
+                    &serde_json::to_value(&version)?,
+                ],
+            )
+            .await?;
+        }
+        Record::AutomationState {
+            automation_id,
+            subscriber_id,
+            state,
+        } => {
+            execute(
+                tx,
+                "INSERT INTO automation_states (automation_id, subscriber_id, state) VALUES ($1, $2, $3)",
+                &[&sql_int(automation_id), &sql_int(subscriber_id), &state],
+            )
+            .await?;
+        }
+        Record::Timer(t) => {
+            execute(
+                tx,
+                "INSERT INTO timers (automation_id, subscriber_id, name, id, due_ms, data)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+                &[
+                    &sql_int(t.automation_id),
+                    &sql_int(t.subscriber_id),
+                    &t.name,
+                    &sql_int(t.id),
+                    &sql_int(t.due_ms),
+                    &t.data,
+                ],
+            )
+            .await?;
+        }
+        Record::AutomationFailure(f) => {
+            execute(
+                tx,
+                "INSERT INTO automation_failures (automation_id, id, doc) VALUES ($1, $2, $3)",
+                &[
+                    &sql_int(f.automation_id),
+                    &sql_int(f.id),
+                    &serde_json::to_value(&f)?,
+                ],
+            )
+            .await?;
+        }
+        Record::QueuedSend(q) => {
+            execute(
+                tx,
+                "INSERT INTO queued_sends (id, automation_id, subscriber_id, letter_id, at_ms)
+                 VALUES ($1, $2, $3, $4, $5)",
+                &[
+                    &sql_int(q.id),
+                    &sql_int(q.automation_id),
+                    &sql_int(q.subscriber_id),
+                    &sql_int(q.letter_id),
+                    &sql_int(q.at_ms),
+                ],
+            )
+            .await?;
+        }
     }
+    Ok(())
+}
+
+/// Automations and everything of theirs, automations first, in keyed pages.
+async fn export_automations(
+    tx: &deadpool_postgres::Transaction<'_>,
+    out: &tokio::sync::mpsc::Sender<Vec<Record>>,
+) -> Result<(), StoreError> {
+    let rows = query(tx, "SELECT doc, turns FROM automations ORDER BY id", &[]).await?;
+    let mut chunk = Vec::new();
+    for r in &rows {
+        let mut a: crate::automations::Automation = serde_json::from_value(r.get(0))?;
+        a.turns = domain_int(r.get(1));
+        chunk.push(Record::Automation(a));
+    }
+    send(out, chunk).await?;
+    let rows = query(
+        tx,
+        "SELECT automation_id, doc FROM automation_versions ORDER BY automation_id, version",
+        &[],
+    )
+    .await?;
+    let chunk = rows
+        .iter()
+        .map(|r| {
+            Ok(Record::AutomationVersion {
+                automation_id: domain_int(r.get(0)),
+                version: serde_json::from_value(r.get(1))?,
+            })
+        })
+        .collect::<Result<_, StoreError>>()?;
+    send(out, chunk).await?;
+    let (mut after_a, mut after_s) = (-1i64, -1i64);
+    loop {
+        let rows = query(
+            tx,
+            "SELECT automation_id, subscriber_id, state FROM automation_states
+             WHERE (automation_id, subscriber_id) > ($1, $2) ORDER BY automation_id, subscriber_id LIMIT $3",
+            &[&after_a, &after_s, &PAGE],
+        )
+        .await?;
+        let Some(last) = rows.last() else { break };
+        (after_a, after_s) = (last.get(0), last.get(1));
+        let chunk = rows
+            .iter()
+            .map(|r| Record::AutomationState {
+                automation_id: domain_int(r.get(0)),
+                subscriber_id: domain_int(r.get(1)),
+                state: r.get(2),
+            })
+            .collect();
+        send(out, chunk).await?;
+    }
+    let mut after_t = -1i64;
+    loop {
+        let rows = query(
+            tx,
+            "SELECT automation_id, subscriber_id, name, id, due_ms, data FROM timers
+             WHERE id > $1 ORDER BY id LIMIT $2",
+            &[&after_t, &PAGE],
+        )
+        .await?;
+        let Some(last) = rows.last() else { break };
+        after_t = last.get(3);
+        let chunk = rows
+            .iter()
+            .map(|r| {
+                Record::Timer(crate::automations::Timer {
+                    automation_id: domain_int(r.get(0)),
+                    subscriber_id: domain_int(r.get(1)),
+                    name: r.get(2),
+                    id: domain_int(r.get(3)),
+                    due_ms: domain_int(r.get(4)),
+                    data: r.get(5),
+                })
+            })
+            .collect();
+        send(out, chunk).await?;
+    }
+    let rows = query(
+        tx,
+        "SELECT doc FROM automation_failures ORDER BY automation_id, id",
+        &[],
+    )
+    .await?;
+    let chunk = rows
+        .iter()
+        .map(|r| Ok(Record::AutomationFailure(serde_json::from_value(r.get(0))?)))
+        .collect::<Result<_, StoreError>>()?;
+    send(out, chunk).await?;
+    let rows = query(
+        tx,
+        "SELECT id, automation_id, subscriber_id, letter_id, at_ms FROM queued_sends ORDER BY id",
+        &[],
+    )
+    .await?;
+    let chunk = rows
+        .iter()
+        .map(|r| {
+            Record::QueuedSend(crate::automations::QueuedSend {
+                id: domain_int(r.get(0)),
+                automation_id: domain_int(r.get(1)),
+                subscriber_id: domain_int(r.get(2)),
+                letter_id: domain_int(r.get(3)),
+                at_ms: domain_int(r.get(4)),
+            })
+        })
+        .collect();
+    send(out, chunk).await?;
     Ok(())
 }
 

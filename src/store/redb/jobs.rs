@@ -22,6 +22,35 @@ pub(super) fn put_job(txn: &WriteTransaction, job: &Job) -> Result<(), StoreErro
     Ok(())
 }
 
+/// Adds pending deliveries to `job` (counted in it, which the caller stores) for the
+/// recipients it does not have yet; returns how many.
+pub(super) fn add_pending(
+    txn: &WriteTransaction,
+    job: &mut Job,
+    recipients: Vec<(u64, String)>,
+) -> Result<u64, StoreError> {
+    let mut t = Tables::open(txn)?;
+    let mut added = 0;
+    for (subscriber_id, email) in recipients {
+        if t.deliveries.get((job.id, subscriber_id))?.is_some() {
+            continue;
+        }
+        let delivery = Delivery {
+            job_id: job.id,
+            subscriber_id,
+            email,
+            attempts: 0,
+            state: DeliveryState::Pending,
+        };
+        t.deliveries
+            .insert((job.id, subscriber_id), encode(&delivery).as_slice())?;
+        t.index(&delivery)?;
+        added += 1;
+    }
+    job.counts.pending += added;
+    Ok(added)
+}
+
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(super) struct IdempotencyRecord {
     pub(super) request_hash: String,
@@ -260,25 +289,7 @@ impl Jobs for RedbStore {
     async fn add_recipients(&self, job_id: u64, recipients: Vec<(u64, String)>) -> Result<u64, StoreError> {
         self.write(move |txn| {
             let mut job = job_in(txn, job_id)?;
-            let mut t = Tables::open(txn)?;
-            let mut added = 0;
-            for (subscriber_id, email) in recipients {
-                if t.deliveries.get((job_id, subscriber_id))?.is_some() {
-                    continue;
-                }
-                let delivery = Delivery {
-                    job_id,
-                    subscriber_id,
-                    email,
-                    attempts: 0,
-                    state: DeliveryState::Pending,
-                };
-                t.deliveries
-                    .insert((job_id, subscriber_id), encode(&delivery).as_slice())?;
-                t.index(&delivery)?;
-                added += 1;
-            }
-            job.counts.pending += added;
+            let added = add_pending(txn, &mut job, recipients)?;
             put_job(txn, &job)?;
             Ok(added)
         })

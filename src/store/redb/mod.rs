@@ -26,6 +26,7 @@
 //! then the small write). The queue outlives the panic, so no caller is left waiting
 //! and later writes carry on. Restarts are counted in `letterbox_store_writer_restarts_total`.
 
+mod automations;
 mod bounces;
 mod events;
 mod jobs;
@@ -198,6 +199,14 @@ fn open_database(path: &Path) -> Result<Database, StoreError> {
         txn.open_table(BOUNCES_BY_SUBSCRIBER)?;
         txn.open_table(UNATTRIBUTED_BOUNCES)?;
         txn.open_table(SUPPRESSIONS)?;
+        txn.open_table(AUTOMATIONS)?;
+        txn.open_table(AUTOMATION_NAMES)?;
+        txn.open_table(AUTOMATION_VERSIONS)?;
+        txn.open_table(AUTOMATION_STATES)?;
+        txn.open_table(TIMERS)?;
+        txn.open_table(TIMERS_DUE)?;
+        txn.open_table(AUTOMATION_FAILURES)?;
+        txn.open_table(QUEUED_SENDS)?;
     }
     lists::backfill_subscriber_homes(&txn)?;
     txn.commit()?;

@@ -80,3 +80,30 @@ pub const UNATTRIBUTED_BOUNCES: TableDefinition<u64, ()> = TableDefinition::new(
 /// Normalised email (`store::normalise_email`) → `bounces::Suppression`: the addresses
 /// no newsletter sends to.
 pub const SUPPRESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("suppressions");
+
+/// Automation id → `automations::Automation`.
+pub const AUTOMATIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("automations");
+
+/// Automation name → its id.
+pub const AUTOMATION_NAMES: TableDefinition<&str, u64> = TableDefinition::new("automation_names");
+
+/// (automation id, version) → `automations::AutomationVersion`.
+pub const AUTOMATION_VERSIONS: TableDefinition<(u64, u64), &[u8]> =
+    TableDefinition::new("automation_versions");
+
+/// (automation id, subscriber id or 0) → the state its last reaction left (JSON).
+pub const AUTOMATION_STATES: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("automation_states");
+
+/// (automation id, subscriber id or 0, name) → `automations::Timer`.
+pub const TIMERS: TableDefinition<(u64, u64, &str), &[u8]> = TableDefinition::new("timers");
+
+/// (automation id, due time in unix ms, timer id) → (subscriber id, name) as JSON: an
+/// automation's due timers are a prefix of its range, and its next one the first.
+pub const TIMERS_DUE: TableDefinition<(u64, u64, u64), &[u8]> = TableDefinition::new("timers_due");
+
+/// (automation id, failure id) → `automations::Failure`.
+pub const AUTOMATION_FAILURES: TableDefinition<(u64, u64), &[u8]> =
+    TableDefinition::new("automation_failures");
+
+/// Queued send id → `automations::QueuedSend`, oldest first.
+pub const QUEUED_SENDS: TableDefinition<u64, &[u8]> = TableDefinition::new("queued_sends");

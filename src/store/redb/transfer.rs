@@ -113,6 +113,35 @@ impl Transfer for RedbStore {
             for row in txn.open_table(SUPPRESSIONS)?.iter()? {
                 chunks.push(Record::Suppression(decode(row?.1.value())?))?;
             }
+            // Automations before what refers to them.
+            for row in txn.open_table(AUTOMATIONS)?.iter()? {
+                chunks.push(Record::Automation(decode(row?.1.value())?))?;
+            }
+            for row in txn.open_table(AUTOMATION_VERSIONS)?.iter()? {
+                let (key, value) = row?;
+                chunks.push(Record::AutomationVersion {
+                    automation_id: key.value().0,
+                    version: decode(value.value())?,
+                })?;
+            }
+            for row in txn.open_table(AUTOMATION_STATES)?.iter()? {
+                let (key, value) = row?;
+                let (automation_id, subscriber_id) = key.value();
+                chunks.push(Record::AutomationState {
+                    automation_id,
+                    subscriber_id,
+                    state: decode(value.value())?,
+                })?;
+            }
+            for row in txn.open_table(TIMERS)?.iter()? {
+                chunks.push(Record::Timer(decode(row?.1.value())?))?;
+            }
+            for row in txn.open_table(AUTOMATION_FAILURES)?.iter()? {
+                chunks.push(Record::AutomationFailure(decode(row?.1.value())?))?;
+            }
+            for row in txn.open_table(QUEUED_SENDS)?.iter()? {
+                chunks.push(Record::QueuedSend(decode(row?.1.value())?))?;
+            }
             chunks.flush()
         })
         .await
@@ -144,6 +173,14 @@ impl Transfer for RedbStore {
             let mut bounces_by_subscriber = txn.open_table(BOUNCES_BY_SUBSCRIBER)?;
             let mut unattributed = txn.open_table(UNATTRIBUTED_BOUNCES)?;
             let mut suppressions = txn.open_table(SUPPRESSIONS)?;
+            let mut automations = txn.open_table(AUTOMATIONS)?;
+            let mut automation_names = txn.open_table(AUTOMATION_NAMES)?;
+            let mut automation_versions = txn.open_table(AUTOMATION_VERSIONS)?;
+            let mut automation_states = txn.open_table(AUTOMATION_STATES)?;
+            let mut timers = txn.open_table(TIMERS)?;
+            let mut timers_due = txn.open_table(TIMERS_DUE)?;
+            let mut failures = txn.open_table(AUTOMATION_FAILURES)?;
+            let mut queued_sends = txn.open_table(QUEUED_SENDS)?;
             // The highest id of each sequence in these records.
             let mut last = [
                 ("newsletter", 0u64),
@@ -152,6 +189,10 @@ impl Transfer for RedbStore {
                 ("job", 0),
                 ("event", 0),
                 ("bounce", 0),
+                ("automation", 0),
+                ("timer", 0),
+                ("automation_failure", 0),
+                ("queued_send", 0),
             ];
             for record in records {
                 match record {
@@ -236,6 +277,47 @@ impl Transfer for RedbStore {
                         let key = normalise_email(&s.email);
                         suppressions.insert(key.as_str(), encode(&s).as_slice())?;
                     }
+                    Record::Automation(a) => {
+                        last[6].1 = last[6].1.max(a.id);
+                        automation_names.insert(a.spec.name.as_str(), a.id)?;
+                        automations.insert(a.id, encode(&a).as_slice())?;
+                    }
+                    Record::AutomationVersion {
+                        automation_id,
+                        version,
+                    } => {
+                        automation_versions.insert(
+                            (automation_id, u64::from(version.version)),
+                            encode(&version).as_slice(),
+                        )?;
+                    }
+                    Record::AutomationState {
+                        automation_id,
+                        subscriber_id,
+                        state,
+                    } => {
+                        automation_states
+                            .insert((automation_id, subscriber_id), encode(&state).as_slice())?;
+                    }
+                    Record::Timer(t) => {
+                        last[7].1 = last[7].1.max(t.id);
+                        timers_due.insert(
+                            (t.automation_id, t.due_ms, t.id),
+                            encode(&(t.subscriber_id, &t.name)).as_slice(),
+                        )?;
+                        timers.insert(
+                            (t.automation_id, t.subscriber_id, t.name.as_str()),
+                            encode(&t).as_slice(),
+                        )?;
+                    }
+                    Record::AutomationFailure(f) => {
+                        last[8].1 = last[8].1.max(f.id);
+                        failures.insert((f.automation_id, f.id), encode(&f).as_slice())?;
+                    }
+                    Record::QueuedSend(q) => {
+                        last[9].1 = last[9].1.max(q.id);
+                        queued_sends.insert(q.id, encode(&q).as_slice())?;
+                    }
                 }
             }
             let mut sequences = txn.open_table(SEQUENCES)?;
@@ -266,6 +348,12 @@ impl Transfer for RedbStore {
                 events: txn.open_table(EVENTS)?.len()?,
                 bounces: txn.open_table(BOUNCES)?.len()?,
                 suppressions: txn.open_table(SUPPRESSIONS)?.len()?,
+                automations: txn.open_table(AUTOMATIONS)?.len()?,
+                automation_versions: txn.open_table(AUTOMATION_VERSIONS)?.len()?,
+                automation_states: txn.open_table(AUTOMATION_STATES)?.len()?,
+                timers: txn.open_table(TIMERS)?.len()?,
+                automation_failures: txn.open_table(AUTOMATION_FAILURES)?.len()?,
+                queued_sends: txn.open_table(QUEUED_SENDS)?.len()?,
                 counts: Counts::default(),
             };
             for row in txn.open_table(JOBS)?.iter()? {

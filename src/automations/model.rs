@@ -1,0 +1,149 @@
+//! What an automation is and what its turns record, in the terms every backend keeps.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::policy::Reaction;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AutomationState {
+    Active,
+    Paused,
+}
+
+/// What a user says an automation is: created with it, and changed by a new version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AutomationSpec {
+    pub name: String,
+    /// The automation policy: a plugin name (its latest version) or `name@sha256`.
+    pub policy: String,
+    /// Event types it is called for: exact (`subscriber.confirmed`) or a prefix
+    /// (`custom.*`).
+    pub events: Vec<String>,
+    /// Only events of this newsletter, when set.
+    pub newsletter_id: Option<u64>,
+    pub config: Map<String, Value>,
+}
+
+impl AutomationSpec {
+    /// Whether an event of `kind` about `newsletter` is one this automation is called for.
+    pub fn listens_to(&self, kind: &str, newsletter: Option<u64>) -> bool {
+        if self.newsletter_id.is_some() && newsletter != self.newsletter_id {
+            return false;
+        }
+        self.events.iter().any(|pattern| match pattern.strip_suffix('*') {
+            Some(prefix) => kind.starts_with(prefix),
+            None => pattern == kind,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Automation {
+    pub id: u64,
+    #[serde(flatten)]
+    pub spec: AutomationSpec,
+    pub state: AutomationState,
+    /// Why it is paused, when it paused itself (too many failures in a row).
+    pub pause_reason: Option<String>,
+    /// 1 when created, one more with each change of its spec.
+    pub version: u32,
+    /// The last event of the log it has looked at: events after it are still to come.
+    pub cursor: u64,
+    /// Turns committed: the compare-and-set that makes each turn's effects happen once.
+    pub turns: u64,
+    /// Events and timers handled, and those that failed.
+    pub handled: u64,
+    pub failed: u64,
+    pub failures_in_a_row: u32,
+    pub created_at: u64,
+    pub updated_at: u64,
+}
+
+/// One version of an automation's spec, as it was from `created_at`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AutomationVersion {
+    pub version: u32,
+    #[serde(flatten)]
+    pub spec: AutomationSpec,
+    pub created_at: u64,
+}
+
+/// A durable timer of one automation for one subscriber (or for none, `subscriber_id`
+/// 0). Starting one of the same name replaces it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Timer {
+    /// Unique across timers, new with every start: tells a replaced timer from the one
+    /// that replaced it.
+    pub id: u64,
+    pub automation_id: u64,
+    pub subscriber_id: u64,
+    pub name: String,
+    pub due_ms: u64,
+    pub data: Value,
+}
+
+/// What an automation was called for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum TriggerKey {
+    Event { event_id: u64 },
+    Timer { timer: Timer },
+}
+
+/// One event or timer handled in a turn, and what the policy answered.
+#[derive(Debug, Clone)]
+pub struct Handled {
+    pub trigger: TriggerKey,
+    pub subscriber_id: Option<u64>,
+    /// The reaction, or why there is none (a trap, an `err`, a bad reaction, a
+    /// subscriber that is gone).
+    pub outcome: Result<Reaction, String>,
+}
+
+/// What one turn of an automation commits, all in one transaction: the reactions'
+/// effects and states, the failures, and the cursor. Nothing is applied unless the
+/// automation is still at `turns` (another turn of it did not commit meanwhile).
+#[derive(Debug, Clone)]
+pub struct Turn {
+    pub automation_id: u64,
+    /// The automation's `turns` when this turn read its work.
+    pub turns: u64,
+    /// The automation's new cursor (its old one when the turn handled timers only).
+    pub cursor: u64,
+    pub handled: Vec<Handled>,
+    pub now_ms: u64,
+    /// Failures in a row after which the automation pauses itself.
+    pub pause_after: u32,
+}
+
+/// A failed event or timer, kept to be seen and retried.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Failure {
+    pub id: u64,
+    pub automation_id: u64,
+    pub trigger: TriggerKey,
+    pub subscriber_id: Option<u64>,
+    pub reason: String,
+    pub at_ms: u64,
+}
+
+/// A send a reaction asked for, recorded with it and turned into a job's delivery
+/// (`Automations::dispatch_sends`) before anything is sent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueuedSend {
+    pub id: u64,
+    pub automation_id: u64,
+    pub subscriber_id: u64,
+    pub letter_id: u64,
+    pub at_ms: u64,
+}
+
+/// What an automation's next turn has to work on.
+#[derive(Debug, Clone)]
+pub struct Work {
+    pub automation: Automation,
+    /// Due timers, earliest first.
+    pub timers: Vec<Timer>,
+}

@@ -211,6 +211,17 @@ pub async fn run(
         _ => None,
     };
 
+    let automations = tokio::spawn(
+        automations::worker::Worker::new(
+            store.clone(),
+            runner.clone(),
+            automations::worker::WorkerConfig {
+                pause_after: config.policy_failures.max,
+            },
+        )
+        .run(stop.clone()),
+    );
+
     tracing::info!("listening on http://{local_addr}");
     let app = http::router(http::AppState {
         store: store.clone(),
@@ -227,6 +238,9 @@ pub async fn run(
         .await;
     // Whether the server ended by request or by error, let deliveries finish cleanly.
     tracing::info!("shutting down: draining in-flight deliveries");
+    // A turn in progress is not committed; the next start reads its work again.
+    stop.cancel();
+    let _ = automations.await;
     runner.shutdown(config.drain_timeout).await;
     drop(runner);
     if let Some(inbound) = inbound {

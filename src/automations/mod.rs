@@ -13,5 +13,6 @@
 //! HTTP (`http/automations.rs` does).
 
 pub mod model;
+pub mod worker;
 
 pub use model::*;

@@ -13,7 +13,7 @@ pub enum AutomationState {
 }
 
 /// What a user says an automation is: created with it, and changed by a new version.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AutomationSpec {
     pub name: String,
     /// The automation policy: a plugin name (its latest version) or `name@sha256`.
@@ -23,6 +23,7 @@ pub struct AutomationSpec {
     pub events: Vec<String>,
     /// Only events of this newsletter, when set.
     pub newsletter_id: Option<u64>,
+    #[schema(value_type = Object)]
     pub config: Map<String, Value>,
 }
 
@@ -39,7 +40,7 @@ impl AutomationSpec {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Automation {
     pub id: u64,
     #[serde(flatten)]
@@ -62,7 +63,7 @@ pub struct Automation {
 }
 
 /// One version of an automation's spec, as it was from `created_at`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AutomationVersion {
     pub version: u32,
     #[serde(flatten)]
@@ -72,7 +73,7 @@ pub struct AutomationVersion {
 
 /// A durable timer of one automation for one subscriber (or for none, `subscriber_id`
 /// 0). Starting one of the same name replaces it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Timer {
     /// Unique across timers, new with every start: tells a replaced timer from the one
     /// that replaced it.
@@ -85,7 +86,7 @@ pub struct Timer {
 }
 
 /// What an automation was called for.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum TriggerKey {
     Event { event_id: u64 },
@@ -119,7 +120,7 @@ pub struct Turn {
 }
 
 /// A failed event or timer, kept to be seen and retried.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Failure {
     pub id: u64,
     pub automation_id: u64,

@@ -390,7 +390,7 @@ fn check_custom_type(kind: &str) -> Result<(), ApiError> {
 
 /// A `type` filter: comma-separated types or `prefix.*`. An unknown built-in type is
 /// refused (a typo would otherwise match nothing, silently).
-fn parse_types(spec: Option<&str>) -> Result<Vec<String>, ApiError> {
+pub(super) fn parse_types(spec: Option<&str>) -> Result<Vec<String>, ApiError> {
     let mut out = Vec::new();
     for t in spec
         .unwrap_or("")

@@ -2,6 +2,7 @@
 //! store or the runner, and shape JSON; they hold no state of their own.
 
 mod auth;
+mod automations;
 mod bounces;
 mod error;
 mod events;
@@ -107,6 +108,7 @@ fn routes_and_document(state: &AppState) -> (Router<AppState>, utoipa::openapi::
         .merge(jobs::router())
         .merge(events::router())
         .merge(bounces::router())
+        .merge(automations::router())
         .merge(nodes::router())
         .route_layer(axum::middleware::from_fn_with_state(
             state.faults.clone(),

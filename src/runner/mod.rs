@@ -24,6 +24,7 @@
 //! likewise, and when a job's policies fail too often (restart intensity,
 //! `FailureLimit`) the job pauses until someone resumes it.
 
+mod automations;
 mod compile;
 mod fleet;
 mod health;

@@ -472,6 +472,17 @@ pub trait Automations: Send + Sync {
         subscribers: Vec<u64>,
     ) -> Result<Vec<(u64, serde_json::Value)>, StoreError>;
 
+    /// Takes or renews the lease on an automation's turns for `node` until `until_ms`:
+    /// whether this node may run them now (no other node holds an unexpired lease). One
+    /// process holds a redb store, so there it is always yes.
+    async fn lease_automation(
+        &self,
+        id: u64,
+        node: &str,
+        now_ms: u64,
+        until_ms: u64,
+    ) -> Result<bool, StoreError>;
+
     /// Commits a turn (see `Turn`): `Conflict` and nothing changed if another turn of
     /// the automation committed since this one read its work.
     async fn commit_turn(&self, turn: Turn) -> Result<TurnOutcome, StoreError>;

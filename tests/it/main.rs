@@ -5,6 +5,7 @@
 
 mod api_errors;
 mod auth;
+mod automations;
 mod bounces;
 mod cli;
 mod contained;

@@ -82,6 +82,20 @@ async fn locked(tx: &impl GenericClient, id: u64) -> Result<Automation, StoreErr
     automation(&row)
 }
 
+/// Removes what automations keep about a subscriber being erased: their states (which
+/// may hold personal data) and their timers.
+pub(super) async fn forget_subscriber(tx: &impl GenericClient, subscriber_id: u64) -> Result<(), StoreError> {
+    let id = sql_int(subscriber_id);
+    execute(
+        tx,
+        "DELETE FROM automation_states WHERE subscriber_id = $1",
+        &[&id],
+    )
+    .await?;
+    execute(tx, "DELETE FROM timers WHERE subscriber_id = $1", &[&id]).await?;
+    Ok(())
+}
+
 fn name_taken(name: &str) -> StoreError {
     StoreError::Conflict(format!("an automation named {name:?} exists"))
 }
@@ -425,6 +439,24 @@ impl Automations for PgStore {
         .iter()
         .map(|row| (domain_int(row.get(0)), row.get(1)))
         .collect())
+    }
+
+    async fn lease_automation(
+        &self,
+        id: u64,
+        node: &str,
+        now_ms: u64,
+        until_ms: u64,
+    ) -> Result<bool, StoreError> {
+        let client = self.client().await?;
+        let taken = execute(
+            &client,
+            "UPDATE automations SET lease_node = $2, lease_until_ms = $4
+             WHERE id = $1 AND (lease_node IS NULL OR lease_node = $2 OR lease_until_ms < $3)",
+            &[&sql_int(id), &node, &sql_int(now_ms), &sql_int(until_ms)],
+        )
+        .await?;
+        Ok(taken == 1)
     }
 
     async fn commit_turn(&self, turn: Turn) -> Result<TurnOutcome, StoreError> {

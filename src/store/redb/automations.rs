@@ -73,6 +73,29 @@ fn put_timer(txn: &WriteTransaction, timer: &Timer) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Removes what automations keep about a subscriber being erased: their states (which
+/// may hold personal data) and their timers. A walk over both tables: erasures are rare.
+pub(super) fn forget_subscriber(txn: &WriteTransaction, subscriber_id: u64) -> Result<(), StoreError> {
+    txn.open_table(AUTOMATION_STATES)?
+        .retain(|(_, s), _| s != subscriber_id)?;
+    let theirs: Vec<(u64, String)> = {
+        let timers = txn.open_table(TIMERS)?;
+        let mut out = Vec::new();
+        for row in timers.iter()? {
+            let (key, _) = row?;
+            let (a, s, name) = key.value();
+            if s == subscriber_id {
+                out.push((a, name.to_string()));
+            }
+        }
+        out
+    };
+    for (a, name) in theirs {
+        remove_timer(txn, a, subscriber_id, &name)?;
+    }
+    Ok(())
+}
+
 /// Removes every row of `automation_id` from a table keyed by (automation, ...).
 fn remove_all<K: redb::Key + 'static>(
     txn: &WriteTransaction,
@@ -471,6 +494,16 @@ impl Automations for RedbStore {
             Ok(out)
         })
         .await
+    }
+
+    async fn lease_automation(
+        &self,
+        _id: u64,
+        _node: &str,
+        _now_ms: u64,
+        _until_ms: u64,
+    ) -> Result<bool, StoreError> {
+        Ok(true)
     }
 
     async fn commit_turn(&self, turn: Turn) -> Result<TurnOutcome, StoreError> {

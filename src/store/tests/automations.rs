@@ -273,6 +273,10 @@ async fn a_turn_applies_once_and_whole(store: Store) {
     assert_eq!(left.len(), 1);
     assert_ne!(left[0].id, old.id);
 
+    // Erasing a subscriber takes their timers (and states).
+    store.delete_subscriber(bob.id).await.unwrap();
+    assert!(store.timers(a.id, None, 10).await.unwrap().is_empty());
+
     // Deleting the automation takes its timers, states, failures and queued sends.
     store.delete_automation(a.id).await.unwrap();
     assert!(store.queued_sends(10).await.unwrap().is_empty());

@@ -251,6 +251,10 @@ impl Api {
         self.send_json(reqwest::Method::POST, path, body).await
     }
 
+    pub async fn put(&self, path: &str, body: Value) -> (u16, Value) {
+        self.send_json(reqwest::Method::PUT, path, body).await
+    }
+
     pub async fn post_raw(&self, path: &str, content_type: &str, body: Vec<u8>) -> (u16, Value) {
         Self::finish(
             self.client

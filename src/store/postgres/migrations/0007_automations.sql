@@ -1,9 +1,12 @@
 -- Automations (store::Automations). The whole record is `doc`; the columns are what
--- is looked up. `turns` is the compare-and-set a turn's commit checks.
+-- is looked up. `turns` is the compare-and-set a turn's commit checks; the lease says
+-- which node runs its turns (until when), so one node at a time does.
 CREATE TABLE automations (
     id BIGSERIAL PRIMARY KEY,
     name TEXT NOT NULL UNIQUE,
     turns BIGINT NOT NULL DEFAULT 0,
+    lease_node TEXT,
+    lease_until_ms BIGINT NOT NULL DEFAULT 0,
     doc JSONB NOT NULL
 );
 
@@ -21,6 +24,8 @@ CREATE TABLE automation_states (
     state JSONB NOT NULL,
     PRIMARY KEY (automation_id, subscriber_id)
 );
+-- What an erasure removes.
+CREATE INDEX automation_states_by_subscriber ON automation_states (subscriber_id);
 
 -- Durable timers: one per (automation, subscriber, name); an automation's due ones are
 -- a prefix of the index by due time, so 1,000,000 waiting cost nothing until then.
@@ -34,6 +39,7 @@ CREATE TABLE timers (
     PRIMARY KEY (automation_id, subscriber_id, name)
 );
 CREATE INDEX timers_due ON timers (automation_id, due_ms, id);
+CREATE INDEX timers_by_subscriber ON timers (subscriber_id);
 CREATE SEQUENCE timer_ids;
 
 CREATE TABLE automation_failures (

@@ -68,6 +68,10 @@ pub enum Command {
     /// The suppression list: addresses no newsletter sends to (`add`, `list`, `remove`).
     #[command(subcommand)]
     Suppressions(super::bounces::SuppressionsCommand),
+    /// Automations: policies called for events and their own timers (`create`, `list`,
+    /// `pause`, `resume`, `failures`).
+    #[command(subcommand)]
+    Automation(super::automations::AutomationCommand),
     /// The live nodes working on the server's store (one with redb; a fleet's nodes on
     /// PostgreSQL): id, address, version, heartbeat age, recipients claimed.
     Nodes,
@@ -487,6 +491,7 @@ pub async fn run(target: Target, command: Command) -> Result<(), ClientError> {
             super::log::run(&client, query).await?;
         }
         Command::Bounces(args) => super::bounces::list(&client, args).await?,
+        Command::Automation(command) => super::automations::run(&client, command).await?,
         Command::Suppressions(command) => super::bounces::suppressions(&client, command).await?,
         Command::Subscribers(SubscribersCommand::Reinstate { id }) => {
             super::bounces::reinstate(&client, id).await?

@@ -4,6 +4,7 @@
 //! JSON. Server errors are shown as their problem `detail` (and field errors), and make
 //! the process exit non-zero.
 
+mod automations;
 mod bounces;
 mod commands;
 mod events;

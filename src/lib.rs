@@ -211,16 +211,19 @@ pub async fn run(
         _ => None,
     };
 
-    let automations = tokio::spawn(
-        automations::worker::Worker::new(
-            store.clone(),
-            runner.clone(),
-            automations::worker::WorkerConfig {
-                pause_after: config.policy_failures.max,
-            },
-        )
-        .run(stop.clone()),
-    );
+    // One worker per node; a panic in it drops its turn uncommitted, and it starts again.
+    let automations = {
+        let (store, runner, stop) = (store.clone(), runner.clone(), stop.clone());
+        let config = automations::worker::WorkerConfig {
+            pause_after: config.policy_failures.max,
+        };
+        tokio::spawn(async move {
+            runner::restart_on_panic("automations", || {
+                automations::worker::Worker::new(store.clone(), runner.clone(), config).run(stop.clone())
+            })
+            .await
+        })
+    };
 
     tracing::info!("listening on http://{local_addr}");
     let app = http::router(http::AppState {

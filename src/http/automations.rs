@@ -41,10 +41,10 @@ struct AutomationInput {
     /// version, whenever it runs) or `name@sha256` (that version).
     #[schema(min_length = 1)]
     policy: String,
-    /// The event types it is called for: exact (`subscriber.created`) or a prefix
-    /// (`custom.*`).
-    #[schema(min_items = 1, max_items = 32)]
-    events: Vec<String>,
+    /// The event types it is called for: exact (`subscriber.created`, `custom.purchase`),
+    /// a prefix (`subscriber.*`, `custom.*`) or `*` for every event.
+    #[schema(min_items = 1, max_items = 32, inline)]
+    events: Vec<EventType>,
     /// Only events of this newsletter.
     #[serde(default)]
     #[schema(minimum = 1, maximum = 9_223_372_036_854_775_807_i64)]
@@ -54,6 +54,15 @@ struct AutomationInput {
     #[schema(value_type = Option<Object>)]
     config: Option<Map<String, Value>>,
 }
+
+/// An event type or a prefix of types, as an automation listens to it.
+#[derive(Deserialize, ToSchema)]
+#[schema(
+    max_length = 100,
+    pattern = r"^(\*|custom\.\*|custom\.[a-z0-9_-]+(\.[a-z0-9_-]+)*|subscriber\.(\*|created|updated|unsubscribed|bounced|complained|reinstated|erased)|delivery\.(\*|failed|bounced|complained|blocked)|job\.(\*|created|started|paused|resumed|completed|cancelled|failed))$"
+)]
+#[serde(transparent)]
+struct EventType(String);
 
 /// The spec `input` describes, checked: its name and event types, its newsletter, its
 /// policy (an automation, compiled) and its config (the policy's `validate`).
@@ -81,7 +90,11 @@ async fn checked(state: &AppState, input: AutomationInput) -> Result<AutomationS
         problem("events", format!("must name 1 to {MAX_EVENT_TYPES} event types"));
     }
     let mut events = Vec::new();
-    for (i, kind) in input.events.iter().enumerate() {
+    for (i, EventType(kind)) in input.events.iter().enumerate() {
+        if kind.trim() == "*" {
+            events.push("*".to_string());
+            continue;
+        }
         match super::events::parse_types(Some(kind)) {
             Ok(parsed) if parsed.len() == 1 => events.push(parsed.into_iter().next().unwrap_or_default()),
             Ok(_) => problem(&format!("events[{i}]"), format!("{kind:?} is not one event type")),

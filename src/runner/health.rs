@@ -113,7 +113,7 @@ impl Backoff {
 /// pause: `Backoff`) each time one panics. For long-lived tasks whose death would
 /// otherwise go unnoticed while the process lives on: a node without its heartbeat
 /// would be counted dead by the fleet and fence itself out for good.
-pub(super) async fn restart_on_panic<F, Fut>(task: &'static str, make: F)
+pub(crate) async fn restart_on_panic<F, Fut>(task: &'static str, make: F)
 where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = ()>,

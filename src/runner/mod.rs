@@ -32,6 +32,8 @@ mod housekeeping;
 mod limits;
 mod supervisor;
 
+pub(crate) use health::restart_on_panic;
+
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;

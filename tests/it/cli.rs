@@ -255,3 +255,109 @@ async fn a_whole_send_from_the_command_line() {
     assert!(out.stderr.contains("LETTERBOX_API_TOKEN"), "{}", out.stderr);
     server.stop().await;
 }
+
+/// `letterbox automation`: create (with the config from a file, checked by the policy),
+/// list, pause, resume, failures; a config the policy refuses names its field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn automations_from_the_command_line() {
+    let server = TestServer::start(None).await;
+    let base = server.api.base.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let (base, args): (String, Vec<String>) =
+            (base.clone(), args.iter().map(|a| a.to_string()).collect());
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            letterbox(&base, TEST_TOKEN, &args).await
+        }
+    };
+    let component = dir.path().join("script.wasm");
+    std::fs::write(&component, wasm("test_automation")).unwrap();
+    let path = component.display().to_string();
+    let out = run(&[
+        "plugin",
+        "upload",
+        &path,
+        "--kind",
+        "automation",
+        "--name",
+        "script",
+    ])
+    .await;
+    assert!(out.ok, "{}", out.stderr);
+
+    let config = dir.path().join("config.json");
+    std::fs::write(&config, r#"{"validate": [["config.steps", "must be a list"]]}"#).unwrap();
+    let with = format!("@{}", config.display());
+    let out = run(&[
+        "automation",
+        "create",
+        "drip",
+        "--policy",
+        "script",
+        "--events",
+        "custom.signup,subscriber.*",
+        "--with",
+        &with,
+    ])
+    .await;
+    assert!(!out.ok, "{}", out.stdout);
+    assert!(
+        out.stderr.contains("config.steps: must be a list"),
+        "{}",
+        out.stderr
+    );
+
+    std::fs::write(&config, r#"{"steps": []}"#).unwrap();
+    let out = run(&[
+        "automation",
+        "create",
+        "drip",
+        "--policy",
+        "script",
+        "--events",
+        "custom.signup,subscriber.*",
+        "--with",
+        &with,
+    ])
+    .await;
+    assert!(out.ok, "{}", out.stderr);
+    assert_eq!(
+        out.stdout.trim(),
+        "automation 1 (drip) created: script on custom.signup,subscriber.*"
+    );
+    let out = run(&["automation", "pause", "1"]).await;
+    assert!(
+        out.ok && out.stdout.trim() == "automation 1 is paused",
+        "{} {}",
+        out.stdout,
+        out.stderr
+    );
+    let out = run(&["automation", "list"]).await;
+    assert!(out.ok, "{}", out.stderr);
+    assert!(
+        out.stdout.contains("drip") && out.stdout.contains("paused: paused by request"),
+        "{}",
+        out.stdout
+    );
+    let out = run(&["--json", "automation", "resume", "1"]).await;
+    assert!(out.ok, "{}", out.stderr);
+    assert_eq!(out.json()["state"], "active");
+    let out = run(&["automation", "failures", "1"]).await;
+    assert_eq!(out.stdout.trim(), "automation 1 has no failures");
+    let out = run(&[
+        "automation",
+        "create",
+        "x",
+        "--policy",
+        "script",
+        "--events",
+        "custom.x",
+        "--with",
+        "{nope",
+    ])
+    .await;
+    assert!(!out.ok);
+    assert!(out.stderr.contains("--with is not JSON"), "{}", out.stderr);
+    server.stop().await;
+}

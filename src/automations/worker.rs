@@ -421,6 +421,12 @@ impl Worker {
             Err(e) => return Ok(Err(e.to_string())),
         };
         for action in &reaction.actions {
+            if subscriber.is_none() && action.needs_subscriber() {
+                return Ok(Err(format!(
+                    "{}: the event names no subscriber to do it for",
+                    action.name()
+                )));
+            }
             match action {
                 Action::SendLetter { letter } => {
                     if !letters.contains_key(letter) {

@@ -89,6 +89,20 @@ impl Action {
     pub fn needs_subscriber(&self) -> bool {
         !matches!(self, Action::Emit { .. })
     }
+
+    /// The action's name, as the WIT spells it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Action::SendLetter { .. } => "send-letter",
+            Action::SendMessage { .. } => "send-message",
+            Action::StartTimer { .. } => "start-timer",
+            Action::CancelTimer { .. } => "cancel-timer",
+            Action::SetAttribute { .. } => "set-attribute",
+            Action::RemoveAttribute { .. } => "remove-attribute",
+            Action::Unsubscribe => "unsubscribe",
+            Action::Emit { .. } => "emit",
+        }
+    }
 }
 
 /// When a timer falls due.

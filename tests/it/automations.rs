@@ -287,6 +287,21 @@ async fn bad_automations_are_refused_with_the_field() {
     api.post_ok("/v1/automations", ok.clone(), 201).await;
     let (status, answer) = api.post("/v1/automations", ok).await;
     assert_eq!(status, 409, "{answer}");
+    // An event about nobody: what needs a subscriber fails the event, with the reason.
+    api.post_ok(
+        "/v1/events",
+        json!({ "type": "custom.x", "data": { "actions": [{ "send_letter": 1 }] } }),
+        201,
+    )
+    .await;
+    let failures = wait_failures(api, 1).await;
+    assert!(
+        failures[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("send-letter: the event names no subscriber"),
+        "{failures:?}"
+    );
     let (status, answer) = api.get("/v1/automations/99").await;
     assert_eq!(status, 404, "{answer}");
     server.stop().await;

@@ -265,9 +265,10 @@ impl Worker {
         };
 
         // The subscribers and states this turn is about, read once.
+        // 0 keys the state of events and timers about nobody.
         let mut ids: Vec<u64> = events
             .iter()
-            .filter_map(|e| e.subscriber_id)
+            .map(|e| e.subscriber_id.unwrap_or(0))
             .chain(timers.iter().map(|t| t.subscriber_id))
             .collect();
         ids.sort_unstable();

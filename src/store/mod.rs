@@ -412,6 +412,9 @@ pub struct TurnOutcome {
     pub automation: Automation,
     /// Sends it queued (for `dispatch_sends`).
     pub queued_sends: usize,
+    /// Whether a reaction changed a subscriber's status (an unsubscribe): running jobs
+    /// must look again.
+    pub status_changed: bool,
 }
 
 /// Automations, their durable timers and per-subscriber states, their failures, and

@@ -571,6 +571,7 @@ impl Automations for PgStore {
         Ok(TurnOutcome {
             automation,
             queued_sends,
+            status_changed,
         })
     }
 

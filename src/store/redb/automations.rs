@@ -117,7 +117,7 @@ fn apply(
     subscriber_id: u64,
     actions: &[Action],
     now_ms: u64,
-) -> Result<usize, StoreError> {
+) -> Result<(usize, bool), StoreError> {
     let mut subscriber = match subscriber_id {
         0 => None,
         id => match subscriber_in(txn, id) {
@@ -185,16 +185,18 @@ fn apply(
             Action::SendMessage { .. } => {}
         }
     }
+    let mut status_changed = false;
     if let (Some(before), Some(after)) = (&before, &subscriber)
         && before != after
     {
+        status_changed = before.status != after.status;
         txn.open_table(SUBSCRIBERS)?
             .insert((after.newsletter_id, after.id), encode(after).as_slice())?;
         // The status change comes first in the log, then what the policy emitted.
         events.insert(0, subscriber_changed(Some(before), after).expect("a change"));
     }
     events::append(txn, events)?;
-    Ok(queued)
+    Ok((queued, status_changed))
 }
 
 fn commit(txn: &WriteTransaction, turn: Turn) -> Result<TurnOutcome, StoreError> {
@@ -206,6 +208,7 @@ fn commit(txn: &WriteTransaction, turn: Turn) -> Result<TurnOutcome, StoreError>
         )));
     }
     let mut queued_sends = 0;
+    let mut status_changed = false;
     for handled in turn.handled {
         let subscriber = handled.subscriber_id.unwrap_or(0);
         // A timer that fired is done, whatever the reaction; one started again since
@@ -233,7 +236,10 @@ fn commit(txn: &WriteTransaction, turn: Turn) -> Result<TurnOutcome, StoreError>
                         }
                     }
                 }
-                queued_sends += apply(txn, automation.id, subscriber, &reaction.actions, turn.now_ms)?;
+                let (queued, changed) =
+                    apply(txn, automation.id, subscriber, &reaction.actions, turn.now_ms)?;
+                queued_sends += queued;
+                status_changed |= changed;
                 automation.handled += 1;
                 automation.failures_in_a_row = 0;
             }
@@ -268,6 +274,7 @@ fn commit(txn: &WriteTransaction, turn: Turn) -> Result<TurnOutcome, StoreError>
     Ok(TurnOutcome {
         automation,
         queued_sends,
+        status_changed,
     })
 }
 
@@ -509,7 +516,9 @@ impl Automations for RedbStore {
     async fn commit_turn(&self, turn: Turn) -> Result<TurnOutcome, StoreError> {
         let result = self.write(move |txn| commit(txn, turn)).await;
         // An unsubscribe action changes a status: running jobs must see it.
-        self.bump_status_epoch();
+        if result.as_ref().is_ok_and(|outcome| outcome.status_changed) {
+            self.bump_status_epoch();
+        }
         result
     }
 

@@ -148,8 +148,15 @@ async fn a_turn_applies_once_and_whole(store: Store) {
         },
     ];
     let first = turn(&a, a.cursor + 2, handled, now);
+    let epoch = store.status_epoch();
     let done = store.commit_turn(first.clone()).await.unwrap();
     assert_eq!(done.queued_sends, 1);
+    assert!(!done.status_changed);
+    assert_eq!(
+        store.status_epoch(),
+        epoch,
+        "no status changed: running jobs need not look again"
+    );
     let after = done.automation;
     assert_eq!(
         (after.turns, after.cursor, after.handled, after.failed),

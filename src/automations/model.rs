@@ -3,7 +3,9 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::policy::Reaction;
+use crate::domain::{Subscriber, SubscriberStatus};
+use crate::events::NewEvent;
+use crate::policy::{Action, Reaction};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -60,6 +62,89 @@ pub struct Automation {
     pub failures_in_a_row: u32,
     pub created_at: u64,
     pub updated_at: u64,
+}
+
+impl Automation {
+    /// A new automation (active, version 1) that reads the log after `cursor`.
+    pub fn new(id: u64, spec: AutomationSpec, cursor: u64, at: u64) -> Automation {
+        Automation {
+            id,
+            spec,
+            state: AutomationState::Active,
+            pause_reason: None,
+            version: 1,
+            cursor,
+            turns: 0,
+            handled: 0,
+            failed: 0,
+            failures_in_a_row: 0,
+            created_at: at,
+            updated_at: at,
+        }
+    }
+
+    /// Pauses (with the reason) or resumes; resuming forgets the failures in a row.
+    pub fn set_state(&mut self, state: AutomationState, reason: Option<String>, at: u64) {
+        self.state = state;
+        self.pause_reason = match state {
+            AutomationState::Paused => reason,
+            AutomationState::Active => None,
+        };
+        if state == AutomationState::Active {
+            self.failures_in_a_row = 0;
+        }
+        self.updated_at = at;
+    }
+
+    /// Counts one event or timer handled.
+    pub fn count_handled(&mut self) {
+        self.handled += 1;
+        self.failures_in_a_row = 0;
+    }
+
+    /// Counts one failure; `pause_after` in a row pause the automation with `reason`.
+    pub fn count_failure(&mut self, reason: &str, pause_after: u32) {
+        self.failed += 1;
+        self.failures_in_a_row += 1;
+        if self.failures_in_a_row >= pause_after && self.state == AutomationState::Active {
+            self.state = AutomationState::Paused;
+            self.pause_reason = Some(format!(
+                "{} events or timers failed in a row; the last: {reason}",
+                self.failures_in_a_row
+            ));
+        }
+    }
+}
+
+/// What `action` changes in its subscriber (an attribute, the status); whether it is
+/// such an action. Timers, sends and events are the store's to write.
+pub fn change_subscriber(action: &Action, subscriber: &mut Subscriber) -> bool {
+    match action {
+        Action::SetAttribute { name, value } => {
+            subscriber.attributes.insert(name.clone(), value.clone());
+        }
+        Action::RemoveAttribute { name } => {
+            subscriber.attributes.remove(name);
+        }
+        Action::Unsubscribe => subscriber.status = SubscriberStatus::Unsubscribed,
+        _ => return false,
+    }
+    true
+}
+
+/// The event an `emit` action records, about `subscriber` if there is one.
+pub fn emitted(action: &Action, subscriber: Option<&Subscriber>) -> Option<NewEvent> {
+    let Action::Emit { kind, data } = action else {
+        return None;
+    };
+    Some(NewEvent {
+        kind: kind.clone(),
+        newsletter_id: subscriber.map(|s| s.newsletter_id),
+        subscriber_id: subscriber.map(|s| s.id),
+        job_id: None,
+        letter_id: None,
+        data: data.clone(),
+    })
 }
 
 /// One version of an automation's spec, as it was from `created_at`.

@@ -13,7 +13,7 @@ use super::{
     PgStore, commit, domain_int, events, execute, is_unique_violation, query, query_opt, sql_int, sql_limit,
 };
 use crate::automations::*;
-use crate::domain::{Job, SubscriberStatus, now};
+use crate::domain::{Job, now};
 use crate::events::{NewEvent, job_changed, subscriber_changed};
 use crate::policy::Action;
 use crate::store::{Automations, StoreError, TurnOutcome};
@@ -130,6 +130,11 @@ async fn apply(
         if action.needs_subscriber() && current.is_none() {
             continue;
         }
+        if let Some(c) = current.as_mut()
+            && change_subscriber(action, c)
+        {
+            continue;
+        }
         match action {
             Action::StartTimer { name, when, data } => {
                 execute(
@@ -150,29 +155,7 @@ async fn apply(
                 )
                 .await?;
             }
-            Action::SetAttribute { name, value } => {
-                if let Some(c) = current.as_mut() {
-                    c.attributes.insert(name.clone(), value.clone());
-                }
-            }
-            Action::RemoveAttribute { name } => {
-                if let Some(c) = current.as_mut() {
-                    c.attributes.remove(name);
-                }
-            }
-            Action::Unsubscribe => {
-                if let Some(c) = current.as_mut() {
-                    c.status = SubscriberStatus::Unsubscribed;
-                }
-            }
-            Action::Emit { kind, data } => events.push(NewEvent {
-                kind: kind.clone(),
-                newsletter_id: current.as_ref().map(|c| c.newsletter_id),
-                subscriber_id: current.as_ref().map(|c| c.id),
-                job_id: None,
-                letter_id: None,
-                data: data.clone(),
-            }),
+            Action::Emit { .. } => events.extend(emitted(action, current.as_ref())),
             Action::SendLetter { letter } => {
                 execute(
                     tx,
@@ -183,8 +166,12 @@ async fn apply(
                 .await?;
                 queued += 1;
             }
-            // Turned into a failure by the worker until one-off messages exist.
-            Action::SendMessage { .. } => {}
+            // Turned into a failure by the worker until one-off messages exist; the
+            // subscriber's changes were made above.
+            Action::SendMessage { .. }
+            | Action::SetAttribute { .. }
+            | Action::RemoveAttribute { .. }
+            | Action::Unsubscribe => {}
         }
     }
     if let (Some(before), Some(after)) = (&before, &current)
@@ -226,21 +213,7 @@ impl Automations for PgStore {
         .first()
         .map(|r| domain_int(r.get(0)))
         .unwrap_or(0);
-        let at = now();
-        let mut automation = Automation {
-            id: 0,
-            spec,
-            state: AutomationState::Active,
-            pause_reason: None,
-            version: 1,
-            cursor,
-            turns: 0,
-            handled: 0,
-            failed: 0,
-            failures_in_a_row: 0,
-            created_at: at,
-            updated_at: at,
-        };
+        let mut automation = Automation::new(0, spec, cursor, now());
         let statement = tx
             .prepare_cached("INSERT INTO automations (name, doc) VALUES ($1, '{}') RETURNING id")
             .await?;
@@ -344,15 +317,7 @@ impl Automations for PgStore {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         let mut automation = locked(&tx, id).await?;
-        automation.state = state;
-        automation.pause_reason = match state {
-            AutomationState::Paused => reason,
-            AutomationState::Active => None,
-        };
-        if state == AutomationState::Active {
-            automation.failures_in_a_row = 0;
-        }
-        automation.updated_at = now();
+        automation.set_state(state, reason, now());
         put_automation(&tx, &automation).await?;
         commit(tx).await?;
         Ok(automation)
@@ -517,8 +482,7 @@ impl Automations for PgStore {
                         &mut status_changed,
                     )
                     .await?;
-                    automation.handled += 1;
-                    automation.failures_in_a_row = 0;
+                    automation.count_handled();
                 }
                 Err(reason) => {
                     let mut failure = Failure {
@@ -542,17 +506,7 @@ impl Automations for PgStore {
                         &[&a, &sql_int(failure.id), &serde_json::to_value(&failure)?],
                     )
                     .await?;
-                    automation.failed += 1;
-                    automation.failures_in_a_row += 1;
-                    if automation.failures_in_a_row >= turn.pause_after
-                        && automation.state == AutomationState::Active
-                    {
-                        automation.state = AutomationState::Paused;
-                        automation.pause_reason = Some(format!(
-                            "{} events or timers failed in a row; the last: {}",
-                            automation.failures_in_a_row, failure.reason
-                        ));
-                    }
+                    automation.count_failure(&failure.reason, turn.pause_after);
                 }
             }
         }

@@ -12,7 +12,7 @@ use super::lists::{next_id, subscriber_in};
 use super::tables::*;
 use super::{RedbStore, decode, encode, events};
 use crate::automations::*;
-use crate::domain::{Job, SubscriberStatus, now};
+use crate::domain::{Job, now};
 use crate::events::{NewEvent, job_changed, subscriber_changed};
 use crate::policy::Action;
 use crate::store::{Automations, StoreError, TurnOutcome};
@@ -133,6 +133,11 @@ fn apply(
         if action.needs_subscriber() && subscriber.is_none() {
             continue;
         }
+        if let Some(s) = subscriber.as_mut()
+            && change_subscriber(action, s)
+        {
+            continue;
+        }
         match action {
             Action::StartTimer { name, when, data } => {
                 let timer = Timer {
@@ -146,29 +151,7 @@ fn apply(
                 put_timer(txn, &timer)?;
             }
             Action::CancelTimer { name } => remove_timer(txn, automation_id, subscriber_id, name)?,
-            Action::SetAttribute { name, value } => {
-                if let Some(s) = subscriber.as_mut() {
-                    s.attributes.insert(name.clone(), value.clone());
-                }
-            }
-            Action::RemoveAttribute { name } => {
-                if let Some(s) = subscriber.as_mut() {
-                    s.attributes.remove(name);
-                }
-            }
-            Action::Unsubscribe => {
-                if let Some(s) = subscriber.as_mut() {
-                    s.status = SubscriberStatus::Unsubscribed;
-                }
-            }
-            Action::Emit { kind, data } => events.push(NewEvent {
-                kind: kind.clone(),
-                newsletter_id: subscriber.as_ref().map(|s| s.newsletter_id),
-                subscriber_id: subscriber.as_ref().map(|s| s.id),
-                job_id: None,
-                letter_id: None,
-                data: data.clone(),
-            }),
+            Action::Emit { .. } => events.extend(emitted(action, subscriber.as_ref())),
             Action::SendLetter { letter } => {
                 let send = QueuedSend {
                     id: next_id(txn, "queued_send")?,
@@ -181,8 +164,12 @@ fn apply(
                     .insert(send.id, encode(&send).as_slice())?;
                 queued += 1;
             }
-            // Turned into a failure by the worker until one-off messages exist.
-            Action::SendMessage { .. } => {}
+            // Turned into a failure by the worker until one-off messages exist; the
+            // subscriber's changes were made above.
+            Action::SendMessage { .. }
+            | Action::SetAttribute { .. }
+            | Action::RemoveAttribute { .. }
+            | Action::Unsubscribe => {}
         }
     }
     let mut status_changed = false;
@@ -240,8 +227,7 @@ fn commit(txn: &WriteTransaction, turn: Turn) -> Result<TurnOutcome, StoreError>
                     apply(txn, automation.id, subscriber, &reaction.actions, turn.now_ms)?;
                 queued_sends += queued;
                 status_changed |= changed;
-                automation.handled += 1;
-                automation.failures_in_a_row = 0;
+                automation.count_handled();
             }
             Err(reason) => {
                 let failure = Failure {
@@ -254,17 +240,7 @@ fn commit(txn: &WriteTransaction, turn: Turn) -> Result<TurnOutcome, StoreError>
                 };
                 txn.open_table(AUTOMATION_FAILURES)?
                     .insert((automation.id, failure.id), encode(&failure).as_slice())?;
-                automation.failed += 1;
-                automation.failures_in_a_row += 1;
-                if automation.failures_in_a_row >= turn.pause_after
-                    && automation.state == AutomationState::Active
-                {
-                    automation.state = AutomationState::Paused;
-                    automation.pause_reason = Some(format!(
-                        "{} events or timers failed in a row; the last: {}",
-                        automation.failures_in_a_row, failure.reason
-                    ));
-                }
+                automation.count_failure(&failure.reason, turn.pause_after);
             }
         }
     }
@@ -293,21 +269,7 @@ impl Automations for RedbStore {
                 )));
             }
             let cursor = events::head(&txn.open_table(SEQUENCES)?)?;
-            let at = now();
-            let automation = Automation {
-                id: next_id(txn, "automation")?,
-                spec,
-                state: AutomationState::Active,
-                pause_reason: None,
-                version: 1,
-                cursor,
-                turns: 0,
-                handled: 0,
-                failed: 0,
-                failures_in_a_row: 0,
-                created_at: at,
-                updated_at: at,
-            };
+            let automation = Automation::new(next_id(txn, "automation")?, spec, cursor, now());
             txn.open_table(AUTOMATION_NAMES)?
                 .insert(automation.spec.name.as_str(), automation.id)?;
             put_automation(txn, &automation)?;
@@ -382,15 +344,7 @@ impl Automations for RedbStore {
     ) -> Result<Automation, StoreError> {
         self.write(move |txn| {
             let mut automation = automation_in(txn, id)?;
-            automation.state = state;
-            automation.pause_reason = match state {
-                AutomationState::Paused => reason,
-                AutomationState::Active => None,
-            };
-            if state == AutomationState::Active {
-                automation.failures_in_a_row = 0;
-            }
-            automation.updated_at = now();
+            automation.set_state(state, reason, now());
             put_automation(txn, &automation)?;
             Ok(automation)
         })

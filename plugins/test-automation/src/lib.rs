@@ -23,9 +23,7 @@ wit_bindgen::generate!({
     world: "automation",
 });
 
-use letterbox::policy::automation_types::{
-    Action, Attribute, CustomEvent, Message, StartTimer, When,
-};
+use letterbox::policy::automation_types::{Action, Attribute, CustomEvent, Message, StartTimer, When};
 
 struct TestAutomation;
 
@@ -37,7 +35,11 @@ fn action(v: &Value) -> Result<Action, String> {
         .as_object()
         .and_then(|o| o.iter().next())
         .ok_or(format!("not an action: {v}"))?;
-    let text = |v: &Value| v.as_str().map(str::to_string).ok_or(format!("{key}: expected a string"));
+    let text = |v: &Value| {
+        v.as_str()
+            .map(str::to_string)
+            .ok_or(format!("{key}: expected a string"))
+    };
     Ok(match key.as_str() {
         "send_letter" => Action::SendLetter(arg.as_u64().ok_or("send_letter: expected an id")?),
         "start_timer" => Action::StartTimer(StartTimer {
@@ -119,7 +121,11 @@ impl Guest for TestAutomation {
         }
     }
 
-    fn on_event(event: Event, _subscriber: Option<Subscriber>, state: Option<String>) -> Result<Reaction, String> {
+    fn on_event(
+        event: Event,
+        _subscriber: Option<Subscriber>,
+        state: Option<String>,
+    ) -> Result<Reaction, String> {
         match event.kind.as_str() {
             "custom.loop" => {
                 let mut n: u64 = 0;
@@ -140,7 +146,11 @@ impl Guest for TestAutomation {
         }
     }
 
-    fn on_timer(timer: Timer, _subscriber: Option<Subscriber>, state: Option<String>) -> Result<Reaction, String> {
+    fn on_timer(
+        timer: Timer,
+        _subscriber: Option<Subscriber>,
+        state: Option<String>,
+    ) -> Result<Reaction, String> {
         react(&timer.data, state)
     }
 }

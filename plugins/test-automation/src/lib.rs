@@ -14,7 +14,11 @@
 //! - Event types `custom.loop`, `custom.bomb` and `custom.trap` loop for ever, allocate
 //!   until memory runs out, and panic; `custom.fail` answers `err`.
 //! - The config's `"validate"` (a list of `[field, message]`) is what `validate`
-//!   answers; `"prepare_error"` makes `prepare` fail.
+//!   answers; `"prepare_error"` makes `prepare` fail; `"script"` (an object like an
+//!   event's data) is how it answers events whose data has no `actions`, such as
+//!   `subscriber.created` (the timer bench arms its timers so).
+
+use std::cell::RefCell;
 
 use serde_json::{Value, json};
 
@@ -26,6 +30,11 @@ wit_bindgen::generate!({
 use letterbox::policy::automation_types::{Action, Attribute, CustomEvent, Message, StartTimer, When};
 
 struct TestAutomation;
+
+thread_local! {
+    /// The config's `"script"`, kept by `prepare` (an instance is single-threaded).
+    static SCRIPT: RefCell<Option<Value>> = const { RefCell::new(None) };
+}
 
 fn action(v: &Value) -> Result<Action, String> {
     if v == "unsubscribe" {
@@ -72,8 +81,7 @@ fn action(v: &Value) -> Result<Action, String> {
     })
 }
 
-fn react(data: &str, state: Option<String>) -> Result<Reaction, String> {
-    let data: Value = serde_json::from_str(data).map_err(|e| e.to_string())?;
+fn react(data: &Value, state: Option<String>) -> Result<Reaction, String> {
     let actions = match data.get("actions").and_then(Value::as_array) {
         Some(list) => list.iter().map(action).collect::<Result<_, _>>()?,
         None => Vec::new(),
@@ -115,10 +123,11 @@ impl Guest for TestAutomation {
 
     fn prepare(config: String) -> Result<(), String> {
         let config: Value = serde_json::from_str(&config).map_err(|e| e.to_string())?;
-        match config.get("prepare_error").and_then(Value::as_str) {
-            Some(reason) => Err(reason.to_string()),
-            None => Ok(()),
+        if let Some(reason) = config.get("prepare_error").and_then(Value::as_str) {
+            return Err(reason.to_string());
         }
+        SCRIPT.with(|s| *s.borrow_mut() = config.get("script").cloned());
+        Ok(())
     }
 
     fn on_event(
@@ -142,7 +151,13 @@ impl Guest for TestAutomation {
             }
             "custom.trap" => panic!("test-automation traps on {}", event.id),
             "custom.fail" => Err(format!("test-automation fails event {}", event.id)),
-            _ => react(&event.data, state),
+            _ => {
+                let data: Value = serde_json::from_str(&event.data).map_err(|e| e.to_string())?;
+                match SCRIPT.with(|s| s.borrow().clone()) {
+                    Some(script) if data.get("actions").is_none() => react(&script, state),
+                    _ => react(&data, state),
+                }
+            }
         }
     }
 
@@ -151,7 +166,8 @@ impl Guest for TestAutomation {
         _subscriber: Option<Subscriber>,
         state: Option<String>,
     ) -> Result<Reaction, String> {
-        react(&timer.data, state)
+        let data: Value = serde_json::from_str(&timer.data).map_err(|e| e.to_string())?;
+        react(&data, state)
     }
 }
 

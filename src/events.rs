@@ -123,11 +123,16 @@ pub mod types {
     pub const JOB_COMPLETED: &str = "job.completed";
     pub const JOB_CANCELLED: &str = "job.cancelled";
     pub const JOB_FAILED: &str = "job.failed";
+    /// A one-off message was asked for (`data.message` is its id).
+    pub const MESSAGE_QUEUED: &str = "message.queued";
+    pub const MESSAGE_SENT: &str = "message.sent";
+    pub const MESSAGE_SKIPPED: &str = "message.skipped";
+    pub const MESSAGE_FAILED: &str = "message.failed";
     /// The prefix of every type a user's application posts.
     pub const CUSTOM_PREFIX: &str = "custom.";
 
     /// Every built-in type, for documentation and for checking a filter.
-    pub const BUILT_IN: [&str; 18] = [
+    pub const BUILT_IN: [&str; 22] = [
         SUBSCRIBER_CREATED,
         SUBSCRIBER_UPDATED,
         SUBSCRIBER_UNSUBSCRIBED,
@@ -146,6 +151,10 @@ pub mod types {
         JOB_COMPLETED,
         JOB_CANCELLED,
         JOB_FAILED,
+        MESSAGE_QUEUED,
+        MESSAGE_SENT,
+        MESSAGE_SKIPPED,
+        MESSAGE_FAILED,
     ];
 }
 

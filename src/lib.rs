@@ -17,6 +17,7 @@ pub mod import;
 pub mod inbound;
 pub mod logging;
 pub mod mail;
+pub mod messages;
 pub mod migrate;
 pub mod policy;
 pub mod project;
@@ -225,6 +226,17 @@ pub async fn run(
         })
     };
 
+    // One-off messages: one worker per node, restarted like the automations'.
+    let messages = {
+        let (store, runner, stop) = (store.clone(), runner.clone(), stop.clone());
+        tokio::spawn(async move {
+            runner::restart_on_panic("messages", || {
+                messages::worker::Worker::new(store.clone(), runner.clone()).run(stop.clone())
+            })
+            .await
+        })
+    };
+
     tracing::info!("listening on http://{local_addr}");
     let app = http::router(http::AppState {
         store: store.clone(),
@@ -244,6 +256,7 @@ pub async fn run(
     // A turn in progress is not committed; the next start reads its work again.
     stop.cancel();
     let _ = automations.await;
+    let _ = messages.await;
     runner.shutdown(config.drain_timeout).await;
     drop(runner);
     if let Some(inbound) = inbound {

@@ -93,9 +93,9 @@ struct StreamQuery {
 }
 
 /// A subscriber named by id or by email.
-#[derive(Deserialize, ToSchema)]
+#[derive(Deserialize, serde::Serialize, ToSchema)]
 #[serde(untagged)]
-enum SubscriberRef {
+pub(super) enum SubscriberRef {
     Id(u64),
     Email(String),
 }
@@ -321,7 +321,7 @@ async fn filter(
 
 /// The subscriber a reference names: an id, or an email (on one newsletter, or on
 /// `newsletter`).
-async fn resolve(
+pub(super) async fn resolve(
     store: &Store,
     reference: SubscriberRef,
     newsletter: Option<u64>,

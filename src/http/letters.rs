@@ -120,6 +120,29 @@ struct Submitted {
 
 const IDEMPOTENCY_HEADER: &str = "idempotency-key";
 
+/// The request's `Idempotency-Key`, if it has one, with the hash of `canonical` (the
+/// request as parsed, re-serialised: object keys sorted, so the same request with other
+/// whitespace or key order is the same request).
+pub(super) fn idempotency_key(
+    headers: &HeaderMap,
+    canonical: &Value,
+) -> Result<Option<IdempotencyKey>, ApiError> {
+    let Some(value) = headers.get(IDEMPOTENCY_HEADER) else {
+        return Ok(None);
+    };
+    let key = value
+        .to_str()
+        .ok()
+        .filter(|k| !k.is_empty() && k.len() <= 255 && k.bytes().all(|b| b.is_ascii_graphic()))
+        .ok_or_else(|| ApiError::field("Idempotency-Key", "must be 1 to 255 visible ASCII characters"))?;
+    use sha2::Digest;
+    let canonical = serde_json::to_vec(canonical).map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(Some(IdempotencyKey {
+        key: key.to_string(),
+        request_hash: hex::encode(sha2::Sha256::digest(&canonical)),
+    }))
+}
+
 fn parse_send_at(value: &Value) -> Result<u64, ApiError> {
     let field_error = |message: String| ApiError::Invalid {
         detail: "invalid send_at".into(),
@@ -261,27 +284,7 @@ async fn send(
         other => serde_json::from_value(other.clone())
             .map_err(|e| ApiError::invalid(format!("invalid send request: {e}")))?,
     };
-    let idempotency = match headers.get(IDEMPOTENCY_HEADER) {
-        None => None,
-        Some(value) => {
-            let key = value
-                .to_str()
-                .ok()
-                .filter(|k| !k.is_empty() && k.len() <= 255 && k.bytes().all(|b| b.is_ascii_graphic()))
-                .ok_or_else(|| {
-                    ApiError::field("Idempotency-Key", "must be 1 to 255 visible ASCII characters")
-                })?;
-            // The parsed body re-serialised is canonical (object keys sorted), so the
-            // same request with other whitespace or key order is the same request.
-            use sha2::Digest;
-            let canonical = serde_json::to_vec(&json!({ "letter": letter_id, "body": parsed }))
-                .map_err(|e| ApiError::Internal(e.to_string()))?;
-            Some(IdempotencyKey {
-                key: key.to_string(),
-                request_hash: hex::encode(sha2::Sha256::digest(&canonical)),
-            })
-        }
-    };
+    let idempotency = idempotency_key(&headers, &json!({ "letter": letter_id, "body": parsed }))?;
     let send_at = request.send_at.as_ref().map(parse_send_at).transpose()?;
     let (job, created) = state
         .runner

@@ -8,6 +8,7 @@ mod error;
 mod events;
 mod jobs;
 mod letters;
+mod messages;
 mod metrics;
 mod newsletters;
 mod nodes;
@@ -109,6 +110,7 @@ fn routes_and_document(state: &AppState) -> (Router<AppState>, utoipa::openapi::
         .merge(events::router())
         .merge(bounces::router())
         .merge(automations::router())
+        .merge(messages::router())
         .merge(nodes::router())
         .route_layer(axum::middleware::from_fn_with_state(
             state.faults.clone(),

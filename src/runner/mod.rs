@@ -30,6 +30,7 @@ mod fleet;
 mod health;
 mod housekeeping;
 mod limits;
+mod messages;
 mod supervisor;
 
 pub(crate) use health::restart_on_panic;
@@ -54,6 +55,7 @@ pub use compile::PolicyStatus;
 pub use health::Stall;
 use limits::{DomainLimiter, RateMeter};
 pub use limits::{DomainLimits, DomainPause, FailureLimit};
+pub use messages::one_off_message_id;
 
 pub const MAX_CONCURRENCY: u32 = 1000;
 /// Recipients claimed per store transaction (see the re-send bound above).
@@ -220,6 +222,9 @@ struct Inner {
     stalls: health::Stalls,
     /// Policy compilations on this node (see `compile`).
     compiles: compile::Compiles,
+    /// Woken when a one-off message is queued here, so the message worker sends it at
+    /// once (other nodes' are found by polling).
+    message_queued: tokio::sync::Notify,
 }
 
 /// Removes an idempotency key from `creating` however `submit` ends.
@@ -269,6 +274,7 @@ impl Runner {
                 creating: Default::default(),
                 stalls: Default::default(),
                 compiles: Default::default(),
+                message_queued: tokio::sync::Notify::new(),
             }),
         }
     }

@@ -18,7 +18,7 @@ use super::limits::{DomainPermit, FailureWindow, RateMeter};
 use super::{BULK_BATCH, CLAIM_BATCH, Control, Runner, RunnerError, message_id, outgoing};
 use crate::bounces::{BounceKind, NewBounce, Status, Suppression};
 use crate::domain::*;
-use crate::mail::{self, MailError, Transport};
+use crate::mail::{self, MailError, Outgoing, Transport};
 use crate::policy::{Evaluator, LetterInput, PolicyError, Verdict};
 use crate::store::{StoreError, normalise_email};
 
@@ -978,7 +978,7 @@ impl Runner {
         }
         let delivery = &claimed.delivery;
         let claimed_node = claimed.node.clone();
-        if let Some(deferred) = self.domain_paused(delivery) {
+        if let Some(deferred) = self.domain_paused(&delivery.email) {
             return Ok(deferred);
         }
         // The claim read the subscriber; read again only if a status changed since.
@@ -987,7 +987,7 @@ impl Runner {
             Some(suppression) if inner.store.status_epoch() == epoch => (claimed.subscriber, suppression),
             _ => {
                 epoch = inner.store.status_epoch();
-                match self.reread(ctx, delivery).await {
+                match self.reread(&attempt_of(ctx, delivery)).await {
                     Ok(recipient) => recipient,
                     Err(outcome) => return Ok(outcome),
                 }
@@ -1023,65 +1023,86 @@ impl Runner {
         );
         let mut outgoing = outgoing(&ctx.newsletter, subscriber, rendered, message_id, unsubscribe_url);
         outgoing.return_path = self.return_path(ctx.job_id, delivery.subscriber_id);
+        let to = attempt_of(ctx, delivery);
+        let holds = || inner.node.holds(&claimed_node);
+        Ok(self
+            .send_checked(&to, &outgoing, &ctx.transport, epoch, stop, &holds)
+            .await)
+    }
+
+    /// The last steps of any attempt, a job's delivery or a one-off message: wait for
+    /// the transport's rate, look again at what may have changed meanwhile (a status,
+    /// the recipient's domain, the claim: `holds`), send, and classify the answer.
+    /// `epoch` is the status epoch the recipient was last read at.
+    pub(super) async fn send_checked(
+        &self,
+        to: &Attempt<'_>,
+        outgoing: &Outgoing,
+        transport: &Transport,
+        epoch: u64,
+        stop: &CancellationToken,
+        holds: &(dyn Fn() -> bool + Sync),
+    ) -> Outcome {
+        let inner = &self.inner;
         tokio::select! {
             _ = async {
-                self.fleet_rate_token(&ctx.transport).await;
-                ctx.transport.ready().await;
+                self.fleet_rate_token(transport).await;
+                transport.ready().await;
             } => {}
-            _ = stop.cancelled() => return Ok(Outcome::Released),
+            _ = stop.cancelled() => return Outcome::Released,
         }
         // The wait for the rate can be long (a provider's 14/s shared by a whole
         // window of recipients): a status that changed meanwhile still wins.
         if inner.store.status_epoch() != epoch {
-            match self.reread(ctx, delivery).await {
+            match self.reread(to).await {
                 Ok(recipient) => {
                     if let Err(skipped) = sendable(recipient) {
-                        return Ok(skipped);
+                        return skipped;
                     }
                 }
-                Err(outcome) => return Ok(outcome),
+                Err(outcome) => return outcome,
             }
         }
-        if let Some(deferred) = self.domain_paused(delivery) {
-            return Ok(deferred);
+        if let Some(deferred) = self.domain_paused(to.email) {
+            return deferred;
         }
         // Fencing: nothing goes out under a claim this node may no longer hold.
-        if stop.is_cancelled() || !inner.node.holds(&claimed_node) {
-            return Ok(Outcome::Released);
+        if stop.is_cancelled() || !holds() {
+            return Outcome::Released;
         }
         // Asked again inside the transport, once it has a connection: the wait for one
         // can outlast the lease.
-        let go = || !stop.is_cancelled() && inner.node.holds(&claimed_node);
-        Ok(match ctx.transport.send(&outgoing, &go).await {
+        let go = || !stop.is_cancelled() && holds();
+        match transport.send(outgoing, &go).await {
             Ok(reply) => Outcome::Delivered { reply },
             Err(MailError::Withheld) => Outcome::Released,
-            Err(e) if e.is_transient() => match self.retry_or_fail(ctx, delivery, e.to_string()) {
+            Err(e) if e.is_transient() => match self.retry_or_fail(to, e.to_string()) {
                 // A full mailbox (4.2.2) that outlasted every attempt is a soft bounce.
-                Outcome::Failed { reason } => self.rejected(ctx, delivery, &e.to_string(), reason).await,
+                Outcome::Failed { reason } => self.rejected(to, &e.to_string(), reason).await,
                 retry => retry,
             },
-            Err(e) => self.rejected(ctx, delivery, &e.to_string(), e.to_string()).await,
-        })
+            Err(e) => self.rejected(to, &e.to_string(), e.to_string()).await,
+        }
     }
 
-    /// The delivery's subscriber as stored now (`None` once erased) and its address's
+    /// The recipient's subscriber as stored now (`None` once erased) and its address's
     /// suppression, or the outcome when they cannot be read.
-    async fn reread(&self, ctx: &JobContext, delivery: &Delivery) -> Result<Recipient, Outcome> {
+    pub(super) async fn reread(&self, to: &Attempt<'_>) -> Result<Recipient, Outcome> {
         let store = &self.inner.store;
-        let subscriber = match store.subscriber(ctx.newsletter.id, delivery.subscriber_id).await {
+        let subscriber = match store.subscriber(to.newsletter_id, to.subscriber_id).await {
             Ok(s) => Some(s),
             Err(StoreError::NotFound { .. }) => None,
-            Err(e) => return Err(self.retry_or_fail(ctx, delivery, e.to_string())),
+            Err(e) => return Err(self.retry_or_fail(to, e.to_string())),
         };
-        match store.suppressed(vec![delivery.email.clone()]).await {
+        match store.suppressed(vec![to.email.to_string()]).await {
             Ok(mut list) => Ok((subscriber, list.pop())),
-            Err(e) => Err(self.retry_or_fail(ctx, delivery, e.to_string())),
+            Err(e) => Err(self.retry_or_fail(to, e.to_string())),
         }
     }
 
     /// The outcome for a recipient whose domain this node holds back, if it does.
-    fn domain_paused(&self, delivery: &Delivery) -> Option<Outcome> {
-        let domain = crate::bounces::domain_of(&delivery.email);
+    pub(super) fn domain_paused(&self, email: &str) -> Option<Outcome> {
+        let domain = crate::bounces::domain_of(email);
         let pause = self.inner.blocks.paused(&domain)?;
         let until = std::time::UNIX_EPOCH + std::time::Duration::from_millis(pause.until_ms);
         Some(Outcome::Deferred {
@@ -1099,14 +1120,14 @@ impl Runner {
     /// applied, before the failure is: a crash between the two re-sends to a
     /// subscriber who is then skipped. A report that cannot be recorded now is tried
     /// again with the delivery, if it has attempts left.
-    async fn rejected(&self, ctx: &JobContext, delivery: &Delivery, reply: &str, reason: String) -> Outcome {
+    async fn rejected(&self, to: &Attempt<'_>, reply: &str, reason: String) -> Outcome {
         let classified = Status::in_reply(reply).and_then(|status| Some((status, status.bounce_kind()?)));
         let Some((status, kind)) = classified else {
             return Outcome::Failed { reason };
         };
         metrics::counter!("letterbox_rejections_total", "kind" => kind.as_str()).increment(1);
         if kind == BounceKind::Blocked {
-            let domain = crate::bounces::domain_of(&delivery.email);
+            let domain = crate::bounces::domain_of(to.email);
             metrics::counter!("letterbox_sender_blocks_total", "domain" => domain.clone()).increment(1);
             if let Some(pause) = self.inner.blocks.note(&domain, reply) {
                 metrics::counter!("letterbox_domain_pauses_total", "domain" => domain.clone()).increment(1);
@@ -1120,11 +1141,11 @@ impl Runner {
         let report = NewBounce {
             kind,
             source: crate::bounces::sources::SMTP.into(),
-            email: delivery.email.clone(),
-            newsletter_id: Some(ctx.newsletter.id),
-            subscriber_id: Some(delivery.subscriber_id),
-            job_id: Some(ctx.job_id),
-            letter_id: Some(ctx.letter_id),
+            email: to.email.to_string(),
+            newsletter_id: Some(to.newsletter_id),
+            subscriber_id: Some(to.subscriber_id),
+            job_id: to.job_id,
+            letter_id: to.letter_id,
             status: Some(status.to_string()),
             diagnostic: Some(reply.to_string()),
             raw: None,
@@ -1137,13 +1158,9 @@ impl Runner {
                     reason: format!("{reason} [{decision}]"),
                 }
             }
-            Err(e) if e.is_unavailable() && delivery.attempts < ctx.retry.max_attempts => {
+            Err(e) if e.is_unavailable() && to.attempts < to.retry.max_attempts => {
                 tracing::warn!(error = %e, "a bounce could not be recorded: the delivery will be retried");
-                self.retry_or_fail(
-                    ctx,
-                    delivery,
-                    format!("{reason} (its bounce could not be recorded: {e})"),
-                )
+                self.retry_or_fail(to, format!("{reason} (its bounce could not be recorded: {e})"))
             }
             Err(e) => {
                 tracing::warn!(error = %e, "a bounce could not be recorded");
@@ -1155,14 +1172,14 @@ impl Runner {
     }
 
     /// A transient failure: retry later if the job's policy allows another attempt.
-    fn retry_or_fail(&self, ctx: &JobContext, delivery: &Delivery, error: String) -> Outcome {
-        if delivery.attempts < ctx.retry.max_attempts {
+    pub(super) fn retry_or_fail(&self, to: &Attempt<'_>, error: String) -> Outcome {
+        if to.attempts < to.retry.max_attempts {
             let unit = getrandom::u64().unwrap_or(0) as f64 / u64::MAX as f64;
-            let at_ms = now_ms() + ctx.retry.delay_ms(delivery.attempts, unit);
+            let at_ms = now_ms() + to.retry.delay_ms(to.attempts, unit);
             Outcome::Retry { at_ms, error }
         } else {
             Outcome::Failed {
-                reason: format!("gave up after {} attempts: {error}", delivery.attempts),
+                reason: format!("gave up after {} attempts: {error}", to.attempts),
             }
         }
     }
@@ -1170,10 +1187,35 @@ impl Runner {
 
 /// A recipient as last read: its subscriber (`None` once erased) and its address's
 /// suppression.
-type Recipient = (Option<Subscriber>, Option<Suppression>);
+pub(super) type Recipient = (Option<Subscriber>, Option<Suppression>);
+
+/// Whom an attempt is for, as the retry and bounce rules see it: a job's delivery or a
+/// one-off message (no job, and maybe no letter).
+pub(super) struct Attempt<'a> {
+    pub email: &'a str,
+    pub newsletter_id: u64,
+    pub subscriber_id: u64,
+    pub job_id: Option<u64>,
+    pub letter_id: Option<u64>,
+    /// Attempts made so far, this one included.
+    pub attempts: u32,
+    pub retry: &'a RetryPolicy,
+}
+
+fn attempt_of<'a>(ctx: &'a JobContext, delivery: &'a Delivery) -> Attempt<'a> {
+    Attempt {
+        email: &delivery.email,
+        newsletter_id: ctx.newsletter.id,
+        subscriber_id: delivery.subscriber_id,
+        job_id: Some(ctx.job_id),
+        letter_id: Some(ctx.letter_id),
+        attempts: delivery.attempts,
+        retry: &ctx.retry,
+    }
+}
 
 /// The subscriber, if it may still be sent to; else the skip that says why not.
-fn sendable((subscriber, suppression): Recipient) -> Result<Subscriber, Outcome> {
+pub(super) fn sendable((subscriber, suppression): Recipient) -> Result<Subscriber, Outcome> {
     if let (Some(s), Some(suppression)) = (&subscriber, suppression)
         && s.status == SubscriberStatus::Active
     {

@@ -21,6 +21,7 @@
 //!   in commit order with no gaps (but those pruning leaves), so a reader that resumes
 //!   after the last id it saw misses nothing.
 
+mod messages;
 pub mod postgres;
 mod redb;
 
@@ -38,6 +39,7 @@ use crate::domain::*;
 use crate::events::{Event, EventFilter, EventPage, NewEvent};
 use crate::faults::Faults;
 
+pub use self::messages::{Messages, NewMessageOutcome};
 pub use self::postgres::PgStore;
 pub use self::redb::RedbStore;
 
@@ -616,6 +618,11 @@ pub enum Record {
     Timer(Timer),
     AutomationFailure(Failure),
     QueuedSend(QueuedSend),
+    /// A one-off message, with its `Idempotency-Key` and request hash if it came with one.
+    Message {
+        message: crate::messages::Message,
+        idempotency: Option<(String, String)>,
+    },
 }
 
 /// How many records of each kind a store holds: what a migration must find the same on
@@ -649,6 +656,8 @@ pub struct Inventory {
     pub automation_failures: u64,
     #[serde(default)]
     pub queued_sends: u64,
+    #[serde(default)]
+    pub messages: u64,
     /// The jobs' counts summed: deliveries per state, as the jobs record them.
     pub counts: Counts,
 }
@@ -690,6 +699,7 @@ impl Inventory {
             Record::Timer(_) => self.timers += 1,
             Record::AutomationFailure(_) => self.automation_failures += 1,
             Record::QueuedSend(_) => self.queued_sends += 1,
+            Record::Message { .. } => self.messages += 1,
         }
     }
 }
@@ -730,7 +740,9 @@ pub trait Transfer: Send + Sync {
 
 /// A whole database: every operation, plus what the server needs to run on it.
 #[async_trait]
-pub trait Backend: Lists + Jobs + Plugins + Fleet + Transfer + Events + Bounces + Automations {
+pub trait Backend:
+    Lists + Jobs + Plugins + Fleet + Transfer + Events + Bounces + Automations + Messages
+{
     /// "redb" or "postgres", for logs and metrics.
     fn name(&self) -> &'static str;
 

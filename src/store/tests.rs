@@ -1237,6 +1237,45 @@ async fn transfer_copies_everything_ids_and_all(store: Store) {
         .await
         .unwrap();
 
+    // Two one-off messages: one sent, one queued with an idempotency key.
+    let one_off = |text: &str| crate::messages::NewMessage {
+        newsletter_id: other.id,
+        subscriber_id: someone,
+        email: "x@example.com".into(),
+        content: crate::messages::MessageContent {
+            letter_id: None,
+            template: None,
+            subject: Some("s".into()),
+            text: Some(text.into()),
+            html: None,
+            data: json!({"order": 1}).as_object().unwrap().clone(),
+        },
+        transport: None,
+        message_id: "letterbox.message.1@example.com".into(),
+    };
+    let message_key = || {
+        Some(IdempotencyKey {
+            key: "message-1".into(),
+            request_hash: "m".into(),
+        })
+    };
+    store.create_message(one_off("sent"), None).await.unwrap();
+    let sent = store
+        .claim_messages(NODE, now_ms(), now_ms() + 60_000, 1)
+        .await
+        .unwrap();
+    store
+        .record_message(sent[0].id, NODE, Outcome::Delivered { reply: "250".into() })
+        .await
+        .unwrap();
+    let crate::store::NewMessageOutcome::Created(keyed_message) = store
+        .create_message(one_off("queued"), message_key())
+        .await
+        .unwrap()
+    else {
+        panic!("not created")
+    };
+
     let records = export_all(&store).await;
     let inventory = store.inventory().await.unwrap();
     let mut counted = Inventory::default();
@@ -1273,6 +1312,7 @@ async fn transfer_copies_everything_ids_and_all(store: Store) {
         ),
         (1, 1, 1, 1, 1, 1)
     );
+    assert_eq!(inventory.messages, 2);
 
     let mut targets = vec![redb().await];
     targets.extend(postgres().await);
@@ -1309,6 +1349,20 @@ async fn transfer_copies_everything_ids_and_all(store: Store) {
             NewJob::Existing(j) => assert_eq!(j.id, keyed.id, "{name}"),
             other => panic!("{name}: {other:?}"),
         }
+        match target
+            .create_message(one_off("queued"), message_key())
+            .await
+            .unwrap()
+        {
+            crate::store::NewMessageOutcome::Existing(m) => assert_eq!(m, keyed_message, "{name}"),
+            other => panic!("{name}: {other:?}"),
+        }
+        let crate::store::NewMessageOutcome::Created(fresh_message) =
+            target.create_message(one_off("new"), None).await.unwrap()
+        else {
+            panic!("{name}: not created")
+        };
+        assert!(fresh_message.id > keyed_message.id, "{name}: message id reused");
         let pending = target.claim(NODE, job.id, 10, now_ms()).await.unwrap();
         assert_eq!(
             pending.len(),
@@ -1349,8 +1403,8 @@ async fn transfer_copies_everything_ids_and_all(store: Store) {
             .unwrap();
         assert_eq!(
             fresh_events.events.iter().map(|e| e.id).collect::<Vec<_>>(),
-            [last_copied + 1, last_copied + 2],
-            "{name}: the new subscriber's and the new job's events"
+            [last_copied + 1, last_copied + 2, last_copied + 3],
+            "{name}: the new message's, the new subscriber's and the new job's events"
         );
         let rebounced = target
             .record_bounce(bounce.clone(), Default::default())
@@ -1520,3 +1574,4 @@ conformance!(
 mod automations;
 mod bounces;
 mod events;
+mod messages;

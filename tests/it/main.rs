@@ -17,6 +17,7 @@ mod fleet;
 mod hardening;
 mod inbound;
 mod languages;
+mod messages;
 mod migrate;
 mod outage;
 mod pg_tls;

@@ -394,6 +394,7 @@ impl Lists for PgStore {
         events::scrub_subscriber(&tx, id).await?;
         super::bounces::scrub_subscriber(&tx, id).await?;
         super::automations::forget_subscriber(&tx, id).await?;
+        super::messages::forget_subscriber(&tx, id).await?;
         bump_shared_status_epoch(&tx).await?;
         let appended = events::append(&tx, [subscriber_erased(domain_int(home), id)]).await?;
         commit(tx).await?;

@@ -17,6 +17,7 @@ mod events;
 mod fleet;
 mod jobs;
 mod lists;
+mod messages;
 mod plugins;
 mod schema;
 mod tls;

@@ -15,6 +15,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (5, include_str!("migrations/0005_events.sql")),
     (6, include_str!("migrations/0006_bounces.sql")),
     (7, include_str!("migrations/0007_automations.sql")),
+    (8, include_str!("migrations/0008_messages.sql")),
 ];
 
 /// The newest schema version this binary knows.

@@ -213,6 +213,7 @@ impl Transfer for PgStore {
             send(&out, chunk).await?;
         }
         export_automations(&tx, &out).await?;
+        export_messages(&tx, &out).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -262,6 +263,7 @@ impl Transfer for PgStore {
             "automations",
             "automation_failures",
             "queued_sends",
+            "messages",
         ] {
             query(
                 &tx,
@@ -295,6 +297,7 @@ impl Transfer for PgStore {
                     (SELECT count(*) FROM automations), (SELECT count(*) FROM automation_versions),
                     (SELECT count(*) FROM automation_states), (SELECT count(*) FROM timers),
                     (SELECT count(*) FROM automation_failures), (SELECT count(*) FROM queued_sends),
+                    (SELECT count(*) FROM messages),
                     coalesce(sum(pending), 0)::bigint, coalesce(sum(sending), 0)::bigint,
                     coalesce(sum(delivered), 0)::bigint, coalesce(sum(skipped), 0)::bigint,
                     coalesce(sum(retrying), 0)::bigint, coalesce(sum(failed), 0)::bigint,
@@ -325,14 +328,15 @@ impl Transfer for PgStore {
             timers: n(16),
             automation_failures: n(17),
             queued_sends: n(18),
+            messages: n(19),
             counts: Counts {
-                pending: n(19),
-                sending: n(20),
-                delivered: n(21),
-                skipped: n(22),
-                retrying: n(23),
-                failed: n(24),
-                cancelled: n(25),
+                pending: n(20),
+                sending: n(21),
+                delivered: n(22),
+                skipped: n(23),
+                retrying: n(24),
+                failed: n(25),
+                cancelled: n(26),
             },
         })
     }
@@ -537,8 +541,67 @@ async fn import_one(tx: &deadpool_postgres::Transaction<'_>, record: Record) -> 
             )
             .await?;
         }
+        Record::Message {
+            message: m,
+            idempotency,
+        } => {
+            let (key, hash) = match idempotency {
+                Some((key, hash)) => (Some(key), Some(hash)),
+                None => (None, None),
+            };
+            execute(
+                tx,
+                "INSERT INTO messages (id, subscriber_id, state, next_attempt_ms, lease_node, lease_until_ms,
+                                       idempotency_key, request_hash, doc)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                &[
+                    &sql_int(m.id),
+                    &sql_int(m.subscriber_id),
+                    &m.state.as_str(),
+                    &sql_int(m.next_attempt_ms),
+                    &m.lease_node,
+                    &sql_int(m.lease_until_ms),
+                    &key,
+                    &hash,
+                    &serde_json::to_value(&m)?,
+                ],
+            )
+            .await?;
+        }
     }
     Ok(())
+}
+
+/// One-off messages with their idempotency keys, in keyed pages.
+async fn export_messages(
+    tx: &deadpool_postgres::Transaction<'_>,
+    out: &mpsc::Sender<Vec<Record>>,
+) -> Result<(), StoreError> {
+    let mut after = 0i64;
+    loop {
+        let rows = query(
+            tx,
+            "SELECT id, idempotency_key, request_hash, doc FROM messages WHERE id > $1 ORDER BY id LIMIT 1000",
+            &[&after],
+        )
+        .await?;
+        let Some(last) = rows.last() else { return Ok(()) };
+        after = last.get(0);
+        let chunk = rows
+            .iter()
+            .map(|r| {
+                let idempotency = match (r.get::<_, Option<String>>(1), r.get::<_, Option<String>>(2)) {
+                    (Some(key), Some(hash)) => Some((key, hash)),
+                    _ => None,
+                };
+                Ok(Record::Message {
+                    message: serde_json::from_value(r.get(3))?,
+                    idempotency,
+                })
+            })
+            .collect::<Result<_, StoreError>>()?;
+        send(out, chunk).await?;
+    }
 }
 
 /// Automations and everything of theirs, automations first, in keyed pages.

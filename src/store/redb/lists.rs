@@ -342,6 +342,7 @@ impl Lists for RedbStore {
                 events::scrub_subscriber(txn, id)?;
                 super::bounces::scrub_subscriber(txn, id)?;
                 super::automations::forget_subscriber(txn, id)?;
+                super::messages::forget_subscriber(txn, id)?;
                 events::append(txn, [crate::events::subscriber_erased(home, id)])?;
                 Ok(())
             })

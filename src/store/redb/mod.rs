@@ -31,6 +31,7 @@ mod bounces;
 mod events;
 mod jobs;
 mod lists;
+mod messages;
 mod plugins;
 mod tables;
 mod transfer;
@@ -207,6 +208,10 @@ fn open_database(path: &Path) -> Result<Database, StoreError> {
         txn.open_table(TIMERS_DUE)?;
         txn.open_table(AUTOMATION_FAILURES)?;
         txn.open_table(QUEUED_SENDS)?;
+        txn.open_table(MESSAGES)?;
+        txn.open_table(MESSAGES_DUE)?;
+        txn.open_table(MESSAGE_KEYS)?;
+        txn.open_table(MESSAGES_BY_SUBSCRIBER)?;
     }
     lists::backfill_subscriber_homes(&txn)?;
     txn.commit()?;

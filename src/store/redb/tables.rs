@@ -107,3 +107,17 @@ pub const AUTOMATION_FAILURES: TableDefinition<(u64, u64), &[u8]> =
 
 /// Queued send id → `automations::QueuedSend`, oldest first.
 pub const QUEUED_SENDS: TableDefinition<u64, &[u8]> = TableDefinition::new("queued_sends");
+
+/// Message id → `messages::Message`.
+pub const MESSAGES: TableDefinition<u64, &[u8]> = TableDefinition::new("messages");
+
+/// (due time in unix ms, message id) → (): the queued messages, earliest due first.
+pub const MESSAGES_DUE: TableDefinition<(u64, u64), ()> = TableDefinition::new("messages_due");
+
+/// A message's `Idempotency-Key` → (request hash, message id) as JSON; kept as long as
+/// its message.
+pub const MESSAGE_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("message_keys");
+
+/// (subscriber id, message id) → (): what an erasure removes.
+pub const MESSAGES_BY_SUBSCRIBER: TableDefinition<(u64, u64), ()> =
+    TableDefinition::new("messages_by_subscriber");

@@ -142,6 +142,17 @@ impl Transfer for RedbStore {
             for row in txn.open_table(QUEUED_SENDS)?.iter()? {
                 chunks.push(Record::QueuedSend(decode(row?.1.value())?))?;
             }
+            let mut keys: std::collections::HashMap<u64, (String, String)> = std::collections::HashMap::new();
+            for row in txn.open_table(MESSAGE_KEYS)?.iter()? {
+                let (key, value) = row?;
+                let record: super::messages::KeyRecord = decode(value.value())?;
+                keys.insert(record.message_id, (key.value().to_string(), record.request_hash));
+            }
+            for row in txn.open_table(MESSAGES)?.iter()? {
+                let message: crate::messages::Message = decode(row?.1.value())?;
+                let idempotency = keys.remove(&message.id);
+                chunks.push(Record::Message { message, idempotency })?;
+            }
             chunks.flush()
         })
         .await
@@ -181,6 +192,7 @@ impl Transfer for RedbStore {
             let mut timers_due = txn.open_table(TIMERS_DUE)?;
             let mut failures = txn.open_table(AUTOMATION_FAILURES)?;
             let mut queued_sends = txn.open_table(QUEUED_SENDS)?;
+            let mut message_keys = txn.open_table(MESSAGE_KEYS)?;
             // The highest id of each sequence in these records.
             let mut last = [
                 ("newsletter", 0u64),
@@ -193,6 +205,7 @@ impl Transfer for RedbStore {
                 ("timer", 0),
                 ("automation_failure", 0),
                 ("queued_send", 0),
+                ("message", 0),
             ];
             for record in records {
                 match record {
@@ -318,6 +331,17 @@ impl Transfer for RedbStore {
                         last[9].1 = last[9].1.max(q.id);
                         queued_sends.insert(q.id, encode(&q).as_slice())?;
                     }
+                    Record::Message { message, idempotency } => {
+                        last[10].1 = last[10].1.max(message.id);
+                        super::messages::put_message(txn, &message, None)?;
+                        if let Some((key, request_hash)) = idempotency {
+                            let record = super::messages::KeyRecord {
+                                request_hash,
+                                message_id: message.id,
+                            };
+                            message_keys.insert(key.as_str(), encode(&record).as_slice())?;
+                        }
+                    }
                 }
             }
             let mut sequences = txn.open_table(SEQUENCES)?;
@@ -354,6 +378,7 @@ impl Transfer for RedbStore {
                 timers: txn.open_table(TIMERS)?.len()?,
                 automation_failures: txn.open_table(AUTOMATION_FAILURES)?.len()?,
                 queued_sends: txn.open_table(QUEUED_SENDS)?.len()?,
+                messages: txn.open_table(MESSAGES)?.len()?,
                 counts: Counts::default(),
             };
             for row in txn.open_table(JOBS)?.iter()? {

@@ -5,8 +5,9 @@
 //! active automation's turns (`worker`): read the events after its cursor and its due
 //! timers, call the policy for each (`policy::Automaton`), and commit every reaction's
 //! effects with the new cursor in one transaction (`store::Automations::commit_turn`),
-//! before anything is sent. Sends become deliveries of ordinary jobs
-//! (`dispatch_sends`), so they get the normal path: durable per-recipient state, a
+//! before anything is sent. Letters sent become deliveries of ordinary jobs
+//! (`dispatch_sends`), and messages one-off messages (`crate::messages`, queued in the
+//! turn's transaction), so both get the normal path: durable per-recipient state, a
 //! stable Message-ID, retries, suppression, rates and domain caps.
 //!
 //! It knows no database (the store does), no wasmtime (the policy host does) and no

@@ -5,6 +5,7 @@ use serde_json::{Map, Value};
 
 use crate::domain::{Subscriber, SubscriberStatus};
 use crate::events::NewEvent;
+use crate::messages::{MessageContent, NewMessage, one_off_message_id};
 use crate::policy::{Action, Reaction};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -232,4 +233,34 @@ pub struct Work {
     pub automation: Automation,
     /// Due timers, earliest first.
     pub timers: Vec<Timer>,
+}
+
+/// The one-off message a `send-message` action asks for, to `subscriber` of a newsletter
+/// that sends from `from`; `None` for any other action.
+pub fn message_of(action: &Action, subscriber: &Subscriber, from: &str) -> Option<NewMessage> {
+    let Action::SendMessage {
+        template,
+        subject,
+        text,
+        html,
+        params,
+    } = action
+    else {
+        return None;
+    };
+    Some(NewMessage {
+        newsletter_id: subscriber.newsletter_id,
+        subscriber_id: subscriber.id,
+        email: subscriber.email.clone(),
+        content: MessageContent {
+            letter_id: None,
+            template: Some(template.clone()),
+            subject: Some(subject.clone()),
+            text: Some(text.clone()),
+            html: html.clone(),
+            data: params.clone(),
+        },
+        transport: None,
+        message_id: one_off_message_id(from),
+    })
 }

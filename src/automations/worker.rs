@@ -289,6 +289,7 @@ impl Worker {
             .into_iter()
             .collect();
         let mut letters: HashMap<u64, Option<Letter>> = HashMap::new();
+        let mut templates: HashMap<String, Result<(), String>> = HashMap::new();
 
         let mut handled = Vec::with_capacity(events.len() + timers.len());
         // The turn stops where the automation pauses itself: what comes after waits
@@ -318,7 +319,9 @@ impl Worker {
             let outcome = automaton
                 .react_async(OwnedTrigger::Event(event.clone()), subscriber.clone(), state)
                 .await;
-            let outcome = self.checked(outcome, subscriber.as_ref(), &mut letters).await?;
+            let outcome = self
+                .checked(outcome, subscriber.as_ref(), &mut letters, &mut templates)
+                .await?;
             failing = if outcome.is_ok() { 0 } else { failing + 1 };
             remember(&mut states, key, &outcome);
             handled.push(Handled {
@@ -363,7 +366,9 @@ impl Worker {
             let outcome = automaton
                 .react_async(OwnedTrigger::Timer(due), subscriber.clone(), state)
                 .await;
-            let outcome = self.checked(outcome, subscriber.as_ref(), &mut letters).await?;
+            let outcome = self
+                .checked(outcome, subscriber.as_ref(), &mut letters, &mut templates)
+                .await?;
             failing = if outcome.is_ok() { 0 } else { failing + 1 };
             remember(&mut states, key, &outcome);
             handled.push(Handled {
@@ -388,6 +393,9 @@ impl Worker {
         let id = turn.automation_id;
         match self.store.commit_turn(turn).await {
             Ok(outcome) => {
+                if outcome.queued_messages > 0 {
+                    self.runner.wake_message_worker();
+                }
                 if outcome.automation.state == AutomationState::Paused {
                     tracing::warn!(
                         automation = id,
@@ -407,12 +415,14 @@ impl Worker {
     }
 
     /// A policy's answer as a turn records it: an error's reason, or the reaction once
-    /// its sends are possible (the letter exists and is of the subscriber's newsletter).
+    /// its sends are possible (the letter exists and is of the subscriber's newsletter;
+    /// a message's template policy resolves and compiles).
     async fn checked(
         &self,
         outcome: Result<Reaction, PolicyError>,
         subscriber: Option<&Subscriber>,
         letters: &mut HashMap<u64, Option<Letter>>,
+        templates: &mut HashMap<String, Result<(), String>>,
     ) -> Result<Result<Reaction, String>, WorkerError> {
         let reaction = match outcome {
             Ok(reaction) => reaction,
@@ -450,10 +460,18 @@ impl Worker {
                         _ => {}
                     }
                 }
-                Action::SendMessage { .. } => {
-                    return Ok(Err(
-                        "send_message: one-off messages are not available yet in this version".into(),
-                    ));
+                Action::SendMessage { template, .. } => {
+                    if !templates.contains_key(template) {
+                        let usable = match self.runner.check_message_template(template).await {
+                            Ok(()) => Ok(()),
+                            Err(RunnerError::Store(e)) => return Err(e.into()),
+                            Err(e) => Err(e.to_string()),
+                        };
+                        templates.insert(template.clone(), usable);
+                    }
+                    if let Err(why) = &templates[template] {
+                        return Ok(Err(format!("send_message: {why}")));
+                    }
                 }
                 _ => {}
             }

@@ -191,7 +191,7 @@ async fn checked(state: &AppState, input: MessageInput) -> Result<NewMessage, Ap
             data: input.data,
         },
         transport: input.transport,
-        message_id: crate::runner::one_off_message_id(&newsletter.from),
+        message_id: crate::messages::one_off_message_id(&newsletter.from),
     })
 }
 

@@ -56,6 +56,27 @@ pub struct NewMessage {
     pub message_id: String,
 }
 
+/// A new one-off message's Message-ID (without angle brackets), in the domain of the
+/// newsletter's From: random, and never one of a job's (`letterbox.JOB.SUBSCRIBER...`),
+/// so a reply or a bounce quoting it is not taken for a job's.
+pub fn one_off_message_id(from: &str) -> String {
+    let random = || {
+        getrandom::u64().unwrap_or_else(|_| {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0);
+            nanos ^ u64::from(std::process::id()).rotate_left(48)
+        })
+    };
+    format!(
+        "letterbox.message.{:016x}{:016x}@{}",
+        random(),
+        random(),
+        crate::mail::mailbox_domain(from)
+    )
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Message {
     pub id: u64,

@@ -175,24 +175,19 @@ impl Runner {
     ) -> Result<crate::store::NewMessageOutcome, RunnerError> {
         let outcome = self.inner.store.create_message(message, idempotency).await?;
         if matches!(outcome, crate::store::NewMessageOutcome::Created(_)) {
-            self.inner.message_queued.notify_one();
+            self.wake_message_worker();
         }
         Ok(outcome)
+    }
+
+    /// Tells this node's message worker that messages were queued (by an automation's
+    /// turn, say).
+    pub fn wake_message_worker(&self) {
+        self.inner.message_queued.notify_one();
     }
 
     /// Resolves when a message is queued on this node (or was since the last wait).
     pub async fn message_queued(&self) {
         self.inner.message_queued.notified().await
     }
-}
-
-/// A new one-off message's Message-ID (without angle brackets), in the domain of the
-/// newsletter's From: random, and never one a job's (`letterbox.JOB.SUBSCRIBER...`).
-pub fn one_off_message_id(from: &str) -> String {
-    format!(
-        "letterbox.message.{}{}@{}",
-        super::message_id_nonce(),
-        super::message_id_nonce(),
-        crate::mail::mailbox_domain(from)
-    )
 }

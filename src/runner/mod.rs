@@ -55,7 +55,6 @@ pub use compile::PolicyStatus;
 pub use health::Stall;
 use limits::{DomainLimiter, RateMeter};
 pub use limits::{DomainLimits, DomainPause, FailureLimit};
-pub use messages::one_off_message_id;
 
 pub const MAX_CONCURRENCY: u32 = 1000;
 /// Recipients claimed per store transaction (see the re-send bound above).

@@ -414,6 +414,8 @@ pub struct TurnOutcome {
     pub automation: Automation,
     /// Sends it queued (for `dispatch_sends`).
     pub queued_sends: usize,
+    /// One-off messages it queued (for the message worker).
+    pub queued_messages: usize,
     /// Whether a reaction changed a subscriber's status (an unsubscribe): running jobs
     /// must look again.
     pub status_changed: bool,

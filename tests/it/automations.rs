@@ -306,3 +306,66 @@ async fn bad_automations_are_refused_with_the_field() {
     assert_eq!(status, 404, "{answer}");
     server.stop().await;
 }
+
+/// A reaction's `send_message` becomes a one-off message, rendered with the action's
+/// params and sent once; a template that cannot be used fails the event instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reactions_message_is_sent_once_with_its_params() {
+    let smtp = SmtpServer::start().await;
+    let server = TestServer::start(Some(&smtp)).await;
+    let api = &server.api;
+    let newsletter = api.newsletter().await;
+    api.add_subscribers(newsletter, json!([{ "email": "ann@example.org", "name": "Ann" }]))
+        .await;
+    let ann = api.subscriber_ids(newsletter).await["ann@example.org"];
+    let (status, body) = api.upload("automation", "script", wasm("test_automation")).await;
+    assert_eq!(status, 201, "{body}");
+    api.post_ok(
+        "/v1/automations",
+        json!({ "name": "welcome", "policy": "script", "events": ["custom.signup"] }),
+        201,
+    )
+    .await;
+    let send = |template: &str| {
+        json!({ "actions": [{ "send_message": {
+            "template": template,
+            "subject": "Welcome {{ name }}",
+            "text": "Your code is {{ params.code }}.\r\n",
+            "params": { "code": "X1" },
+        } }] })
+    };
+    for data in [send("default-template"), send("no-such-template")] {
+        api.post_ok(
+            "/v1/events",
+            json!({ "type": "custom.signup", "subscriber": ann, "data": data }),
+            201,
+        )
+        .await;
+    }
+    let failures = wait_failures(api, 1).await;
+    assert!(
+        failures[0]["reason"].as_str().unwrap().contains("send_message"),
+        "{failures:?}"
+    );
+    wait_for_messages(&smtp, 1, Duration::from_secs(30)).await;
+    // The message's end is in the log, and nothing more is sent.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, sent) = api.get("/v1/events?type=message.sent").await;
+        if !sent["events"].as_array().unwrap().is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no message.sent");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let received = smtp.received();
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].header("Subject").as_deref(), Some("Welcome Ann"));
+    assert!(
+        received[0].body().contains("Your code is X1."),
+        "{}",
+        received[0].data
+    );
+    server.stop().await;
+}

@@ -100,8 +100,18 @@ fn name_taken(name: &str) -> StoreError {
     StoreError::Conflict(format!("an automation named {name:?} exists"))
 }
 
+/// What a turn's reactions did, summed over them.
+#[derive(Default)]
+struct Applied {
+    /// The events to append, in order.
+    events: Vec<NewEvent>,
+    status_changed: bool,
+    queued_sends: usize,
+    queued_messages: usize,
+}
+
 /// Applies one reaction's actions about `subscriber_id` (0: none): timers, attributes,
-/// status, queued sends; returns the events to append and the sends queued. Actions
+/// status, queued sends and messages, and the events they make, into `out`. Actions
 /// about a subscriber who is gone are dropped.
 async fn apply(
     tx: &impl GenericClient,
@@ -109,9 +119,9 @@ async fn apply(
     subscriber_id: u64,
     actions: &[Action],
     now_ms: u64,
-    events: &mut Vec<NewEvent>,
-    status_changed: &mut bool,
-) -> Result<usize, StoreError> {
+    out: &mut Applied,
+) -> Result<(), StoreError> {
+    let events = &mut out.events;
     let mut current = match subscriber_id {
         0 => None,
         id => query_opt(
@@ -125,7 +135,8 @@ async fn apply(
     };
     let before = current.clone();
     let (a, s) = (sql_int(automation_id), sql_int(subscriber_id));
-    let mut queued = 0;
+    // Where this reaction's events begin: its subscriber's change goes first.
+    let first_event = events.len();
     for action in actions {
         if action.needs_subscriber() && current.is_none() {
             continue;
@@ -164,14 +175,26 @@ async fn apply(
                     &[&a, &s, &sql_int(*letter), &sql_int(now_ms)],
                 )
                 .await?;
-                queued += 1;
+                out.queued_sends += 1;
             }
-            // Turned into a failure by the worker until one-off messages exist; the
-            // subscriber's changes were made above.
-            Action::SendMessage { .. }
-            | Action::SetAttribute { .. }
-            | Action::RemoveAttribute { .. }
-            | Action::Unsubscribe => {}
+            Action::SendMessage { .. } => {
+                let Some(s) = &current else { continue };
+                let from: String = query_opt(
+                    tx,
+                    "SELECT from_addr FROM newsletters WHERE id = $1",
+                    &[&sql_int(s.newsletter_id)],
+                )
+                .await?
+                .ok_or_else(|| StoreError::not_found("newsletter", s.newsletter_id))?
+                .get(0);
+                if let Some(new) = message_of(action, s, &from) {
+                    let message = super::messages::insert_message(tx, new, None).await?;
+                    events.push(message.event(crate::events::types::MESSAGE_QUEUED));
+                    out.queued_messages += 1;
+                }
+            }
+            // The subscriber's changes were made above.
+            Action::SetAttribute { .. } | Action::RemoveAttribute { .. } | Action::Unsubscribe => {}
         }
     }
     if let (Some(before), Some(after)) = (&before, &current)
@@ -187,16 +210,14 @@ async fn apply(
             ],
         )
         .await?;
-        *status_changed |= before.status != after.status;
-        let at = events.len()
-            - actions
-                .iter()
-                .filter(|a| matches!(a, Action::Emit { .. }))
-                .count();
-        // The change comes before what this reaction emitted.
-        events.insert(at, subscriber_changed(Some(before), after).expect("a change"));
+        out.status_changed |= before.status != after.status;
+        // The change comes before what this reaction emitted and queued.
+        events.insert(
+            first_event,
+            subscriber_changed(Some(before), after).expect("a change"),
+        );
     }
-    Ok(queued)
+    Ok(())
 }
 
 #[async_trait::async_trait]
@@ -435,9 +456,7 @@ impl Automations for PgStore {
             )));
         }
         let a = sql_int(automation.id);
-        let mut events = Vec::new();
-        let mut status_changed = false;
-        let mut queued_sends = 0;
+        let mut applied = Applied::default();
         for handled in turn.handled {
             let subscriber = handled.subscriber_id.unwrap_or(0);
             // A timer that fired is done, whatever the reaction; one started again
@@ -472,14 +491,13 @@ impl Automations for PgStore {
                             .await?;
                         }
                     }
-                    queued_sends += apply(
+                    apply(
                         &tx,
                         automation.id,
                         subscriber,
                         &reaction.actions,
                         turn.now_ms,
-                        &mut events,
-                        &mut status_changed,
+                        &mut applied,
                     )
                     .await?;
                     automation.count_handled();
@@ -513,19 +531,20 @@ impl Automations for PgStore {
         automation.cursor = automation.cursor.max(turn.cursor);
         automation.turns += 1;
         put_automation(&tx, &automation).await?;
-        if status_changed {
+        if applied.status_changed {
             bump_shared_status_epoch(&tx).await?;
         }
-        let appended = events::append(&tx, events).await?;
+        let appended = events::append(&tx, applied.events).await?;
         commit(tx).await?;
         self.published(&appended);
-        if status_changed {
+        if applied.status_changed {
             self.bump_status_epoch();
         }
         Ok(TurnOutcome {
             automation,
-            queued_sends,
-            status_changed,
+            queued_sends: applied.queued_sends,
+            queued_messages: applied.queued_messages,
+            status_changed: applied.status_changed,
         })
     }
 

@@ -40,6 +40,41 @@ async fn message_in(tx: &impl GenericClient, id: u64, lock: bool) -> Result<Mess
     Ok(serde_json::from_value(row.get(0))?)
 }
 
+/// Stores a new queued message (due now) in `tx`, with its idempotency key if any.
+pub(super) async fn insert_message(
+    tx: &impl GenericClient,
+    new: NewMessage,
+    idempotency: Option<&IdempotencyKey>,
+) -> Result<Message, StoreError> {
+    let id = query(
+        tx,
+        "SELECT nextval(pg_get_serial_sequence('messages', 'id'))",
+        &[],
+    )
+    .await?;
+    let message = Message::new(domain_int(id[0].get(0)), new, now_ms());
+    let (key, hash) = match idempotency {
+        Some(k) => (Some(k.key.as_str()), Some(k.request_hash.as_str())),
+        None => (None, None),
+    };
+    execute(
+        tx,
+        "INSERT INTO messages (id, subscriber_id, state, next_attempt_ms, idempotency_key, request_hash, doc)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        &[
+            &sql_int(message.id),
+            &sql_int(message.subscriber_id),
+            &message.state.as_str(),
+            &sql_int(message.next_attempt_ms),
+            &key,
+            &hash,
+            &serde_json::to_value(&message)?,
+        ],
+    )
+    .await?;
+    Ok(message)
+}
+
 /// Removes the messages of a subscriber being erased, with their keys.
 pub(super) async fn forget_subscriber(tx: &impl GenericClient, subscriber_id: u64) -> Result<(), StoreError> {
     execute(
@@ -84,32 +119,7 @@ impl Messages for PgStore {
                 )?));
             }
         }
-        let id = query(
-            &tx,
-            "SELECT nextval(pg_get_serial_sequence('messages', 'id'))",
-            &[],
-        )
-        .await?;
-        let message = Message::new(domain_int(id[0].get(0)), new, now_ms());
-        let (key, hash) = match &idempotency {
-            Some(k) => (Some(k.key.as_str()), Some(k.request_hash.as_str())),
-            None => (None, None),
-        };
-        execute(
-            &tx,
-            "INSERT INTO messages (id, subscriber_id, state, next_attempt_ms, idempotency_key, request_hash, doc)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            &[
-                &sql_int(message.id),
-                &sql_int(message.subscriber_id),
-                &message.state.as_str(),
-                &sql_int(message.next_attempt_ms),
-                &key,
-                &hash,
-                &serde_json::to_value(&message)?,
-            ],
-        )
-        .await?;
+        let message = insert_message(&tx, new, idempotency.as_ref()).await?;
         let appended = events::append(&tx, [message.event(crate::events::types::MESSAGE_QUEUED)]).await?;
         commit(tx).await?;
         self.published(&appended);

@@ -14,6 +14,7 @@ use super::{RedbStore, decode, encode, events};
 use crate::automations::*;
 use crate::domain::{Job, now};
 use crate::events::{NewEvent, job_changed, subscriber_changed};
+use crate::messages::Message;
 use crate::policy::Action;
 use crate::store::{Automations, StoreError, TurnOutcome};
 
@@ -117,6 +118,7 @@ fn apply(
     subscriber_id: u64,
     actions: &[Action],
     now_ms: u64,
+    messages: &mut usize,
 ) -> Result<(usize, bool), StoreError> {
     let mut subscriber = match subscriber_id {
         0 => None,
@@ -164,12 +166,24 @@ fn apply(
                     .insert(send.id, encode(&send).as_slice())?;
                 queued += 1;
             }
-            // Turned into a failure by the worker until one-off messages exist; the
-            // subscriber's changes were made above.
-            Action::SendMessage { .. }
-            | Action::SetAttribute { .. }
-            | Action::RemoveAttribute { .. }
-            | Action::Unsubscribe => {}
+            Action::SendMessage { .. } => {
+                let Some(s) = &subscriber else { continue };
+                let newsletter: crate::domain::Newsletter = {
+                    let table = txn.open_table(NEWSLETTERS)?;
+                    let row = table
+                        .get(s.newsletter_id)?
+                        .ok_or_else(|| StoreError::not_found("newsletter", s.newsletter_id))?;
+                    decode(row.value())?
+                };
+                if let Some(new) = message_of(action, s, &newsletter.from) {
+                    let message = Message::new(next_id(txn, "message")?, new, now_ms);
+                    super::messages::put_message(txn, &message, None)?;
+                    events.push(message.event(crate::events::types::MESSAGE_QUEUED));
+                    *messages += 1;
+                }
+            }
+            // The subscriber's changes were made above.
+            Action::SetAttribute { .. } | Action::RemoveAttribute { .. } | Action::Unsubscribe => {}
         }
     }
     let mut status_changed = false;
@@ -195,6 +209,7 @@ fn commit(txn: &WriteTransaction, turn: Turn) -> Result<TurnOutcome, StoreError>
         )));
     }
     let mut queued_sends = 0;
+    let mut queued_messages = 0;
     let mut status_changed = false;
     for handled in turn.handled {
         let subscriber = handled.subscriber_id.unwrap_or(0);
@@ -223,8 +238,14 @@ fn commit(txn: &WriteTransaction, turn: Turn) -> Result<TurnOutcome, StoreError>
                         }
                     }
                 }
-                let (queued, changed) =
-                    apply(txn, automation.id, subscriber, &reaction.actions, turn.now_ms)?;
+                let (queued, changed) = apply(
+                    txn,
+                    automation.id,
+                    subscriber,
+                    &reaction.actions,
+                    turn.now_ms,
+                    &mut queued_messages,
+                )?;
                 queued_sends += queued;
                 status_changed |= changed;
                 automation.count_handled();
@@ -250,6 +271,7 @@ fn commit(txn: &WriteTransaction, turn: Turn) -> Result<TurnOutcome, StoreError>
     Ok(TurnOutcome {
         automation,
         queued_sends,
+        queued_messages,
         status_changed,
     })
 }

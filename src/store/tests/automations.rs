@@ -132,6 +132,13 @@ async fn a_turn_applies_once_and_whole(store: Store) {
                     value: json!(1),
                 },
                 Action::SendLetter { letter: 42 },
+                Action::SendMessage {
+                    template: "default-template".into(),
+                    subject: "Hi {{ name }}".into(),
+                    text: "t".into(),
+                    html: None,
+                    params: json!({"code": "X1"}).as_object().unwrap().clone(),
+                },
                 Action::Emit {
                     kind: "custom.started".into(),
                     data: json!({"by": "drip"}).as_object().unwrap().clone(),
@@ -150,7 +157,7 @@ async fn a_turn_applies_once_and_whole(store: Store) {
     let first = turn(&a, a.cursor + 2, handled, now);
     let epoch = store.status_epoch();
     let done = store.commit_turn(first.clone()).await.unwrap();
-    assert_eq!(done.queued_sends, 1);
+    assert_eq!((done.queued_sends, done.queued_messages), (1, 1));
     assert!(!done.status_changed);
     assert_eq!(
         store.status_epoch(),
@@ -191,6 +198,18 @@ async fn a_turn_applies_once_and_whole(store: Store) {
     assert_eq!(failures.len(), 1);
     assert_eq!(failures[0].reason, "trapped: unreachable");
     assert_eq!(failures[0].subscriber_id, Some(bob.id));
+    // The message is queued with the turn, once, rendered later with its params.
+    let messages = store
+        .claim_messages("n", u64::MAX / 2, u64::MAX / 2, 10)
+        .await
+        .unwrap();
+    assert_eq!(messages.len(), 1);
+    assert_eq!(
+        (messages[0].subscriber_id, messages[0].email.as_str()),
+        (ann.id, "a@example.com")
+    );
+    assert_eq!(messages[0].content.template.as_deref(), Some("default-template"));
+    assert_eq!(messages[0].content.data["code"], "X1");
     let queued = store.queued_sends(10).await.unwrap();
     assert_eq!(
         queued
@@ -205,9 +224,9 @@ async fn a_turn_applies_once_and_whole(store: Store) {
         .unwrap()
         .events;
     let kinds: Vec<&str> = log.iter().map(|e| e.kind.as_str()).collect();
-    assert_eq!(kinds, ["subscriber.updated", "custom.started"]);
-    assert_eq!(log[1].newsletter_id, Some(newsletter));
-    assert_eq!(log[1].subscriber_id, Some(ann.id));
+    assert_eq!(kinds, ["subscriber.updated", "message.queued", "custom.started"]);
+    assert_eq!(log[2].newsletter_id, Some(newsletter));
+    assert_eq!(log[2].subscriber_id, Some(ann.id));
 
     // The timer fires: it goes, unless it was started again (a new id) meanwhile. A
     // reaction that forgets the state and unsubscribes.

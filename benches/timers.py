@@ -9,7 +9,8 @@ PostgreSQL database), uploads the test automation (`plugins/test-automation`, bu
 1. Arms `--pending` timers due in a day: an automation on newsletter A answers each
    `subscriber.created` with a `start_timer`, and A gets that many subscribers. Prints
    the arming rate (timers started per second, through the real worker and store).
-2. Measures the server's CPU over `--idle` seconds while those timers wait.
+2. Measures the server's CPU over `--idle` seconds while those timers wait, and before
+   any timer exists (the same server, idle), for comparison.
 3. Arms `--due` more timers, all due at one second T: an automation on newsletter B,
    created with T in its config before B's subscribers are imported. Each fired timer
    emits `custom.fired`; an event's time is when its turn committed, so its lateness
@@ -107,6 +108,17 @@ def main():
         b = call(base, "POST", "/v1/newsletters", {"name": "Due", "from": "B <b@example.com>"})["id"]
         print(f"backend {backend}, log {work}/server.log")
 
+        hz = os.sysconf("SC_CLK_TCK")
+
+        def idle_cpu():
+            before, t0 = cpu_of(server.pid), time.monotonic()
+            time.sleep(args.idle)
+            return (cpu_of(server.pid) - before) / hz, time.monotonic() - t0
+
+        # The same server idle with no timers at all, for comparison.
+        cpu, seconds = idle_cpu()
+        print(f"idle with no timers: {cpu:.2f} s CPU over {seconds:.0f} s ({100 * cpu / seconds:.1f} % of one core)")
+
         if args.pending:
             far = automation(base, "far", a, {"state": None, "actions": [
                 {"start_timer": {"name": "later", "after_seconds": 86400}}]})
@@ -116,13 +128,9 @@ def main():
             armed = wait_handled(base, far, args.pending, 3600) + imported
             print(f"armed {args.pending} pending timers in {armed:.1f} s "
                   f"({args.pending / armed:.0f}/s, import included: {imported:.1f} s)")
-            before, t0 = cpu_of(server.pid), time.monotonic()
-            time.sleep(args.idle)
-            ticks = cpu_of(server.pid) - before
-            seconds = time.monotonic() - t0
-            hz = os.sysconf("SC_CLK_TCK")
-            print(f"idle with {args.pending} pending timers: {ticks / hz:.2f} s CPU over {seconds:.0f} s "
-                  f"({100 * ticks / hz / seconds:.1f} % of one core)")
+            cpu, seconds = idle_cpu()
+            print(f"idle with {args.pending} pending timers: {cpu:.2f} s CPU over {seconds:.0f} s "
+                  f"({100 * cpu / seconds:.1f} % of one core)")
 
         if args.due:
             # Armed by the worker at about the import's rate; T leaves room for twice that.

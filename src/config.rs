@@ -52,6 +52,13 @@ pub struct Config {
     pub idempotency_ttl: Duration,
     /// How long the event log keeps an event; older ones are pruned.
     pub event_retention: Duration,
+    /// How long a double opt-in confirmation link lasts; an unconfirmed subscriber is
+    /// erased once it has expired.
+    pub confirm_within: Duration,
+    /// Subscribe requests the public form takes from one IP address per minute.
+    pub subscribe_per_minute: u32,
+    /// How often housekeeping runs (pruning, the expiry of unconfirmed subscribers).
+    pub housekeeping_every: Duration,
     /// What bounces and complaints do (see `crate::bounces`).
     pub bounces: crate::bounces::BounceSettings,
     /// The domain of VERP return paths (`b-…@domain`): every message's envelope sender
@@ -94,6 +101,9 @@ impl Config {
             request_timeout: Duration::from_secs(30),
             idempotency_ttl: Duration::from_secs(24 * 3600),
             event_retention: Duration::from_secs(90 * 24 * 3600),
+            confirm_within: Duration::from_secs(3 * 24 * 3600),
+            subscribe_per_minute: 10,
+            housekeeping_every: Duration::from_secs(60),
             bounces: Default::default(),
             bounce_domain: None,
             inbound_smtp: None,
@@ -136,6 +146,9 @@ impl std::fmt::Debug for Config {
             .field("request_timeout", &self.request_timeout)
             .field("idempotency_ttl", &self.idempotency_ttl)
             .field("event_retention", &self.event_retention)
+            .field("confirm_within", &self.confirm_within)
+            .field("subscribe_per_minute", &self.subscribe_per_minute)
+            .field("housekeeping_every", &self.housekeeping_every)
             .field("bounces", &self.bounces)
             .field("bounce_domain", &self.bounce_domain)
             .field("inbound_smtp", &self.inbound_smtp)

@@ -40,14 +40,19 @@ pub enum SubscriberStatus {
     Bounced,
     /// The recipient reported a letter as spam.
     Complained,
+    /// Asked to subscribe through the public form and has not confirmed by the link
+    /// mailed to them yet: sent nothing but that message, and erased once the link
+    /// expires.
+    Unconfirmed,
 }
 
 impl SubscriberStatus {
-    pub const ALL: [SubscriberStatus; 4] = [
+    pub const ALL: [SubscriberStatus; 5] = [
         SubscriberStatus::Active,
         SubscriberStatus::Unsubscribed,
         SubscriberStatus::Bounced,
         SubscriberStatus::Complained,
+        SubscriberStatus::Unconfirmed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -56,6 +61,7 @@ impl SubscriberStatus {
             SubscriberStatus::Unsubscribed => "unsubscribed",
             SubscriberStatus::Bounced => "bounced",
             SubscriberStatus::Complained => "complained",
+            SubscriberStatus::Unconfirmed => "unconfirmed",
         }
     }
 }
@@ -71,6 +77,8 @@ pub struct SubscriberPatch {
     /// the key.
     pub attributes: Option<Map<String, Value>>,
     pub status: Option<SubscriberStatus>,
+    /// The change is a double opt-in confirmation: its event is `subscriber.confirmed`.
+    pub confirming: bool,
 }
 
 impl SubscriberPatch {

@@ -109,6 +109,8 @@ pub mod types {
     pub const SUBSCRIBER_COMPLAINED: &str = "subscriber.complained";
     pub const SUBSCRIBER_REINSTATED: &str = "subscriber.reinstated";
     pub const SUBSCRIBER_ERASED: &str = "subscriber.erased";
+    /// Confirmed their subscription by the link the public form mailed them.
+    pub const SUBSCRIBER_CONFIRMED: &str = "subscriber.confirmed";
     pub const DELIVERY_FAILED: &str = "delivery.failed";
     /// A hard or soft bounce came back (`data.kind`, `data.status`, `data.decision`).
     pub const DELIVERY_BOUNCED: &str = "delivery.bounced";
@@ -132,8 +134,9 @@ pub mod types {
     pub const CUSTOM_PREFIX: &str = "custom.";
 
     /// Every built-in type, for documentation and for checking a filter.
-    pub const BUILT_IN: [&str; 22] = [
+    pub const BUILT_IN: [&str; 23] = [
         SUBSCRIBER_CREATED,
+        SUBSCRIBER_CONFIRMED,
         SUBSCRIBER_UPDATED,
         SUBSCRIBER_UNSUBSCRIBED,
         SUBSCRIBER_BOUNCED,
@@ -158,6 +161,14 @@ pub mod types {
     ];
 }
 
+/// `subscriber_changed` for a double opt-in confirmation: `subscriber.confirmed`, whatever
+/// the status was before (a reader who unsubscribed once and subscribed again).
+pub fn subscriber_confirmed(before: &Subscriber, after: &Subscriber) -> Option<NewEvent> {
+    let mut event = subscriber_changed(Some(before), after)?;
+    event.kind = types::SUBSCRIBER_CONFIRMED.into();
+    Some(event)
+}
+
 /// The event a change of a subscriber makes (`before` is `None` for a new one), if
 /// anything an outsider can see changed. A status change is named by its new status;
 /// any other change is `subscriber.updated`, naming the fields that changed.
@@ -165,7 +176,13 @@ pub fn subscriber_changed(before: Option<&Subscriber>, after: &Subscriber) -> Op
     let kind = match before {
         None => types::SUBSCRIBER_CREATED,
         Some(before) if before.status != after.status => match after.status {
+            SubscriberStatus::Active if before.status == SubscriberStatus::Unconfirmed => {
+                types::SUBSCRIBER_CONFIRMED
+            }
             SubscriberStatus::Active => types::SUBSCRIBER_REINSTATED,
+            // Only the public form makes a subscriber unconfirmed; an operator who sets
+            // it changes a field like any other.
+            SubscriberStatus::Unconfirmed => types::SUBSCRIBER_UPDATED,
             SubscriberStatus::Unsubscribed => types::SUBSCRIBER_UNSUBSCRIBED,
             SubscriberStatus::Bounced => types::SUBSCRIBER_BOUNCED,
             SubscriberStatus::Complained => types::SUBSCRIBER_COMPLAINED,

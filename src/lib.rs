@@ -19,6 +19,7 @@ pub mod logging;
 pub mod mail;
 pub mod messages;
 pub mod migrate;
+pub mod optin;
 pub mod policy;
 pub mod project;
 pub mod providers;
@@ -149,6 +150,8 @@ pub async fn run(
             lease: config.lease,
             idempotency_ttl: config.idempotency_ttl,
             event_retention: config.event_retention,
+            confirm_within: config.confirm_within,
+            housekeeping_every: config.housekeeping_every,
             bounces: config.bounces,
             bounce_domain: config.bounce_domain.clone(),
             faults: config.faults.clone(),
@@ -247,7 +250,10 @@ pub async fn run(
         faults: config.faults.clone(),
         providers: providers::Providers::new(&config.providers).map_err(Error::Providers)?,
         stopping: stop.clone(),
+        subscribe_limiter: std::sync::Arc::new(http::SubscribeLimiter::new(config.subscribe_per_minute)),
     });
+    // With each connection's peer address: the public subscribe form is limited per IP.
+    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(stop.clone().cancelled_owned())
         .await;

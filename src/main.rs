@@ -245,6 +245,14 @@ struct ServeArgs {
     /// [default: 90d].
     #[arg(long, env = "LETTERBOX_EVENT_RETENTION")]
     event_retention: Option<String>,
+    /// How long a double opt-in confirmation link lasts; a subscriber of the public
+    /// form who has not confirmed by then is erased [default: 3d].
+    #[arg(long, env = "LETTERBOX_CONFIRM_WITHIN")]
+    confirm_within: Option<String>,
+    /// Subscribe requests the public form (`/s/{newsletter}`) takes from one IP address
+    /// per minute; more get 429 [default: 10].
+    #[arg(long, env = "LETTERBOX_SUBSCRIBE_PER_MINUTE")]
+    subscribe_per_minute: Option<u32>,
     /// How long a request may take before it is answered 503 (its work still finishes).
     /// CSV imports, which last as long as their upload, and event streams are exempt
     /// [default: 30s].
@@ -350,6 +358,11 @@ impl ServeArgs {
             ("drain_timeout", self.drain_timeout),
             ("idempotency_ttl", self.idempotency_ttl),
             ("event_retention", self.event_retention),
+            ("confirm_within", self.confirm_within),
+            (
+                "subscribe_per_minute",
+                self.subscribe_per_minute.map(|n| n.to_string()),
+            ),
             ("request_timeout", self.request_timeout),
             ("policy.timeout_ms", self.policy_timeout_ms.map(|n| n.to_string())),
             ("policy.memory_mib", self.policy_memory_mib.map(|n| n.to_string())),

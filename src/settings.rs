@@ -47,6 +47,8 @@ struct File {
     drain_timeout: String,
     idempotency_ttl: String,
     event_retention: String,
+    confirm_within: String,
+    subscribe_per_minute: u32,
     delivery: Delivery,
     retry: Retry,
     bounces: Bounces,
@@ -161,6 +163,8 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("drain_timeout", "30s"),
     ("idempotency_ttl", "24h"),
     ("event_retention", "90d"),
+    ("confirm_within", "3d"),
+    ("subscribe_per_minute", "10"),
     ("delivery.concurrency", "16"),
     ("delivery.max_deliveries", "512"),
     ("delivery.max_running_jobs", "4"),
@@ -365,6 +369,11 @@ fn resolve(
     config.drain_timeout = duration("drain_timeout", &file.drain_timeout)?;
     config.idempotency_ttl = positive_duration("idempotency_ttl", &file.idempotency_ttl)?;
     config.event_retention = positive_duration("event_retention", &file.event_retention)?;
+    config.confirm_within = positive_duration("confirm_within", &file.confirm_within)?;
+    if file.subscribe_per_minute == 0 {
+        return Err(invalid("subscribe_per_minute", "must be at least 1"));
+    }
+    config.subscribe_per_minute = file.subscribe_per_minute;
     let b = &file.bounces;
     if let Some(domain) = &b.domain {
         let domain = domain.trim().trim_start_matches('@').to_ascii_lowercase();

@@ -113,6 +113,46 @@ impl UnsubscribeKey {
         )
     }
 
+    /// A double opt-in confirmation link's token for a subscriber, valid until
+    /// `expires` (unix seconds). Made with the same key as unsubscribe links, under
+    /// another label, so neither kind of token passes for the other.
+    pub fn confirm_token(&self, newsletter_id: u64, subscriber_id: u64, expires: u64) -> String {
+        let tag = self
+            .confirm_mac(newsletter_id, subscriber_id, expires)
+            .finalize()
+            .into_bytes();
+        format!(
+            "{newsletter_id}.{subscriber_id}.{expires}.{}",
+            hex::encode(&tag[..MAC_BYTES])
+        )
+    }
+
+    /// The (newsletter id, subscriber id, expiry) a genuine confirmation token names,
+    /// expired or not; `None` for anything else.
+    pub fn verify_confirm(&self, token: &str) -> Option<(u64, u64, u64)> {
+        let mut parts = token.splitn(4, '.');
+        let newsletter_id = parts.next()?.parse().ok()?;
+        let subscriber_id = parts.next()?.parse().ok()?;
+        let expires = parts.next()?.parse().ok()?;
+        let tag = hex::decode(parts.next()?).ok()?;
+        if tag.len() != MAC_BYTES {
+            return None;
+        }
+        self.confirm_mac(newsletter_id, subscriber_id, expires)
+            .verify_truncated_left(&tag)
+            .ok()
+            .map(|_| (newsletter_id, subscriber_id, expires))
+    }
+
+    fn confirm_mac(&self, newsletter_id: u64, subscriber_id: u64, expires: u64) -> HmacSha256 {
+        let mut mac = HmacSha256::new_from_slice(self.0.as_slice()).expect("HMAC takes any key length");
+        mac.update(b"confirm:");
+        mac.update(&newsletter_id.to_be_bytes());
+        mac.update(&subscriber_id.to_be_bytes());
+        mac.update(&expires.to_be_bytes());
+        mac
+    }
+
     /// The (newsletter id, subscriber id) a genuine token names; `None` for anything else.
     pub fn verify(&self, token: &str) -> Option<(u64, u64)> {
         let mut parts = token.splitn(3, '.');
@@ -268,6 +308,14 @@ mod tests {
         assert_eq!(key.verify(&forged), None);
         assert_eq!(key.verify("3.42.zz"), None);
         assert_eq!(key.verify(""), None);
+        // Confirmation tokens carry their expiry under the MAC, and are no unsubscribe
+        // tokens (nor the other way round).
+        let confirm = key.confirm_token(3, 42, 1_900_000_000);
+        assert_eq!(again.verify_confirm(&confirm), Some((3, 42, 1_900_000_000)));
+        let later = confirm.replacen(".1900000000.", ".1900000001.", 1);
+        assert_eq!(key.verify_confirm(&later), None);
+        assert_eq!(key.verify(&confirm), None);
+        assert_eq!(key.verify_confirm(&token), None);
     }
 
     #[tokio::test]

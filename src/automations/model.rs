@@ -262,5 +262,6 @@ pub fn message_of(action: &Action, subscriber: &Subscriber, from: &str) -> Optio
         },
         transport: None,
         message_id: one_off_message_id(from),
+        confirmation: false,
     })
 }

@@ -42,6 +42,12 @@ pub enum ApiError {
     Invalid { detail: String, errors: Vec<FieldError> },
     #[error("{0}")]
     Unavailable(String),
+    /// A link that worked once and has expired.
+    #[error("{0}")]
+    Gone(String),
+    /// Too many requests from one client; it may try again after the seconds given.
+    #[error("{0}")]
+    TooManyRequests(String, u64),
     /// Logged with its cause; the client sees a generic message.
     #[error("internal error")]
     Internal(String),
@@ -79,6 +85,8 @@ impl ApiError {
             }
             ApiError::Invalid { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "validation-failed"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::Gone(_) => (StatusCode::GONE, "gone"),
+            ApiError::TooManyRequests(..) => (StatusCode::TOO_MANY_REQUESTS, "too-many-requests"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -113,6 +121,10 @@ impl IntoResponse for ApiError {
             tracing::error!(cause, "internal error");
         }
         let detail = self.to_string();
+        let retry_after = match &self {
+            ApiError::TooManyRequests(_, seconds) => Some(*seconds),
+            _ => None,
+        };
         let errors = match self {
             ApiError::Invalid { errors, .. } => errors,
             _ => Vec::new(),
@@ -134,6 +146,11 @@ impl IntoResponse for ApiError {
                 header::WWW_AUTHENTICATE,
                 header::HeaderValue::from_static("Bearer realm=\"letterbox\""),
             );
+        }
+        if let Some(seconds) = retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(seconds));
         }
         response
     }

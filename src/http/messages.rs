@@ -192,6 +192,7 @@ async fn checked(state: &AppState, input: MessageInput) -> Result<NewMessage, Ap
         },
         transport: input.transport,
         message_id: crate::messages::one_off_message_id(&newsletter.from),
+        confirmation: false,
     })
 }
 

@@ -15,6 +15,7 @@ mod nodes;
 mod openapi;
 mod plugins;
 mod providers;
+mod subscribe;
 mod timeout;
 mod unsubscribe;
 
@@ -29,6 +30,7 @@ use utoipa_axum::routes;
 
 pub use error::{ApiError, FieldError, Problem};
 pub use metrics::install as install_metrics;
+pub use subscribe::SubscribeLimiter;
 
 use crate::runner::Runner;
 use crate::store::Store;
@@ -54,6 +56,8 @@ pub struct AppState {
     /// Cancelled when the server starts to stop: responses that go on (event
     /// streams) end, so the graceful shutdown does not wait for them.
     pub stopping: tokio_util::sync::CancellationToken,
+    /// The public subscribe form's limit per IP address.
+    pub subscribe_limiter: std::sync::Arc<subscribe::SubscribeLimiter>,
 }
 
 /// The routes, and the OpenAPI document that describes them (served at `/openapi.json`).
@@ -98,6 +102,7 @@ fn routes_and_document(state: &AppState) -> (Router<AppState>, utoipa::openapi::
         .routes(routes!(openapi::serve))
         .merge(public_metrics)
         .merge(unsubscribe::router())
+        .merge(subscribe::router())
         .merge(providers::router());
     let public_paths: BTreeSet<String> = public.get_openapi().paths.paths.keys().cloned().collect();
     // The API proper (and `/metrics` unless public): every route needs the bearer token.

@@ -253,6 +253,7 @@ async fn change_subscriber(
         name,
         attributes: change.attributes,
         status: change.status,
+        confirming: false,
     };
     Ok(Json(state.store.update_subscriber(id, patch).await?))
 }

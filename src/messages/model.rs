@@ -54,6 +54,8 @@ pub struct NewMessage {
     pub transport: Option<String>,
     /// The Message-ID it will carry on every attempt.
     pub message_id: String,
+    /// A double opt-in confirmation: it goes to a subscriber who is not active yet.
+    pub confirmation: bool,
 }
 
 /// A new one-off message's Message-ID (without angle brackets), in the domain of the
@@ -99,6 +101,10 @@ pub struct Message {
     pub reply: Option<String>,
     /// Its Message-ID header (without angle brackets), the same on every attempt.
     pub message_id: String,
+    /// A double opt-in confirmation, sent to a subscriber who is unconfirmed (or
+    /// unsubscribed and asked again); every other message goes to active ones only.
+    #[serde(default)]
+    pub confirmation: bool,
     /// The node sending it now and until when (milliseconds): another node takes it
     /// only once that has passed.
     pub lease_node: Option<String>,
@@ -122,6 +128,7 @@ impl Message {
             reason: None,
             reply: None,
             message_id: new.message_id,
+            confirmation: new.confirmation,
             lease_node: None,
             lease_until_ms: 0,
             created_at: now_ms / 1000,
@@ -225,6 +232,7 @@ mod tests {
             content,
             transport: None,
             message_id: "m@example.com".into(),
+            confirmation: false,
         };
         Message::new(7, new, 10_000)
     }

@@ -1,7 +1,8 @@
 //! Housekeeping: what the store keeps only for a while, pruned in the background in
 //! small batches, so that a prune never holds the store (redb's single writer, a
 //! PostgreSQL row lock) long enough to stall a send: idempotency keys older than
-//! `--idempotency-ttl`, events older than `--event-retention`.
+//! `--idempotency-ttl`, events older than `--event-retention`, and subscribers of the
+//! public form who did not confirm within `--confirm-within` (erased).
 //!
 //! Every node prunes (there is no leader); the deletes are idempotent, and on
 //! PostgreSQL they skip rows another node is deleting. A failing store is tried again
@@ -10,9 +11,6 @@
 use std::time::Duration;
 
 use super::Runner;
-
-/// How often the rounds run.
-const EVERY: Duration = Duration::from_secs(60);
 
 /// Rows removed per store operation.
 const BATCH: usize = 500;
@@ -24,8 +22,9 @@ impl Runner {
         loop {
             self.prune_idempotency_keys().await;
             self.prune_events().await;
+            self.expire_unconfirmed().await;
             tokio::select! {
-                _ = tokio::time::sleep(EVERY) => {}
+                _ = tokio::time::sleep(self.inner.config.housekeeping_every) => {}
                 _ = stop.cancelled() => return,
             }
         }
@@ -42,6 +41,41 @@ impl Runner {
         .await;
         if pruned > 0 {
             tracing::info!(pruned, "forgot idempotency keys older than the TTL");
+        }
+    }
+
+    /// Erases unconfirmed subscribers whose link has expired, a while after it did (a
+    /// tenth of its life, at most a minute), so that a confirmation that began just
+    /// before cannot race the erasure.
+    async fn expire_unconfirmed(&self) {
+        let store = &self.inner.store;
+        let within = self.inner.config.confirm_within.as_secs();
+        let before = crate::domain::now().saturating_sub(within + (within / 10).min(60));
+        let mut erased = 0;
+        loop {
+            let ids = match store.unconfirmed_before(before, BATCH).await {
+                Ok(ids) => ids,
+                Err(e) => {
+                    tracing::warn!(error = %e, "finding expired unconfirmed subscribers failed; trying again later");
+                    break;
+                }
+            };
+            let full = ids.len() == BATCH;
+            for id in ids {
+                match store.delete_subscriber(id).await {
+                    Ok(()) | Err(crate::store::StoreError::NotFound { .. }) => erased += 1,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "erasing an expired unconfirmed subscriber failed; trying again later");
+                        return;
+                    }
+                }
+            }
+            if !full {
+                break;
+            }
+        }
+        if erased > 0 {
+            tracing::info!(erased, "erased subscribers who did not confirm in time");
         }
     }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use serde_json::Map;
 use tokio_util::sync::CancellationToken;
 
-use super::supervisor::{Attempt, sendable};
+use super::supervisor::{Attempt, admitted};
 use super::{RetryPolicy, Runner, RunnerError, outgoing};
 use crate::domain::{Letter, Outcome, PluginKind, now, now_ms};
 use crate::messages::{Message, MessageContent};
@@ -83,12 +83,13 @@ impl Runner {
             letter_id: message.content.letter_id,
             attempts: message.attempts,
             retry: &retry,
+            confirmation: message.confirmation,
         };
         if let Some(deferred) = self.domain_paused(&message.email) {
             return deferred;
         }
         let epoch = self.inner.store.status_epoch();
-        let subscriber = match self.reread(&to).await.and_then(sendable) {
+        let subscriber = match self.reread(&to).await.and_then(|r| admitted(&to, r)) {
             Ok(subscriber) => subscriber,
             Err(outcome) => return outcome,
         };

@@ -99,6 +99,10 @@ pub struct RunnerConfig {
     pub lease: Duration,
     /// How long a send's idempotency key is kept (see `housekeeping`).
     pub idempotency_ttl: Duration,
+    /// How long a confirmation link lasts; unconfirmed subscribers are erased after it.
+    pub confirm_within: Duration,
+    /// How often housekeeping runs.
+    pub housekeeping_every: Duration,
     /// How long the event log keeps an event.
     pub event_retention: Duration,
     /// What bounces and complaints do, and when refusals pause a domain.
@@ -284,6 +288,17 @@ impl Runner {
 
     pub fn unsubscribe_key(&self) -> &UnsubscribeKey {
         &self.inner.unsubscribe
+    }
+
+    /// The base URL links in messages point to (`--public-url`), without a trailing `/`.
+    pub fn public_url(&self) -> &str {
+        self.inner.config.public_url.trim_end_matches('/')
+    }
+
+    /// How long a double opt-in confirmation link lasts, and with it an unconfirmed
+    /// subscriber (`--confirm-within`).
+    pub fn confirm_within(&self) -> Duration {
+        self.inner.config.confirm_within
     }
 
     fn check_running(&self) -> Result<(), RunnerError> {

@@ -1056,7 +1056,7 @@ impl Runner {
         if inner.store.status_epoch() != epoch {
             match self.reread(to).await {
                 Ok(recipient) => {
-                    if let Err(skipped) = sendable(recipient) {
+                    if let Err(skipped) = admitted(to, recipient) {
                         return skipped;
                     }
                 }
@@ -1200,6 +1200,8 @@ pub(super) struct Attempt<'a> {
     /// Attempts made so far, this one included.
     pub attempts: u32,
     pub retry: &'a RetryPolicy,
+    /// A double opt-in confirmation (see `confirmable`).
+    pub confirmation: bool,
 }
 
 fn attempt_of<'a>(ctx: &'a JobContext, delivery: &'a Delivery) -> Attempt<'a> {
@@ -1211,6 +1213,30 @@ fn attempt_of<'a>(ctx: &'a JobContext, delivery: &'a Delivery) -> Attempt<'a> {
         letter_id: Some(ctx.letter_id),
         attempts: delivery.attempts,
         retry: &ctx.retry,
+        confirmation: false,
+    }
+}
+
+/// `sendable`, or `confirmable` for a confirmation.
+pub(super) fn admitted(to: &Attempt<'_>, recipient: Recipient) -> Result<Subscriber, Outcome> {
+    match to.confirmation {
+        true => confirmable(recipient),
+        false => sendable(recipient),
+    }
+}
+
+/// The subscriber, if a double opt-in confirmation may go to them: one who has not
+/// confirmed (or unsubscribed and asked again), whose address is not suppressed.
+fn confirmable((subscriber, suppression): Recipient) -> Result<Subscriber, Outcome> {
+    let skip = |reason: String| Err(Outcome::Skipped { reason });
+    match (subscriber, suppression) {
+        (_, Some(suppression)) => skip(suppression.skip_reason()),
+        (None, _) => skip("subscriber was deleted".into()),
+        (Some(s), None) => match s.status {
+            SubscriberStatus::Unconfirmed | SubscriberStatus::Unsubscribed => Ok(s),
+            SubscriberStatus::Active => skip("subscriber has confirmed already".into()),
+            other => skip(format!("subscriber is {}", other.as_str())),
+        },
     }
 }
 

@@ -143,6 +143,20 @@ pub trait Lists: Send + Sync {
         subscribers: Vec<NewSubscriber>,
     ) -> Result<ImportSummary, StoreError>;
 
+    /// The public form's subscribe: a new subscriber, `unconfirmed` (with its
+    /// `subscriber.created`), unless the newsletter has one with this email, which is
+    /// returned untouched (a stranger's form changes nothing of a subscriber). Whether
+    /// it was new.
+    async fn subscribe_unconfirmed(
+        &self,
+        newsletter_id: u64,
+        subscriber: NewSubscriber,
+    ) -> Result<(Subscriber, bool), StoreError>;
+
+    /// Up to `limit` unconfirmed subscribers created before `created_before` (unix
+    /// seconds), of any newsletter: those whose confirmation link has expired.
+    async fn unconfirmed_before(&self, created_before: u64, limit: usize) -> Result<Vec<u64>, StoreError>;
+
     /// Up to `limit` subscribers of a newsletter with ids greater than `after`, in id order.
     async fn subscribers_after(
         &self,

@@ -753,6 +753,7 @@ async fn subscriber_updates_status_and_email_conflicts(store: Store) {
         name: Some(Some("Cee".into())),
         attributes: Some(attributes),
         status: Some(SubscriberStatus::Active),
+        confirming: false,
     };
     let changed = store.update_subscriber(a.id, patch).await.unwrap();
     assert_eq!(
@@ -1252,6 +1253,7 @@ async fn transfer_copies_everything_ids_and_all(store: Store) {
         },
         transport: None,
         message_id: "letterbox.message.1@example.com".into(),
+        confirmation: false,
     };
     let message_key = || {
         Some(IdempotencyKey {

@@ -14,6 +14,10 @@ const KNOWN_ROUTES: &[(&str, &str)] = &[
     ("get", "/metrics"),
     ("get", "/u/{token}"),
     ("post", "/u/{token}"),
+    ("get", "/s/{newsletter}"),
+    ("post", "/s/{newsletter}"),
+    ("get", "/s/confirm/{token}"),
+    ("post", "/s/confirm/{token}"),
     ("post", "/v1/newsletters"),
     ("get", "/v1/newsletters/{id}"),
     ("post", "/v1/newsletters/{id}/subscribers"),
@@ -120,6 +124,10 @@ async fn every_documented_route_needs_the_token_unless_public() {
             "get /healthz",
             "get /openapi.json",
             "get /readyz",
+            "get /s/confirm/{token}",
+            "post /s/confirm/{token}",
+            "get /s/{newsletter}",
+            "post /s/{newsletter}",
             "get /u/{token}",
             "post /u/{token}",
             "post /webhooks/mailgun",
@@ -134,6 +142,7 @@ async fn every_documented_route_needs_the_token_unless_public() {
         let path = template
             .replace("{id}", "1")
             .replace("{name}", "x")
+            .replace("{newsletter}", "1")
             .replace("{token}", "1.1.00");
         if *protected {
             for token in [None, Some("wrong-token-wrong-token")] {

@@ -19,6 +19,7 @@ mod inbound;
 mod languages;
 mod messages;
 mod migrate;
+mod optin;
 mod outage;
 mod pg_tls;
 mod policies;

@@ -239,6 +239,11 @@ impl Bounces for PgStore {
                 "subscriber {subscriber_id} unsubscribed: only they can subscribe again"
             )));
         }
+        if before.status == SubscriberStatus::Unconfirmed {
+            return Err(StoreError::Conflict(format!(
+                "subscriber {subscriber_id} has not confirmed: only they can, by their link"
+            )));
+        }
         let mut after = before.clone();
         after.status = SubscriberStatus::Active;
         execute(

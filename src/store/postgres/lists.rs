@@ -114,6 +114,67 @@ impl Lists for PgStore {
         Ok(newsletter(&row))
     }
 
+    async fn subscribe_unconfirmed(
+        &self,
+        newsletter_id: u64,
+        new: NewSubscriber,
+    ) -> Result<(Subscriber, bool), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        if !newsletter_exists(&tx, newsletter_id).await? {
+            return Err(StoreError::not_found("newsletter", newsletter_id));
+        }
+        let key = normalise_email(&new.email);
+        let inserted = query_opt(
+            &tx,
+            &format!(
+                "INSERT INTO subscribers (newsletter_id, email, email_key, name, attributes, status, created_at)
+                 VALUES ($1, $2, $3, $4, $5, 'unconfirmed', $6)
+                 ON CONFLICT (newsletter_id, email_key) DO NOTHING
+                 RETURNING {SUBSCRIBER_COLUMNS}"
+            ),
+            &[
+                &sql_int(newsletter_id),
+                &new.email,
+                &key,
+                &new.name,
+                &Value::Object(new.attributes),
+                &sql_int(now()),
+            ],
+        )
+        .await?;
+        let Some(row) = inserted else {
+            let row = query_opt(
+                &tx,
+                &format!(
+                    "SELECT {SUBSCRIBER_COLUMNS} FROM subscribers WHERE newsletter_id = $1 AND email_key = $2"
+                ),
+                &[&sql_int(newsletter_id), &key],
+            )
+            .await?
+            .ok_or_else(|| StoreError::Inconsistent(format!("{key} is taken and missing")))?;
+            return Ok((subscriber(&row)?, false));
+        };
+        let created = subscriber(&row)?;
+        let appended = events::append(&tx, subscriber_changed(None, &created)).await?;
+        commit(tx).await?;
+        self.published(&appended);
+        Ok((created, true))
+    }
+
+    async fn unconfirmed_before(&self, created_before: u64, limit: usize) -> Result<Vec<u64>, StoreError> {
+        let client = self.client().await?;
+        Ok(query(
+            &client,
+            "SELECT id FROM subscribers WHERE status = 'unconfirmed' AND created_at < $1 ORDER BY id LIMIT $2",
+            &[&sql_int(created_before), &sql_limit(limit)],
+        )
+        .await?
+        .iter()
+        .map(|r| domain_int(r.get(0)))
+        .collect())
+    }
+
     async fn upsert_subscribers(
         &self,
         newsletter_id: u64,
@@ -330,6 +391,7 @@ impl Lists for PgStore {
         let before = subscriber.clone();
         let home = subscriber.newsletter_id;
         // The unique (newsletter, email_key) index refuses a taken email below.
+        let confirming = patch.confirming;
         patch.apply(&mut subscriber);
         let statement = tx
             .prepare_cached(
@@ -365,7 +427,11 @@ impl Lists for PgStore {
         };
         subscriber.attributes = attributes;
         bump_shared_status_epoch(&tx).await?;
-        let appended = events::append(&tx, subscriber_changed(Some(&before), &subscriber)).await?;
+        let event = match confirming {
+            true => crate::events::subscriber_confirmed(&before, &subscriber),
+            false => subscriber_changed(Some(&before), &subscriber),
+        };
+        let appended = events::append(&tx, event).await?;
         commit(tx).await?;
         self.bump_status_epoch();
         self.published(&appended);

@@ -16,6 +16,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (6, include_str!("migrations/0006_bounces.sql")),
     (7, include_str!("migrations/0007_automations.sql")),
     (8, include_str!("migrations/0008_messages.sql")),
+    (9, include_str!("migrations/0009_opt_in.sql")),
 ];
 
 /// The newest schema version this binary knows.

@@ -160,6 +160,77 @@ impl Lists for RedbStore {
         .await
     }
 
+    async fn subscribe_unconfirmed(
+        &self,
+        newsletter_id: u64,
+        new: NewSubscriber,
+    ) -> Result<(Subscriber, bool), StoreError> {
+        self.write(move |txn| {
+            if !newsletter_exists(txn, newsletter_id)? {
+                return Err(StoreError::not_found("newsletter", newsletter_id));
+            }
+            let key = normalise_email(&new.email);
+            let existing = txn
+                .open_table(SUBSCRIBER_EMAILS)?
+                .get((newsletter_id, key.as_str()))?
+                .map(|v| v.value());
+            if let Some(id) = existing {
+                return Ok((subscriber_in(txn, id)?.1, false));
+            }
+            let subscriber = Subscriber {
+                id: next_id(txn, "subscriber")?,
+                newsletter_id,
+                email: new.email,
+                name: new.name,
+                attributes: new.attributes,
+                status: SubscriberStatus::Unconfirmed,
+                created_at: now(),
+            };
+            txn.open_table(UNCONFIRMED)?
+                .insert((subscriber.created_at, subscriber.id), ())?;
+            txn.open_table(SUBSCRIBER_EMAILS)?
+                .insert((newsletter_id, key.as_str()), subscriber.id)?;
+            txn.open_table(SUBSCRIBER_HOMES)?
+                .insert(subscriber.id, newsletter_id)?;
+            txn.open_table(SUBSCRIBERS)?
+                .insert((newsletter_id, subscriber.id), encode(&subscriber).as_slice())?;
+            events::append(txn, subscriber_changed(None, &subscriber))?;
+            Ok((subscriber, true))
+        })
+        .await
+    }
+
+    /// Reads `UNCONFIRMED` up to `created_before`, dropping the entries of subscribers
+    /// who are no longer unconfirmed (hence a write).
+    async fn unconfirmed_before(&self, created_before: u64, limit: usize) -> Result<Vec<u64>, StoreError> {
+        self.write(move |txn| {
+            let mut index = txn.open_table(UNCONFIRMED)?;
+            let mut out = Vec::new();
+            let mut stale = Vec::new();
+            let homes = txn.open_table(SUBSCRIBER_HOMES)?;
+            let rows = txn.open_table(SUBSCRIBERS)?;
+            for row in index.range(..(created_before, 0))? {
+                let (created, id) = row?.0.value();
+                match find_subscriber(&homes, &rows, id) {
+                    Ok((_, s)) if s.status == SubscriberStatus::Unconfirmed => {
+                        out.push(id);
+                        if out.len() >= limit {
+                            break;
+                        }
+                    }
+                    // Confirmed (or made active, or erased) since: nothing to expire.
+                    Ok(_) | Err(StoreError::NotFound { .. }) => stale.push((created, id)),
+                    Err(e) => return Err(e),
+                }
+            }
+            for key in stale {
+                index.remove(key)?;
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     /// Up to `limit` subscribers of a newsletter with ids greater than `after`, in id order.
     async fn subscribers_after(
         &self,
@@ -290,10 +361,15 @@ impl Lists for RedbStore {
                         emails.insert((home, new_key.as_str()), id)?;
                     }
                 }
+                let confirming = patch.confirming;
                 patch.apply(&mut subscriber);
                 txn.open_table(SUBSCRIBERS)?
                     .insert((home, id), encode(&subscriber).as_slice())?;
-                events::append(txn, subscriber_changed(Some(&before), &subscriber))?;
+                let event = match confirming {
+                    true => crate::events::subscriber_confirmed(&before, &subscriber),
+                    false => subscriber_changed(Some(&before), &subscriber),
+                };
+                events::append(txn, event)?;
                 Ok(subscriber)
             })
             .await;
@@ -313,6 +389,7 @@ impl Lists for RedbStore {
                 txn.open_table(SUBSCRIBER_HOMES)?.remove(id)?;
                 txn.open_table(SUBSCRIBER_EMAILS)?
                     .remove((home, normalise_email(&subscriber.email).as_str()))?;
+                txn.open_table(UNCONFIRMED)?.remove((subscriber.created_at, id))?;
                 let jobs: Vec<u64> = {
                     let table = txn.open_table(JOBS)?;
                     let mut out = Vec::new();

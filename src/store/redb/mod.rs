@@ -212,6 +212,7 @@ fn open_database(path: &Path) -> Result<Database, StoreError> {
         txn.open_table(MESSAGES_DUE)?;
         txn.open_table(MESSAGE_KEYS)?;
         txn.open_table(MESSAGES_BY_SUBSCRIBER)?;
+        txn.open_table(UNCONFIRMED)?;
     }
     lists::backfill_subscriber_homes(&txn)?;
     txn.commit()?;

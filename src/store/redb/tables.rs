@@ -108,6 +108,11 @@ pub const AUTOMATION_FAILURES: TableDefinition<(u64, u64), &[u8]> =
 /// Queued send id → `automations::QueuedSend`, oldest first.
 pub const QUEUED_SENDS: TableDefinition<u64, &[u8]> = TableDefinition::new("queued_sends");
 
+/// (created at, subscriber id) → (): subscribers of the public form waiting for their
+/// confirmation, oldest first, so their expiry reads only them. An entry whose subscriber
+/// has been confirmed since is dropped when the expiry passes it.
+pub const UNCONFIRMED: TableDefinition<(u64, u64), ()> = TableDefinition::new("unconfirmed");
+
 /// Message id → `messages::Message`.
 pub const MESSAGES: TableDefinition<u64, &[u8]> = TableDefinition::new("messages");
 

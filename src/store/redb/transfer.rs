@@ -168,6 +168,7 @@ impl Transfer for RedbStore {
             let mut subscribers = txn.open_table(SUBSCRIBERS)?;
             let mut emails = txn.open_table(SUBSCRIBER_EMAILS)?;
             let mut homes = txn.open_table(SUBSCRIBER_HOMES)?;
+            let mut unconfirmed = txn.open_table(UNCONFIRMED)?;
             let mut letters = txn.open_table(LETTERS)?;
             let mut plugins = txn.open_table(PLUGINS)?;
             let mut blobs = txn.open_table(PLUGIN_BLOBS)?;
@@ -222,6 +223,9 @@ impl Transfer for RedbStore {
                         subscribers.insert((s.newsletter_id, s.id), encode(&s).as_slice())?;
                         emails.insert((s.newsletter_id, key.as_str()), s.id)?;
                         homes.insert(s.id, s.newsletter_id)?;
+                        if s.status == SubscriberStatus::Unconfirmed {
+                            unconfirmed.insert((s.created_at, s.id), ())?;
+                        }
                     }
                     Record::Letter(l) => {
                         last[2].1 = last[2].1.max(l.id);

@@ -311,10 +311,93 @@ async fn a_reader_following_concurrent_appends_misses_nothing(store: Store) {
     assert_eq!(distinct.len() as u64, total);
 }
 
+/// The public form's subscribers: unconfirmed until confirmed (`subscriber.confirmed`),
+/// found for expiry by their age until then, and a second request changes nothing.
+async fn unconfirmed_subscribers_are_confirmed_or_found_for_expiry(store: Store) {
+    let newsletter = store
+        .create_newsletter("N".into(), "n@example.com".into())
+        .await
+        .unwrap();
+    store
+        .upsert_subscribers(newsletter.id, vec![person("on@example.com")])
+        .await
+        .unwrap();
+    let (active, new) = store
+        .subscribe_unconfirmed(newsletter.id, person("on@EXAMPLE.com"))
+        .await
+        .unwrap();
+    assert!(!new);
+    assert_eq!(
+        active.status,
+        SubscriberStatus::Active,
+        "a stranger's form changes nothing"
+    );
+    let (u, new) = store
+        .subscribe_unconfirmed(newsletter.id, person("u@example.com"))
+        .await
+        .unwrap();
+    assert!(new);
+    assert_eq!(u.status, SubscriberStatus::Unconfirmed);
+    let (again, new) = store
+        .subscribe_unconfirmed(newsletter.id, person("u@Example.COM"))
+        .await
+        .unwrap();
+    assert_eq!((again.id, new), (u.id, false));
+    let (v, _) = store
+        .subscribe_unconfirmed(newsletter.id, person("v@example.com"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        store
+            .subscribe_unconfirmed(newsletter.id + 99, person("w@example.com"))
+            .await,
+        Err(StoreError::NotFound { .. })
+    ));
+
+    let later = crate::domain::now() + 2;
+    assert_eq!(store.unconfirmed_before(later, 10).await.unwrap(), [u.id, v.id]);
+    assert_eq!(store.unconfirmed_before(later, 1).await.unwrap(), [u.id]);
+    assert!(
+        store
+            .unconfirmed_before(u.created_at, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "only those created before"
+    );
+
+    let confirm = SubscriberPatch {
+        status: Some(SubscriberStatus::Active),
+        confirming: true,
+        ..Default::default()
+    };
+    let confirmed = store.update_subscriber(v.id, confirm).await.unwrap();
+    assert_eq!(confirmed.status, SubscriberStatus::Active);
+    assert_eq!(store.unconfirmed_before(later, 10).await.unwrap(), [u.id]);
+    store.delete_subscriber(u.id).await.unwrap();
+    assert!(store.unconfirmed_before(later, 10).await.unwrap().is_empty());
+
+    let events = all_events(&store).await;
+    let about = |id: u64| -> Vec<&str> {
+        events
+            .iter()
+            .filter(|e| e.subscriber_id == Some(id))
+            .map(|e| e.kind.as_str())
+            .collect()
+    };
+    assert_eq!(
+        about(v.id),
+        [types::SUBSCRIBER_CREATED, types::SUBSCRIBER_CONFIRMED]
+    );
+    assert_eq!(about(u.id), [types::SUBSCRIBER_CREATED, types::SUBSCRIBER_ERASED]);
+    assert_eq!(about(active.id), [types::SUBSCRIBER_CREATED]);
+}
+
 conformance!(
     changes_append_their_events_in_order,
     the_log_pages_filters_and_resumes,
     erasure_scrubs_a_subscribers_events,
     old_events_are_pruned_in_batches,
     a_reader_following_concurrent_appends_misses_nothing,
+    unconfirmed_subscribers_are_confirmed_or_found_for_expiry,
 );

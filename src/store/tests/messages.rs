@@ -37,6 +37,7 @@ fn new_message(s: &Subscriber, text: &str) -> NewMessage {
         },
         transport: None,
         message_id: "letterbox.message.x@example.com".into(),
+        confirmation: false,
     }
 }
 

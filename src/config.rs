@@ -57,6 +57,14 @@ pub struct Config {
     pub confirm_within: Duration,
     /// Subscribe requests the public form takes from one IP address per minute.
     pub subscribe_per_minute: u32,
+    /// Whether webhook endpoints may be on loopback, private, link-local and other
+    /// special addresses (`--webhook-allow-private`): for tests and internal receivers.
+    pub webhook_allow_private: bool,
+    /// The longest one webhook request may take, connection to last byte read.
+    pub webhook_timeout: Duration,
+    /// The delays before each attempt of a webhook send after the first
+    /// (`webhooks::DEFAULT_RETRY_DELAYS`; tests make them short).
+    pub webhook_retry_delays: Vec<Duration>,
     /// How often housekeeping runs (pruning, the expiry of unconfirmed subscribers).
     pub housekeeping_every: Duration,
     /// What bounces and complaints do (see `crate::bounces`).
@@ -104,6 +112,9 @@ impl Config {
             confirm_within: Duration::from_secs(3 * 24 * 3600),
             subscribe_per_minute: 10,
             housekeeping_every: Duration::from_secs(60),
+            webhook_allow_private: false,
+            webhook_timeout: Duration::from_secs(15),
+            webhook_retry_delays: crate::webhooks::DEFAULT_RETRY_DELAYS.to_vec(),
             bounces: Default::default(),
             bounce_domain: None,
             inbound_smtp: None,
@@ -149,6 +160,9 @@ impl std::fmt::Debug for Config {
             .field("confirm_within", &self.confirm_within)
             .field("subscribe_per_minute", &self.subscribe_per_minute)
             .field("housekeeping_every", &self.housekeeping_every)
+            .field("webhook_allow_private", &self.webhook_allow_private)
+            .field("webhook_timeout", &self.webhook_timeout)
+            .field("webhook_retry_delays", &self.webhook_retry_delays)
             .field("bounces", &self.bounces)
             .field("bounce_domain", &self.bounce_domain)
             .field("inbound_smtp", &self.inbound_smtp)

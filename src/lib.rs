@@ -28,6 +28,7 @@ pub mod settings;
 pub mod store;
 pub mod tls;
 pub mod tokens;
+pub mod webhooks;
 
 use std::future::Future;
 use std::io::Write;
@@ -240,6 +241,30 @@ pub async fn run(
         })
     };
 
+    // Webhooks out: one worker per node, restarted like the others.
+    let webhook_wake = std::sync::Arc::new(tokio::sync::Notify::new());
+    let webhooks = {
+        let worker = webhooks::Worker {
+            store: store.clone(),
+            deliverer: std::sync::Arc::new(webhooks::Deliverer::new(
+                config.webhook_allow_private,
+                config.webhook_timeout,
+            )),
+            wake: webhook_wake.clone(),
+            node: runner.node_id(),
+            lease: config.lease,
+            delays_ms: std::sync::Arc::new(
+                config
+                    .webhook_retry_delays
+                    .iter()
+                    .map(|d| d.as_millis() as u64)
+                    .collect(),
+            ),
+        };
+        let stop = stop.clone();
+        tokio::spawn(async move { runner::restart_on_panic("webhooks", || worker.run(stop.clone())).await })
+    };
+
     tracing::info!("listening on http://{local_addr}");
     let app = http::router(http::AppState {
         store: store.clone(),
@@ -251,6 +276,8 @@ pub async fn run(
         providers: providers::Providers::new(&config.providers).map_err(Error::Providers)?,
         stopping: stop.clone(),
         subscribe_limiter: std::sync::Arc::new(http::SubscribeLimiter::new(config.subscribe_per_minute)),
+        webhook_allow_private: config.webhook_allow_private,
+        webhook_wake,
     });
     // With each connection's peer address: the public subscribe form is limited per IP.
     let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
@@ -263,6 +290,7 @@ pub async fn run(
     stop.cancel();
     let _ = automations.await;
     let _ = messages.await;
+    let _ = webhooks.await;
     runner.shutdown(config.drain_timeout).await;
     drop(runner);
     if let Some(inbound) = inbound {

@@ -253,6 +253,13 @@ struct ServeArgs {
     /// per minute; more get 429 [default: 10].
     #[arg(long, env = "LETTERBOX_SUBSCRIBE_PER_MINUTE")]
     subscribe_per_minute: Option<u32>,
+    /// The longest one webhook request may take, connection to last byte [default: 15s].
+    #[arg(long, env = "LETTERBOX_WEBHOOK_TIMEOUT")]
+    webhook_timeout: Option<String>,
+    /// Let webhook endpoints be on loopback, private, link-local and other special
+    /// addresses (refused by default: a webhook must not reach inside your network).
+    #[arg(long, env = "LETTERBOX_WEBHOOK_ALLOW_PRIVATE", num_args = 0..=1, default_missing_value = "true")]
+    webhook_allow_private: Option<bool>,
     /// How long a request may take before it is answered 503 (its work still finishes).
     /// CSV imports, which last as long as their upload, and event streams are exempt
     /// [default: 30s].
@@ -359,6 +366,11 @@ impl ServeArgs {
             ("idempotency_ttl", self.idempotency_ttl),
             ("event_retention", self.event_retention),
             ("confirm_within", self.confirm_within),
+            ("webhook_timeout", self.webhook_timeout),
+            (
+                "webhook_allow_private",
+                self.webhook_allow_private.map(|b| b.to_string()),
+            ),
             (
                 "subscribe_per_minute",
                 self.subscribe_per_minute.map(|n| n.to_string()),

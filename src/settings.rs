@@ -49,6 +49,8 @@ struct File {
     event_retention: String,
     confirm_within: String,
     subscribe_per_minute: u32,
+    webhook_timeout: String,
+    webhook_allow_private: bool,
     delivery: Delivery,
     retry: Retry,
     bounces: Bounces,
@@ -165,6 +167,8 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("event_retention", "90d"),
     ("confirm_within", "3d"),
     ("subscribe_per_minute", "10"),
+    ("webhook_timeout", "15s"),
+    ("webhook_allow_private", "false"),
     ("delivery.concurrency", "16"),
     ("delivery.max_deliveries", "512"),
     ("delivery.max_running_jobs", "4"),
@@ -374,6 +378,8 @@ fn resolve(
         return Err(invalid("subscribe_per_minute", "must be at least 1"));
     }
     config.subscribe_per_minute = file.subscribe_per_minute;
+    config.webhook_timeout = positive_duration("webhook_timeout", &file.webhook_timeout)?;
+    config.webhook_allow_private = file.webhook_allow_private;
     let b = &file.bounces;
     if let Some(domain) = &b.domain {
         let domain = domain.trim().trim_start_matches('@').to_ascii_lowercase();

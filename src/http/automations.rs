@@ -55,19 +55,53 @@ struct AutomationInput {
     config: Option<Map<String, Value>>,
 }
 
-/// An event type or a prefix of types, as an automation listens to it.
+/// An event type or a prefix of types, as an automation listens to it (and a webhook
+/// is sent it).
 #[derive(Deserialize, ToSchema)]
 #[schema(
     max_length = 100,
-    pattern = r"^(\*|custom\.\*|custom\.[a-z0-9_-]+(\.[a-z0-9_-]+)*|subscriber\.(\*|created|updated|unsubscribed|bounced|complained|reinstated|erased)|delivery\.(\*|failed|bounced|complained|blocked)|job\.(\*|created|started|paused|resumed|completed|cancelled|failed))$"
+    pattern = r"^(\*|custom\.\*|custom\.[a-z0-9_-]+(\.[a-z0-9_-]+)*|subscriber\.(\*|created|confirmed|updated|unsubscribed|bounced|complained|reinstated|erased)|delivery\.(\*|failed|bounced|complained|blocked)|job\.(\*|created|started|paused|resumed|completed|cancelled|failed)|message\.(\*|queued|sent|skipped|failed))$"
 )]
 #[serde(transparent)]
-struct EventType(String);
+pub(super) struct EventType(String);
+
+/// The types `input` names, checked; each problem is added to `errors`.
+pub(super) fn event_types(
+    input: &[EventType],
+    errors: &mut Vec<FieldError>,
+) -> Result<Vec<String>, ApiError> {
+    let mut problem = |field: String, message: String| errors.push(FieldError { field, message });
+    if input.is_empty() || input.len() > MAX_EVENT_TYPES {
+        problem(
+            "events".into(),
+            format!("must name 1 to {MAX_EVENT_TYPES} event types"),
+        );
+    }
+    let mut events = Vec::new();
+    for (i, EventType(kind)) in input.iter().enumerate() {
+        if kind.trim() == "*" {
+            events.push("*".to_string());
+            continue;
+        }
+        match super::events::parse_types(Some(kind)) {
+            Ok(parsed) if parsed.len() == 1 => events.push(parsed.into_iter().next().unwrap_or_default()),
+            Ok(_) => problem(format!("events[{i}]"), format!("{kind:?} is not one event type")),
+            Err(ApiError::Invalid { errors: found, .. }) => {
+                for e in found {
+                    problem(format!("events[{i}]"), e.message);
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(events)
+}
 
 /// The spec `input` describes, checked: its name and event types, its newsletter, its
 /// policy (an automation, compiled) and its config (the policy's `validate`).
 async fn checked(state: &AppState, input: AutomationInput) -> Result<AutomationSpec, ApiError> {
     let mut errors = Vec::new();
+    let events = event_types(&input.events, &mut errors)?;
     let mut problem = |field: &str, message: String| {
         errors.push(FieldError {
             field: field.into(),
@@ -85,26 +119,6 @@ async fn checked(state: &AppState, input: AutomationInput) -> Result<AutomationS
             "name",
             "must be 1 to 64 characters of letters, digits, '-', '_' or '.'".into(),
         );
-    }
-    if input.events.is_empty() || input.events.len() > MAX_EVENT_TYPES {
-        problem("events", format!("must name 1 to {MAX_EVENT_TYPES} event types"));
-    }
-    let mut events = Vec::new();
-    for (i, EventType(kind)) in input.events.iter().enumerate() {
-        if kind.trim() == "*" {
-            events.push("*".to_string());
-            continue;
-        }
-        match super::events::parse_types(Some(kind)) {
-            Ok(parsed) if parsed.len() == 1 => events.push(parsed.into_iter().next().unwrap_or_default()),
-            Ok(_) => problem(&format!("events[{i}]"), format!("{kind:?} is not one event type")),
-            Err(ApiError::Invalid { errors: found, .. }) => {
-                for e in found {
-                    problem(&format!("events[{i}]"), e.message);
-                }
-            }
-            Err(e) => return Err(e),
-        }
     }
     if let Some(id) = input.newsletter_id {
         super::int64("newsletter_id", Some(id))?;

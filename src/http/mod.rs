@@ -18,6 +18,7 @@ mod providers;
 mod subscribe;
 mod timeout;
 mod unsubscribe;
+mod webhooks;
 
 use std::collections::BTreeSet;
 
@@ -58,6 +59,10 @@ pub struct AppState {
     pub stopping: tokio_util::sync::CancellationToken,
     /// The public subscribe form's limit per IP address.
     pub subscribe_limiter: std::sync::Arc<subscribe::SubscribeLimiter>,
+    /// Whether webhook endpoints may be private addresses (`--webhook-allow-private`).
+    pub webhook_allow_private: bool,
+    /// Wakes the node's webhook worker (an endpoint made or changed, a test queued).
+    pub webhook_wake: std::sync::Arc<tokio::sync::Notify>,
 }
 
 /// The routes, and the OpenAPI document that describes them (served at `/openapi.json`).
@@ -115,6 +120,7 @@ fn routes_and_document(state: &AppState) -> (Router<AppState>, utoipa::openapi::
         .merge(events::router())
         .merge(bounces::router())
         .merge(automations::router())
+        .merge(webhooks::router())
         .merge(messages::router())
         .merge(nodes::router())
         .route_layer(axum::middleware::from_fn_with_state(

@@ -1,7 +1,7 @@
 //! Housekeeping: what the store keeps only for a while, pruned in the background in
 //! small batches, so that a prune never holds the store (redb's single writer, a
 //! PostgreSQL row lock) long enough to stall a send: idempotency keys older than
-//! `--idempotency-ttl`, events older than `--event-retention`, and subscribers of the
+//! `--idempotency-ttl`, events (and webhook attempts) older than `--event-retention`, and subscribers of the
 //! public form who did not confirm within `--confirm-within` (erased).
 //!
 //! Every node prunes (there is no leader); the deletes are idempotent, and on
@@ -89,6 +89,14 @@ impl Runner {
         let pruned = drain("events", pause, || store.prune_events(before, BATCH)).await;
         if pruned > 0 {
             tracing::info!(pruned, "pruned events older than the retention");
+        }
+        // The webhooks' log of attempts, and their finished sends, last as long.
+        let pruned = drain("webhook attempts", pause, || {
+            store.prune_webhook_log(before, BATCH)
+        })
+        .await;
+        if pruned > 0 {
+            tracing::info!(pruned, "pruned webhook attempts older than the retention");
         }
     }
 }

@@ -24,6 +24,7 @@
 mod messages;
 pub mod postgres;
 mod redb;
+mod webhooks;
 
 use std::ops::Deref;
 use std::path::Path;
@@ -42,6 +43,7 @@ use crate::faults::Faults;
 pub use self::messages::{Messages, NewMessageOutcome};
 pub use self::postgres::PgStore;
 pub use self::redb::RedbStore;
+pub use self::webhooks::Webhooks;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -639,6 +641,10 @@ pub enum Record {
         message: crate::messages::Message,
         idempotency: Option<(String, String)>,
     },
+    /// A webhook endpoint, with its secret and cursor. Its log of attempts is not moved.
+    Webhook(crate::webhooks::Webhook),
+    /// A webhook send, pending or finished.
+    WebhookSend(crate::webhooks::WebhookSend),
 }
 
 /// How many records of each kind a store holds: what a migration must find the same on
@@ -674,6 +680,10 @@ pub struct Inventory {
     pub queued_sends: u64,
     #[serde(default)]
     pub messages: u64,
+    #[serde(default)]
+    pub webhooks: u64,
+    #[serde(default)]
+    pub webhook_sends: u64,
     /// The jobs' counts summed: deliveries per state, as the jobs record them.
     pub counts: Counts,
 }
@@ -716,6 +726,8 @@ impl Inventory {
             Record::AutomationFailure(_) => self.automation_failures += 1,
             Record::QueuedSend(_) => self.queued_sends += 1,
             Record::Message { .. } => self.messages += 1,
+            Record::Webhook(_) => self.webhooks += 1,
+            Record::WebhookSend(_) => self.webhook_sends += 1,
         }
     }
 }
@@ -757,7 +769,7 @@ pub trait Transfer: Send + Sync {
 /// A whole database: every operation, plus what the server needs to run on it.
 #[async_trait]
 pub trait Backend:
-    Lists + Jobs + Plugins + Fleet + Transfer + Events + Bounces + Automations + Messages
+    Lists + Jobs + Plugins + Fleet + Transfer + Events + Bounces + Automations + Messages + Webhooks
 {
     /// "redb" or "postgres", for logs and metrics.
     fn name(&self) -> &'static str;

@@ -1278,6 +1278,24 @@ async fn transfer_copies_everything_ids_and_all(store: Store) {
         panic!("not created")
     };
 
+    let hook = store
+        .create_webhook(crate::webhooks::NewWebhook {
+            url: "https://hooks.example.com/in".into(),
+            events: vec!["subscriber.*".into()],
+            description: None,
+            secret: crate::webhooks::Secret::generate().to_text(),
+            cursor: 0,
+        })
+        .await
+        .unwrap();
+    assert!(
+        store
+            .fan_out(hook.id, 0, 3, vec![(2, "subscriber.created".into())])
+            .await
+            .unwrap()
+    );
+    let hook = store.webhook(hook.id).await.unwrap();
+
     let records = export_all(&store).await;
     let inventory = store.inventory().await.unwrap();
     let mut counted = Inventory::default();
@@ -1315,6 +1333,7 @@ async fn transfer_copies_everything_ids_and_all(store: Store) {
         (1, 1, 1, 1, 1, 1)
     );
     assert_eq!(inventory.messages, 2);
+    assert_eq!((inventory.webhooks, inventory.webhook_sends), (1, 1));
 
     let mut targets = vec![redb().await];
     targets.extend(postgres().await);
@@ -1365,6 +1384,21 @@ async fn transfer_copies_everything_ids_and_all(store: Store) {
             panic!("{name}: not created")
         };
         assert!(fresh_message.id > keyed_message.id, "{name}: message id reused");
+        assert_eq!(target.webhook(hook.id).await.unwrap(), hook, "{name}");
+        let test = target.queue_webhook_test(hook.id).await.unwrap();
+        let copied = records
+            .iter()
+            .find_map(|r| match r {
+                Record::WebhookSend(s) => Some(s.id),
+                _ => None,
+            })
+            .unwrap();
+        assert!(test.id > copied, "{name}: webhook send id reused");
+        let claimed = target
+            .claim_webhook_sends(NODE, now_ms(), now_ms() + 1000, 10)
+            .await
+            .unwrap();
+        assert_eq!(claimed.len(), 2, "{name}: the copied send and the new one");
         let pending = target.claim(NODE, job.id, 10, now_ms()).await.unwrap();
         assert_eq!(
             pending.len(),
@@ -1577,3 +1611,4 @@ mod automations;
 mod bounces;
 mod events;
 mod messages;
+mod webhooks;

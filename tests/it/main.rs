@@ -27,3 +27,4 @@ mod providers;
 mod subscribers;
 mod support;
 mod tls;
+mod webhooks;

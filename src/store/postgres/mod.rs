@@ -22,6 +22,7 @@ mod plugins;
 mod schema;
 mod tls;
 mod transfer;
+mod webhooks;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};

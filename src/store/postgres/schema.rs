@@ -17,6 +17,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (7, include_str!("migrations/0007_automations.sql")),
     (8, include_str!("migrations/0008_messages.sql")),
     (9, include_str!("migrations/0009_opt_in.sql")),
+    (10, include_str!("migrations/0010_webhooks.sql")),
 ];
 
 /// The newest schema version this binary knows.

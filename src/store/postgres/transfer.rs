@@ -214,6 +214,7 @@ impl Transfer for PgStore {
         }
         export_automations(&tx, &out).await?;
         export_messages(&tx, &out).await?;
+        export_webhooks(&tx, &out).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -264,6 +265,8 @@ impl Transfer for PgStore {
             "automation_failures",
             "queued_sends",
             "messages",
+            "webhooks",
+            "webhook_sends",
         ] {
             query(
                 &tx,
@@ -298,6 +301,7 @@ impl Transfer for PgStore {
                     (SELECT count(*) FROM automation_states), (SELECT count(*) FROM timers),
                     (SELECT count(*) FROM automation_failures), (SELECT count(*) FROM queued_sends),
                     (SELECT count(*) FROM messages),
+                    (SELECT count(*) FROM webhooks), (SELECT count(*) FROM webhook_sends),
                     coalesce(sum(pending), 0)::bigint, coalesce(sum(sending), 0)::bigint,
                     coalesce(sum(delivered), 0)::bigint, coalesce(sum(skipped), 0)::bigint,
                     coalesce(sum(retrying), 0)::bigint, coalesce(sum(failed), 0)::bigint,
@@ -329,14 +333,16 @@ impl Transfer for PgStore {
             automation_failures: n(17),
             queued_sends: n(18),
             messages: n(19),
+            webhooks: n(20),
+            webhook_sends: n(21),
             counts: Counts {
-                pending: n(20),
-                sending: n(21),
-                delivered: n(22),
-                skipped: n(23),
-                retrying: n(24),
-                failed: n(25),
-                cancelled: n(26),
+                pending: n(22),
+                sending: n(23),
+                delivered: n(24),
+                skipped: n(25),
+                retrying: n(26),
+                failed: n(27),
+                cancelled: n(28),
             },
         })
     }
@@ -568,8 +574,39 @@ async fn import_one(tx: &deadpool_postgres::Transaction<'_>, record: Record) -> 
             )
             .await?;
         }
+        Record::Webhook(w) => super::webhooks::import_webhook(tx, &w).await?,
+        Record::WebhookSend(s) => super::webhooks::import_send(tx, &s).await?,
     }
     Ok(())
+}
+
+/// Webhook endpoints, then their sends, in keyed pages.
+async fn export_webhooks(
+    tx: &deadpool_postgres::Transaction<'_>,
+    out: &mpsc::Sender<Vec<Record>>,
+) -> Result<(), StoreError> {
+    let rows = query(tx, "SELECT doc FROM webhooks ORDER BY id", &[]).await?;
+    let chunk = rows
+        .iter()
+        .map(|r| Ok(Record::Webhook(serde_json::from_value(r.get(0))?)))
+        .collect::<Result<_, StoreError>>()?;
+    send(out, chunk).await?;
+    let mut after = 0i64;
+    loop {
+        let rows = query(
+            tx,
+            "SELECT id, doc FROM webhook_sends WHERE id > $1 ORDER BY id LIMIT 1000",
+            &[&after],
+        )
+        .await?;
+        let Some(last) = rows.last() else { return Ok(()) };
+        after = last.get(0);
+        let chunk = rows
+            .iter()
+            .map(|r| Ok(Record::WebhookSend(serde_json::from_value(r.get(1))?)))
+            .collect::<Result<_, StoreError>>()?;
+        send(out, chunk).await?;
+    }
 }
 
 /// One-off messages with their idempotency keys, in keyed pages.

@@ -35,6 +35,7 @@ mod messages;
 mod plugins;
 mod tables;
 mod transfer;
+mod webhooks;
 
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
@@ -213,6 +214,12 @@ fn open_database(path: &Path) -> Result<Database, StoreError> {
         txn.open_table(MESSAGE_KEYS)?;
         txn.open_table(MESSAGES_BY_SUBSCRIBER)?;
         txn.open_table(UNCONFIRMED)?;
+        txn.open_table(WEBHOOKS)?;
+        txn.open_table(WEBHOOK_SENDS)?;
+        txn.open_table(WEBHOOK_SENDS_DUE)?;
+        txn.open_table(WEBHOOK_SENDS_BY_HOOK)?;
+        txn.open_table(WEBHOOK_ATTEMPTS)?;
+        txn.open_table(WEBHOOK_ATTEMPT_IDS)?;
     }
     lists::backfill_subscriber_homes(&txn)?;
     txn.commit()?;

@@ -126,3 +126,23 @@ pub const MESSAGE_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("mes
 /// (subscriber id, message id) → (): what an erasure removes.
 pub const MESSAGES_BY_SUBSCRIBER: TableDefinition<(u64, u64), ()> =
     TableDefinition::new("messages_by_subscriber");
+
+/// Webhook id → `webhooks::Webhook`.
+pub const WEBHOOKS: TableDefinition<u64, &[u8]> = TableDefinition::new("webhooks");
+
+/// Send id → `webhooks::WebhookSend`: one event for one endpoint (the outbox).
+pub const WEBHOOK_SENDS: TableDefinition<u64, &[u8]> = TableDefinition::new("webhook_sends");
+
+/// (due time in unix ms, send id) → (): pending sends, earliest due first; those of a
+/// disabled endpoint wait at `webhooks::HELD`.
+pub const WEBHOOK_SENDS_DUE: TableDefinition<(u64, u64), ()> = TableDefinition::new("webhook_sends_due");
+
+/// (webhook id, send id) → (): what disabling, enabling and deleting an endpoint touch.
+pub const WEBHOOK_SENDS_BY_HOOK: TableDefinition<(u64, u64), ()> =
+    TableDefinition::new("webhook_sends_by_hook");
+
+/// (webhook id, attempt id) → `webhooks::WebhookAttempt`: each endpoint's log.
+pub const WEBHOOK_ATTEMPTS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("webhook_attempts");
+
+/// Attempt id → webhook id: the log's oldest first, for pruning.
+pub const WEBHOOK_ATTEMPT_IDS: TableDefinition<u64, u64> = TableDefinition::new("webhook_attempt_ids");

@@ -153,6 +153,12 @@ impl Transfer for RedbStore {
                 let idempotency = keys.remove(&message.id);
                 chunks.push(Record::Message { message, idempotency })?;
             }
+            for row in txn.open_table(WEBHOOKS)?.iter()? {
+                chunks.push(Record::Webhook(decode(row?.1.value())?))?;
+            }
+            for row in txn.open_table(WEBHOOK_SENDS)?.iter()? {
+                chunks.push(Record::WebhookSend(decode(row?.1.value())?))?;
+            }
             chunks.flush()
         })
         .await
@@ -207,6 +213,8 @@ impl Transfer for RedbStore {
                 ("automation_failure", 0),
                 ("queued_send", 0),
                 ("message", 0),
+                ("webhook", 0),
+                ("webhook_send", 0),
             ];
             for record in records {
                 match record {
@@ -346,6 +354,14 @@ impl Transfer for RedbStore {
                             message_keys.insert(key.as_str(), encode(&record).as_slice())?;
                         }
                     }
+                    Record::Webhook(w) => {
+                        last[11].1 = last[11].1.max(w.id);
+                        super::webhooks::put_webhook(txn, &w)?;
+                    }
+                    Record::WebhookSend(s) => {
+                        last[12].1 = last[12].1.max(s.id);
+                        super::webhooks::put_send(txn, &s, None)?;
+                    }
                 }
             }
             let mut sequences = txn.open_table(SEQUENCES)?;
@@ -383,6 +399,8 @@ impl Transfer for RedbStore {
                 automation_failures: txn.open_table(AUTOMATION_FAILURES)?.len()?,
                 queued_sends: txn.open_table(QUEUED_SENDS)?.len()?,
                 messages: txn.open_table(MESSAGES)?.len()?,
+                webhooks: txn.open_table(WEBHOOKS)?.len()?,
+                webhook_sends: txn.open_table(WEBHOOK_SENDS)?.len()?,
                 counts: Counts::default(),
             };
             for row in txn.open_table(JOBS)?.iter()? {

@@ -216,6 +216,49 @@ pub struct Failure {
     pub at_ms: u64,
 }
 
+/// The name of the timer a retried event becomes: when it fires, the policy's `on-event`
+/// is called for that event again. Policies cannot start or cancel `letterbox.` timers.
+pub const RETRY_EVENT_PREFIX: &str = "letterbox.retry-event.";
+
+impl Failure {
+    /// The timer that retries it, due at `now_ms`: a failed timer as itself (with a new
+    /// id), a failed event as a `letterbox.retry-event.{event id}` timer.
+    pub fn retry_timer(&self, id: u64, now_ms: u64) -> Timer {
+        match &self.trigger {
+            TriggerKey::Timer { timer } => Timer {
+                id,
+                due_ms: now_ms,
+                ..timer.clone()
+            },
+            TriggerKey::Event { event_id } => Timer {
+                id,
+                automation_id: self.automation_id,
+                subscriber_id: self.subscriber_id.unwrap_or(0),
+                name: format!("{RETRY_EVENT_PREFIX}{event_id}"),
+                due_ms: now_ms,
+                data: Value::Null,
+            },
+        }
+    }
+}
+
+impl Timer {
+    /// The event it retries, if it is a retried event's timer.
+    pub fn retried_event(&self) -> Option<u64> {
+        self.name.strip_prefix(RETRY_EVENT_PREFIX)?.parse().ok()
+    }
+}
+
+/// What `Automations::retry_failures` did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct Retried {
+    /// Failures turned back into work (due now).
+    pub retried: u64,
+    /// Failed timers left as they were: the policy has started a timer of that name for
+    /// that subscriber again since, and it stands.
+    pub kept: Vec<u64>,
+}
+
 /// A send a reaction asked for, recorded with it and turned into a job's delivery
 /// (`Automations::dispatch_sends`) before anything is sent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -38,6 +38,9 @@ pub enum AutomationCommand {
         #[arg(long, default_value_t = 100)]
         limit: u32,
     },
+    /// Retry failed events and timers (the ones named, or the oldest 1,000): the policy
+    /// is called for each again in the next turn.
+    Retry { id: u64, failures: Vec<u64> },
 }
 
 pub(super) async fn run(client: &Client, command: AutomationCommand) -> Result<(), ClientError> {
@@ -115,6 +118,22 @@ pub(super) async fn run(client: &Client, command: AutomationCommand) -> Result<(
                 .await?;
             print(client, &changed, || {
                 format!("automation {id} is {}", text(&changed["state"]))
+            });
+        }
+        AutomationCommand::Retry { id, failures } => {
+            let done = client
+                .post(
+                    &format!("/v1/automations/{id}/failures/retry"),
+                    &json!({ "ids": failures }),
+                )
+                .await?;
+            print(client, &done, || {
+                let kept = done["kept"].as_array().map_or(0, Vec::len);
+                let mut line = format!("automation {id}: {} failures to be retried", done["retried"]);
+                if kept > 0 {
+                    line.push_str(&format!("; {kept} kept (their timers were started again since)"));
+                }
+                line
             });
         }
         AutomationCommand::Failures { id, limit } => {

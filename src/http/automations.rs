@@ -26,6 +26,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(versions))
         .routes(routes!(timers))
         .routes(routes!(failures))
+        .routes(routes!(retry_failures))
 }
 
 /// Most event types one automation listens to.
@@ -317,6 +318,35 @@ struct FailuresQuery {
     after: Option<u64>,
     #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct RetryInput {
+    /// The failures to retry; absent or empty (`{}`): the oldest 1,000.
+    #[serde(default)]
+    #[schema(max_items = 1000)]
+    ids: Vec<u64>,
+}
+
+/// Retries failed events and timers: each is due again now, and the policy (its current
+/// version) is called for it in the next turn, whose effects commit once as any turn's.
+/// A failed timer the policy has started again since is kept as it is (`kept`).
+#[utoipa::path(post, operation_id = "retry_automation_failures", path = "/v1/automations/{id}/failures/retry",
+    tag = "automations", params(("id" = u64, Path)), request_body = RetryInput,
+    responses((status = 200, body = crate::automations::Retried)))]
+async fn retry_failures(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<u64>,
+    ApiJson(input): ApiJson<RetryInput>,
+) -> Result<Json<crate::automations::Retried>, ApiError> {
+    if input.ids.len() > 1000 {
+        return Err(ApiError::field("ids", "at most 1000 at a time"));
+    }
+    for id in &input.ids {
+        super::int64("ids", Some(*id))?;
+    }
+    Ok(Json(state.store.retry_failures(id, input.ids, 1000).await?))
 }
 
 /// The events and timers an automation failed on, oldest first, with the reason.

@@ -229,6 +229,10 @@ fn action_of(a: wit::Action) -> Result<Action, String> {
             Err(format!(
                 "{what} must be 1 to {MAX_TIMER_NAME} bytes with no control characters, not {name:?}"
             ))
+        } else if name.starts_with("letterbox.") {
+            Err(format!(
+                "{what} {name:?} starts with `letterbox.`, which letterbox keeps for its own timers"
+            ))
         } else {
             Ok(())
         }

@@ -33,7 +33,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::automations::{
-    Automation, AutomationSpec, AutomationState, AutomationVersion, Failure, QueuedSend, Timer, Turn,
+    Automation, AutomationSpec, AutomationState, AutomationVersion, Failure, QueuedSend, Retried, Timer, Turn,
 };
 use crate::bounces::{Bounce, BounceFilter, NewBounce, NewSuppression, Rules, Suppression};
 use crate::domain::*;
@@ -517,6 +517,18 @@ pub trait Automations: Send + Sync {
         after: u64,
         limit: usize,
     ) -> Result<Vec<Failure>, StoreError>;
+
+    /// Turns failures back into work, in one transaction: each is removed and its
+    /// trigger falls due now as a timer (`Failure::retry_timer`), so the next turn calls
+    /// the policy for it and commits its effects once, as for any timer. A failed timer
+    /// the policy has started again since is left failed (`kept`). `ids` empty: the
+    /// oldest `limit`; an id that is not a failure of the automation is `NotFound`.
+    async fn retry_failures(
+        &self,
+        automation_id: u64,
+        ids: Vec<u64>,
+        limit: usize,
+    ) -> Result<Retried, StoreError>;
 
     /// Up to `limit` sends queued by reactions, oldest first.
     async fn queued_sends(&self, limit: usize) -> Result<Vec<QueuedSend>, StoreError>;

@@ -12,7 +12,7 @@ use crate::support::{Api, SmtpServer, TestServer, wasm};
 
 /// A three-step drip as the test automation runs it: step 1 now, step 2 `gap` seconds
 /// later, step 3 `gap` after that, each a letter.
-fn drip(letters: [u64; 3], gap: u64) -> Value {
+pub(crate) fn drip(letters: [u64; 3], gap: u64) -> Value {
     let step3 = json!({ "actions": [{ "send_letter": letters[2] }], "state": { "step": 3 } });
     let step2 = json!({
         "actions": [
@@ -32,7 +32,7 @@ fn drip(letters: [u64; 3], gap: u64) -> Value {
 
 /// A newsletter of `n` people, three letters and the drip automation; returns the
 /// subscribers' ids by email and the letters.
-async fn drip_setup(api: &Api, n: usize) -> (HashMap<String, u64>, [u64; 3]) {
+pub(crate) async fn drip_setup(api: &Api, n: usize) -> (HashMap<String, u64>, [u64; 3]) {
     let newsletter = api.newsletter().await;
     let people: Vec<Value> = (0..n)
         .map(|i| json!({ "email": format!("p{i}@example.org") }))
@@ -61,7 +61,7 @@ async fn drip_setup(api: &Api, n: usize) -> (HashMap<String, u64>, [u64; 3]) {
 }
 
 /// (recipient, subject) → copies received.
-fn copies(smtp: &SmtpServer) -> HashMap<(String, String), usize> {
+pub(crate) fn copies(smtp: &SmtpServer) -> HashMap<(String, String), usize> {
     let mut out = HashMap::new();
     for m in smtp.received() {
         *out.entry((m.recipients[0].clone(), m.header("Subject").unwrap_or_default()))
@@ -70,7 +70,7 @@ fn copies(smtp: &SmtpServer) -> HashMap<(String, String), usize> {
     out
 }
 
-async fn wait_for_messages(smtp: &SmtpServer, n: usize, within: Duration) {
+pub(crate) async fn wait_for_messages(smtp: &SmtpServer, n: usize, within: Duration) {
     let deadline = Instant::now() + within;
     while smtp.count() < n {
         assert!(
@@ -200,8 +200,106 @@ async fn a_hostile_automation_fails_only_its_events() {
     server.stop().await;
 }
 
+/// Failed events and timers are kept, and retried on request: the policy is called for
+/// each again, and its effects happen once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_events_and_timers_are_retried_on_request() {
+    let smtp = SmtpServer::start().await;
+    let server = TestServer::start(Some(&smtp)).await;
+    let api = &server.api;
+    let (ids, letters) = drip_setup(api, 1).await;
+    let id = ids["p0@example.org"];
+    let (status, body) = api
+        .put(
+            "/v1/automations/1",
+            json!({ "name": "drip", "policy": "script", "events": ["custom.*"] }),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    // Letters that do not exist yet: the next two ids.
+    let (later_a, later_b) = (letters[2] + 1, letters[2] + 2);
+    let post = |data: Value| {
+        api.post_ok(
+            "/v1/events",
+            json!({ "type": "custom.go", "subscriber": id, "data": data }),
+            201,
+        )
+    };
+    post(json!({ "actions": [{ "send_letter": later_a }] })).await;
+    post(
+        json!({ "actions": [{ "start_timer": { "name": "t", "after_seconds": 0,
+        "data": { "actions": [{ "send_letter": later_b }] } } }] }),
+    )
+    .await;
+    post(json!({ "actions": [{ "start_timer": { "name": "letterbox.mine", "after_seconds": 1 } }] })).await;
+    let failures = wait_failures(api, 3).await;
+    let reasons: Vec<&str> = failures.iter().map(|f| f["reason"].as_str().unwrap()).collect();
+    assert!(
+        reasons
+            .iter()
+            .filter(|r| r.contains("there is no letter"))
+            .count()
+            == 2,
+        "{reasons:?}"
+    );
+    assert!(reasons.iter().any(|r| r.contains("`letterbox.`")), "{reasons:?}");
+    let retry: Vec<u64> = failures
+        .iter()
+        .filter(|f| f["reason"].as_str().unwrap().contains("no letter"))
+        .map(|f| f["id"].as_u64().unwrap())
+        .collect();
+    assert!(
+        failures.iter().any(|f| f["trigger"]["kind"] == "timer"),
+        "{failures:?}"
+    );
+
+    let newsletter = api.get(&format!("/v1/letters/{}", letters[0])).await.1["newsletter_id"]
+        .as_u64()
+        .unwrap();
+    for subject in ["late a", "late b"] {
+        api.letter(newsletter, json!({ "subject": subject, "text": "Hi\r\n" }))
+            .await;
+    }
+    let (status, missing) = api
+        .post("/v1/automations/1/failures/retry", json!({ "ids": [999_999] }))
+        .await;
+    assert_eq!(status, 404, "{missing}");
+    let (status, retried) = api
+        .post("/v1/automations/1/failures/retry", json!({ "ids": retry }))
+        .await;
+    assert_eq!(status, 200, "{retried}");
+    assert_eq!(
+        (
+            retried["retried"].as_u64(),
+            retried["kept"].as_array().map(Vec::len)
+        ),
+        (Some(2), Some(0))
+    );
+    wait_for_messages(&smtp, 2, Duration::from_secs(30)).await;
+    let (_, left) = api.get("/v1/automations/1/failures").await;
+    assert_eq!(
+        left.as_array().unwrap().len(),
+        1,
+        "only the unretried one: {left}"
+    );
+    // Once each: nothing more arrives.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let got = copies(&smtp);
+    assert_eq!(
+        (
+            got.get(&("p0@example.org".into(), "late a".into())),
+            got.get(&("p0@example.org".into(), "late b".into()))
+        ),
+        (Some(&1), Some(&1)),
+        "{got:?}"
+    );
+    let (_, all) = api.post("/v1/automations/1/failures/retry", json!({})).await;
+    assert_eq!(all["retried"], 1, "{all}");
+    server.stop().await;
+}
+
 /// Waits until the jobs' deliveries recorded as delivered add up to `n`.
-async fn wait_delivered(api: &Api, n: usize) {
+pub(crate) async fn wait_delivered(api: &Api, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let (status, jobs) = api.get("/v1/jobs?limit=1000").await;

@@ -345,6 +345,20 @@ async fn automations_from_the_command_line() {
     assert_eq!(out.json()["state"], "active");
     let out = run(&["automation", "failures", "1"]).await;
     assert_eq!(out.stdout.trim(), "automation 1 has no failures");
+    let out = run(&["automation", "retry", "1"]).await;
+    assert_eq!(
+        out.stdout.trim(),
+        "automation 1: 0 failures to be retried",
+        "{}",
+        out.stderr
+    );
+    let out = run(&["automation", "retry", "1", "77"]).await;
+    assert!(
+        !out.ok && out.stderr.contains("77"),
+        "{} {}",
+        out.stdout,
+        out.stderr
+    );
     let out = run(&[
         "automation",
         "create",

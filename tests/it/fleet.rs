@@ -533,3 +533,68 @@ async fn a_status_change_on_one_node_stops_what_another_claimed() {
         "the unsubscribes came too late to test anything: {got}"
     );
 }
+
+/// A drip on a fleet of three: every step reaches every subscriber once, though after
+/// step 1 two nodes are killed, and after step 2 the last one (which then runs the
+/// automation, whichever node did before) is killed too and a new node takes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drip_on_a_fleet_sends_every_step_once_when_its_nodes_die() {
+    use crate::automations::{copies, drip, drip_setup, wait_delivered, wait_for_messages};
+    const N: usize = 30;
+    const GAP: u64 = 6;
+    let Some(homes) = fleet_homes(3).await else { return };
+    let smtp = SmtpServer::start().await;
+    let url = smtp.url();
+    let args = ["--smtp", &url, "--lease", "2s"];
+    let mut fleet: Vec<(Server, Api)> = homes.iter().map(|home| spawn_node(home, &args)).collect();
+    for (_, api) in &fleet {
+        api.wait_healthy().await;
+    }
+    wait_nodes(&fleet[2].1, 3, Duration::from_secs(30)).await;
+    let (ids, letters) = drip_setup(&fleet[0].1, N).await;
+    let started = Instant::now();
+    for (i, id) in ids.values().enumerate() {
+        // Events come in through every node.
+        fleet[i % 3]
+            .1
+            .post_ok(
+                "/v1/events",
+                json!({ "type": "custom.signup", "subscriber": id, "data": drip(letters, GAP) }),
+                201,
+            )
+            .await;
+    }
+    wait_for_messages(&smtp, N, Duration::from_secs(60)).await;
+    wait_delivered(&fleet[2].1, N).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(GAP),
+        "step 1 came too late"
+    );
+    fleet[0].0.kill();
+    fleet[1].0.kill();
+
+    wait_for_messages(&smtp, 2 * N, Duration::from_secs(60)).await;
+    wait_delivered(&fleet[2].1, 2 * N).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2 * GAP),
+        "step 2 came too late"
+    );
+    let (newcomer, api) = spawn_node(&homes[0], &args);
+    api.wait_healthy().await;
+    fleet[2].0.kill();
+    let (status, timers) = api.get("/v1/automations/1/timers").await;
+    assert_eq!(status, 200, "{timers}");
+    assert_eq!(timers.as_array().unwrap().len(), N, "{timers}");
+
+    wait_for_messages(&smtp, 3 * N, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let got = copies(&smtp);
+    for email in ids.keys() {
+        for step in 1..=3 {
+            let n = got.get(&(email.clone(), format!("step {step}"))).copied();
+            assert_eq!(n, Some(1), "{email} got step {step} {n:?} times");
+        }
+    }
+    assert_eq!(smtp.count(), 3 * N);
+    drop(newcomer);
+}

@@ -227,6 +227,104 @@ async fn the_examples_in(lang: &str) {
     assert_eq!(message.subject(), Some("Hi Ann"));
     let body = message.body_text(0).unwrap();
     assert!(body.contains("- Rust 2026: https://example.org/rust"), "{body}");
+
+    drip_in(lang, root.path(), api, &smtp, newsletter).await;
+}
+
+/// The automation example in `lang`: a three-step drip (days 0, 3 and 7) started by `subscriber.confirmed` and ended by `custom.purchase`. Two
+/// people subscribe through the public form and confirm by their links; one buys after
+/// the first step, the other gets every step, each once. A day is two seconds here.
+async fn drip_in(lang: &str, root: &Path, api: &crate::support::Api, smtp: &SmtpServer, newsletter: u64) {
+    let drip = format!("{lang}-drip");
+    let dir = project(root, lang, "automation", &drip, None).await;
+    let uploaded = letterbox(
+        root,
+        Some(&api.base),
+        &["--json", "plugin", "upload", dir.to_str().unwrap()],
+    )
+    .await;
+    let uploaded: Value = serde_json::from_str(&uploaded).unwrap();
+    assert_eq!(uploaded["status"], "ready", "{uploaded}");
+    let mut steps = Vec::new();
+    for i in 1..=3 {
+        let text = json!({ "subject": format!("{lang} step {i}"), "text": "Step {{ name }}\n" });
+        steps.push(api.letter(newsletter, text).await);
+    }
+    let automation = |config: Value| {
+        json!({ "name": drip, "policy": drip, "events": ["subscriber.confirmed", "custom.purchase"],
+                "config": config })
+    };
+    // The policy's own `validate` names what is wrong.
+    let (status, refused) = api
+        .post(
+            "/v1/automations",
+            automation(json!({ "steps": [], "goal": "purchase" })),
+        )
+        .await;
+    assert_eq!(status, 422, "{refused}");
+    let fields: Vec<&str> = refused["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["field"].as_str().unwrap())
+        .collect();
+    assert_eq!(fields, ["config.steps", "config.goal"], "{refused}");
+    let config = json!({
+        "steps": [{ "letter": steps[0], "after_days": 0 }, { "letter": steps[1], "after_days": 3 },
+                  { "letter": steps[2], "after_days": 7 }],
+        "goal": "custom.purchase",
+        "seconds_per_day": 2,
+    });
+    let (status, created) = api.post("/v1/automations", automation(config)).await;
+    assert_eq!(status, 201, "{created}");
+
+    let (eve, fay) = (
+        format!("eve-{lang}@example.org"),
+        format!("fay-{lang}@example.org"),
+    );
+    for email in [&eve, &fay] {
+        let (status, body) = api
+            .post(&format!("/s/{newsletter}"), json!({ "email": email }))
+            .await;
+        assert_eq!(status, 202, "{body}");
+    }
+    for email in [&eve, &fay] {
+        let link = crate::optin::nth_link(smtp, email, 1).await;
+        let path = link.strip_prefix(&api.base).expect("a link to this server");
+        let (status, _) = api.post(path, json!({})).await;
+        assert_eq!(status, 200, "{link}");
+    }
+    let subject_of = |m: &crate::support::smtp::Received| m.header("Subject").unwrap_or_default();
+    let got = |to: &str| -> Vec<String> {
+        let mut subjects: Vec<String> = smtp
+            .received()
+            .iter()
+            .filter(|m| m.recipients == [to] && subject_of(m).contains(" step "))
+            .map(subject_of)
+            .collect();
+        subjects.sort();
+        subjects
+    };
+    let wait = |to: String, n: usize| async move {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while got(&to).len() < n {
+            assert!(std::time::Instant::now() < deadline, "{to} got {:?}", got(&to));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    wait(fay.clone(), 1).await;
+    let (status, bought) = api
+        .post(
+            "/v1/events",
+            json!({ "type": "custom.purchase", "subscriber": fay, "newsletter": newsletter }),
+        )
+        .await;
+    assert_eq!(status, 201, "{bought}");
+    wait(eve.clone(), 3).await;
+    // Past eve's last step: fay's would have come long before.
+    let step = |i: u32| format!("{lang} step {i}");
+    assert_eq!(got(&eve), [step(1), step(2), step(3)], "every step once");
+    assert_eq!(got(&fay), [step(1)], "the goal ended fay's drip");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

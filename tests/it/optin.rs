@@ -77,7 +77,7 @@ async fn page(method: &str, url: &str) -> (u16, String) {
 }
 
 /// The confirmation links mailed to `to` so far, oldest first.
-fn links(smtp: &SmtpServer, to: &str) -> Vec<String> {
+pub(crate) fn links(smtp: &SmtpServer, to: &str) -> Vec<String> {
     smtp.received()
         .iter()
         .filter(|m| m.recipients == [to])
@@ -93,7 +93,7 @@ fn links(smtp: &SmtpServer, to: &str) -> Vec<String> {
 }
 
 /// Waits for the `n`th confirmation link to `to`.
-async fn nth_link(smtp: &SmtpServer, to: &str, n: usize) -> String {
+pub(crate) async fn nth_link(smtp: &SmtpServer, to: &str, n: usize) -> String {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Some(link) = links(smtp, to).get(n - 1) {

@@ -566,6 +566,82 @@ impl Automations for PgStore {
         .collect()
     }
 
+    async fn retry_failures(
+        &self,
+        automation_id: u64,
+        ids: Vec<u64>,
+        limit: usize,
+    ) -> Result<Retried, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        // Locked like a turn's commit: a retry and a turn of one automation do not mix.
+        locked(&tx, automation_id).await?;
+        let a = sql_int(automation_id);
+        let rows = if ids.is_empty() {
+            query(
+                &tx,
+                "SELECT doc FROM automation_failures WHERE automation_id = $1 ORDER BY id LIMIT $2 FOR UPDATE",
+                &[&a, &sql_limit(limit)],
+            )
+            .await?
+        } else {
+            let wanted: Vec<i64> = ids.iter().map(|id| sql_int(*id)).collect();
+            query(
+                &tx,
+                "SELECT doc FROM automation_failures WHERE automation_id = $1 AND id = ANY($2) ORDER BY id FOR UPDATE",
+                &[&a, &wanted],
+            )
+            .await?
+        };
+        let failures: Vec<Failure> = rows
+            .iter()
+            .map(|r| serde_json::from_value(r.get(0)))
+            .collect::<Result<_, _>>()?;
+        if let Some(missing) = ids.iter().find(|id| !failures.iter().any(|f| f.id == **id)) {
+            return Err(StoreError::not_found("automation failure", missing));
+        }
+        let now = crate::domain::now_ms();
+        let mut retried = Retried::default();
+        for failure in failures {
+            let timer = failure.retry_timer(0, now);
+            // A failed timer started again since stands; a retried event's timer is
+            // made due now again.
+            let on_conflict = match failure.trigger {
+                TriggerKey::Timer { .. } => "DO NOTHING",
+                TriggerKey::Event { .. } => "DO UPDATE SET id = excluded.id, due_ms = excluded.due_ms",
+            };
+            let inserted = execute(
+                &tx,
+                &format!(
+                    "INSERT INTO timers (automation_id, subscriber_id, name, id, due_ms, data)
+                     VALUES ($1, $2, $3, nextval('timer_ids'), $4, $5)
+                     ON CONFLICT (automation_id, subscriber_id, name) {on_conflict}"
+                ),
+                &[
+                    &a,
+                    &sql_int(timer.subscriber_id),
+                    &timer.name,
+                    &sql_int(now),
+                    &timer.data,
+                ],
+            )
+            .await?;
+            if inserted == 0 {
+                retried.kept.push(failure.id);
+                continue;
+            }
+            execute(
+                &tx,
+                "DELETE FROM automation_failures WHERE automation_id = $1 AND id = $2",
+                &[&a, &sql_int(failure.id)],
+            )
+            .await?;
+            retried.retried += 1;
+        }
+        commit(tx).await?;
+        Ok(retried)
+    }
+
     async fn queued_sends(&self, limit: usize) -> Result<Vec<QueuedSend>, StoreError> {
         let client = self.client().await?;
         Ok(query(

@@ -516,6 +516,55 @@ impl Automations for RedbStore {
         .await
     }
 
+    async fn retry_failures(
+        &self,
+        automation_id: u64,
+        ids: Vec<u64>,
+        limit: usize,
+    ) -> Result<Retried, StoreError> {
+        self.write(move |txn| {
+            automation_in(txn, automation_id)?;
+            let failures: Vec<Failure> = {
+                let table = txn.open_table(AUTOMATION_FAILURES)?;
+                let mut out = Vec::new();
+                if ids.is_empty() {
+                    for row in table
+                        .range((automation_id, 0)..=(automation_id, u64::MAX))?
+                        .take(limit)
+                    {
+                        out.push(decode(row?.1.value())?);
+                    }
+                }
+                for id in &ids {
+                    let row = table
+                        .get((automation_id, *id))?
+                        .ok_or_else(|| StoreError::not_found("automation failure", id))?;
+                    out.push(decode(row.value())?);
+                }
+                out
+            };
+            let now = crate::domain::now_ms();
+            let mut retried = Retried::default();
+            for failure in failures {
+                let timer = failure.retry_timer(next_id(txn, "timer")?, now);
+                let taken = txn
+                    .open_table(TIMERS)?
+                    .get((automation_id, timer.subscriber_id, timer.name.as_str()))?
+                    .is_some();
+                if taken && matches!(failure.trigger, TriggerKey::Timer { .. }) {
+                    retried.kept.push(failure.id);
+                    continue;
+                }
+                put_timer(txn, &timer)?;
+                txn.open_table(AUTOMATION_FAILURES)?
+                    .remove((automation_id, failure.id))?;
+                retried.retried += 1;
+            }
+            Ok(retried)
+        })
+        .await
+    }
+
     async fn queued_sends(&self, limit: usize) -> Result<Vec<QueuedSend>, StoreError> {
         self.read(move |txn| {
             let table = txn.open_table(QUEUED_SENDS)?;

@@ -74,8 +74,10 @@ impl Worker {
                         tracing::warn!(webhook = webhook.id, error = %e, "queuing a webhook's events failed; trying again");
                     }
                 }
+                // Claims come in batches (half the room at least): one claim per send
+                // finished would be a store write per send.
                 let room = IN_FLIGHT - running.len();
-                if room > 0 {
+                if room >= IN_FLIGHT / 2 {
                     let now = now_ms();
                     let until = now + self.lease.as_millis() as u64;
                     match self.store.claim_webhook_sends(&self.node, now, until, room).await {

@@ -16,6 +16,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use serde_json::{Value, json};
 
+use crate::support::process::{Home, spawn_node};
 use crate::support::{Api, TestServer};
 
 #[derive(Clone, Debug)]
@@ -42,6 +43,8 @@ impl Request {
 struct Receiver {
     requests: Arc<Mutex<Vec<Request>>>,
     status: Arc<AtomicU16>,
+    /// How long it takes to answer (ms), so that requests are in flight.
+    delay_ms: Arc<std::sync::atomic::AtomicU64>,
     addr: SocketAddr,
 }
 
@@ -51,6 +54,10 @@ async fn receive(
     headers: HeaderMap,
     body: Bytes,
 ) -> axum::response::Response {
+    let delay = receiver.delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
     let headers: BTreeMap<String, String> = headers
         .iter()
         .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
@@ -85,6 +92,7 @@ impl Receiver {
         let receiver = Receiver {
             requests: Arc::default(),
             status: Arc::new(AtomicU16::new(200)),
+            delay_ms: Arc::default(),
             addr: listener.local_addr().unwrap(),
         };
         let app = axum::Router::new()
@@ -467,4 +475,60 @@ async fn private_addresses_and_redirects_are_not_followed() {
     let paths: Vec<String> = receiver.requests().iter().map(|r| r.path.clone()).collect();
     assert!(paths.iter().all(|p| p == "redirect"), "{paths:?}");
     server.stop().await;
+}
+
+/// Every event reaches the endpoint at least once across a kill -9 of the node with
+/// sends in flight; a send made again carries the id it had, and every request, first
+/// or again, verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_event_arrives_at_least_once_across_kill_9() {
+    const N: usize = 300;
+    let receiver = Receiver::start().await;
+    receiver.delay_ms.store(20, Ordering::SeqCst);
+    let home = Home::new().await;
+    let args = ["--webhook-allow-private", "--lease", "2s"];
+    let (mut node, api) = spawn_node(&home, &args);
+    api.wait_healthy().await;
+    let newsletter = api.newsletter().await;
+    let (id, secret) = webhook(
+        &api,
+        json!({ "url": receiver.url("hook"), "events": ["subscriber.created"] }),
+    )
+    .await;
+    let people: Vec<Value> = (0..N)
+        .map(|i| json!({ "email": format!("w{i}@example.org") }))
+        .collect();
+    api.add_subscribers(newsletter, json!(people)).await;
+    // Killed with sends in flight: some arrived, not all.
+    receiver.wait("the first sends", |r| r.len() >= N / 5).await;
+    node.kill();
+    let before = receiver.requests().len();
+    assert!(before < N, "everything arrived before the kill ({before})");
+    let (node, api) = spawn_node(&home, &args);
+    api.wait_healthy().await;
+    let requests = receiver
+        .wait("every event", |r| {
+            r.iter()
+                .map(|r| r.id().to_string())
+                .collect::<std::collections::HashSet<_>>()
+                .len()
+                == N
+        })
+        .await;
+    verify_with_standardwebhooks(&secret, &requests);
+    // Each id names one event, whatever attempt brought it.
+    for r in &requests {
+        assert_eq!(r.id(), format!("evt_{}", r.json()["data"]["id"]), "{}", r.body);
+        assert_eq!(r.json()["type"], "subscriber.created");
+    }
+    let again = requests.len() - N;
+    eprintln!(
+        "{N} events, {} requests: {again} sent again after the kill",
+        requests.len()
+    );
+    // At most what was in flight (32 at a time) comes twice.
+    assert!(again <= 32, "{again} sent again");
+    let (status, log) = api.get(&format!("/v1/webhooks/{id}/deliveries?limit=1000")).await;
+    assert_eq!(status, 200, "{log}");
+    drop(node);
 }

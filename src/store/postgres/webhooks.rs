@@ -269,17 +269,25 @@ impl Webhooks for PgStore {
                 "webhook send {send_id} is no longer this node's to record"
             )));
         }
-        let mut webhook = webhook_in(&tx, send.webhook_id, true).await?;
         send.record(&result, &delays_ms);
-        if webhook.after_attempt(&send, &result) {
-            hold_or_release(&tx, webhook.id, WebhookState::Disabled, result.at_ms).await?;
-            tracing::warn!(webhook = webhook.id, reason = ?webhook.disabled_reason, "a webhook endpoint was disabled");
+        // The endpoint's row is locked (and written) only when the attempt changes it: a
+        // success of a working endpoint, the usual case, leaves it alone, so concurrent
+        // records of one endpoint do not queue behind its row.
+        let mut webhook = webhook_in(&tx, send.webhook_id, false).await?;
+        let mut changed = webhook.clone();
+        changed.after_attempt(&send, &result);
+        if changed != webhook {
+            webhook = webhook_in(&tx, send.webhook_id, true).await?;
+            if webhook.after_attempt(&send, &result) {
+                hold_or_release(&tx, webhook.id, WebhookState::Disabled, result.at_ms).await?;
+                tracing::warn!(webhook = webhook.id, reason = ?webhook.disabled_reason, "a webhook endpoint was disabled");
+            }
+            put_webhook(&tx, &webhook).await?;
         }
         if webhook.state == WebhookState::Disabled && send.state == SendState::Pending {
             send.next_attempt_ms = HELD;
         }
         put_send(&tx, &send).await?;
-        put_webhook(&tx, &webhook).await?;
         let attempt = WebhookAttempt::new(next_id(&tx, "webhook_attempts").await?, &send, result);
         execute(
             &tx,

@@ -207,13 +207,25 @@ impl PolicyHost {
             None => Component::new(&self.engine, bytes)
                 .map_err(|e| PolicyError::InvalidComponent(format!("{e:#}")))?,
         };
-        let pre = self.check(&component, kind, v2)?;
-        if fresh
-            && let Some(file) = &cache_file
-            && let Err(e) = write_cache(file, &component)
-        {
-            tracing::warn!(file = %file.display(), error = %e, "cannot cache compiled policy");
+        let mut component = component;
+        if fresh && let Some(file) = &cache_file {
+            match write_cache(file, &component) {
+                // Used from the file, as after a restart: its code and its memories'
+                // initial images are then mapped from the file (shared, evictable),
+                // where a fresh compilation's live in anonymous memory, the images
+                // copied into sealed memfds (a step the kernel can refuse, transiently,
+                // with EBUSY: "cannot add seals to the memfd").
+                // SAFETY: as for the cached file above; it was just written by us.
+                Ok(()) => match unsafe { Component::deserialize_file(&self.engine, file) } {
+                    Ok(mapped) => component = mapped,
+                    Err(e) => {
+                        tracing::warn!(file = %file.display(), error = %e, "using the compiled policy from memory")
+                    }
+                },
+                Err(e) => tracing::warn!(file = %file.display(), error = %e, "cannot cache compiled policy"),
+            }
         }
+        let pre = self.check(&component, kind, v2)?;
         let policy = Arc::new(Policy {
             label: format!("{name}@{}", &id[..id.len().min(12)]),
             pre,

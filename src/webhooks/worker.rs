@@ -32,7 +32,7 @@ const FAN_OUT_CALLS: usize = 8;
 
 /// The longest the worker sleeps without looking again (sends other nodes queued,
 /// retries falling due), and the least time between two rounds woken by new events, so
-/// a busy log costs at most a few rounds a second.
+/// a busy log costs at most 20 rounds a second.
 const POLL: Duration = Duration::from_millis(500);
 const SPACING: Duration = Duration::from_millis(50);
 

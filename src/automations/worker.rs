@@ -339,61 +339,16 @@ impl Worker {
             }
             let key = timer.subscriber_id;
             let state = states.get(&key).cloned();
-            if let Some(event_id) = timer.retried_event() {
-                // A failed event retried (`Automations::retry_failures`): `on-event` for
-                // it again, with its subscriber whatever their status, as when it came.
-                let subscriber = match key {
-                    0 => None,
-                    id => match subscribers.get(&id).cloned().flatten() {
-                        Some(s) => Some(s),
-                        // Erased since: there is nobody to react about.
-                        None => {
-                            handled.push(Handled {
-                                trigger: TriggerKey::Timer { timer },
-                                subscriber_id: Some(id),
-                                outcome: Ok(Reaction {
-                                    actions: Vec::new(),
-                                    state,
-                                }),
-                            });
-                            continue;
-                        }
-                    },
-                };
-                let event = self
-                    .store
-                    .events_after(EventFilter::default(), event_id.saturating_sub(1), 1)
-                    .await?
-                    .events
-                    .into_iter()
-                    .find(|e| e.id == event_id);
-                let outcome = match event {
-                    Some(event) => {
-                        let outcome = automaton
-                            .react_async(OwnedTrigger::Event(event), subscriber.clone(), state)
-                            .await;
-                        self.checked(outcome, subscriber.as_ref(), &mut letters, &mut templates)
-                            .await?
-                    }
-                    None => Err(format!(
-                        "event {event_id} is no longer in the log (pruned by --event-retention)"
-                    )),
-                };
-                failing = if outcome.is_ok() { 0 } else { failing + 1 };
-                remember(&mut states, key, &outcome);
-                handled.push(Handled {
-                    trigger: TriggerKey::Timer { timer },
-                    subscriber_id: (key != 0).then_some(key),
-                    outcome,
-                });
-                continue;
-            }
+            // A failed event retried (`Automations::retry_failures`) is handed to
+            // `on-event` again, with its subscriber whatever their status, as when it
+            // came; any other timer is run for active subscribers only.
+            let retried = timer.retried_event();
             let subscriber = match key {
                 0 => None,
                 id => match subscribers.get(&id).cloned().flatten() {
-                    Some(s) if s.status == SubscriberStatus::Active => Some(s),
+                    Some(s) if retried.is_some() || s.status == SubscriberStatus::Active => Some(s),
                     // Unsubscribed, bounced, complained or erased: the timer is
-                    // cancelled, not run.
+                    // cancelled, not run (a retried event: only erased).
                     _ => {
                         handled.push(Handled {
                             trigger: TriggerKey::Timer { timer },
@@ -407,17 +362,32 @@ impl Worker {
                     }
                 },
             };
-            let due = DueTimer {
-                name: timer.name.clone(),
-                due_ms: timer.due_ms,
-                data: timer.data.clone(),
+            let trigger = match retried {
+                Some(event_id) => self
+                    .store
+                    .events_after(EventFilter::default(), event_id.saturating_sub(1), 1)
+                    .await?
+                    .events
+                    .into_iter()
+                    .find(|e| e.id == event_id)
+                    .map(OwnedTrigger::Event)
+                    .ok_or_else(|| {
+                        format!("event {event_id} is no longer in the log (pruned by --event-retention)")
+                    }),
+                None => Ok(OwnedTrigger::Timer(DueTimer {
+                    name: timer.name.clone(),
+                    due_ms: timer.due_ms,
+                    data: timer.data.clone(),
+                })),
             };
-            let outcome = automaton
-                .react_async(OwnedTrigger::Timer(due), subscriber.clone(), state)
-                .await;
-            let outcome = self
-                .checked(outcome, subscriber.as_ref(), &mut letters, &mut templates)
-                .await?;
+            let outcome = match trigger {
+                Ok(trigger) => {
+                    let outcome = automaton.react_async(trigger, subscriber.clone(), state).await;
+                    self.checked(outcome, subscriber.as_ref(), &mut letters, &mut templates)
+                        .await?
+                }
+                Err(reason) => Err(reason),
+            };
             failing = if outcome.is_ok() { 0 } else { failing + 1 };
             remember(&mut states, key, &outcome);
             handled.push(Handled {

@@ -6,12 +6,12 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::error::{ApiJson, ApiPath};
-use super::{ApiError, AppState};
+use super::error::{ApiJson, ApiPath, ApiQuery};
+use super::{ApiError, AppState, Page, page, page_cursor, page_limit};
 use crate::domain::{Job, Letter, now};
 use crate::policy::Verdict;
 use crate::policy::builtin::{DEFAULT_FILTER_NAME, DEFAULT_TEMPLATE_NAME};
@@ -20,8 +20,8 @@ use crate::store::IdempotencyKey;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
-        .routes(routes!(create))
-        .routes(routes!(show))
+        .routes(routes!(create, list))
+        .routes(routes!(show, change, delete))
         .routes(routes!(send))
         .routes(routes!(preview))
 }
@@ -55,17 +55,7 @@ async fn create(
     ApiPath(newsletter_id): ApiPath<u64>,
     ApiJson(body): ApiJson<CreateLetter>,
 ) -> Result<(StatusCode, Json<Letter>), ApiError> {
-    if body.subject.trim().is_empty() {
-        return Err(ApiError::field("subject", "must not be empty"));
-    }
-    // A subject is one header line. Folding a line break away silently would send
-    // something other than what was written; the author decides instead.
-    if body.subject.contains(['\r', '\n']) {
-        return Err(ApiError::field(
-            "subject",
-            "must be one line (it contains a line break)",
-        ));
-    }
+    check_subject(&body.subject)?;
     let filter = body.filter.unwrap_or_else(|| DEFAULT_FILTER_NAME.to_string());
     let template = body.template.unwrap_or_else(|| DEFAULT_TEMPLATE_NAME.to_string());
     let letter = Letter {
@@ -84,6 +74,113 @@ async fn create(
     state.runner.check_letter(&letter).await?;
     let letter = state.store.create_letter(letter).await?;
     Ok((StatusCode::CREATED, Json(letter)))
+}
+
+/// A subject is one header line, not blank. Folding a line break away silently would
+/// send something other than what was written; the author decides instead.
+fn check_subject(subject: &str) -> Result<(), ApiError> {
+    if subject.trim().is_empty() {
+        return Err(ApiError::field("subject", "must not be empty"));
+    }
+    if subject.contains(['\r', '\n']) {
+        return Err(ApiError::field(
+            "subject",
+            "must be one line (it contains a line break)",
+        ));
+    }
+    Ok(())
+}
+
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+struct LetterQuery {
+    /// The previous page's `next`: the letter id to continue after.
+    #[serde(default)]
+    cursor: Option<u64>,
+    /// Items per page: 1 to 1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+/// A newsletter's letters, in id order, a page at a time.
+#[utoipa::path(get, operation_id = "list_letters", path = "/v1/newsletters/{id}/letters", tag = "letters", params(("id" = u64, Path), LetterQuery),
+    responses((status = 200, body = Page<Letter>)))]
+async fn list(
+    State(state): State<AppState>,
+    ApiPath(newsletter_id): ApiPath<u64>,
+    ApiQuery(query): ApiQuery<LetterQuery>,
+) -> Result<Json<Page<Letter>>, ApiError> {
+    let limit = page_limit(query.limit)?;
+    let items = state
+        .store
+        .letters_after(newsletter_id, page_cursor(query.cursor)?.unwrap_or(0), limit)
+        .await?;
+    Ok(page(items, limit, |l| l.id))
+}
+
+/// `"html": null` must remove the HTML part, which a plain `Option` cannot tell from
+/// absence.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+    Option::<String>::deserialize(d).map(Some)
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct LetterChange {
+    /// One line, not blank.
+    #[serde(default)]
+    #[schema(min_length = 1, pattern = r"^[^\r\n]*\S[^\r\n]*$")]
+    subject: Option<String>,
+    #[serde(default)]
+    text: Option<String>,
+    /// `null` removes the HTML part.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>)]
+    html: Option<Option<String>>,
+    #[serde(default)]
+    filter: Option<String>,
+    #[serde(default)]
+    template: Option<String>,
+    /// Replaces the params as a whole.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    params: Option<Map<String, Value>>,
+}
+
+/// Changes a letter: what is given replaces what it had, and the result is checked as a
+/// new letter is. Refused (409) while a job of the letter is not finished.
+#[utoipa::path(patch, operation_id = "change_letter", path = "/v1/letters/{id}", tag = "letters", params(("id" = u64, Path)),
+    request_body = LetterChange, responses((status = 200, body = Letter),
+        (status = 409, description = "A job of the letter is not finished", body = super::error::Problem, content_type = "application/problem+json")))]
+async fn change(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<u64>,
+    ApiJson(body): ApiJson<LetterChange>,
+) -> Result<Json<Letter>, ApiError> {
+    let mut letter = state.store.letter(id).await?;
+    if let Some(subject) = body.subject {
+        check_subject(&subject)?;
+        letter.subject = subject;
+    }
+    letter.text = body.text.unwrap_or(letter.text);
+    letter.html = body.html.unwrap_or(letter.html);
+    letter.filter = body.filter.unwrap_or(letter.filter);
+    letter.template = body.template.unwrap_or(letter.template);
+    letter.params = body.params.unwrap_or(letter.params);
+    state.runner.check_letter(&letter).await?;
+    Ok(Json(state.store.update_letter(letter).await?))
+}
+
+/// Deletes a letter. Refused (409) while a job of it is not finished; finished jobs stay
+/// as the record of what was sent.
+#[utoipa::path(delete, operation_id = "delete_letter", path = "/v1/letters/{id}", tag = "letters", params(("id" = u64, Path)),
+    responses((status = 204, description = "Deleted"),
+        (status = 409, description = "A job of the letter is not finished", body = super::error::Problem, content_type = "application/problem+json")))]
+async fn delete(State(state): State<AppState>, ApiPath(id): ApiPath<u64>) -> Result<StatusCode, ApiError> {
+    state.store.delete_letter(id).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// One letter.

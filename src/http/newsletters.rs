@@ -27,8 +27,8 @@ const SUBSCRIBERS_BODY_LIMIT: usize = 32 << 20;
 pub fn router() -> OpenApiRouter<AppState> {
     let (schemas, paths, add) = routes!(add_subscribers);
     OpenApiRouter::new()
-        .routes(routes!(create))
-        .routes(routes!(show))
+        .routes(routes!(create, list))
+        .routes(routes!(show, change, delete))
         .routes((
             schemas,
             paths,
@@ -59,28 +59,108 @@ async fn create(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<CreateNewsletter>,
 ) -> Result<(StatusCode, Json<Newsletter>), ApiError> {
-    let name = body.name.trim().to_string();
+    let (Some(name), Some(from)) = check_newsletter(Some(&body.name), Some(&body.from))? else {
+        return Err(ApiError::Internal("a checked newsletter lost its fields".into()));
+    };
+    let newsletter = state.store.create_newsletter(name, from).await?;
+    Ok((StatusCode::CREATED, Json(newsletter)))
+}
+
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+struct PageQuery {
+    /// The previous page's `next`: the id to continue after.
+    #[serde(default)]
+    cursor: Option<u64>,
+    /// Items per page: 1 to 1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+/// The newsletters, in id order, a page at a time.
+#[utoipa::path(get, operation_id = "list_newsletters", path = "/v1/newsletters", tag = "newsletters", params(PageQuery),
+    responses((status = 200, body = Page<Newsletter>)))]
+async fn list(
+    State(state): State<AppState>,
+    ApiQuery(query): ApiQuery<PageQuery>,
+) -> Result<Json<Page<Newsletter>>, ApiError> {
+    let limit = page_limit(query.limit)?;
+    let items = state
+        .store
+        .newsletters_after(page_cursor(query.cursor)?.unwrap_or(0), limit)
+        .await?;
+    Ok(page(items, limit, |n| n.id))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct NewsletterChange {
+    /// Not blank.
+    #[serde(default)]
+    #[schema(min_length = 1, pattern = r"\S")]
+    name: Option<String>,
+    /// As when created: `Name <address>` or `address`.
+    #[serde(default)]
+    #[schema(format = "mailbox", min_length = 3, pattern = r"[^\s@]@[^\s@]")]
+    from: Option<String>,
+}
+
+/// Renames a newsletter or changes its From; letters sent from now on use it.
+#[utoipa::path(patch, operation_id = "change_newsletter", path = "/v1/newsletters/{id}", tag = "newsletters", params(("id" = u64, Path)),
+    request_body = NewsletterChange, responses((status = 200, body = Newsletter)))]
+async fn change(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<u64>,
+    ApiJson(body): ApiJson<NewsletterChange>,
+) -> Result<Json<Newsletter>, ApiError> {
+    let (name, from) = check_newsletter(body.name.as_deref(), body.from.as_deref())?;
+    Ok(Json(state.store.update_newsletter(id, name, from).await?))
+}
+
+/// Deletes a newsletter and its letters. Refused (409) while it has subscribers or a job
+/// that is not finished; its finished jobs stay as the record of what was sent.
+#[utoipa::path(delete, operation_id = "delete_newsletter", path = "/v1/newsletters/{id}", tag = "newsletters", params(("id" = u64, Path)),
+    responses((status = 204, description = "Deleted"),
+        (status = 409, description = "It has subscribers or a job that is not finished", body = super::error::Problem, content_type = "application/problem+json")))]
+async fn delete(State(state): State<AppState>, ApiPath(id): ApiPath<u64>) -> Result<StatusCode, ApiError> {
+    state.store.delete_newsletter(id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// A newsletter's name and From as given (each optional), checked: the name trimmed and
+/// not blank, the From a mailbox. Every problem is named at its field.
+fn check_newsletter(
+    name: Option<&str>,
+    from: Option<&str>,
+) -> Result<(Option<String>, Option<String>), ApiError> {
     let mut errors = Vec::new();
-    if name.is_empty() {
+    let name = name.map(str::trim).map(str::to_string);
+    if name.as_deref() == Some("") {
         errors.push(FieldError {
             field: "name".into(),
             message: "must not be empty".into(),
         });
     }
-    let from = mail::parse_mailbox(&body.from).map_err(|e| {
-        errors.push(FieldError {
-            field: "from".into(),
-            message: e.to_string(),
-        })
-    });
-    let (Ok(from), true) = (from, errors.is_empty()) else {
+    let from = match from.map(mail::parse_mailbox) {
+        Some(Ok(from)) => Some(from),
+        Some(Err(e)) => {
+            errors.push(FieldError {
+                field: "from".into(),
+                message: e.to_string(),
+            });
+            None
+        }
+        None => None,
+    };
+    if !errors.is_empty() {
         return Err(ApiError::Invalid {
             detail: "invalid newsletter".into(),
             errors,
         });
-    };
-    let newsletter = state.store.create_newsletter(name, from).await?;
-    Ok((StatusCode::CREATED, Json(newsletter)))
+    }
+    Ok((name, from))
 }
 
 /// One newsletter.

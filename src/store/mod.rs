@@ -136,6 +136,22 @@ pub trait Lists: Send + Sync {
 
     async fn newsletter(&self, id: u64) -> Result<Newsletter, StoreError>;
 
+    /// Up to `limit` newsletters with ids greater than `after`, in id order.
+    async fn newsletters_after(&self, after: u64, limit: usize) -> Result<Vec<Newsletter>, StoreError>;
+
+    /// Renames a newsletter or changes its From (what is `Some`).
+    async fn update_newsletter(
+        &self,
+        id: u64,
+        name: Option<String>,
+        from: Option<String>,
+    ) -> Result<Newsletter, StoreError>;
+
+    /// Removes a newsletter and its letters. Refused (`Conflict`) while it has
+    /// subscribers (erasing them is a deliberate act of its own, with its events) or a
+    /// job that is not finished. Finished jobs stay, as the record of what was sent.
+    async fn delete_newsletter(&self, id: u64) -> Result<(), StoreError>;
+
     /// Inserts new subscribers and updates existing ones (matched by `normalise_email`),
     /// all in one transaction. An update merges attributes and keeps the old name when
     /// none is given.
@@ -199,6 +215,23 @@ pub trait Lists: Send + Sync {
     async fn create_letter(&self, letter: Letter) -> Result<Letter, StoreError>;
 
     async fn letter(&self, id: u64) -> Result<Letter, StoreError>;
+
+    /// Up to `limit` letters of a newsletter with ids greater than `after`, in id order.
+    async fn letters_after(
+        &self,
+        newsletter_id: u64,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Letter>, StoreError>;
+
+    /// Replaces a letter's content and policies (its id, newsletter and creation time
+    /// stay). Refused (`Conflict`) while a job of it is not finished: a job reads its
+    /// letter as it sends, and must not send two versions.
+    async fn update_letter(&self, letter: Letter) -> Result<Letter, StoreError>;
+
+    /// Removes a letter. Refused (`Conflict`) while a job of it is not finished;
+    /// finished jobs stay, as the record of what was sent.
+    async fn delete_letter(&self, id: u64) -> Result<(), StoreError>;
 }
 
 /// Send jobs and their per-recipient deliveries.
@@ -900,6 +933,15 @@ pub(crate) fn wrong_state(job: &Job, from: &[JobState]) -> StoreError {
         job.id,
         job.state.as_str(),
         expected.join(" or ")
+    ))
+}
+
+/// `Conflict` naming the job that keeps `what` (a letter, a newsletter) from changing.
+pub(crate) fn busy(what: &str, job: &Job) -> StoreError {
+    StoreError::Conflict(format!(
+        "{what} has job {} that is {}: wait for it to finish, or cancel it, first",
+        job.id,
+        job.state.as_str()
     ))
 }
 

@@ -1610,5 +1610,6 @@ conformance!(
 mod automations;
 mod bounces;
 mod events;
+mod lists;
 mod messages;
 mod webhooks;

@@ -17,6 +17,7 @@ mod fleet;
 mod hardening;
 mod inbound;
 mod languages;
+mod lists;
 mod messages;
 mod migrate;
 mod optin;

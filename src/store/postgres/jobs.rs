@@ -243,6 +243,15 @@ impl Jobs for PgStore {
                 return Ok(NewJob::Existing(self::job(&row)?));
             }
         }
+        // An edit or deletion of the letter (which locks it for update) waits for this
+        // job to commit, then sees it and is refused; or this waits for the edit, and
+        // the job sends the edited letter. Never a job that sends two versions.
+        execute(
+            &tx,
+            "SELECT 1 FROM letters WHERE id = $1 FOR SHARE",
+            &[&sql_int(job.letter_id)],
+        )
+        .await?;
         let id = query(&tx, "SELECT nextval(pg_get_serial_sequence('jobs', 'id'))", &[]).await?;
         job.id = domain_int(id[0].get(0));
         // The row, then every column through the one writer of a whole job.

@@ -10,7 +10,7 @@ use super::{
 };
 use crate::domain::*;
 use crate::events::{NewEvent, subscriber_changed, subscriber_erased, types};
-use crate::store::{Lists, StoreError, normalise_email};
+use crate::store::{Lists, StoreError, busy, normalise_email};
 
 pub(super) const SUBSCRIBER_COLUMNS: &str = "id, newsletter_id, email, name, attributes, status, created_at";
 
@@ -112,6 +112,72 @@ impl Lists for PgStore {
         .await?
         .ok_or_else(|| StoreError::not_found("newsletter", id))?;
         Ok(newsletter(&row))
+    }
+
+    async fn newsletters_after(&self, after: u64, limit: usize) -> Result<Vec<Newsletter>, StoreError> {
+        let client = self.client().await?;
+        let rows = query(
+            &client,
+            "SELECT id, name, from_addr, created_at FROM newsletters WHERE id > $1 ORDER BY id LIMIT $2",
+            &[&sql_int(after), &sql_limit(limit)],
+        )
+        .await?;
+        Ok(rows.iter().map(newsletter).collect())
+    }
+
+    async fn update_newsletter(
+        &self,
+        id: u64,
+        name: Option<String>,
+        from: Option<String>,
+    ) -> Result<Newsletter, StoreError> {
+        let client = self.client().await?;
+        let row = query_opt(
+            &client,
+            "UPDATE newsletters SET name = COALESCE($2, name), from_addr = COALESCE($3, from_addr)
+             WHERE id = $1 RETURNING id, name, from_addr, created_at",
+            &[&sql_int(id), &name, &from],
+        )
+        .await?
+        .ok_or_else(|| StoreError::not_found("newsletter", id))?;
+        Ok(newsletter(&row))
+    }
+
+    async fn delete_newsletter(&self, id: u64) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        // The row lock keeps a concurrent import or letter from slipping in between the
+        // checks and the delete (each of them reads the newsletter first).
+        query_opt(
+            &tx,
+            "SELECT 1 FROM newsletters WHERE id = $1 FOR UPDATE",
+            &[&sql_int(id)],
+        )
+        .await?
+        .ok_or_else(|| StoreError::not_found("newsletter", id))?;
+        let subscribers: i64 = query(
+            &tx,
+            "SELECT count(*) FROM subscribers WHERE newsletter_id = $1",
+            &[&sql_int(id)],
+        )
+        .await?[0]
+            .get(0);
+        if subscribers > 0 {
+            return Err(StoreError::Conflict(format!(
+                "newsletter {id} has {subscribers} subscriber(s): erase them first"
+            )));
+        }
+        if let Some(job) = unfinished_job(&tx, "newsletter_id = $1", id).await? {
+            return Err(busy(&format!("newsletter {id}"), &job));
+        }
+        execute(
+            &tx,
+            "DELETE FROM letters WHERE newsletter_id = $1",
+            &[&sql_int(id)],
+        )
+        .await?;
+        execute(&tx, "DELETE FROM newsletters WHERE id = $1", &[&sql_int(id)]).await?;
+        commit(tx).await
     }
 
     async fn subscribe_unconfirmed(
@@ -500,6 +566,93 @@ impl Lists for PgStore {
             .ok_or_else(|| StoreError::not_found("letter", id))?;
         Ok(serde_json::from_value(row.get(0))?)
     }
+
+    async fn letters_after(
+        &self,
+        newsletter_id: u64,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Letter>, StoreError> {
+        let client = self.client().await?;
+        if !newsletter_exists(&client, newsletter_id).await? {
+            return Err(StoreError::not_found("newsletter", newsletter_id));
+        }
+        let rows = query(
+            &client,
+            "SELECT doc FROM letters WHERE newsletter_id = $1 AND id > $2 ORDER BY id LIMIT $3",
+            &[&sql_int(newsletter_id), &sql_int(after), &sql_limit(limit)],
+        )
+        .await?;
+        rows.iter()
+            .map(|row| Ok(serde_json::from_value(row.get(0))?))
+            .collect()
+    }
+
+    async fn update_letter(&self, mut letter: Letter) -> Result<Letter, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let before: Letter = lock_letter(&tx, letter.id).await?;
+        if let Some(job) = unfinished_job(&tx, "(doc->>'letter_id')::bigint = $1", letter.id).await? {
+            return Err(busy(&format!("letter {}", letter.id), &job));
+        }
+        letter.newsletter_id = before.newsletter_id;
+        letter.created_at = before.created_at;
+        execute(
+            &tx,
+            "UPDATE letters SET doc = $2 WHERE id = $1",
+            &[&sql_int(letter.id), &serde_json::to_value(&letter)?],
+        )
+        .await?;
+        commit(tx).await?;
+        Ok(letter)
+    }
+
+    async fn delete_letter(&self, id: u64) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        lock_letter(&tx, id).await?;
+        if let Some(job) = unfinished_job(&tx, "(doc->>'letter_id')::bigint = $1", id).await? {
+            return Err(busy(&format!("letter {id}"), &job));
+        }
+        execute(&tx, "DELETE FROM letters WHERE id = $1", &[&sql_int(id)]).await?;
+        commit(tx).await
+    }
+}
+
+/// A letter, locked for update: a job being created for it (which takes a share lock)
+/// commits first or waits for this transaction.
+async fn lock_letter(tx: &impl deadpool_postgres::GenericClient, id: u64) -> Result<Letter, StoreError> {
+    let row = query_opt(
+        tx,
+        "SELECT doc FROM letters WHERE id = $1 FOR UPDATE",
+        &[&sql_int(id)],
+    )
+    .await?
+    .ok_or_else(|| StoreError::not_found("letter", id))?;
+    Ok(serde_json::from_value(row.get(0))?)
+}
+
+/// The first job matching `condition` (with `$1` = `id`) that is not finished, if any.
+async fn unfinished_job(
+    tx: &impl deadpool_postgres::GenericClient,
+    condition: &str,
+    id: u64,
+) -> Result<Option<Job>, StoreError> {
+    let finished: Vec<&str> = JobState::ALL
+        .into_iter()
+        .filter(|s| s.is_finished())
+        .map(JobState::as_str)
+        .collect();
+    let row = query_opt(
+        tx,
+        &format!(
+            "SELECT {} FROM jobs WHERE {condition} AND state <> ALL($2) ORDER BY id LIMIT 1",
+            super::jobs::JOB_COLUMNS
+        ),
+        &[&sql_int(id), &finished],
+    )
+    .await?;
+    row.map(|row| super::jobs::job(&row)).transpose()
 }
 
 /// Counts a status change for the whole fleet, in the transaction that makes it: the

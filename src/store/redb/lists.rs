@@ -8,7 +8,7 @@ use super::tables::*;
 use super::{RedbStore, decode, encode, events};
 use crate::domain::*;
 use crate::events::subscriber_changed;
-use crate::store::{Lists, StoreError, normalise_email};
+use crate::store::{Lists, StoreError, busy, normalise_email};
 
 pub(super) fn next_id(txn: &WriteTransaction, sequence: &str) -> Result<u64, StoreError> {
     let mut table = txn.open_table(SEQUENCES)?;
@@ -62,6 +62,17 @@ fn newsletter_exists(txn: &WriteTransaction, id: u64) -> Result<bool, StoreError
     Ok(txn.open_table(NEWSLETTERS)?.get(id)?.is_some())
 }
 
+/// The first job matching `of` that is not finished, if any (jobs are few: a scan).
+fn unfinished_job(txn: &WriteTransaction, of: impl Fn(&Job) -> bool) -> Result<Option<Job>, StoreError> {
+    for row in txn.open_table(JOBS)?.iter()? {
+        let job: Job = decode(row?.1.value())?;
+        if !job.state.is_finished() && of(&job) {
+            return Ok(Some(job));
+        }
+    }
+    Ok(None)
+}
+
 #[async_trait::async_trait]
 impl Lists for RedbStore {
     async fn create_newsletter(&self, name: String, from: String) -> Result<Newsletter, StoreError> {
@@ -86,6 +97,75 @@ impl Lists for RedbStore {
                 .get(id)?
                 .ok_or_else(|| StoreError::not_found("newsletter", id))?;
             decode(row.value())
+        })
+        .await
+    }
+
+    async fn newsletters_after(&self, after: u64, limit: usize) -> Result<Vec<Newsletter>, StoreError> {
+        self.read(move |txn| {
+            let table = txn.open_table(NEWSLETTERS)?;
+            let mut out = Vec::new();
+            for row in table.range(after.saturating_add(1)..)?.take(limit) {
+                out.push(decode(row?.1.value())?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn update_newsletter(
+        &self,
+        id: u64,
+        name: Option<String>,
+        from: Option<String>,
+    ) -> Result<Newsletter, StoreError> {
+        self.write(move |txn| {
+            let mut table = txn.open_table(NEWSLETTERS)?;
+            let mut newsletter: Newsletter = decode(
+                table
+                    .get(id)?
+                    .ok_or_else(|| StoreError::not_found("newsletter", id))?
+                    .value(),
+            )?;
+            newsletter.name = name.unwrap_or(newsletter.name);
+            newsletter.from = from.unwrap_or(newsletter.from);
+            table.insert(id, encode(&newsletter).as_slice())?;
+            Ok(newsletter)
+        })
+        .await
+    }
+
+    async fn delete_newsletter(&self, id: u64) -> Result<(), StoreError> {
+        self.write(move |txn| {
+            if !newsletter_exists(txn, id)? {
+                return Err(StoreError::not_found("newsletter", id));
+            }
+            let subscribers = txn
+                .open_table(SUBSCRIBERS)?
+                .range((id, 0)..=(id, u64::MAX))?
+                .count();
+            if subscribers > 0 {
+                return Err(StoreError::Conflict(format!(
+                    "newsletter {id} has {subscribers} subscriber(s): erase them first"
+                )));
+            }
+            if let Some(job) = unfinished_job(txn, |job| job.newsletter_id == id)? {
+                return Err(busy(&format!("newsletter {id}"), &job));
+            }
+            let mut letters = txn.open_table(LETTERS)?;
+            let mut doomed = Vec::new();
+            for row in letters.iter()? {
+                let (key, value) = row?;
+                let letter: Letter = decode(value.value())?;
+                if letter.newsletter_id == id {
+                    doomed.push(key.value());
+                }
+            }
+            for letter in doomed {
+                letters.remove(letter)?;
+            }
+            txn.open_table(NEWSLETTERS)?.remove(id)?;
+            Ok(())
         })
         .await
     }
@@ -449,6 +529,69 @@ impl Lists for RedbStore {
                 .get(id)?
                 .ok_or_else(|| StoreError::not_found("letter", id))?;
             decode(row.value())
+        })
+        .await
+    }
+
+    async fn letters_after(
+        &self,
+        newsletter_id: u64,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Letter>, StoreError> {
+        self.read(move |txn| {
+            if txn.open_table(NEWSLETTERS)?.get(newsletter_id)?.is_none() {
+                return Err(StoreError::not_found("newsletter", newsletter_id));
+            }
+            // Letters of every newsletter share one table keyed by id; they are few
+            // (one per issue sent), so a scan from the cursor is enough.
+            let table = txn.open_table(LETTERS)?;
+            let mut out = Vec::new();
+            for row in table.range(after.saturating_add(1)..)? {
+                let letter: Letter = decode(row?.1.value())?;
+                if letter.newsletter_id == newsletter_id {
+                    out.push(letter);
+                    if out.len() == limit {
+                        break;
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn update_letter(&self, mut letter: Letter) -> Result<Letter, StoreError> {
+        self.write(move |txn| {
+            let mut table = txn.open_table(LETTERS)?;
+            let before: Letter = decode(
+                table
+                    .get(letter.id)?
+                    .ok_or_else(|| StoreError::not_found("letter", letter.id))?
+                    .value(),
+            )?;
+            if let Some(job) = unfinished_job(txn, |job| job.letter_id == letter.id)? {
+                return Err(busy(&format!("letter {}", letter.id), &job));
+            }
+            letter.newsletter_id = before.newsletter_id;
+            letter.created_at = before.created_at;
+            table.insert(letter.id, encode(&letter).as_slice())?;
+            Ok(letter)
+        })
+        .await
+    }
+
+    async fn delete_letter(&self, id: u64) -> Result<(), StoreError> {
+        self.write(move |txn| {
+            let mut table = txn.open_table(LETTERS)?;
+            if table.get(id)?.is_none() {
+                return Err(StoreError::not_found("letter", id));
+            }
+            if let Some(job) = unfinished_job(txn, |job| job.letter_id == id)? {
+                return Err(busy(&format!("letter {id}"), &job));
+            }
+            table.remove(id)?;
+            Ok(())
         })
         .await
     }

@@ -9,6 +9,7 @@ pub mod automations;
 pub mod bounces;
 pub mod client;
 pub mod config;
+pub mod console;
 pub mod domain;
 pub mod events;
 pub mod faults;
@@ -69,6 +70,8 @@ pub enum Error {
     InboundTls(String),
     #[error("provider webhooks: {0}")]
     Providers(providers::ProviderError),
+    #[error("web console: {0}")]
+    Console(console::RenderError),
     #[error("inbound SMTP listener on {address}: {source}")]
     Inbound {
         address: std::net::SocketAddr,
@@ -275,9 +278,12 @@ pub async fn run(
         faults: config.faults.clone(),
         providers: providers::Providers::new(&config.providers).map_err(Error::Providers)?,
         stopping: stop.clone(),
-        subscribe_limiter: std::sync::Arc::new(http::SubscribeLimiter::new(config.subscribe_per_minute)),
+        subscribe_limiter: std::sync::Arc::new(http::PerIpLimit::new(config.subscribe_per_minute)),
         webhook_allow_private: config.webhook_allow_private,
         webhook_wake,
+        console: std::sync::Arc::new(
+            http::ConsoleState::new(config.public_url.as_deref()).map_err(Error::Console)?,
+        ),
     });
     // With each connection's peer address: the public subscribe form is limited per IP.
     let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();

@@ -105,17 +105,19 @@ pub struct Problem {
     /// Stable per kind of problem, e.g. `https://letterbox.invalid/problems/not-found`.
     #[serde(rename = "type")]
     kind: String,
-    title: String,
-    status: u16,
+    pub(super) title: String,
+    pub(super) status: u16,
     /// What went wrong, for people.
-    detail: String,
+    pub(super) detail: String,
     /// For validation problems: each field that is wrong and why.
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    errors: Vec<FieldError>,
+    pub(super) errors: Vec<FieldError>,
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
+impl ApiError {
+    /// The problem this error shows, and the seconds of its `Retry-After` if it has one.
+    /// An internal error's cause is logged here and not part of it.
+    pub(super) fn problem(self) -> (Problem, Option<u64>) {
         let (status, slug) = self.parts();
         if let ApiError::Internal(cause) = &self {
             tracing::error!(cause, "internal error");
@@ -136,6 +138,14 @@ impl IntoResponse for ApiError {
             detail,
             errors,
         };
+        (problem, retry_after)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (problem, retry_after) = self.problem();
+        let status = StatusCode::from_u16(problem.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let mut response = (status, Json(problem)).into_response();
         response.headers_mut().insert(
             header::CONTENT_TYPE,
@@ -300,6 +310,11 @@ where
         }
         let bytes = axum::body::Bytes::from_request(request, state).await?;
         refuse_nul(&bytes)?;
+        // Every body taken this way is an object; serde would also read a struct from
+        // an array of its fields in order (`[null, null]`), which no client means.
+        if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+            return Err(ApiError::invalid("the body must be a JSON object, not an array"));
+        }
         let Json(value) = Json::<T>::from_bytes(&bytes)?;
         Ok(ApiJson(value))
     }

@@ -4,13 +4,14 @@
 mod auth;
 mod automations;
 mod bounces;
+mod console;
 mod error;
 mod events;
 mod jobs;
 mod letters;
 mod messages;
 mod metrics;
-mod newsletters;
+pub(crate) mod newsletters;
 mod nodes;
 mod openapi;
 mod plugins;
@@ -31,7 +32,7 @@ use utoipa_axum::routes;
 
 pub use error::{ApiError, FieldError, Problem};
 pub use metrics::install as install_metrics;
-pub use subscribe::SubscribeLimiter;
+pub use subscribe::PerIpLimit;
 
 use crate::runner::Runner;
 use crate::store::Store;
@@ -58,12 +59,16 @@ pub struct AppState {
     /// streams) end, so the graceful shutdown does not wait for them.
     pub stopping: tokio_util::sync::CancellationToken,
     /// The public subscribe form's limit per IP address.
-    pub subscribe_limiter: std::sync::Arc<subscribe::SubscribeLimiter>,
+    pub subscribe_limiter: std::sync::Arc<subscribe::PerIpLimit>,
     /// Whether webhook endpoints may be private addresses (`--webhook-allow-private`).
     pub webhook_allow_private: bool,
     /// Wakes the node's webhook worker (an endpoint made or changed, a test queued).
     pub webhook_wake: std::sync::Arc<tokio::sync::Notify>,
+    /// The web console's templates, sign-in limit and cookie settings.
+    pub console: std::sync::Arc<console::ConsoleState>,
 }
+
+pub use console::ConsoleState;
 
 /// The routes, and the OpenAPI document that describes them (served at `/openapi.json`).
 pub fn router(state: AppState) -> Router {
@@ -79,6 +84,7 @@ pub fn router(state: AppState) -> Router {
             b"{}".to_vec()
         });
     router
+        .merge(console::router())
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .layer(Extension(openapi::Document(document.into())))
         .layer(axum::middleware::from_fn_with_state(

@@ -131,7 +131,7 @@ async fn delete(State(state): State<AppState>, ApiPath(id): ApiPath<u64>) -> Res
 
 /// A newsletter's name and From as given (each optional), checked: the name trimmed and
 /// not blank, the From a mailbox. Every problem is named at its field.
-fn check_newsletter(
+pub(super) fn check_newsletter(
     name: Option<&str>,
     from: Option<&str>,
 ) -> Result<(Option<String>, Option<String>), ApiError> {

@@ -29,21 +29,21 @@ pub fn router() -> OpenApiRouter<AppState> {
 }
 
 /// Requests per IP address and minute, counted in fixed windows on this node.
-pub struct SubscribeLimiter {
+pub struct PerIpLimit {
     per_minute: u32,
     windows: Mutex<HashMap<IpAddr, (Instant, u32)>>,
 }
 
-impl SubscribeLimiter {
-    pub fn new(per_minute: u32) -> SubscribeLimiter {
-        SubscribeLimiter {
+impl PerIpLimit {
+    pub fn new(per_minute: u32) -> PerIpLimit {
+        PerIpLimit {
             per_minute,
             windows: Mutex::new(HashMap::new()),
         }
     }
 
     /// `Ok` if `ip` may ask now; else the seconds until it may.
-    fn admit(&self, ip: IpAddr) -> Result<(), u64> {
+    pub(crate) fn admit(&self, ip: IpAddr) -> Result<(), u64> {
         const WINDOW: Duration = Duration::from_secs(60);
         let now = Instant::now();
         let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());

@@ -1,8 +1,9 @@
 //! Housekeeping: what the store keeps only for a while, pruned in the background in
 //! small batches, so that a prune never holds the store (redb's single writer, a
 //! PostgreSQL row lock) long enough to stall a send: idempotency keys older than
-//! `--idempotency-ttl`, events (and webhook attempts) older than `--event-retention`, and subscribers of the
-//! public form who did not confirm within `--confirm-within` (erased).
+//! `--idempotency-ttl`, events (and webhook attempts) older than `--event-retention`,
+//! subscribers of the public form who did not confirm within `--confirm-within`
+//! (erased), and the console's ended sessions.
 //!
 //! Every node prunes (there is no leader); the deletes are idempotent, and on
 //! PostgreSQL they skip rows another node is deleting. A failing store is tried again
@@ -23,6 +24,9 @@ impl Runner {
             self.prune_idempotency_keys().await;
             self.prune_events().await;
             self.expire_unconfirmed().await;
+            let store = &self.inner.store;
+            let now = crate::domain::now();
+            drain("console sessions", None, || store.prune_sessions(now, BATCH)).await;
             tokio::select! {
                 _ = tokio::time::sleep(self.inner.config.housekeeping_every) => {}
                 _ = stop.cancelled() => return,

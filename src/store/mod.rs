@@ -24,6 +24,7 @@
 mod messages;
 pub mod postgres;
 mod redb;
+mod sessions;
 mod webhooks;
 
 use std::ops::Deref;
@@ -43,6 +44,7 @@ use crate::faults::Faults;
 pub use self::messages::{Messages, NewMessageOutcome};
 pub use self::postgres::PgStore;
 pub use self::redb::RedbStore;
+pub use self::sessions::Sessions;
 pub use self::webhooks::Webhooks;
 
 #[derive(Debug, thiserror::Error)]
@@ -814,7 +816,7 @@ pub trait Transfer: Send + Sync {
 /// A whole database: every operation, plus what the server needs to run on it.
 #[async_trait]
 pub trait Backend:
-    Lists + Jobs + Plugins + Fleet + Transfer + Events + Bounces + Automations + Messages + Webhooks
+    Lists + Jobs + Plugins + Fleet + Transfer + Events + Bounces + Automations + Messages + Webhooks + Sessions
 {
     /// "redb" or "postgres", for logs and metrics.
     fn name(&self) -> &'static str;

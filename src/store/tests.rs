@@ -1612,4 +1612,5 @@ mod bounces;
 mod events;
 mod lists;
 mod messages;
+mod sessions;
 mod webhooks;

@@ -30,8 +30,13 @@ async fn newsletters_and_letters_list_change_and_delete() {
     assert_eq!(rest["items"][0]["id"].as_u64(), Some(made[2]));
     assert!(rest["next"].is_null(), "{rest}");
 
-    // A change is checked as a new newsletter is, each problem at its field.
+    // A change is checked as a new newsletter is, each problem at its field; a body that
+    // is not an object is not read as the fields in order.
     let n = made[0];
+    let (status, problem) = api
+        .patch(&format!("/v1/newsletters/{n}"), json!([null, null]))
+        .await;
+    assert_eq!(status, 422, "{problem}");
     let (status, problem) = api
         .patch(
             &format!("/v1/newsletters/{n}"),

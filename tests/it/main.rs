@@ -8,6 +8,7 @@ mod auth;
 mod automations;
 mod bounces;
 mod cli;
+mod console;
 mod contained;
 mod crash;
 mod delivery;

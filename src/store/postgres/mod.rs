@@ -20,6 +20,7 @@ mod lists;
 mod messages;
 mod plugins;
 mod schema;
+mod sessions;
 mod tls;
 mod transfer;
 mod webhooks;

@@ -18,6 +18,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (8, include_str!("migrations/0008_messages.sql")),
     (9, include_str!("migrations/0009_opt_in.sql")),
     (10, include_str!("migrations/0010_webhooks.sql")),
+    (11, include_str!("migrations/0011_console_sessions.sql")),
 ];
 
 /// The newest schema version this binary knows.

@@ -33,6 +33,7 @@ mod jobs;
 mod lists;
 mod messages;
 mod plugins;
+mod sessions;
 mod tables;
 mod transfer;
 mod webhooks;
@@ -220,6 +221,7 @@ fn open_database(path: &Path) -> Result<Database, StoreError> {
         txn.open_table(WEBHOOK_SENDS_BY_HOOK)?;
         txn.open_table(WEBHOOK_ATTEMPTS)?;
         txn.open_table(WEBHOOK_ATTEMPT_IDS)?;
+        txn.open_table(CONSOLE_SESSIONS)?;
     }
     lists::backfill_subscriber_homes(&txn)?;
     txn.commit()?;

@@ -145,4 +145,7 @@ pub const WEBHOOK_SENDS_BY_HOOK: TableDefinition<(u64, u64), ()> =
 pub const WEBHOOK_ATTEMPTS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("webhook_attempts");
 
 /// Attempt id → webhook id: the log's oldest first, for pruning.
+/// The web console's sessions: hex SHA-256 of the secret → expiry (unix seconds).
+pub const CONSOLE_SESSIONS: TableDefinition<&str, u64> = TableDefinition::new("console_sessions");
+
 pub const WEBHOOK_ATTEMPT_IDS: TableDefinition<u64, u64> = TableDefinition::new("webhook_attempt_ids");

@@ -1,6 +1,7 @@
 //! Shared test fixtures: the real server on port 0, a real SMTP server, an HTTP client
 //! and the test policies built by build.rs.
 
+pub mod browser;
 pub mod disk;
 pub mod mime;
 pub mod pg;

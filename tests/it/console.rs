@@ -1,0 +1,347 @@
+//! The web console in a real browser (chromium over WebDriver) against the real server,
+//! as a newcomer walks it, with axe-core's check on every page and screenshots at
+//! desktop and phone width; and its security checks, in the browser and as plain HTTP.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use reqwest::header::{COOKIE, LOCATION, SET_COOKIE};
+
+use crate::support::browser::Browser;
+use crate::support::{TEST_TOKEN, TestServer, client_builder};
+
+/// A client that follows no redirect, so each answer can be looked at.
+fn http() -> reqwest::Client {
+    client_builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+fn form(fields: &[(&str, &str)]) -> String {
+    fields
+        .iter()
+        .map(|(k, v)| {
+            let v: String = url::form_urlencoded::byte_serialize(v.as_bytes()).collect();
+            format!("{k}={v}")
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+/// Signs in over plain HTTP; the session cookie (`name=value`).
+async fn sign_in(base: &str) -> String {
+    let response = http()
+        .post(format!("{base}/console/sign-in"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(form(&[("token", TEST_TOKEN), ("next", "/console/newsletters")]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    let cookie = response.headers()[SET_COOKIE].to_str().unwrap().to_string();
+    for attribute in ["HttpOnly", "SameSite=Strict", "Path=/console", "Max-Age="] {
+        assert!(cookie.contains(attribute), "{cookie}");
+    }
+    assert!(!cookie.contains("Secure"), "no Secure over http: {cookie}");
+    cookie.split(';').next().unwrap().to_string()
+}
+
+/// The CSRF token a page's forms carry.
+fn csrf_of(page: &str) -> String {
+    let at = page
+        .find("name=\"_csrf\" value=\"")
+        .expect("a form with a CSRF token")
+        + 20;
+    page[at..].split('"').next().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_needs_a_session_and_refuses_forged_forms() {
+    let server = TestServer::start(None).await;
+    let base = server.api.base.clone();
+    let client = http();
+
+    // No page without a session; the sign-in page and its assets only.
+    for path in ["/console/newsletters", "/console/newsletters/1"] {
+        let response = client.get(format!("{base}{path}")).send().await.unwrap();
+        assert!(
+            response.status().is_redirection(),
+            "{path}: {}",
+            response.status()
+        );
+        let location = response.headers()[LOCATION].to_str().unwrap().to_string();
+        assert!(location.starts_with("/console/sign-in"), "{path} → {location}");
+    }
+    let sign_in_page = client
+        .get(format!("{base}/console/sign-in"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sign_in_page.status(), StatusCode::OK);
+    let headers = sign_in_page.headers().clone();
+    let csp = headers["content-security-policy"].to_str().unwrap();
+    assert!(
+        csp.contains("script-src 'self'") && !csp.contains("unsafe-inline"),
+        "{csp}"
+    );
+    assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
+    assert_eq!(headers["x-frame-options"], "DENY");
+    assert!(headers.contains_key("referrer-policy"));
+    let html = sign_in_page.text().await.unwrap();
+    assert!(
+        !html.contains("<script>") && !html.contains(" onclick="),
+        "inline script on the sign-in page"
+    );
+    let css = html
+        .split("href=\"")
+        .find(|s| s.starts_with("/console/assets/console."))
+        .unwrap();
+    let css = css.split('"').next().unwrap();
+    assert_eq!(
+        client.get(format!("{base}{css}")).send().await.unwrap().status(),
+        200
+    );
+    // A POST without a session changes nothing.
+    let response = client
+        .post(format!("{base}/console/newsletters"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(form(&[("name", "x"), ("from", "x@example.com")]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+
+    // A wrong token is refused at its field; the API's bearer token is not a session.
+    let response = client
+        .post(format!("{base}/console/sign-in"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(form(&[("token", "wrong-token")]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert!(response.headers().get(SET_COOKIE).is_none());
+    assert!(
+        response
+            .text()
+            .await
+            .unwrap()
+            .contains("this is not the API token")
+    );
+    let response = client
+        .get(format!("{base}/console/newsletters"))
+        .bearer_auth(TEST_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.status(),
+        StatusCode::SEE_OTHER,
+        "a bearer token opened a page"
+    );
+
+    let cookie = sign_in(&base).await;
+    // …and a session is not an API token.
+    let response = client
+        .get(format!("{base}/v1/newsletters"))
+        .header(COOKIE, &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    let page = client
+        .get(format!("{base}/console/newsletters"))
+        .header(COOKIE, &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), StatusCode::OK);
+    assert_eq!(page.headers()["cache-control"], "no-store");
+    let csrf = csrf_of(&page.text().await.unwrap());
+
+    let post =
+        |fields: Vec<(&'static str, String)>, origin: Option<&'static str>, site: Option<&'static str>| {
+            let mut request = client
+                .post(format!("{base}/console/newsletters"))
+                .header(COOKIE, &cookie)
+                .header("content-type", "application/x-www-form-urlencoded");
+            if let Some(origin) = origin {
+                request = request.header("origin", origin);
+            }
+            if let Some(site) = site {
+                request = request.header("sec-fetch-site", site);
+            }
+            let body = form(&fields.iter().map(|(k, v)| (*k, v.as_str())).collect::<Vec<_>>());
+            request.body(body).send()
+        };
+    let fields = |csrf: Option<&str>| {
+        let mut f = vec![
+            ("name", "Forged".to_string()),
+            ("from", "f@example.com".to_string()),
+        ];
+        if let Some(csrf) = csrf {
+            f.push(("_csrf", csrf.to_string()));
+        }
+        f
+    };
+    // Without its CSRF token, with another's, or from another site: refused.
+    assert_eq!(
+        post(fields(None), None, None).await.unwrap().status(),
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        post(fields(Some(&"0".repeat(64))), None, None)
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::FORBIDDEN
+    );
+    let cross = post(fields(Some(&csrf)), Some("https://evil.example"), None)
+        .await
+        .unwrap();
+    assert_eq!(cross.status(), StatusCode::FORBIDDEN);
+    let cross = post(fields(Some(&csrf)), None, Some("cross-site")).await.unwrap();
+    assert_eq!(cross.status(), StatusCode::FORBIDDEN);
+    let (_, listed) = server.api.get("/v1/newsletters").await;
+    assert_eq!(listed["items"].as_array().unwrap().len(), 0, "{listed}");
+    // With it, from this site: done.
+    let made = post(
+        fields(Some(&csrf)),
+        Some(&*Box::leak(base.clone().into_boxed_str())),
+        Some("same-origin"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(made.status(), StatusCode::SEE_OTHER);
+    let (_, listed) = server.api.get("/v1/newsletters").await;
+    assert_eq!(listed["items"].as_array().unwrap().len(), 1, "{listed}");
+
+    // Signing out ends the session on the server, not only in the browser.
+    let response = client
+        .post(format!("{base}/console/sign-out"))
+        .header(COOKIE, &cookie)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(form(&[("_csrf", &csrf)]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    assert!(
+        response.headers()[SET_COOKIE]
+            .to_str()
+            .unwrap()
+            .contains("Max-Age=0")
+    );
+    let response = client
+        .get(format!("{base}/console/newsletters"))
+        .header(COOKIE, &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.status(),
+        StatusCode::SEE_OTHER,
+        "the old cookie still works"
+    );
+
+    // Wrong tokens are limited per address.
+    let mut limited = None;
+    for _ in 0..12 {
+        let response = client
+            .post(format!("{base}/console/sign-in"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(form(&[("token", "guess")]))
+            .send()
+            .await
+            .unwrap();
+        if response.status() == StatusCode::TOO_MANY_REQUESTS {
+            limited = Some(response.headers()["retry-after"].to_str().unwrap().to_string());
+            break;
+        }
+    }
+    assert!(limited.is_some(), "twelve wrong tokens in a row were all tried");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newcomer_signs_in_and_manages_newsletters_in_a_browser() {
+    let Some(mut browser) = Browser::start("newcomer", false).await else {
+        return;
+    };
+    let server = TestServer::start(None).await;
+    let base = server.api.base.clone();
+
+    // `/` leads to the sign-in page; a wrong token is refused at its field.
+    browser.goto(&format!("{base}/")).await;
+    browser.find("#f-token").await;
+    assert!(browser.path().await.starts_with("/console/sign-in"));
+    browser.assert_accessible().await;
+    browser.fill("#f-token", "not-the-token").await;
+    browser.click("form button[type=submit]").await;
+    let error = browser.text("#e-token").await;
+    assert!(error.contains("not the API token"), "{error}");
+    browser.screenshots("sign-in-wrong-token").await;
+    browser.fill("#f-token", TEST_TOKEN).await;
+    browser.click("form button[type=submit]").await;
+    browser
+        .wait_text("the newsletters page", |t| t.contains("No newsletter yet"))
+        .await;
+    browser.assert_accessible().await;
+    browser.screenshots("newsletters-empty").await;
+
+    // A From that is not an address is named at its field, with what was typed kept.
+    browser
+        .fill("#f-name", "<script>alert('x')</script> Weekly")
+        .await;
+    browser.fill("#f-from", "not an address").await;
+    browser.click("section form button.primary").await;
+    let error = browser.text("#e-from").await;
+    assert!(!error.is_empty(), "no error at the From field");
+    assert_eq!(
+        browser
+            .find("#f-name")
+            .await
+            .prop("value")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("<script>alert('x')</script> Weekly")
+    );
+    browser.assert_accessible().await;
+    browser.screenshots("newsletter-invalid-from").await;
+    browser.fill("#f-from", "Weekly <news@example.com>").await;
+    browser.click("section form button.primary").await;
+    browser
+        .wait_text("the new newsletter", |t| t.contains("Created."))
+        .await;
+    // The name shows as text: no script of it ran, and it is in the heading as typed.
+    assert_eq!(browser.text("h1").await, "<script>alert('x')</script> Weekly");
+    assert_eq!(
+        browser
+            .eval("return document.querySelectorAll('main script').length")
+            .await,
+        0
+    );
+    browser.assert_accessible().await;
+    browser.screenshots("newsletter-created").await;
+
+    browser.fill("#f-name", "Weekly").await;
+    browser.click("section form button.primary").await;
+    browser
+        .wait_text("the saved newsletter", |t| t.contains("Saved."))
+        .await;
+    assert_eq!(browser.text("h1").await, "Weekly");
+    let (_, listed) = server.api.get("/v1/newsletters").await;
+    assert_eq!(listed["items"][0]["name"], "Weekly");
+
+    // Sign out: back at the sign-in page, and the console is closed again.
+    browser.click("header .sign-out button").await;
+    browser
+        .wait_text("the signed-out page", |t| t.contains("You are signed out"))
+        .await;
+    browser.goto(&format!("{base}/console/newsletters")).await;
+    browser.find("#f-token").await;
+    assert!(browser.path().await.starts_with("/console/sign-in"));
+    browser.close().await;
+}

@@ -115,6 +115,57 @@ pub struct Subscriber {
     pub created_at: u64,
 }
 
+/// Which subscribers a search wants: every condition given must hold.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SubscriberFilter {
+    /// Part of the email or the name, any case (kept lower-cased).
+    pub text: Option<String>,
+    pub status: Option<SubscriberStatus>,
+    /// An attribute and its value: a string attribute as it is, any other as its JSON.
+    pub attribute: Option<(String, String)>,
+}
+
+impl SubscriberFilter {
+    pub fn is_empty(&self) -> bool {
+        self.text.is_none() && self.status.is_none() && self.attribute.is_none()
+    }
+
+    /// Whether `s` is one the filter wants. (The PostgreSQL backend says the same in SQL;
+    /// the conformance suite holds the two to the same answers.)
+    pub fn matches(&self, s: &Subscriber) -> bool {
+        if self.status.is_some_and(|status| status != s.status) {
+            return false;
+        }
+        if let Some(text) = &self.text {
+            let name = s.name.as_deref().unwrap_or("");
+            if !s.email.to_lowercase().contains(text.as_str()) && !name.to_lowercase().contains(text.as_str())
+            {
+                return false;
+            }
+        }
+        if let Some((key, value)) = &self.attribute {
+            let found = match s.attributes.get(key) {
+                Some(Value::String(v)) => v == value,
+                Some(other) => &other.to_string() == value,
+                None => false,
+            };
+            if !found {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// One look through a newsletter's subscribers (`Lists::search_subscribers`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SubscriberSearch {
+    pub items: Vec<Subscriber>,
+    /// Where the next look starts (the id it stopped after); `None` once it reached the
+    /// last subscriber.
+    pub next: Option<u64>,
+}
+
 /// A subscriber as submitted over the API, validated by the HTTP layer before it reaches
 /// the store.
 #[derive(Debug, Clone)]

@@ -15,6 +15,8 @@ const TEMPLATES: &[(&str, &str)] = &[
     ("error.html", include_str!("templates/error.html")),
     ("newsletters.html", include_str!("templates/newsletters.html")),
     ("newsletter.html", include_str!("templates/newsletter.html")),
+    ("subscribers.html", include_str!("templates/subscribers.html")),
+    ("subscriber.html", include_str!("templates/subscriber.html")),
 ];
 
 /// The console's templates.

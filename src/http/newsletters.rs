@@ -11,7 +11,7 @@ use serde_json::{Map, Value};
 use super::error::{ApiJson, ApiPath, ApiQuery, FieldError};
 use super::{ApiError, AppState, Page, is_csv, page, page_cursor, page_limit};
 use crate::domain::{
-    ImportSummary, NewSubscriber, Newsletter, Subscriber, SubscriberPatch, SubscriberStatus,
+    ImportSummary, NewSubscriber, Newsletter, Subscriber, SubscriberFilter, SubscriberPatch, SubscriberStatus,
 };
 use crate::{import, mail};
 use futures_util::TryStreamExt;
@@ -243,9 +243,50 @@ struct SubscriberQuery {
     #[serde(default)]
     #[param(format = Email)]
     email: Option<String>,
+    /// Only subscribers whose email or name contains this, in any case.
+    #[serde(default)]
+    #[param(min_length = 1)]
+    q: Option<String>,
+    /// Only subscribers in this status.
+    #[serde(default)]
+    status: Option<SubscriberStatus>,
+    /// Only subscribers with this attribute and value, as `key=value` (a string
+    /// attribute as it is, any other as its JSON: `plan=pro`, `age=42`).
+    #[serde(default)]
+    #[param(pattern = "^[^=]+=")]
+    attribute: Option<String>,
 }
 
-/// A newsletter's subscribers in id order, a page at a time, or the one with an email.
+/// Subscribers one filtered page looks at, at most: a search for something rare in a
+/// big list answers in bounded time, with `next` where to go on (a page may then hold
+/// fewer than `limit`, or none, and still have a `next`).
+pub(super) const SEARCH_SCAN: usize = 50_000;
+
+/// A search's filter from its parameters, each problem named at its parameter.
+pub(super) fn subscriber_filter(
+    q: Option<&str>,
+    status: Option<SubscriberStatus>,
+    attribute: Option<&str>,
+) -> Result<SubscriberFilter, ApiError> {
+    let text = q.map(str::trim).filter(|q| !q.is_empty()).map(str::to_lowercase);
+    let attribute = match attribute.map(str::trim).filter(|a| !a.is_empty()) {
+        None => None,
+        Some(a) => match a.split_once('=') {
+            Some((key, value)) if !key.trim().is_empty() => {
+                Some((key.trim().to_string(), value.trim().to_string()))
+            }
+            _ => return Err(ApiError::field("attribute", "must be key=value, e.g. plan=pro")),
+        },
+    };
+    Ok(SubscriberFilter {
+        text,
+        status,
+        attribute,
+    })
+}
+
+/// A newsletter's subscribers in id order, a page at a time, or the one with an email;
+/// optionally only those a search (`q`, `status`, `attribute`) wants.
 #[utoipa::path(get, path = "/v1/newsletters/{id}/subscribers", tag = "subscribers", params(("id" = u64, Path), SubscriberQuery),
     responses((status = 200, body = Page<Subscriber>)))]
 async fn list_subscribers(
@@ -262,11 +303,20 @@ async fn list_subscribers(
             next: None,
         }));
     }
+    let filter = subscriber_filter(query.q.as_deref(), query.status, query.attribute.as_deref())?;
+    let after = page_cursor(query.cursor)?.unwrap_or(0);
+    if !filter.is_empty() {
+        let found = state
+            .store
+            .search_subscribers(id, filter, after, limit, SEARCH_SCAN)
+            .await?;
+        return Ok(Json(Page {
+            items: found.items,
+            next: found.next,
+        }));
+    }
     state.store.newsletter(id).await?;
-    let items = state
-        .store
-        .subscribers_after(id, page_cursor(query.cursor)?.unwrap_or(0), limit)
-        .await?;
+    let items = state.store.subscribers_after(id, after, limit).await?;
     Ok(page(items, limit, |s| s.id))
 }
 
@@ -313,7 +363,19 @@ async fn change_subscriber(
     ApiPath(id): ApiPath<u64>,
     ApiJson(change): ApiJson<SubscriberChange>,
 ) -> Result<Json<Subscriber>, ApiError> {
-    let email = match change.email {
+    let patch = subscriber_patch(change.email, change.name, change.attributes, change.status)?;
+    Ok(Json(state.store.update_subscriber(id, patch).await?))
+}
+
+/// A change to a subscriber, checked: the email an address, the name at most 256
+/// characters and folded like an imported one.
+pub(super) fn subscriber_patch(
+    email: Option<String>,
+    name: Option<Option<String>>,
+    attributes: Option<Map<String, Value>>,
+    status: Option<SubscriberStatus>,
+) -> Result<SubscriberPatch, ApiError> {
+    let email = match email {
         Some(email) => Some(mail::parse_address(&email).map_err(|e| ApiError::Invalid {
             detail: "invalid subscriber change".into(),
             errors: vec![FieldError {
@@ -323,19 +385,18 @@ async fn change_subscriber(
         })?),
         None => None,
     };
-    if let Some(Some(name)) = &change.name {
+    if let Some(Some(name)) = &name {
         import::check_name_length(name).map_err(|message| ApiError::field("name", message))?;
     }
-    let name = change.name.map(|n| n.and_then(|n| import::name(&n).0));
-    let patch = SubscriberPatch {
+    let name = name.map(|n| n.and_then(|n| import::name(&n).0));
+    Ok(SubscriberPatch {
         email,
         // Folded like an imported name: one header line.
         name,
-        attributes: change.attributes,
-        status: change.status,
+        attributes,
+        status,
         confirming: false,
-    };
-    Ok(Json(state.store.update_subscriber(id, patch).await?))
+    })
 }
 
 /// Erases a subscriber and their personal data, also from past deliveries.

@@ -185,6 +185,20 @@ pub trait Lists: Send + Sync {
         limit: usize,
     ) -> Result<Vec<Subscriber>, StoreError>;
 
+    /// Up to `limit` subscribers of a newsletter with ids greater than `after` that
+    /// `filter` wants, in id order, looking at no more than `scan` subscribers: a search
+    /// for something rare in a big list answers in bounded time, and says where to go on
+    /// (`next`: the last match when `limit` were found, else the last subscriber looked
+    /// at when `scan` were, else `None`).
+    async fn search_subscribers(
+        &self,
+        newsletter_id: u64,
+        filter: SubscriberFilter,
+        after: u64,
+        limit: usize,
+        scan: usize,
+    ) -> Result<SubscriberSearch, StoreError>;
+
     async fn subscriber(&self, newsletter_id: u64, id: u64) -> Result<Subscriber, StoreError>;
 
     /// A subscriber by id alone (ids are unique across newsletters).

@@ -334,6 +334,135 @@ async fn a_newcomer_signs_in_and_manages_newsletters_in_a_browser() {
     assert_eq!(browser.text("h1").await, "Weekly");
     let (_, listed) = server.api.get("/v1/newsletters").await;
     assert_eq!(listed["items"][0]["name"], "Weekly");
+    let newsletter = listed["items"][0]["id"].as_u64().unwrap();
+
+    // Import a CSV file: progress, then what was taken and the rows refused.
+    browser.click("a[href$='/subscribers']").await;
+    browser
+        .wait_text("the empty list", |t| t.contains("No subscriber yet"))
+        .await;
+    let csv = tempfile::Builder::new().suffix(".csv").tempfile().unwrap();
+    let mut rows = String::from("email,name,plan\n");
+    for i in 0..120 {
+        rows.push_str(&format!(
+            "reader{i}@example.org,Reader {i},{}\n",
+            if i % 4 == 0 { "pro" } else { "free" }
+        ));
+    }
+    rows.push_str("not-an-address,Broken,free\n");
+    rows.push_str("mallory@example.org,<img src=x onerror=alert(1)>,free\n");
+    std::fs::write(csv.path(), rows).unwrap();
+    browser
+        .find("#f-file")
+        .await
+        .send_keys(&csv.path().display().to_string())
+        .await
+        .unwrap();
+    browser.click("form[data-import] button[type=submit]").await;
+    let result = browser
+        .wait_text("the import's summary", |t| t.contains("Imported"))
+        .await;
+    assert!(
+        result.contains("New\n121") || result.contains("New 121"),
+        "{result}"
+    );
+    let refused = browser.text("#import-refused").await;
+    assert!(refused.contains("not-an-address"), "{refused}");
+    assert_eq!(
+        browser
+            .eval(
+                "return document.querySelector('progress').value === document.querySelector('progress').max"
+            )
+            .await,
+        true
+    );
+    browser.assert_accessible().await;
+    browser.screenshots("import-done").await;
+
+    // Search by name and by attribute; a name holding markup is text.
+    browser
+        .goto(&format!("{base}/console/newsletters/{newsletter}/subscribers"))
+        .await;
+    browser
+        .wait_text("the list", |t| t.contains("reader0@example.org"))
+        .await;
+    browser.fill("#f-q", "<IMG").await;
+    browser.click("form.search button").await;
+    browser
+        .wait_text("the search's answer", |t| {
+            t.contains("mallory@example.org") && !t.contains("reader0@")
+        })
+        .await;
+    assert_eq!(
+        browser
+            .eval("return document.querySelectorAll('main img').length")
+            .await,
+        0
+    );
+    assert!(
+        browser
+            .text("#subscribers")
+            .await
+            .contains("<img src=x onerror=alert(1)>")
+    );
+    browser.fill("#f-q", "").await;
+    browser.fill("#f-attribute", "plan=pro").await;
+    browser.click("form.search button").await;
+    let found = browser
+        .wait_text("the attribute search", |t| {
+            t.contains("reader4@example.org") && !t.contains("reader1@")
+        })
+        .await;
+    assert!(found.contains("reader0@example.org"), "{found}");
+    browser.assert_accessible().await;
+    browser.screenshots("subscribers-search").await;
+
+    // Edit one, then unsubscribe and erase another.
+    browser.click("a[href^='/console/subscribers/']").await;
+    browser.fill("#f-name", "Reader Zero").await;
+    browser.fill("#f-attributes", "{\"plan\": \"team\"").await;
+    browser.click("section form button.primary").await;
+    let error = browser.text("#e-attributes").await;
+    assert!(error.contains("JSON object"), "{error}");
+    browser.fill("#f-attributes", "{\"plan\": \"team\"}").await;
+    browser.click("section form button.primary").await;
+    browser
+        .wait_text("the saved subscriber", |t| t.contains("Saved."))
+        .await;
+    browser.assert_accessible().await;
+    browser.screenshots("subscriber-saved").await;
+    let ids = server.api.subscriber_ids(newsletter).await;
+    let (_, zero) = server
+        .api
+        .get(&format!("/v1/subscribers/{}", ids["reader0@example.org"]))
+        .await;
+    assert_eq!(
+        (zero["name"].as_str(), zero["attributes"]["plan"].as_str()),
+        (Some("Reader Zero"), Some("team"))
+    );
+    browser.click("form[action$='/unsubscribe'] button").await;
+    browser
+        .wait_text("the unsubscribed subscriber", |t| t.contains("Unsubscribed:"))
+        .await;
+    let (_, zero) = server
+        .api
+        .get(&format!("/v1/subscribers/{}", ids["reader0@example.org"]))
+        .await;
+    assert_eq!(zero["status"], "unsubscribed");
+    browser.click("form[action$='/erase'] button").await;
+    browser
+        .client
+        .accept_alert()
+        .await
+        .expect("a confirmation before erasing");
+    browser
+        .wait_text("the list after erasing", |t| t.contains("Erased,"))
+        .await;
+    let (status, _) = server
+        .api
+        .get(&format!("/v1/subscribers/{}", ids["reader0@example.org"]))
+        .await;
+    assert_eq!(status, 404);
 
     // Sign out: back at the sign-in page, and the console is closed again.
     browser.click("header .sign-out button").await;

@@ -361,3 +361,70 @@ async fn a_100k_row_csv_imports_with_its_bad_rows_counted() {
     assert_eq!(listed["items"].as_array().unwrap().len(), 1000);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_by_text_status_and_attribute() {
+    let server = TestServer::start(None).await;
+    let api = &server.api;
+    let newsletter = api.newsletter().await;
+    api.add_subscribers(newsletter, people(30)).await;
+    api.add_subscribers(
+        newsletter,
+        json!([{ "email": "zoe@example.org", "name": "Zoë Ünal", "attributes": { "plan": "team" } }]),
+    )
+    .await;
+    let path = format!("/v1/newsletters/{newsletter}/subscribers");
+    let emails = |page: &Value| -> Vec<String> {
+        page["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["email"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let (status, page) = api.get(&format!("{path}?q=%C3%9CNAL")).await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(emails(&page), ["zoe@example.org"]);
+    let (_, page) = api.get(&format!("{path}?attribute=plan%3Dteam")).await;
+    assert_eq!(emails(&page), ["zoe@example.org"]);
+    let (_, page) = api.get(&format!("{path}?attribute=n%3D7")).await;
+    assert_eq!(emails(&page), ["s7@example.org"]);
+    // Pages of a search go on from `next`.
+    let (_, first) = api.get(&format!("{path}?q=s1&limit=5")).await;
+    assert_eq!(
+        emails(&first),
+        [
+            "s1@example.org",
+            "s10@example.org",
+            "s11@example.org",
+            "s12@example.org",
+            "s13@example.org"
+        ]
+    );
+    let (_, second) = api
+        .get(&format!("{path}?q=s1&limit=5&cursor={}", first["next"]))
+        .await;
+    assert_eq!(
+        emails(&second),
+        [
+            "s14@example.org",
+            "s15@example.org",
+            "s16@example.org",
+            "s17@example.org",
+            "s18@example.org"
+        ]
+    );
+    let id = api.subscriber_ids(newsletter).await["s4@example.org"];
+    api.patch(
+        &format!("/v1/subscribers/{id}"),
+        json!({ "status": "unsubscribed" }),
+    )
+    .await;
+    let (_, page) = api.get(&format!("{path}?status=unsubscribed")).await;
+    assert_eq!(emails(&page), ["s4@example.org"]);
+    let (status, problem) = api.get(&format!("{path}?attribute=plan")).await;
+    assert_eq!(status, 422, "{problem}");
+    assert_eq!(problem["errors"][0]["field"], "attribute");
+    let (status, _) = api.get(&format!("{path}?status=gone")).await;
+    assert_eq!(status, 400);
+}

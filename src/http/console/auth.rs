@@ -98,6 +98,28 @@ impl FromRequest<AppState> for Form {
     }
 }
 
+/// A state-changing request the script sends with a body of its own (an upload): its
+/// session, from this site, with the session's CSRF token in `X-CSRF-Token`.
+pub struct HeaderChecked;
+
+impl FromRequestParts<AppState> for HeaderChecked {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<HeaderChecked, Response> {
+        let session = Session::from_request_parts(parts, state).await?;
+        if let Err(why) = same_site(parts, state) {
+            return Err(forbidden(why));
+        }
+        let token = parts.headers.get("x-csrf-token").and_then(|v| v.to_str().ok());
+        match token {
+            Some(token) if session.0.csrf_matches(token) => Ok(HeaderChecked),
+            _ => Err(forbidden(
+                "the request's security token is missing or stale: reload the page and try again",
+            )),
+        }
+    }
+}
+
 fn forbidden(why: &str) -> Response {
     let page = PageError::from(ApiError::BadRequest(why.to_string())).into_response();
     (StatusCode::FORBIDDEN, page).into_response()

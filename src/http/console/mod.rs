@@ -7,6 +7,7 @@
 
 mod auth;
 mod newsletters;
+mod subscribers;
 
 use axum::Router;
 use axum::extract::Request;
@@ -53,6 +54,7 @@ pub fn router() -> Router<AppState> {
         .route("/console/assets/{file}", get(asset))
         .merge(auth::router())
         .merge(newsletters::router())
+        .merge(subscribers::router())
         .fallback(|| async { PageError::from(ApiError::NotFound("no such page".into())) })
         .layer(axum::middleware::from_fn(security_headers))
 }
@@ -125,6 +127,8 @@ fn flash(code: Option<&str>) -> Option<&'static str> {
         "created" => "Created.",
         "saved" => "Saved.",
         "deleted" => "Deleted.",
+        "unsubscribed" => "Unsubscribed: no letter goes to them any more.",
+        "erased" => "Erased, with their personal data in past deliveries and the event log.",
         "signed-out" => "You are signed out.",
         _ => return None,
     })

@@ -356,6 +356,66 @@ impl Lists for PgStore {
         rows.iter().map(subscriber).collect()
     }
 
+    async fn search_subscribers(
+        &self,
+        newsletter_id: u64,
+        filter: SubscriberFilter,
+        after: u64,
+        limit: usize,
+        scan: usize,
+    ) -> Result<SubscriberSearch, StoreError> {
+        let client = self.client().await?;
+        if !newsletter_exists(&client, newsletter_id).await? {
+            return Err(StoreError::not_found("newsletter", newsletter_id));
+        }
+        // The look ends at the `scan`-th subscriber after `after` (an index-only walk),
+        // so a rare match costs a bounded range, not the whole list.
+        let end = query_opt(
+            &client,
+            "SELECT id FROM subscribers WHERE newsletter_id = $1 AND id > $2 ORDER BY id OFFSET $3 LIMIT 1",
+            &[
+                &sql_int(newsletter_id),
+                &sql_int(after),
+                &sql_limit(scan.saturating_sub(1)),
+            ],
+        )
+        .await?
+        .map(|row| row.get::<_, i64>(0));
+        // `SubscriberFilter::matches` in SQL: strpos needs no escaping of LIKE's wildcards.
+        let status = filter.status.map(|s| s.as_str());
+        let (key, value) = filter.attribute.clone().unzip();
+        let rows = query(
+            &client,
+            &format!(
+                "SELECT {SUBSCRIBER_COLUMNS} FROM subscribers
+                 WHERE newsletter_id = $1 AND id > $2 AND id <= $3
+                   AND ($4::text IS NULL OR strpos(lower(email), $4) > 0
+                        OR strpos(lower(coalesce(name, '')), $4) > 0)
+                   AND ($5::text IS NULL OR status = $5)
+                   AND ($6::text IS NULL OR CASE jsonb_typeof(attributes -> $6)
+                            WHEN 'string' THEN attributes ->> $6 ELSE (attributes -> $6)::text END = $7)
+                 ORDER BY id LIMIT $8"
+            ),
+            &[
+                &sql_int(newsletter_id),
+                &sql_int(after),
+                &end.unwrap_or(i64::MAX),
+                &filter.text,
+                &status,
+                &key,
+                &value,
+                &sql_limit(limit),
+            ],
+        )
+        .await?;
+        let items: Vec<Subscriber> = rows.iter().map(subscriber).collect::<Result<_, _>>()?;
+        let next = match items.last() {
+            Some(last) if items.len() == limit => Some(last.id),
+            _ => end.map(domain_int),
+        };
+        Ok(SubscriberSearch { items, next })
+    }
+
     async fn subscriber(&self, newsletter_id: u64, id: u64) -> Result<Subscriber, StoreError> {
         let client = self.client().await?;
         let tx = &client;

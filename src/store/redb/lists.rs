@@ -335,6 +335,53 @@ impl Lists for RedbStore {
         .await
     }
 
+    async fn search_subscribers(
+        &self,
+        newsletter_id: u64,
+        filter: SubscriberFilter,
+        after: u64,
+        limit: usize,
+        scan: usize,
+    ) -> Result<SubscriberSearch, StoreError> {
+        self.read(move |txn| {
+            if txn.open_table(NEWSLETTERS)?.get(newsletter_id)?.is_none() {
+                return Err(StoreError::not_found("newsletter", newsletter_id));
+            }
+            let table = txn.open_table(SUBSCRIBERS)?;
+            let Some(start) = after.checked_add(1) else {
+                return Ok(SubscriberSearch {
+                    items: Vec::new(),
+                    next: None,
+                });
+            };
+            let mut items = Vec::new();
+            let mut scanned = 0;
+            for row in table.range((newsletter_id, start)..=(newsletter_id, u64::MAX))? {
+                let (key, value) = row?;
+                let id = key.value().1;
+                scanned += 1;
+                let subscriber: Subscriber = decode(value.value())?;
+                if filter.matches(&subscriber) {
+                    items.push(subscriber);
+                    if items.len() == limit {
+                        return Ok(SubscriberSearch {
+                            items,
+                            next: Some(id),
+                        });
+                    }
+                }
+                if scanned == scan {
+                    return Ok(SubscriberSearch {
+                        items,
+                        next: Some(id),
+                    });
+                }
+            }
+            Ok(SubscriberSearch { items, next: None })
+        })
+        .await
+    }
+
     async fn subscriber(&self, newsletter_id: u64, id: u64) -> Result<Subscriber, StoreError> {
         self.read(move |txn| {
             let table = txn.open_table(SUBSCRIBERS)?;

@@ -1,5 +1,7 @@
 //! Newsletters and letters: listing, changing and deleting them (see `store/tests.rs`).
 
+use serde_json::json;
+
 use super::*;
 
 fn letter_for(newsletter_id: u64, subject: &str) -> Letter {
@@ -193,7 +195,103 @@ async fn a_newsletter_is_deleted_only_without_subscribers_or_open_jobs(store: St
     ));
 }
 
+async fn a_search_finds_by_text_status_and_attribute_within_its_scan(store: Store) {
+    let n = store
+        .create_newsletter("N".into(), "n@example.com".into())
+        .await
+        .unwrap();
+    let mut people = Vec::new();
+    for i in 0..30 {
+        let mut p = person(&format!("p{i}@Example.com"));
+        p.name = Some(if i % 10 == 3 {
+            format!("Zoë Ünal {i}")
+        } else {
+            format!("Person {i}")
+        });
+        p.attributes
+            .insert("plan".into(), json!(if i % 3 == 0 { "pro" } else { "free" }));
+        p.attributes.insert("n".into(), json!(i));
+        people.push(p);
+    }
+    store.upsert_subscribers(n.id, people).await.unwrap();
+    let all = store.subscribers_after(n.id, 0, 100).await.unwrap();
+    store
+        .update_subscriber(
+            all[5].id,
+            SubscriberPatch {
+                status: Some(SubscriberStatus::Unsubscribed),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let all = store.subscribers_after(n.id, 0, 100).await.unwrap();
+    let search = |filter: SubscriberFilter, after: u64, limit: usize, scan: usize| {
+        let store = store.clone();
+        async move {
+            store
+                .search_subscribers(n.id, filter, after, limit, scan)
+                .await
+                .unwrap()
+        }
+    };
+    let text = |t: &str| SubscriberFilter {
+        text: Some(t.to_lowercase()),
+        ..Default::default()
+    };
+    // Every filter agrees with `SubscriberFilter::matches`, on every backend.
+    let filters = [
+        text("ünal"),
+        text("P1"),
+        text("EXAMPLE.COM"),
+        SubscriberFilter {
+            status: Some(SubscriberStatus::Unsubscribed),
+            ..Default::default()
+        },
+        SubscriberFilter {
+            attribute: Some(("plan".into(), "pro".into())),
+            ..Default::default()
+        },
+        SubscriberFilter {
+            attribute: Some(("n".into(), "7".into())),
+            ..Default::default()
+        },
+        SubscriberFilter {
+            text: Some("person".into()),
+            attribute: Some(("plan".into(), "free".into())),
+            ..Default::default()
+        },
+    ];
+    for filter in filters {
+        let expected: Vec<u64> = all.iter().filter(|s| filter.matches(s)).map(|s| s.id).collect();
+        assert!(!expected.is_empty(), "{filter:?} matches nothing");
+        let found = search(filter.clone(), 0, 100, 1000).await;
+        assert_eq!(
+            found.items.iter().map(|s| s.id).collect::<Vec<_>>(),
+            expected,
+            "{filter:?}"
+        );
+        assert_eq!(found.next, None);
+    }
+    // A full page says where to go on: after its last match.
+    let page = search(text("person"), 0, 4, 1000).await;
+    assert_eq!(page.items.len(), 4);
+    assert_eq!(page.next, Some(page.items[3].id));
+    // A scan that ends before the page is full says where it stopped.
+    let page = search(text("ünal"), 0, 10, 5).await;
+    assert_eq!(page.items.iter().map(|s| s.id).collect::<Vec<_>>(), [all[3].id]);
+    assert_eq!(page.next, Some(all[4].id));
+    let page = search(text("ünal"), all[4].id, 10, 10).await;
+    assert_eq!(page.items.iter().map(|s| s.id).collect::<Vec<_>>(), [all[13].id]);
+    assert_eq!(page.next, Some(all[14].id));
+    assert!(matches!(
+        store.search_subscribers(9_999, text("x"), 0, 10, 10).await,
+        Err(StoreError::NotFound { .. })
+    ));
+}
+
 conformance!(
+    a_search_finds_by_text_status_and_attribute_within_its_scan,
     newsletters_page_in_id_order_and_change,
     letters_page_per_newsletter_and_change_unless_a_job_is_open,
     a_newsletter_is_deleted_only_without_subscribers_or_open_jobs,

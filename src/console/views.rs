@@ -17,6 +17,9 @@ const TEMPLATES: &[(&str, &str)] = &[
     ("newsletter.html", include_str!("templates/newsletter.html")),
     ("subscribers.html", include_str!("templates/subscribers.html")),
     ("subscriber.html", include_str!("templates/subscriber.html")),
+    ("letter.html", include_str!("templates/letter.html")),
+    ("jobs.html", include_str!("templates/jobs.html")),
+    ("job.html", include_str!("templates/job.html")),
 ];
 
 /// The console's templates.

@@ -44,7 +44,7 @@ pub struct JobView {
     eta_seconds: Option<u64>,
     /// After `retry-failed`: how many recipients were requeued.
     #[serde(skip_serializing_if = "Option::is_none")]
-    requeued: Option<u64>,
+    pub(super) requeued: Option<u64>,
     /// Set while the job cannot progress on this node because the store is failing
     /// (unreachable, a full disk): why, and since when. It clears by itself once the
     /// store answers again, and the job goes on.
@@ -132,7 +132,7 @@ async fn list(
 }
 
 /// A job with its live rate and ETA (while it has a supervisor).
-async fn with_progress(state: &AppState, job: Job) -> JobView {
+pub(super) async fn with_progress(state: &AppState, job: Job) -> JobView {
     let progress = state.runner.progress(&job).await;
     let stalled = state.runner.stalled(job.id);
     let waiting = state.runner.waiting(job.id);
@@ -244,6 +244,14 @@ async fn events(
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
 
+/// A job's progress events until it ends or the server starts to stop (a paused job's
+/// stream would otherwise hold the graceful shutdown open).
+pub(super) fn job_stream(state: AppState, first: Job) -> impl Stream<Item = Result<Event, Infallible>> {
+    use futures_util::StreamExt;
+    let stopping = state.stopping.clone();
+    progress_events(state, first).take_until(stopping.cancelled_owned())
+}
+
 /// What an event stream remembers between polls.
 struct Watch {
     state: AppState,
@@ -253,7 +261,7 @@ struct Watch {
     ended: bool,
 }
 
-fn job_stream(state: AppState, first: Job) -> impl Stream<Item = Result<Event, Infallible>> {
+fn progress_events(state: AppState, first: Job) -> impl Stream<Item = Result<Event, Infallible>> {
     let watch = Watch {
         state,
         job_id: first.id,

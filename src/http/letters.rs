@@ -78,7 +78,7 @@ async fn create(
 
 /// A subject is one header line, not blank. Folding a line break away silently would
 /// send something other than what was written; the author decides instead.
-fn check_subject(subject: &str) -> Result<(), ApiError> {
+pub(super) fn check_subject(subject: &str) -> Result<(), ApiError> {
     if subject.trim().is_empty() {
         return Err(ApiError::field("subject", "must not be empty"));
     }
@@ -284,7 +284,7 @@ impl ToSchema for SendAt {}
 
 /// Seconds since 1970 (negative before) of an RFC 3339 date-time:
 /// `YYYY-MM-DD(T|t| )HH:MM:SS(.fraction)?(Z|z|±HH:MM)`.
-fn parse_rfc3339(s: &str) -> Option<i64> {
+pub(super) fn parse_rfc3339(s: &str) -> Option<i64> {
     let b = s.as_bytes();
     let num = |from: usize, len: usize| -> Option<i64> {
         let digits = b.get(from..from + len)?;

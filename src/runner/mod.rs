@@ -778,8 +778,18 @@ impl Runner {
     /// Runs a letter's filter and template (the versions a send would use now) for one
     /// recipient, stored or given inline, and builds the message. Sends nothing.
     pub async fn preview(&self, letter_id: u64, target: PreviewTarget) -> Result<Preview, RunnerError> {
+        let letter = self.inner.store.letter(letter_id).await?;
+        self.preview_letter(&letter, target).await
+    }
+
+    /// `preview` of a letter as given (a draft in the console's editor, not stored).
+    pub async fn preview_letter(
+        &self,
+        letter: &Letter,
+        target: PreviewTarget,
+    ) -> Result<Preview, RunnerError> {
         let store = &self.inner.store;
-        let letter = store.letter(letter_id).await?;
+        let letter = letter.clone();
         let newsletter = store.newsletter(letter.newsletter_id).await?;
         let ((filter, filter_policy), (template, template_policy)) = self.resolve_letter(&letter).await?;
         let evaluator = Arc::new(self.inner.policies.evaluator(

@@ -7,8 +7,76 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use reqwest::header::{COOKIE, LOCATION, SET_COOKIE};
 
+use std::sync::Arc;
+
 use crate::support::browser::Browser;
-use crate::support::{TEST_TOKEN, TestServer, client_builder};
+use crate::support::smtp::{Reply, Script};
+use crate::support::{SmtpServer, TEST_TOKEN, TestServer, client_builder};
+
+/// Waits until the element `css` is shown (not `hidden`); its text.
+async fn wait_shown(browser: &Browser, css: &str) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let element = browser.find(css).await;
+        if element.attr("hidden").await.ok().flatten().is_none() {
+            return element.text().await.unwrap_or_default();
+        }
+        assert!(std::time::Instant::now() < deadline, "{css} stayed hidden");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until the element `css` is hidden.
+async fn wait_hidden(browser: &Browser, css: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if browser
+            .find(css)
+            .await
+            .attr("hidden")
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+        {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{css} stayed shown");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until the text of `css` satisfies `check`.
+async fn wait_for_text(browser: &Browser, css: &str, check: impl Fn(&str) -> bool) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = browser.find(css).await.text().await.unwrap_or_default();
+        if check(&text) {
+            return text;
+        }
+        assert!(std::time::Instant::now() < deadline, "{css} says {text:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until the preview frame's text satisfies `check`; its text.
+async fn preview_text(browser: &Browser, check: impl Fn(&str) -> bool) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        browser.client.clone().enter_frame(0).await.unwrap();
+        let text = browser.client.find(fantoccini::Locator::Css("body")).await;
+        let text = match text {
+            Ok(body) => body.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        browser.client.clone().enter_parent_frame().await.unwrap();
+        if check(&text) {
+            return text;
+        }
+        assert!(std::time::Instant::now() < deadline, "the preview says {text:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
 
 /// A client that follows no redirect, so each answer can be looked at.
 fn http() -> reqwest::Client {
@@ -269,7 +337,14 @@ async fn a_newcomer_signs_in_and_manages_newsletters_in_a_browser() {
     let Some(mut browser) = Browser::start("newcomer", false).await else {
         return;
     };
-    let server = TestServer::start(None).await;
+    // One reader's server refuses the first attempt for good (550 5.6.0, which says
+    // nothing about the address): a failed delivery to open and retry.
+    let script: Script = Arc::new(|to: &str, tried_before: u32| match (to, tried_before) {
+        ("reader7@example.org", 0) => Reply::Refuse,
+        _ => Reply::Accept,
+    });
+    let smtp = SmtpServer::scripted(Duration::ZERO, script).await;
+    let server = TestServer::with_smtp(&smtp, |_| {}).await;
     let base = server.api.base.clone();
 
     // `/` leads to the sign-in page; a wrong token is refused at its field.
@@ -417,7 +492,69 @@ async fn a_newcomer_signs_in_and_manages_newsletters_in_a_browser() {
     browser.assert_accessible().await;
     browser.screenshots("subscribers-search").await;
 
+    // A letter with a typo in its template: the problem shows at its field as typed.
+    browser
+        .goto(&format!("{base}/console/newsletters/{newsletter}"))
+        .await;
+    browser.click("a[href$='/letters/new']").await;
+    browser.fill("#f-subject", "Hello {{ name }}").await;
+    browser.fill("#f-text", "Hi {{ name,\nthis week: nothing.").await;
+    let problem = wait_shown(&browser, "#e-text").await;
+    assert!(!problem.is_empty(), "no problem shown at the text field");
+    browser.assert_accessible().await;
+    browser.screenshots("letter-typo").await;
+    // Fixed: the preview follows, as the first subscriber gets it.
+    browser
+        .fill("#f-text", "Hi {{ name }},\nthis week: nothing.")
+        .await;
+    wait_hidden(&browser, "#e-text").await;
+    let preview = preview_text(&browser, |t| t.contains("Hi Reader 0,")).await;
+    assert!(preview.contains("this week: nothing."), "{preview}");
+    browser.screenshots("letter-preview").await;
+    browser.click("#letter-form button.primary").await;
+    browser
+        .wait_text("the saved letter", |t| t.contains("Created."))
+        .await;
+    browser.assert_accessible().await;
+
+    // Send it now and watch the job to its end, live.
+    browser.click("form[action$='/send'] button.primary").await;
+    browser
+        .wait_text("the job page", |t| t.contains("Submitted"))
+        .await;
+    wait_for_text(&browser, "[data-field=state]", |t| t == "completed").await;
+    assert_eq!(browser.text("[data-count=failed]").await, "1");
+    assert_eq!(browser.text("[data-count=delivered]").await, "120");
+    browser.assert_accessible().await;
+    browser.screenshots("job-completed").await;
+    // The failed delivery and its reason; then retry only the failed.
+    browser
+        .find("#f-dstate")
+        .await
+        .select_by_value("failed")
+        .await
+        .unwrap();
+    browser.click("form.search button").await;
+    let failed = browser
+        .wait_text("the failed deliveries", |t| t.contains("reader7@example.org"))
+        .await;
+    assert!(failed.contains("5.6.0"), "{failed}");
+    browser.screenshots("job-failed-deliveries").await;
+    browser.click("form[action$='/retry-failed'] button").await;
+    browser
+        .wait_text("the requeued job", |t| {
+            t.contains("1 failed recipient(s) requeued.")
+        })
+        .await;
+    wait_for_text(&browser, "[data-count=failed]", |t| t == "0").await;
+    wait_for_text(&browser, "[data-field=state]", |t| t == "completed").await;
+    assert_eq!(smtp.tries("reader7@example.org"), 2);
+    assert_eq!(smtp.count(), 121);
+
     // Edit one, then unsubscribe and erase another.
+    browser
+        .goto(&format!("{base}/console/newsletters/{newsletter}/subscribers"))
+        .await;
     browser.click("a[href^='/console/subscribers/']").await;
     browser.fill("#f-name", "Reader Zero").await;
     browser.fill("#f-attributes", "{\"plan\": \"team\"").await;

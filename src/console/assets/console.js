@@ -118,7 +118,123 @@ function imports(root) {
   }
 }
 
+// The letter editor: as the author types, the draft is checked by the server (the
+// same checks as saving) and each problem shown at its field; a draft that checks out
+// is previewed in the frame (the form's Preview button, sent to the frame).
+function liveLetter(root) {
+  const form = root.querySelector("form[data-live-check]");
+  if (!form) return;
+  const previewButton = document.getElementById("preview-button");
+  const state = document.getElementById("preview-state");
+  let timer = null;
+  let latest = 0;
+  const clear = () => {
+    for (const p of form.querySelectorAll("[data-error-for]")) {
+      p.hidden = true;
+      p.textContent = "";
+      p.closest(".field")?.classList.remove("has-error");
+      form.querySelector(`[name="${p.dataset.errorFor}"]`)?.removeAttribute("aria-invalid");
+    }
+  };
+  const check = async () => {
+    const mine = ++latest;
+    let answer;
+    try {
+      const response = await fetch(form.dataset.liveCheck, {
+        method: "POST",
+        body: new URLSearchParams(new FormData(form)),
+        credentials: "same-origin",
+      });
+      answer = await response.json();
+      if (!response.ok) throw new Error(answer.detail || response.statusText);
+    } catch (e) {
+      if (mine === latest) state.textContent = `The check failed: ${e.message}`;
+      return;
+    }
+    if (mine !== latest) return;
+    clear();
+    const errors = answer.errors || [];
+    const general = [];
+    for (const e of errors) {
+      const name = e.field.split(/[.[]/)[0];
+      const p = form.querySelector(`[data-error-for="${name}"]`);
+      if (p) {
+        p.textContent = p.textContent ? `${p.textContent}; ${e.message}` : e.message;
+        p.hidden = false;
+        p.closest(".field")?.classList.add("has-error");
+        form.querySelector(`[name="${name}"]`)?.setAttribute("aria-invalid", "true");
+      } else {
+        general.push(`${e.field}: ${e.message}`);
+      }
+    }
+    if (errors.length === 0) {
+      state.textContent = "The preview is up to date.";
+      form.requestSubmit(previewButton);
+    } else {
+      state.textContent = `${errors.length === 1 ? "One problem" : `${errors.length} problems`}: see the fields marked.${general.length ? " " + general.join(" ") : ""}`;
+    }
+  };
+  const soon = () => { clearTimeout(timer); timer = setTimeout(check, 400); };
+  form.addEventListener("input", soon);
+  form.addEventListener("change", soon);
+  check();
+}
+
+// "Send at": the browser's local date and time, with its offset from UTC at that date.
+function localSendTimes(root) {
+  for (const form of root.querySelectorAll("form[data-local-time]")) {
+    form.addEventListener("submit", () => {
+      const local = form.querySelector("input[name=send_at]").value;
+      const offset = form.querySelector("input[name=tz_offset]");
+      if (local && offset) offset.value = String(new Date(local).getTimezoneOffset());
+    });
+  }
+}
+
+// A job's live view: the server's progress events (the API's own stream) update the
+// counts, rate, ETA and whether the job is stalled, until its `end` event.
+function liveJob(root) {
+  const section = root.querySelector("[data-live]");
+  if (!section || !window.EventSource) return;
+  const set = (name, text) => {
+    const node = section.querySelector(`[data-field="${name}"]`);
+    if (node) node.textContent = text;
+    return node;
+  };
+  const source = new EventSource(section.dataset.live);
+  const update = (event) => {
+    const job = JSON.parse(event.data);
+    const state = set("state", job.state);
+    if (state) state.className = `status status-${job.state}`;
+    set("pause_reason", job.pause_reason || "");
+    for (const [key, value] of Object.entries(job.counts)) {
+      const node = section.querySelector(`[data-count="${key}"]`);
+      if (node) node.textContent = value;
+    }
+    set("rate", `${job.rate_per_second.toFixed(1)} / s`);
+    set("eta", job.eta_seconds == null ? "–" : `${job.eta_seconds} s`);
+    const stalled = set("stalled", job.stalled ? `Stalled since ${new Date(job.stalled.since * 1000).toLocaleString()}: ${job.stalled.reason}` : "");
+    if (stalled) stalled.hidden = !job.stalled;
+    const error = set("error", job.error || "");
+    if (error) error.hidden = !job.error;
+    const c = job.counts;
+    const total = Object.values(c).reduce((a, b) => a + b, 0);
+    const bar = section.querySelector('[data-field="done"]');
+    if (bar) { bar.max = Math.max(total, 1); bar.value = total - c.pending - c.sending - c.retrying; }
+  };
+  source.addEventListener("progress", update);
+  source.addEventListener("end", (event) => {
+    update(event);
+    source.close();
+    const ended = section.querySelector('[data-field="ended"]');
+    if (ended) ended.hidden = false;
+  });
+}
+
 document.addEventListener("DOMContentLoaded", () => {
+  liveJob(document);
+  liveLetter(document);
+  localSendTimes(document);
   localTimes(document);
   confirmations(document);
   imports(document);

@@ -6,6 +6,8 @@
 //! `Referrer-Policy` and `Cache-Control: no-store` (pages hold subscribers' data).
 
 mod auth;
+mod jobs;
+mod letters;
 mod newsletters;
 mod subscribers;
 
@@ -54,6 +56,8 @@ pub fn router() -> Router<AppState> {
         .route("/console/assets/{file}", get(asset))
         .merge(auth::router())
         .merge(newsletters::router())
+        .merge(letters::router())
+        .merge(jobs::router())
         .merge(subscribers::router())
         .fallback(|| async { PageError::from(ApiError::NotFound("no such page".into())) })
         .layer(axum::middleware::from_fn(security_headers))
@@ -127,6 +131,10 @@ fn flash(code: Option<&str>) -> Option<&'static str> {
         "created" => "Created.",
         "saved" => "Saved.",
         "deleted" => "Deleted.",
+        "submitted" => "Submitted: the job is on its way.",
+        "paused" => "Paused: deliveries in flight finish, no new ones start.",
+        "resumed" => "Resumed.",
+        "cancelled" => "Cancelled: recipients not yet sent are marked cancelled.",
         "unsubscribed" => "Unsubscribed: no letter goes to them any more.",
         "erased" => "Erased, with their personal data in past deliveries and the event log.",
         "signed-out" => "You are signed out.",

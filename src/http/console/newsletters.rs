@@ -125,7 +125,9 @@ async fn show_page(
     mut context: Value,
 ) -> Result<Response, PageError> {
     let newsletter = state.store.newsletter(id).await?;
+    let letters = state.store.letters_after(id, 0, 200).await?;
     context["newsletter"] = json!(newsletter);
+    context["letters"] = json!(letters);
     context["section"] = json!("newsletters");
     Ok(page(state, status, "newsletter.html", session, context))
 }

@@ -368,28 +368,19 @@ impl Lists for PgStore {
         if !newsletter_exists(&client, newsletter_id).await? {
             return Err(StoreError::not_found("newsletter", newsletter_id));
         }
-        // The look ends at the `scan`-th subscriber after `after` (an index-only walk),
-        // so a rare match costs a bounded range, not the whole list.
-        let end = query_opt(
-            &client,
-            "SELECT id FROM subscribers WHERE newsletter_id = $1 AND id > $2 ORDER BY id OFFSET $3 LIMIT 1",
-            &[
-                &sql_int(newsletter_id),
-                &sql_int(after),
-                &sql_limit(scan.saturating_sub(1)),
-            ],
-        )
-        .await?
-        .map(|row| row.get::<_, i64>(0));
-        // `SubscriberFilter::matches` in SQL: strpos needs no escaping of LIKE's wildcards.
+        // The look reads the next `scan` subscribers in id order and keeps what the
+        // filter wants (`SubscriberFilter::matches` in SQL; strpos needs no escaping of
+        // LIKE's wildcards). The outer LIMIT stops the walk as soon as the page is full,
+        // so a common match reads a page's worth of rows, and a rare one at most `scan`.
         let status = filter.status.map(|s| s.as_str());
         let (key, value) = filter.attribute.clone().unzip();
         let rows = query(
             &client,
             &format!(
-                "SELECT {SUBSCRIBER_COLUMNS} FROM subscribers
-                 WHERE newsletter_id = $1 AND id > $2 AND id <= $3
-                   AND ($4::text IS NULL OR strpos(lower(email), $4) > 0
+                "SELECT {SUBSCRIBER_COLUMNS} FROM (
+                     SELECT {SUBSCRIBER_COLUMNS} FROM subscribers
+                     WHERE newsletter_id = $1 AND id > $2 ORDER BY id LIMIT $3) look
+                 WHERE ($4::text IS NULL OR strpos(lower(email), $4) > 0
                         OR strpos(lower(coalesce(name, '')), $4) > 0)
                    AND ($5::text IS NULL OR status = $5)
                    AND ($6::text IS NULL OR CASE jsonb_typeof(attributes -> $6)
@@ -399,7 +390,7 @@ impl Lists for PgStore {
             &[
                 &sql_int(newsletter_id),
                 &sql_int(after),
-                &end.unwrap_or(i64::MAX),
+                &sql_limit(scan),
                 &filter.text,
                 &status,
                 &key,
@@ -411,7 +402,15 @@ impl Lists for PgStore {
         let items: Vec<Subscriber> = rows.iter().map(subscriber).collect::<Result<_, _>>()?;
         let next = match items.last() {
             Some(last) if items.len() == limit => Some(last.id),
-            _ => end.map(domain_int),
+            // The page did not fill: the whole look was read. Where it ended (if it
+            // read all `scan`) is where the next one starts.
+            _ => query_opt(
+                &client,
+                "SELECT id FROM subscribers WHERE newsletter_id = $1 AND id > $2 ORDER BY id OFFSET $3 LIMIT 1",
+                &[&sql_int(newsletter_id), &sql_int(after), &sql_limit(scan.saturating_sub(1))],
+            )
+            .await?
+            .map(|row| domain_int(row.get(0))),
         };
         Ok(SubscriberSearch { items, next })
     }

@@ -132,7 +132,12 @@ async fn the_console_needs_a_session_and_refuses_forged_forms() {
     let client = http();
 
     // No page without a session; the sign-in page and its assets only.
-    for path in ["/console/newsletters", "/console/newsletters/1"] {
+    for path in [
+        "/console/newsletters",
+        "/console/newsletters/1",
+        "/console/jobs/1",
+        "/console/no-such-page",
+    ] {
         let response = client.get(format!("{base}{path}")).send().await.unwrap();
         assert!(
             response.status().is_redirection(),
@@ -609,5 +614,61 @@ async fn a_newcomer_signs_in_and_manages_newsletters_in_a_browser() {
     browser.goto(&format!("{base}/console/newsletters")).await;
     browser.find("#f-token").await;
     assert!(browser.path().await.starts_with("/console/sign-in"));
+    browser.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_page_passes_axe_in_dark_mode() {
+    let Some(mut browser) = Browser::start("dark", true).await else {
+        return;
+    };
+    let server = TestServer::start(None).await;
+    let (base, api) = (server.api.base.clone(), &server.api);
+    let newsletter = api.newsletter().await;
+    api.add_subscribers(
+        newsletter,
+        serde_json::json!([{ "email": "ann@example.org", "name": "Ann" }]),
+    )
+    .await;
+    let letter = api
+        .letter(
+            newsletter,
+            serde_json::json!({ "subject": "Hi {{ name }}", "text": "Hello" }),
+        )
+        .await;
+    let job = api.send(letter, serde_json::json!({})).await;
+    api.wait_job(job, Duration::from_secs(30)).await;
+    let ann = api.subscriber_ids(newsletter).await["ann@example.org"];
+
+    browser.goto(&format!("{base}/console/sign-in")).await;
+    assert_eq!(
+        browser
+            .eval("return matchMedia('(prefers-color-scheme: dark)').matches")
+            .await,
+        true,
+        "the browser did not ask for dark mode"
+    );
+    browser.assert_accessible().await;
+    browser.fill("#f-token", TEST_TOKEN).await;
+    browser.click("form button[type=submit]").await;
+    browser.find("table.list").await;
+    for (name, path) in [
+        ("newsletters", "/console/newsletters".to_string()),
+        ("newsletter", format!("/console/newsletters/{newsletter}")),
+        (
+            "subscribers",
+            format!("/console/newsletters/{newsletter}/subscribers"),
+        ),
+        ("subscriber", format!("/console/subscribers/{ann}")),
+        ("letter", format!("/console/letters/{letter}")),
+        ("jobs", "/console/jobs".to_string()),
+        ("job", format!("/console/jobs/{job}")),
+        ("not-found", "/console/no-such-page".to_string()),
+    ] {
+        browser.goto(&format!("{base}{path}")).await;
+        browser.find("main h1").await;
+        browser.assert_accessible().await;
+        browser.screenshots(name).await;
+    }
     browser.close().await;
 }

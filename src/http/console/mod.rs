@@ -59,7 +59,14 @@ pub fn router() -> Router<AppState> {
         .merge(letters::router())
         .merge(jobs::router())
         .merge(subscribers::router())
-        .fallback(|| async { PageError::from(ApiError::NotFound("no such page".into())) })
+        // The server's own fallback answers JSON; a console address that names nothing
+        // gets a page.
+        .route(
+            "/console/{*rest}",
+            axum::routing::any(|_: Session| async {
+                PageError::from(ApiError::NotFound("no such page".into()))
+            }),
+        )
         .layer(axum::middleware::from_fn(security_headers))
 }
 

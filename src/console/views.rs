@@ -20,6 +20,7 @@ const TEMPLATES: &[(&str, &str)] = &[
     ("letter.html", include_str!("templates/letter.html")),
     ("jobs.html", include_str!("templates/jobs.html")),
     ("job.html", include_str!("templates/job.html")),
+    ("health.html", include_str!("templates/health.html")),
 ];
 
 /// The console's templates.

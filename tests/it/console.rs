@@ -663,6 +663,7 @@ async fn every_page_passes_axe_in_dark_mode() {
         ("letter", format!("/console/letters/{letter}")),
         ("jobs", "/console/jobs".to_string()),
         ("job", format!("/console/jobs/{job}")),
+        ("health", "/console/health".to_string()),
         ("not-found", "/console/no-such-page".to_string()),
     ] {
         browser.goto(&format!("{base}{path}")).await;
@@ -670,5 +671,11 @@ async fn every_page_passes_axe_in_dark_mode() {
         browser.assert_accessible().await;
         browser.screenshots(name).await;
     }
+    // The health page says what /readyz checks, and names this node.
+    browser.goto(&format!("{base}/console/health")).await;
+    let health = browser
+        .wait_text("the health page", |t| t.contains("Ready for work"))
+        .await;
+    assert!(health.contains("(this one)"), "{health}");
     browser.close().await;
 }

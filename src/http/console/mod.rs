@@ -6,6 +6,7 @@
 //! `Referrer-Policy` and `Cache-Control: no-store` (pages hold subscribers' data).
 
 mod auth;
+mod health;
 mod jobs;
 mod letters;
 mod newsletters;
@@ -58,6 +59,7 @@ pub fn router() -> Router<AppState> {
         .merge(newsletters::router())
         .merge(letters::router())
         .merge(jobs::router())
+        .merge(health::router())
         .merge(subscribers::router())
         // The server's own fallback answers JSON; a console address that names nothing
         // gets a page.

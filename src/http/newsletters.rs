@@ -243,17 +243,18 @@ struct SubscriberQuery {
     #[serde(default)]
     #[param(format = Email)]
     email: Option<String>,
-    /// Only subscribers whose email or name contains this, in any case.
+    /// Only subscribers whose email or name contains this, in any case (empty or blank:
+    /// no such condition).
     #[serde(default)]
-    #[param(min_length = 1)]
     q: Option<String>,
     /// Only subscribers in this status.
     #[serde(default)]
     status: Option<SubscriberStatus>,
     /// Only subscribers with this attribute and value, as `key=value` (a string
-    /// attribute as it is, any other as its JSON: `plan=pro`, `age=42`).
+    /// attribute as it is, any other as its JSON: `plan=pro`, `age=42`; empty: no such
+    /// condition).
     #[serde(default)]
-    #[param(pattern = "^[^=]+=")]
+    #[param(pattern = r"^\s*$|^[^=]*[^=\s][^=]*=")]
     attribute: Option<String>,
 }
 

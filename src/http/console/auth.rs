@@ -121,8 +121,7 @@ impl FromRequestParts<AppState> for HeaderChecked {
 }
 
 fn forbidden(why: &str) -> Response {
-    let page = PageError::from(ApiError::BadRequest(why.to_string())).into_response();
-    (StatusCode::FORBIDDEN, page).into_response()
+    PageError::from(ApiError::Forbidden(why.to_string())).into_response()
 }
 
 /// Whether a request comes from a page of this site. A browser says so in
@@ -139,26 +138,23 @@ fn same_site(parts: &Parts, state: &AppState) -> Result<(), &'static str> {
     let Some(origin) = header("origin") else {
         return Ok(());
     };
-    let origin_host = url::Url::parse(origin).ok().and_then(|u| {
-        let host = u.host_str()?.to_string();
-        Some(match u.port() {
-            Some(port) => format!("{host}:{port}"),
-            None => host,
-        })
-    });
+    let origin_host = host_of(origin);
     let host = header("host");
-    let public = state.runner.public_url();
-    let public_host = url::Url::parse(public).ok().and_then(|u| {
-        let host = u.host_str()?.to_string();
-        Some(match u.port() {
-            Some(port) => format!("{host}:{port}"),
-            None => host,
-        })
-    });
+    let public_host = host_of(state.runner.public_url());
     match origin_host {
         Some(o) if Some(o.as_str()) == host || Some(&o) == public_host.as_ref() => Ok(()),
         _ => Err("a form from another site may not change anything here"),
     }
+}
+
+/// `host[:port]` of a URL, as a `Host` header names it.
+fn host_of(url: &str) -> Option<String> {
+    let url = url::Url::parse(url).ok()?;
+    let host = url.host_str()?;
+    Some(match url.port() {
+        Some(port) => format!("{host}:{port}"),
+        None => host.to_string(),
+    })
 }
 
 #[derive(Deserialize)]

@@ -10,11 +10,10 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
-use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::auth::{Form, Session};
-use super::{PageError, field, flash, form_problems, page, see_other};
+use super::{FlashQuery, PageError, field, form_problems, page, see_other};
 use crate::domain::{Letter, PluginKind, now};
 use crate::http::letters::{check_subject, parse_rfc3339};
 use crate::http::{ApiError, AppState, FieldError};
@@ -164,20 +163,14 @@ async fn create(
     }
 }
 
-#[derive(Deserialize)]
-struct ShowQuery {
-    #[serde(default)]
-    ok: Option<String>,
-}
-
 async fn show(
     State(state): State<AppState>,
     session: Session,
     Path(id): Path<u64>,
-    Query(query): Query<ShowQuery>,
+    Query(query): Query<FlashQuery>,
 ) -> Result<Response, PageError> {
     let letter = state.store.letter(id).await?;
-    let context = json!({ "form": form_of(&letter), "flash": flash(query.ok.as_deref()) });
+    let context = json!({ "form": form_of(&letter), "flash": query.message() });
     editor(
         &state,
         &session,

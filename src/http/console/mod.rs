@@ -134,6 +134,19 @@ fn render(state: &AppState, status: StatusCode, template: &str, context: impl Se
     }
 }
 
+/// A page's query when it only shows a flash message (`?ok=`).
+#[derive(serde::Deserialize)]
+pub(super) struct FlashQuery {
+    #[serde(default)]
+    ok: Option<String>,
+}
+
+impl FlashQuery {
+    pub(super) fn message(&self) -> Option<&'static str> {
+        flash(self.ok.as_deref())
+    }
+}
+
 /// The message a `?ok=` code stands for, after a change that redirected.
 fn flash(code: Option<&str>) -> Option<&'static str> {
     Some(match code? {

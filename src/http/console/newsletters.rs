@@ -11,7 +11,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::auth::{Form, Session};
-use super::{PageError, field, flash, form_problems, page, see_other};
+use super::{FlashQuery, PageError, field, flash, form_problems, page, see_other};
+use crate::domain::Newsletter;
 use crate::http::AppState;
 use crate::http::newsletters::check_newsletter;
 
@@ -97,35 +98,28 @@ fn form_values(form: &HashMap<String, String>) -> Value {
     json!({ "name": field(form, "name"), "from": field(form, "from") })
 }
 
-#[derive(Deserialize)]
-struct ShowQuery {
-    #[serde(default)]
-    ok: Option<String>,
-}
-
 async fn show(
     State(state): State<AppState>,
     session: Session,
     Path(id): Path<u64>,
-    Query(query): Query<ShowQuery>,
+    Query(query): Query<FlashQuery>,
 ) -> Result<Response, PageError> {
     let newsletter = state.store.newsletter(id).await?;
     let context = json!({
         "form": { "name": newsletter.name, "from": newsletter.from },
-        "flash": flash(query.ok.as_deref()),
+        "flash": query.message(),
     });
-    show_page(&state, &session, id, StatusCode::OK, context).await
+    show_page(&state, &session, newsletter, StatusCode::OK, context).await
 }
 
 async fn show_page(
     state: &AppState,
     session: &Session,
-    id: u64,
+    newsletter: Newsletter,
     status: StatusCode,
     mut context: Value,
 ) -> Result<Response, PageError> {
-    let newsletter = state.store.newsletter(id).await?;
-    let letters = state.store.letters_after(id, 0, 200).await?;
+    let letters = state.store.letters_after(newsletter.id, 0, 200).await?;
     context["newsletter"] = json!(newsletter);
     context["letters"] = json!(letters);
     context["section"] = json!("newsletters");
@@ -150,7 +144,8 @@ async fn change(
         Err(e) => {
             let (status, errors, detail) = form_problems(e)?;
             let context = json!({ "form": form_values(&form), "errors": errors, "detail": detail });
-            show_page(&state, &session, id, status, context).await
+            let newsletter = state.store.newsletter(id).await?;
+            show_page(&state, &session, newsletter, status, context).await
         }
     }
 }
@@ -169,7 +164,7 @@ async fn delete(
                 "form": { "name": newsletter.name, "from": newsletter.from },
                 "errors": errors, "detail": detail,
             });
-            show_page(&state, &session, id, status, context).await
+            show_page(&state, &session, newsletter, status, context).await
         }
     }
 }

@@ -14,8 +14,8 @@ use serde_json::{Map, Value, json};
 use tokio_util::io::{StreamReader, SyncIoBridge};
 
 use super::auth::{Form, HeaderChecked, Session};
-use super::{PageError, field, flash, form_problems, page, see_other};
-use crate::domain::{SubscriberPatch, SubscriberStatus};
+use super::{FlashQuery, PageError, field, flash, form_problems, page, see_other};
+use crate::domain::{Subscriber, SubscriberPatch, SubscriberStatus};
 use crate::http::newsletters::{SEARCH_SCAN, subscriber_filter, subscriber_patch};
 use crate::http::{ApiError, AppState};
 
@@ -150,7 +150,7 @@ async fn show(
     State(state): State<AppState>,
     session: Session,
     Path(id): Path<u64>,
-    Query(query): Query<ListQuery>,
+    Query(query): Query<FlashQuery>,
 ) -> Result<Response, PageError> {
     let subscriber = state.store.subscriber_by_id(id).await?;
     let form = json!({
@@ -159,18 +159,17 @@ async fn show(
         "attributes": serde_json::to_string_pretty(&subscriber.attributes).unwrap_or_default(),
         "status": subscriber.status.as_str(),
     });
-    let context = json!({ "form": form, "flash": flash(query.ok.as_deref()) });
-    show_page(&state, &session, id, StatusCode::OK, context).await
+    let context = json!({ "form": form, "flash": query.message() });
+    show_page(&state, &session, subscriber, StatusCode::OK, context).await
 }
 
 async fn show_page(
     state: &AppState,
     session: &Session,
-    id: u64,
+    subscriber: Subscriber,
     status: StatusCode,
     mut context: Value,
 ) -> Result<Response, PageError> {
-    let subscriber = state.store.subscriber_by_id(id).await?;
     let newsletter = state.store.newsletter(subscriber.newsletter_id).await?;
     context["subscriber"] = json!(subscriber);
     context["newsletter"] = json!(newsletter);
@@ -232,7 +231,8 @@ async fn change(
                 "attributes": field(&form, "attributes"), "status": field(&form, "status"),
             });
             let context = json!({ "form": values, "errors": errors, "detail": detail });
-            show_page(&state, &session, id, status, context).await
+            // A refused change changed nothing: the subscriber is as read before it.
+            show_page(&state, &session, before, status, context).await
         }
     }
 }

@@ -21,6 +21,11 @@ const TEMPLATES: &[(&str, &str)] = &[
     ("jobs.html", include_str!("templates/jobs.html")),
     ("job.html", include_str!("templates/job.html")),
     ("health.html", include_str!("templates/health.html")),
+    ("policies.html", include_str!("templates/policies.html")),
+    ("policy.html", include_str!("templates/policy.html")),
+    ("bounces.html", include_str!("templates/bounces.html")),
+    ("suppressions.html", include_str!("templates/suppressions.html")),
+    ("events.html", include_str!("templates/events.html")),
 ];
 
 /// The console's templates.
@@ -45,6 +50,16 @@ impl Views {
         });
         env.add_filter("time", |seconds: u64| time(seconds.saturating_mul(1000)));
         env.add_filter("time_ms", time);
+        env.add_filter("size", size);
+        // Our own, not minijinja's `json`/`urlencode` features: those would also reach
+        // the letter check (`policy::template_check`), which must know exactly the
+        // filters the built-in template's guest has.
+        env.add_filter("query", |text: &str| -> String {
+            url::form_urlencoded::byte_serialize(text.as_bytes()).collect()
+        });
+        env.add_filter("json", |value: Value| -> String {
+            serde_json::to_string(&value).unwrap_or_default()
+        });
         Ok(Views { env })
     }
 
@@ -59,6 +74,15 @@ impl Views {
             .map_err(fail)?
             .render(minijinja::value::Serde(&context))
             .map_err(fail)
+    }
+}
+
+/// A byte count as people read it: `812 B`, `1.4 KiB`, `38.2 MiB`.
+fn size(bytes: u64) -> String {
+    match bytes {
+        0..1024 => format!("{bytes} B"),
+        1024..1_048_576 => format!("{:.1} KiB", bytes as f64 / 1024.0),
+        _ => format!("{:.1} MiB", bytes as f64 / 1_048_576.0),
     }
 }
 
@@ -91,6 +115,13 @@ mod tests {
             "{html}"
         );
         assert!(!html.contains("<script>alert"));
+    }
+
+    #[test]
+    fn sizes_read_as_people_read_them() {
+        assert_eq!(size(812), "812 B");
+        assert_eq!(size(1434), "1.4 KiB");
+        assert_eq!(size(40_055_193), "38.2 MiB");
     }
 
     #[test]

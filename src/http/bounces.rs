@@ -360,12 +360,12 @@ struct AddSuppressions {
 
 /// What adding a list did.
 #[derive(Serialize, ToSchema, Default)]
-struct Added {
+pub(super) struct Added {
     /// Addresses new to the list.
     added: u64,
     /// Valid addresses that were on it already (they keep their reason and date).
     already: u64,
-    rejected: u64,
+    pub(super) rejected: u64,
     /// The first 100 rejected rows.
     errors: Vec<RowError>,
 }
@@ -394,6 +394,15 @@ async fn add_suppressions(
         }
         json.emails.into_iter().map(|e| (e, json.note.clone())).collect()
     };
+    Ok(Json(suppress(&state, rows).await?))
+}
+
+/// Puts each row's address (with its note) on the suppression list, in batches; the
+/// rows that are not addresses are counted and the first ones named.
+pub(super) async fn suppress(
+    state: &AppState,
+    rows: Vec<(String, Option<String>)>,
+) -> Result<Added, ApiError> {
     let mut answer = Added::default();
     let mut valid = Vec::new();
     for (i, (email, note)) in rows.into_iter().enumerate() {
@@ -424,7 +433,7 @@ async fn add_suppressions(
         rest = tail;
     }
     answer.already = total - answer.added;
-    Ok(Json(answer))
+    Ok(answer)
 }
 
 /// The `email` (and optional `note`) column of a CSV body.

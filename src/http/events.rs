@@ -215,7 +215,7 @@ async fn stream_events(
         query.newsletter,
     )
     .await?;
-    Ok(Sse::new(follow(state, filter, after)).keep_alive(KeepAlive::default()))
+    Ok(Sse::new(follow(state, filter, after, true)).keep_alive(KeepAlive::default()))
 }
 
 /// What a stream carries between reads.
@@ -226,12 +226,16 @@ struct Follow {
     head: tokio::sync::watch::Receiver<u64>,
     stop: tokio_util::sync::CancellationToken,
     ready: VecDeque<Event>,
+    named: bool,
 }
 
-fn follow(
+/// `named`: each SSE event is named by its type (what API clients filter on); else all
+/// are plain messages (what a page's one `onmessage` handler reads).
+pub(super) fn follow(
     state: AppState,
     filter: EventFilter,
     after: u64,
+    named: bool,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> {
     let follow = Follow {
         head: state.store.event_head(),
@@ -240,15 +244,14 @@ fn follow(
         after,
         stop: state.stopping,
         ready: VecDeque::new(),
+        named,
     };
     futures_util::stream::unfold(follow, |mut f| async move {
         loop {
             if let Some(event) = f.ready.pop_front() {
                 let data = serde_json::to_string(&event).unwrap_or_default();
-                let sse = SseEvent::default()
-                    .id(event.id.to_string())
-                    .event(&event.kind)
-                    .data(data);
+                let sse = SseEvent::default().id(event.id.to_string()).data(data);
+                let sse = if f.named { sse.event(&event.kind) } else { sse };
                 return Some((Ok(sse), f));
             }
             // The server is stopping: end the stream so the shutdown does not wait for
@@ -295,7 +298,7 @@ fn cursor(name: &str, after: Option<u64>) -> Result<u64, ApiError> {
     Ok(int64(name, after)?.unwrap_or(0))
 }
 
-async fn filter(
+pub(super) async fn filter(
     store: &Store,
     types: Option<&str>,
     subscriber: Option<&str>,

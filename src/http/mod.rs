@@ -84,7 +84,7 @@ pub fn router(state: AppState) -> Router {
             b"{}".to_vec()
         });
     router
-        .merge(console::router())
+        .merge(console::router(state.runner.policy_limits().max_upload_bytes))
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .layer(Extension(openapi::Document(document.into())))
         .layer(axum::middleware::from_fn_with_state(

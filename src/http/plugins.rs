@@ -29,7 +29,7 @@ pub fn router(max_upload: usize) -> OpenApiRouter<AppState> {
 /// compiles for itself; the same bytes get the same answer on every node.
 #[derive(Serialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
-enum CompileState {
+pub(super) enum CompileState {
     /// Stored and checked; not compiled on this node yet (an older version nobody has
     /// used here): compiled when a letter or job needs it.
     Stored,
@@ -42,11 +42,11 @@ enum CompileState {
 }
 
 #[derive(Serialize, ToSchema)]
-struct Compilation {
-    status: CompileState,
+pub(super) struct Compilation {
+    pub(super) status: CompileState,
     /// Why it failed, when `status` is `failed`.
     #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<String>,
+    pub(super) error: Option<String>,
 }
 
 impl Compilation {
@@ -75,58 +75,62 @@ impl Compilation {
 
 /// A plugin with where its compilation stands.
 #[derive(Serialize, ToSchema)]
-struct PluginView {
+pub(super) struct PluginView {
     #[serde(flatten)]
-    plugin: Plugin,
+    pub(super) plugin: Plugin,
     #[serde(flatten)]
-    compilation: Compilation,
+    pub(super) compilation: Compilation,
 }
 
 /// One version of a plugin name, with where its compilation stands.
 #[derive(Serialize, ToSchema)]
-struct VersionView {
+pub(super) struct VersionView {
     #[serde(flatten)]
-    version: PluginVersion,
+    pub(super) version: PluginVersion,
     #[serde(flatten)]
-    compilation: Compilation,
+    pub(super) compilation: Compilation,
 }
 
 /// A plugin name with its latest version.
 #[derive(Serialize, ToSchema)]
-struct SummaryView {
-    name: String,
-    kind: PluginKind,
-    latest: VersionView,
-    versions: u64,
+pub(super) struct SummaryView {
+    pub(super) name: String,
+    pub(super) kind: PluginKind,
+    pub(super) latest: VersionView,
+    pub(super) versions: u64,
 }
 
 /// Every plugin name with its latest version.
 #[utoipa::path(get, operation_id = "list_plugins", path = "/v1/plugins", tag = "plugins", responses((status = 200, body = Vec<SummaryView>)))]
 async fn list(State(state): State<AppState>) -> Result<Json<Vec<SummaryView>>, ApiError> {
+    Ok(Json(summaries(&state).await?))
+}
+
+/// Every plugin name with its latest version and where that version's compilation
+/// stands (which starts it, if it has not).
+pub(super) async fn summaries(state: &AppState) -> Result<Vec<SummaryView>, ApiError> {
     let summaries = state.store.list_plugins().await?;
-    Ok(Json(
-        summaries
-            .into_iter()
-            .map(|s: PluginSummary| SummaryView {
-                latest: VersionView {
-                    compilation: Compilation::of(&state, &s.latest.id, &s.name, s.kind, true),
-                    version: s.latest,
-                },
-                name: s.name,
-                kind: s.kind,
-                versions: s.versions,
-            })
-            .collect(),
-    ))
+    Ok(summaries
+        .into_iter()
+        .map(|s: PluginSummary| SummaryView {
+            latest: VersionView {
+                compilation: Compilation::of(state, &s.latest.id, &s.name, s.kind, true),
+                version: s.latest,
+            },
+            name: s.name,
+            kind: s.kind,
+            versions: s.versions,
+        })
+        .collect())
 }
 
 /// A plugin name's history.
 #[derive(Serialize, ToSchema)]
-struct PluginHistory {
-    name: String,
-    kind: PluginKind,
+pub(super) struct PluginHistory {
+    pub(super) name: String,
+    pub(super) kind: PluginKind,
     /// Oldest first.
-    versions: Vec<VersionView>,
+    pub(super) versions: Vec<VersionView>,
 }
 
 /// A plugin name's versions, oldest first.
@@ -136,6 +140,12 @@ async fn show(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
 ) -> Result<Json<PluginHistory>, ApiError> {
+    Ok(Json(history(&state, name).await?))
+}
+
+/// A plugin name's versions, oldest first, each with where its compilation stands (the
+/// latest starts compiling if it has not).
+pub(super) async fn history(state: &AppState, name: String) -> Result<PluginHistory, ApiError> {
     let (kind, versions) = state
         .store
         .plugin_versions(name.clone())
@@ -146,11 +156,11 @@ async fn show(
         .into_iter()
         .enumerate()
         .map(|(i, version)| VersionView {
-            compilation: Compilation::of(&state, &version.id, &name, kind, i == last),
+            compilation: Compilation::of(state, &version.id, &name, kind, i == last),
             version,
         })
         .collect();
-    Ok(Json(PluginHistory { name, kind, versions }))
+    Ok(PluginHistory { name, kind, versions })
 }
 
 /// Deletes a plugin name with all its versions; 409 while an unfinished job uses it.
@@ -160,14 +170,25 @@ async fn remove(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
-    if [DEFAULT_FILTER_NAME, DEFAULT_TEMPLATE_NAME].contains(&name.as_str()) {
+    delete(&state, name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Whether `name` is a built-in policy's (which cannot be uploaded over or deleted).
+pub(super) fn is_built_in(name: &str) -> bool {
+    [DEFAULT_FILTER_NAME, DEFAULT_TEMPLATE_NAME].contains(&name)
+}
+
+/// Deletes a plugin name, unless it is built in or an unfinished job uses it.
+pub(super) async fn delete(state: &AppState, name: String) -> Result<(), ApiError> {
+    if is_built_in(&name) {
         // The server's own state forbids it, not the request's form: 409.
         return Err(ApiError::Conflict(format!(
             "{name} is built in and cannot be deleted"
         )));
     }
     state.store.delete_plugin(name).await?;
-    Ok(StatusCode::NO_CONTENT)
+    Ok(())
 }
 
 #[derive(Deserialize, IntoParams)]
@@ -200,7 +221,19 @@ async fn upload(
             )));
         }
     }
-    let name = query.name.trim();
+    let body = body?;
+    store(&state, &query.name, query.kind, body).await
+}
+
+/// Checks and stores an upload's bytes as the latest version of `name`, and starts its
+/// compilation: 201 for new bytes, 200 for the name's latest bytes again.
+pub(super) async fn store(
+    state: &AppState,
+    name: &str,
+    kind: PluginKind,
+    body: Bytes,
+) -> Result<(StatusCode, Json<PluginView>), ApiError> {
+    let name = name.trim();
     let name_ok = !name.is_empty()
         && name.len() <= 64
         && name
@@ -212,25 +245,24 @@ async fn upload(
             "must be 1 to 64 characters of letters, digits, '-', '_' or '.'",
         ));
     }
-    if [DEFAULT_FILTER_NAME, DEFAULT_TEMPLATE_NAME].contains(&name) {
+    if is_built_in(name) {
         return Err(ApiError::field(
             "name",
             format!("{name} is the built-in policy's name; upload yours under another name"),
         ));
     }
-    let body = body?;
     if body.is_empty() {
         return Err(ApiError::invalid("the body is empty: send the component's bytes"));
     }
     let (plugin, created) = state
         .runner
-        .install_plugin(name.to_string(), query.kind, body.to_vec())
+        .install_plugin(name.to_string(), kind, body.to_vec())
         .await?;
     let status = if created {
         StatusCode::CREATED
     } else {
         StatusCode::OK
     };
-    let compilation = Compilation::of(&state, &plugin.id, &plugin.name, plugin.kind, true);
+    let compilation = Compilation::of(state, &plugin.id, &plugin.name, plugin.kind, true);
     Ok((status, Json(PluginView { plugin, compilation })))
 }

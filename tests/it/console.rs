@@ -13,71 +13,6 @@ use crate::support::browser::Browser;
 use crate::support::smtp::{Reply, Script};
 use crate::support::{SmtpServer, TEST_TOKEN, TestServer, client_builder};
 
-/// Waits until the element `css` is shown (not `hidden`); its text.
-async fn wait_shown(browser: &Browser, css: &str) -> String {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let element = browser.find(css).await;
-        if element.attr("hidden").await.ok().flatten().is_none() {
-            return element.text().await.unwrap_or_default();
-        }
-        assert!(std::time::Instant::now() < deadline, "{css} stayed hidden");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Waits until the element `css` is hidden.
-async fn wait_hidden(browser: &Browser, css: &str) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if browser
-            .find(css)
-            .await
-            .attr("hidden")
-            .await
-            .ok()
-            .flatten()
-            .is_some()
-        {
-            return;
-        }
-        assert!(std::time::Instant::now() < deadline, "{css} stayed shown");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Waits until the text of `css` satisfies `check`.
-async fn wait_for_text(browser: &Browser, css: &str, check: impl Fn(&str) -> bool) -> String {
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let text = browser.find(css).await.text().await.unwrap_or_default();
-        if check(&text) {
-            return text;
-        }
-        assert!(std::time::Instant::now() < deadline, "{css} says {text:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Waits until the preview frame's text satisfies `check`; its text.
-async fn preview_text(browser: &Browser, check: impl Fn(&str) -> bool) -> String {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        browser.client.clone().enter_frame(0).await.unwrap();
-        let text = browser.client.find(fantoccini::Locator::Css("body")).await;
-        let text = match text {
-            Ok(body) => body.text().await.unwrap_or_default(),
-            Err(_) => String::new(),
-        };
-        browser.client.clone().enter_parent_frame().await.unwrap();
-        if check(&text) {
-            return text;
-        }
-        assert!(std::time::Instant::now() < deadline, "the preview says {text:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 /// A client that follows no redirect, so each answer can be looked at.
 fn http() -> reqwest::Client {
     client_builder()
@@ -504,7 +439,7 @@ async fn a_newcomer_signs_in_and_manages_newsletters_in_a_browser() {
     browser.click("a[href$='/letters/new']").await;
     browser.fill("#f-subject", "Hello {{ name }}").await;
     browser.fill("#f-text", "Hi {{ name,\nthis week: nothing.").await;
-    let problem = wait_shown(&browser, "#e-text").await;
+    let problem = browser.wait_shown("#e-text").await;
     assert!(!problem.is_empty(), "no problem shown at the text field");
     browser.assert_accessible().await;
     browser.screenshots("letter-typo").await;
@@ -512,8 +447,8 @@ async fn a_newcomer_signs_in_and_manages_newsletters_in_a_browser() {
     browser
         .fill("#f-text", "Hi {{ name }},\nthis week: nothing.")
         .await;
-    wait_hidden(&browser, "#e-text").await;
-    let preview = preview_text(&browser, |t| t.contains("Hi Reader 0,")).await;
+    browser.wait_hidden("#e-text").await;
+    let preview = browser.preview_text(|t| t.contains("Hi Reader 0,")).await;
     assert!(preview.contains("this week: nothing."), "{preview}");
     browser.screenshots("letter-preview").await;
     browser.click("#letter-form button.primary").await;
@@ -527,7 +462,9 @@ async fn a_newcomer_signs_in_and_manages_newsletters_in_a_browser() {
     browser
         .wait_text("the job page", |t| t.contains("Submitted"))
         .await;
-    wait_for_text(&browser, "[data-field=state]", |t| t == "completed").await;
+    browser
+        .wait_for_text("[data-field=state]", |t| t == "completed")
+        .await;
     assert_eq!(browser.text("[data-count=failed]").await, "1");
     assert_eq!(browser.text("[data-count=delivered]").await, "120");
     browser.assert_accessible().await;
@@ -551,8 +488,10 @@ async fn a_newcomer_signs_in_and_manages_newsletters_in_a_browser() {
             t.contains("1 failed recipient(s) requeued.")
         })
         .await;
-    wait_for_text(&browser, "[data-count=failed]", |t| t == "0").await;
-    wait_for_text(&browser, "[data-field=state]", |t| t == "completed").await;
+    browser.wait_for_text("[data-count=failed]", |t| t == "0").await;
+    browser
+        .wait_for_text("[data-field=state]", |t| t == "completed")
+        .await;
     assert_eq!(smtp.tries("reader7@example.org"), 2);
     assert_eq!(smtp.count(), 121);
 

@@ -9,6 +9,7 @@ mod automations;
 mod bounces;
 mod cli;
 mod console;
+mod console_pages;
 mod contained;
 mod crash;
 mod delivery;

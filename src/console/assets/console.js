@@ -118,6 +118,123 @@ function imports(root) {
   }
 }
 
+// A field's problem shown next to it (the form's `data-error-for` paragraph).
+function fieldProblem(form, name, message) {
+  const p = form.querySelector(`[data-error-for="${name}"]`);
+  if (!p) return false;
+  p.textContent = message;
+  p.hidden = false;
+  p.closest(".field")?.classList.add("has-error");
+  form.querySelector(`[name="${name}"]`)?.setAttribute("aria-invalid", "true");
+  return true;
+}
+
+function clearProblems(form) {
+  for (const p of form.querySelectorAll("[data-error-for]")) {
+    p.hidden = true;
+    p.textContent = "";
+    p.closest(".field")?.classList.remove("has-error");
+    form.querySelector(`[name="${p.dataset.errorFor}"]`)?.removeAttribute("aria-invalid");
+  }
+}
+
+// Policy upload: the component's bytes are the request's body; a stored upload opens
+// the policy's page, which shows its compilation; a refused one shows why at its field.
+function uploads(root) {
+  for (const form of root.querySelectorAll("form[data-upload]")) {
+    const input = form.querySelector("input[type=file]");
+    const bar = form.querySelector("progress");
+    const button = form.querySelector("button[type=submit]");
+    const out = document.getElementById("upload-result");
+    form.addEventListener("submit", (event) => {
+      event.preventDefault();
+      clearProblems(form);
+      out.replaceChildren();
+      const file = input.files[0];
+      const name = form.querySelector("input[name=name]").value.trim();
+      if (!file) {
+        fieldProblem(form, "file", "choose a .wasm file first");
+        input.focus();
+        return;
+      }
+      const kind = form.querySelector("select[name=kind]").value;
+      const xhr = new XMLHttpRequest();
+      xhr.open("POST", `${form.action}?${new URLSearchParams({ kind, name })}`);
+      xhr.setRequestHeader("content-type", "application/wasm");
+      xhr.setRequestHeader("x-csrf-token", form.querySelector("input[name=_csrf]").value);
+      bar.hidden = false;
+      bar.max = file.size || 1;
+      bar.value = 0;
+      button.disabled = true;
+      out.append(el("p", `Uploading ${file.name}…`, { role: "status" }));
+      xhr.upload.addEventListener("progress", (e) => {
+        if (e.lengthComputable) { bar.max = e.total; bar.value = e.loaded; }
+      });
+      xhr.addEventListener("loadend", () => {
+        button.disabled = false;
+        out.replaceChildren();
+        if (xhr.status === 200 || xhr.status === 201) {
+          const plugin = JSON.parse(xhr.responseText);
+          window.location.assign(`/console/policies/${encodeURIComponent(plugin.name)}?ok=uploaded`);
+          return;
+        }
+        bar.hidden = true;
+        let placed = false;
+        try {
+          for (const e of JSON.parse(xhr.responseText).errors || []) {
+            placed = fieldProblem(form, e.field, e.message) || placed;
+          }
+        } catch (_) { /* not JSON */ }
+        if (!placed) {
+          const box = el("div", null, { class: "problem", role: "alert" });
+          box.append(el("p", `The upload was refused: ${problemText(xhr)}`));
+          out.append(box);
+        } else {
+          out.append(el("p", "The upload was refused: see the field marked.", { role: "alert" }));
+        }
+      });
+      xhr.send(file);
+    });
+  }
+}
+
+// A policy page while a version compiles: ask for its state each second until no
+// version is compiling, and show each one's state (and why it failed).
+function pollPolicy(root) {
+  const section = root.querySelector("[data-poll]");
+  if (!section) return;
+  const note = section.querySelector('[data-field="poll-state"]');
+  const tick = async () => {
+    let history;
+    try {
+      const response = await fetch(section.dataset.poll, { credentials: "same-origin" });
+      history = await response.json();
+      if (!response.ok) throw new Error(history.detail || response.statusText);
+    } catch (e) {
+      note.textContent = `The compilation's state could not be read (${e.message}); trying again.`;
+      setTimeout(tick, 3000);
+      return;
+    }
+    let compiling = false;
+    for (const v of history.versions) {
+      const status = section.querySelector(`[data-status-for="${v.id}"]`);
+      if (status) { status.textContent = v.status; status.className = `status status-${v.status}`; }
+      const error = section.querySelector(`[data-compile-error-for="${v.id}"]`);
+      if (error) { error.textContent = v.error || ""; error.hidden = !v.error; }
+      compiling = compiling || v.status === "compiling";
+    }
+    if (compiling) {
+      setTimeout(tick, 1000);
+    } else {
+      const latest = history.versions[history.versions.length - 1];
+      note.textContent = latest && latest.status === "failed"
+        ? "The compilation failed: the reason is next to the version."
+        : "Compiled: ready for letters.";
+    }
+  };
+  setTimeout(tick, 500);
+}
+
 // The letter editor: as the author types, the draft is checked by the server (the
 // same checks as saving) and each problem shown at its field; a draft that checks out
 // is previewed in the frame (the form's Preview button, sent to the frame).
@@ -128,14 +245,7 @@ function liveLetter(root) {
   const state = document.getElementById("preview-state");
   let timer = null;
   let latest = 0;
-  const clear = () => {
-    for (const p of form.querySelectorAll("[data-error-for]")) {
-      p.hidden = true;
-      p.textContent = "";
-      p.closest(".field")?.classList.remove("has-error");
-      form.querySelector(`[name="${p.dataset.errorFor}"]`)?.removeAttribute("aria-invalid");
-    }
-  };
+  const clear = () => clearProblems(form);
   const check = async () => {
     const mine = ++latest;
     let answer;
@@ -231,11 +341,46 @@ function liveJob(root) {
   });
 }
 
+// The event log at its head: events recorded after the page was drawn are added at the
+// top as the server's stream (the API's own follower) delivers them.
+function liveEvents(root) {
+  const section = root.querySelector("[data-events-live]");
+  if (!section || !window.EventSource) return;
+  const body = section.querySelector("[data-events]");
+  const note = section.querySelector('[data-field="live-state"]');
+  const source = new EventSource(section.dataset.eventsLive);
+  source.addEventListener("open", () => { note.textContent = "New events appear here as they are recorded."; });
+  source.addEventListener("error", () => { note.textContent = "The live log is reconnecting…"; });
+  source.addEventListener("message", (message) => {
+    const e = JSON.parse(message.data);
+    section.querySelector("[data-events-empty]")?.remove();
+    const tr = el("tr", null, { class: "new" });
+    const kind = el("td", `${e.type} `);
+    kind.append(el("span", `#${e.id}`, { class: "meta" }));
+    const when = el("td");
+    when.append(el("time", new Date(e.at_ms).toISOString(), { datetime: new Date(e.at_ms).toISOString() }));
+    localTimes(when);
+    const about = el("td");
+    for (const [key, label, path] of [["subscriber_id", "subscriber", "subscribers"], ["newsletter_id", "newsletter", "newsletters"], ["job_id", "job", "jobs"]]) {
+      if (e[key] != null) {
+        about.append(el("a", `${label} ${e[key]}`, { href: `/console/${path}/${e[key]}` }), " ");
+      }
+    }
+    const data = el("td");
+    if (e.data && Object.keys(e.data).length) data.append(el("code", JSON.stringify(e.data), { class: "data" }));
+    tr.append(kind, when, about, data);
+    body.prepend(tr);
+  });
+}
+
 document.addEventListener("DOMContentLoaded", () => {
+  liveEvents(document);
   liveJob(document);
   liveLetter(document);
   localSendTimes(document);
   localTimes(document);
   confirmations(document);
   imports(document);
+  uploads(document);
+  pollPolicy(document);
 });

@@ -7,9 +7,11 @@
 
 mod auth;
 mod health;
+mod hearing;
 mod jobs;
 mod letters;
 mod newsletters;
+mod policies;
 mod subscribers;
 
 use axum::Router;
@@ -46,7 +48,8 @@ impl ConsoleState {
     }
 }
 
-pub fn router() -> Router<AppState> {
+/// `max_upload`: the largest policy component an upload may send.
+pub fn router(max_upload: usize) -> Router<AppState> {
     Router::new()
         .route("/", get(|| async { Redirect::to("/console") }))
         .route("/console", get(|| async { Redirect::to("/console/newsletters") }))
@@ -60,6 +63,8 @@ pub fn router() -> Router<AppState> {
         .merge(letters::router())
         .merge(jobs::router())
         .merge(health::router())
+        .merge(hearing::router())
+        .merge(policies::router(max_upload))
         .merge(subscribers::router())
         // The server's own fallback answers JSON; a console address that names nothing
         // gets a page.
@@ -153,6 +158,7 @@ fn flash(code: Option<&str>) -> Option<&'static str> {
         "created" => "Created.",
         "saved" => "Saved.",
         "deleted" => "Deleted.",
+        "uploaded" => "Uploaded: this node compiles it now, and this page shows when it is ready.",
         "submitted" => "Submitted: the job is on its way.",
         "paused" => "Paused: deliveries in flight finish, no new ones start.",
         "resumed" => "Resumed.",
@@ -160,6 +166,9 @@ fn flash(code: Option<&str>) -> Option<&'static str> {
         "unsubscribed" => "Unsubscribed: no letter goes to them any more.",
         "erased" => "Erased, with their personal data in past deliveries and the event log.",
         "signed-out" => "You are signed out.",
+        "suppressed" => "Added to the suppression list: no newsletter sends to them.",
+        "unsuppressed" => "Taken off the suppression list (subscribers' own statuses are unchanged).",
+        "reinstated" => "Reinstated: active again, and off the suppression list.",
         _ => return None,
     })
 }

@@ -22,6 +22,9 @@ use crate::http::{ApiError, AppState};
 /// Subscribers per page.
 const PAGE: usize = 50;
 
+/// A subscriber's newest bounce and complaint reports shown on their page.
+const BOUNCES_SHOWN: usize = 20;
+
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/console/newsletters/{id}/subscribers", get(list))
@@ -29,6 +32,7 @@ pub fn router() -> Router<AppState> {
         .route("/console/subscribers/{id}", get(show).post(change))
         .route("/console/subscribers/{id}/unsubscribe", post(unsubscribe))
         .route("/console/subscribers/{id}/erase", post(erase))
+        .route("/console/subscribers/{id}/reinstate", post(reinstate))
 }
 
 #[derive(Deserialize)]
@@ -153,14 +157,18 @@ async fn show(
     Query(query): Query<FlashQuery>,
 ) -> Result<Response, PageError> {
     let subscriber = state.store.subscriber_by_id(id).await?;
-    let form = json!({
+    let context = json!({ "form": form_of(&subscriber), "flash": query.message() });
+    show_page(&state, &session, subscriber, StatusCode::OK, context).await
+}
+
+/// The edit form's values for a subscriber as stored.
+fn form_of(subscriber: &Subscriber) -> Value {
+    json!({
         "email": subscriber.email,
         "name": subscriber.name.clone().unwrap_or_default(),
         "attributes": serde_json::to_string_pretty(&subscriber.attributes).unwrap_or_default(),
         "status": subscriber.status.as_str(),
-    });
-    let context = json!({ "form": form, "flash": query.message() });
-    show_page(&state, &session, subscriber, StatusCode::OK, context).await
+    })
 }
 
 async fn show_page(
@@ -171,6 +179,13 @@ async fn show_page(
     mut context: Value,
 ) -> Result<Response, PageError> {
     let newsletter = state.store.newsletter(subscriber.newsletter_id).await?;
+    let filter = crate::bounces::BounceFilter {
+        subscriber_id: Some(subscriber.id),
+        unattributed: false,
+    };
+    let bounces = state.store.bounces(filter, None, BOUNCES_SHOWN).await?;
+    context["bounces"] = json!(bounces);
+    context["more_bounces"] = json!(bounces.len() == BOUNCES_SHOWN);
     context["subscriber"] = json!(subscriber);
     context["newsletter"] = json!(newsletter);
     context["statuses"] = json!(statuses());
@@ -261,4 +276,23 @@ async fn erase(
         "/console/newsletters/{}/subscribers?ok=erased",
         subscriber.newsletter_id
     )))
+}
+
+/// Makes a bounced or complained subscriber active again (the API's reinstatement:
+/// their reports stay, no longer counted, and their address leaves the suppression
+/// list). An unsubscribed one is refused: only they can subscribe again.
+async fn reinstate(
+    State(state): State<AppState>,
+    Path(id): Path<u64>,
+    Form(session, _): Form,
+) -> Result<Response, PageError> {
+    match state.store.reinstate(id).await {
+        Ok(_) => Ok(see_other(&format!("/console/subscribers/{id}?ok=reinstated"))),
+        Err(e) => {
+            let (status, errors, detail) = form_problems(e.into())?;
+            let subscriber = state.store.subscriber_by_id(id).await?;
+            let context = json!({ "form": form_of(&subscriber), "errors": errors, "detail": detail });
+            show_page(&state, &session, subscriber, status, context).await
+        }
+    }
 }

@@ -166,6 +166,63 @@ impl Browser {
         }
     }
 
+    /// Waits until the element `css` is shown (not `hidden`); its text.
+    pub async fn wait_shown(&self, css: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let element = self.find(css).await;
+            if element.attr("hidden").await.ok().flatten().is_none() {
+                return element.text().await.unwrap_or_default();
+            }
+            assert!(Instant::now() < deadline, "{css} stayed hidden");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until the element `css` is hidden.
+    pub async fn wait_hidden(&self, css: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if self.find(css).await.attr("hidden").await.ok().flatten().is_some() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{css} stayed shown");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until the text of `css` satisfies `check`.
+    pub async fn wait_for_text(&self, css: &str, check: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let text = self.find(css).await.text().await.unwrap_or_default();
+            if check(&text) {
+                return text;
+            }
+            assert!(Instant::now() < deadline, "{css} says {text:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until the preview frame's text satisfies `check`; its text.
+    pub async fn preview_text(&self, check: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            self.client.clone().enter_frame(0).await.unwrap();
+            let text = self.client.find(fantoccini::Locator::Css("body")).await;
+            let text = match text {
+                Ok(body) => body.text().await.unwrap_or_default(),
+                Err(_) => String::new(),
+            };
+            self.client.clone().enter_parent_frame().await.unwrap();
+            if check(&text) {
+                return text;
+            }
+            assert!(Instant::now() < deadline, "the preview says {text:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// Saves a screenshot of the page at desktop and at phone width, and prints where.
     pub async fn screenshots(&mut self, name: &str) {
         for (label, (w, h)) in [("desktop", DESKTOP), ("phone", PHONE)] {

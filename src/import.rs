@@ -268,6 +268,7 @@ pub async fn csv<R: Read + Send + 'static>(
     while let Some(batch) = rx.recv().await {
         commit(store, newsletter_id, batch, &mut summary).await?;
     }
+    store.imported(summary.inserted).await;
     match parser.await {
         Ok(Ok(())) => Ok(summary),
         Ok(Err(Parse::Header(reason))) => Err(ImportError::Invalid(reason)),

@@ -15,18 +15,19 @@ use crate::project::{self, Lang};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
-    /// Newsletters: `newsletter create --name … --from …`.
+    /// Newsletters: `newsletter create --name … --from …`, `list`, `edit`, `delete`.
     #[command(subcommand)]
-    Newsletter(NewsletterCommand),
+    Newsletter(super::lists::NewsletterCommand),
     /// Subscribers: `subscribers import FILE.csv --newsletter ID`.
     #[command(subcommand)]
     Subscribers(SubscribersCommand),
     /// Policies: `plugin upload FILE.wasm --kind filter --name NAME`, `plugin list`.
     #[command(subcommand)]
     Plugin(PluginCommand),
-    /// Letters: `letter create --newsletter ID --subject … --text …`.
+    /// Letters: `letter create --newsletter ID --subject … --text …`, `list`, `show`,
+    /// `edit`, `delete`, `preview`.
     #[command(subcommand)]
-    Letter(LetterCommand),
+    Letter(super::lists::LetterCommand),
     /// Send a letter: starts a job (and with --follow, shows its progress to the end).
     Send(SendArgs),
     /// List jobs, newest first.
@@ -75,17 +76,6 @@ pub enum Command {
     /// The live nodes working on the server's store (one with redb; a fleet's nodes on
     /// PostgreSQL): id, address, version, heartbeat age, recipients claimed.
     Nodes,
-}
-
-#[derive(Debug, clap::Subcommand)]
-pub enum NewsletterCommand {
-    Create {
-        #[arg(long)]
-        name: String,
-        /// The From of its letters: `"Name <address>"` or `address`.
-        #[arg(long)]
-        from: String,
-    },
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -150,50 +140,6 @@ pub enum PluginCommand {
     List,
 }
 
-#[derive(Debug, clap::Subcommand)]
-pub enum LetterCommand {
-    Create {
-        #[arg(long)]
-        newsletter: u64,
-        #[arg(long)]
-        subject: String,
-        /// The plain-text body (or --text-file).
-        #[arg(long, required_unless_present = "text_file", conflicts_with = "text_file")]
-        text: Option<String>,
-        #[arg(long)]
-        text_file: Option<PathBuf>,
-        /// An HTML body, from a file.
-        #[arg(long)]
-        html_file: Option<PathBuf>,
-        /// The filter policy's name (default: the built-in one).
-        #[arg(long)]
-        filter: Option<String>,
-        /// The template policy's name (default: the built-in one).
-        #[arg(long)]
-        template: Option<String>,
-        /// Parameters the policies see, as a JSON object.
-        #[arg(long)]
-        params: Option<String>,
-    },
-    /// Run a letter's policies for one subscriber and show the decision and the
-    /// message, without sending anything.
-    Preview {
-        letter: u64,
-        /// A stored subscriber's id.
-        #[arg(long, required_unless_present = "email", conflicts_with = "email")]
-        subscriber: Option<u64>,
-        /// Or a recipient made up here: its address...
-        #[arg(long)]
-        email: Option<String>,
-        /// ...its name...
-        #[arg(long, requires = "email")]
-        name: Option<String>,
-        /// ...and its attributes, as a JSON object.
-        #[arg(long, requires = "email")]
-        attributes: Option<String>,
-    },
-}
-
 #[derive(Debug, clap::Args)]
 pub struct SendArgs {
     /// The letter's id.
@@ -244,14 +190,7 @@ pub enum JobCommand {
 pub async fn run(target: Target, command: Command) -> Result<(), ClientError> {
     let client = Client::new(target)?;
     match command {
-        Command::Newsletter(NewsletterCommand::Create { name, from }) => {
-            let n = client
-                .post("/v1/newsletters", &json!({ "name": name, "from": from }))
-                .await?;
-            print(&client, &n, || {
-                format!("newsletter {} created: {}", n["id"], text(&n["name"]))
-            });
-        }
+        Command::Newsletter(command) => super::lists::newsletter(&client, command).await?,
         Command::Subscribers(SubscribersCommand::Import { file, newsletter }) => {
             import(&client, &file, newsletter).await?;
         }
@@ -371,73 +310,7 @@ pub async fn run(target: Target, command: Command) -> Result<(), ClientError> {
                 out
             });
         }
-        Command::Letter(LetterCommand::Create {
-            newsletter,
-            subject,
-            text: body,
-            text_file,
-            html_file,
-            filter,
-            template,
-            params,
-        }) => {
-            let body = match (body, text_file) {
-                (Some(body), _) => body,
-                (None, Some(path)) => read_text(&path).await?,
-                (None, None) => return Err(ClientError::Usage("give --text or --text-file".into())),
-            };
-            let mut letter = json!({ "subject": subject, "text": body });
-            if let Some(path) = html_file {
-                letter["html"] = json!(read_text(&path).await?);
-            }
-            if let Some(filter) = filter {
-                letter["filter"] = json!(filter);
-            }
-            if let Some(template) = template {
-                letter["template"] = json!(template);
-            }
-            if let Some(params) = params {
-                let params: Map<String, Value> = serde_json::from_str(&params)
-                    .map_err(|e| ClientError::Usage(format!("--params must be a JSON object: {e}")))?;
-                letter["params"] = Value::Object(params);
-            }
-            let l = client
-                .post(&format!("/v1/newsletters/{newsletter}/letters"), &letter)
-                .await?;
-            print(&client, &l, || {
-                format!("letter {} created: {}", l["id"], text(&l["subject"]))
-            });
-        }
-        Command::Letter(LetterCommand::Preview {
-            letter,
-            subscriber,
-            email,
-            name,
-            attributes,
-        }) => {
-            let body = match (subscriber, email) {
-                (Some(id), _) => json!({ "subscriber_id": id }),
-                (None, Some(email)) => {
-                    let mut recipient = json!({ "email": email });
-                    if let Some(name) = name {
-                        recipient["name"] = json!(name);
-                    }
-                    if let Some(attributes) = attributes {
-                        let attributes: Map<String, Value> =
-                            serde_json::from_str(&attributes).map_err(|e| {
-                                ClientError::Usage(format!("--attributes must be a JSON object: {e}"))
-                            })?;
-                        recipient["attributes"] = Value::Object(attributes);
-                    }
-                    json!({ "recipient": recipient })
-                }
-                (None, None) => unreachable!("clap requires --subscriber or --email"),
-            };
-            let p = client
-                .post(&format!("/v1/letters/{letter}/preview"), &body)
-                .await?;
-            print(&client, &p, || describe_preview(&p));
-        }
+        Command::Letter(command) => super::lists::letter(&client, command).await?,
         Command::Send(args) => send(&client, args).await?,
         Command::Jobs { state, limit } => {
             let mut path = format!("/v1/jobs?limit={limit}");
@@ -571,37 +444,6 @@ pub(super) fn text(value: &Value) -> String {
 }
 
 /// A preview: the policies, their decision and, when it sends, the rendered parts.
-fn describe_preview(p: &Value) -> String {
-    let version = |v: &Value| {
-        let id: String = text(&v["id"]).chars().take(12).collect();
-        format!("{}@{id}", text(&v["name"]))
-    };
-    let mut out = format!(
-        "filter {}, template {}: {}",
-        version(&p["filter"]),
-        version(&p["template"]),
-        text(&p["decision"])
-    );
-    if p["decision"] == "skip" {
-        out.push_str(&format!(" ({})", text(&p["reason"])));
-        return out;
-    }
-    let r = &p["rendered"];
-    out.push_str(&format!("\nSubject: {}", text(&r["subject"])));
-    for h in r["headers"].as_array().into_iter().flatten() {
-        out.push_str(&format!("\n{}: {}", text(&h["name"]), text(&h["value"])));
-    }
-    out.push_str(&format!("\n\n{}", text(&r["text"]).trim_end()));
-    if let Some(html) = r["html"].as_str() {
-        out.push_str(&format!(
-            "\n\n--- html ({} bytes) ---\n{}",
-            html.len(),
-            html.trim_end()
-        ));
-    }
-    out
-}
-
 /// A job in a few lines.
 fn describe(job: &Value) -> String {
     let c = &job["counts"];
@@ -730,7 +572,7 @@ async fn read(path: &Path) -> Result<Vec<u8>, ClientError> {
         .map_err(|e| ClientError::Io(format!("cannot read {}: {e}", path.display())))
 }
 
-async fn read_text(path: &Path) -> Result<String, ClientError> {
+pub(super) async fn read_text(path: &Path) -> Result<String, ClientError> {
     String::from_utf8(read(path).await?)
         .map_err(|_| ClientError::Io(format!("{} is not UTF-8 text", path.display())))
 }

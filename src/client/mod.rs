@@ -8,6 +8,7 @@ mod automations;
 mod bounces;
 mod commands;
 mod events;
+mod lists;
 mod log;
 
 use std::time::Duration;
@@ -155,6 +156,10 @@ impl Client {
 
     pub async fn post(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
         self.send(self.request(Method::POST, path).json(body)).await
+    }
+
+    pub async fn patch(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
+        self.send(self.request(Method::PATCH, path).json(body)).await
     }
 
     pub async fn delete(&self, path: &str) -> Result<Value, ClientError> {

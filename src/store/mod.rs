@@ -163,6 +163,12 @@ pub trait Lists: Send + Sync {
         subscribers: Vec<NewSubscriber>,
     ) -> Result<ImportSummary, StoreError>;
 
+    /// Said after a bulk import that added `inserted` subscribers, so a backend whose
+    /// query planner keeps statistics refreshes them now rather than when its own
+    /// schedule gets there: searches over a list that just grew tenfold stay fast.
+    /// Never fails an import: a backend that cannot refresh says so in the log.
+    async fn imported(&self, _inserted: u64) {}
+
     /// The public form's subscribe: a new subscriber, `unconfirmed` (with its
     /// `subscriber.created`), unless the newsletter has one with this email, which is
     /// returned untouched (a stranger's form changes nothing of a subscriber). Whether

@@ -375,3 +375,83 @@ async fn automations_from_the_command_line() {
     assert!(out.stderr.contains("--with is not JSON"), "{}", out.stderr);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn newsletters_and_letters_are_listed_edited_and_deleted_from_the_command_line() {
+    let server = TestServer::start(None).await;
+    let base = server.api.base.clone();
+    let run = |args: &[&str]| {
+        let (base, args) = (
+            base.clone(),
+            args.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+        );
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            letterbox(&base, TEST_TOKEN, &args).await
+        }
+    };
+    let made = run(&[
+        "--json",
+        "newsletter",
+        "create",
+        "--name",
+        "Weekly",
+        "--from",
+        "w@example.com",
+    ])
+    .await;
+    assert!(made.ok, "{}", made.stderr);
+    let id = made.json()["id"].as_u64().unwrap().to_string();
+
+    let out = run(&["newsletter", "edit", &id, "--name", "Weekly news"]).await;
+    assert!(out.ok, "{}", out.stderr);
+    let out = run(&["newsletter", "list"]).await;
+    assert!(
+        out.ok && out.stdout.contains("Weekly news"),
+        "{}{}",
+        out.stdout,
+        out.stderr
+    );
+    let out = run(&["newsletter", "edit", &id]).await;
+    assert!(
+        !out.ok && out.stderr.contains("--name or --from"),
+        "{}",
+        out.stderr
+    );
+
+    // A letter: created without its text is refused here, before any request.
+    let out = run(&["letter", "create", "--newsletter", &id, "--subject", "Hi"]).await;
+    assert!(!out.ok && out.stderr.contains("--text"), "{}", out.stderr);
+    let made = run(&[
+        "--json",
+        "letter",
+        "create",
+        "--newsletter",
+        &id,
+        "--subject",
+        "Hi",
+        "--text",
+        "Hello",
+    ])
+    .await;
+    assert!(made.ok, "{}", made.stderr);
+    let letter = made.json()["id"].as_u64().unwrap().to_string();
+    let out = run(&["letter", "edit", &letter, "--subject", "Hi {{ name }}"]).await;
+    assert!(out.ok, "{}", out.stderr);
+    // A template error is the API's, with its field.
+    let out = run(&["letter", "edit", &letter, "--text", "Hello {{ name"]).await;
+    assert!(!out.ok && out.stderr.contains("text"), "{}", out.stderr);
+    let out = run(&["letter", "list", "--newsletter", &id]).await;
+    assert!(out.ok && out.stdout.contains("Hi {{ name }}"), "{}", out.stdout);
+    let out = run(&["--json", "letter", "show", &letter]).await;
+    assert_eq!(out.json()["text"], "Hello", "{}", out.stdout);
+
+    // A newsletter with letters but no subscribers goes, with its letters.
+    let out = run(&["letter", "delete", &letter]).await;
+    assert!(out.ok, "{}", out.stderr);
+    assert_eq!(server.api.get(&format!("/v1/letters/{letter}")).await.0, 404);
+    let out = run(&["newsletter", "delete", &id]).await;
+    assert!(out.ok, "{}", out.stderr);
+    let out = run(&["newsletter", "list"]).await;
+    assert!(out.stdout.contains("no newsletters"), "{}", out.stdout);
+}

@@ -71,6 +71,12 @@ async fn the_console_needs_a_session_and_refuses_forged_forms() {
         "/console/newsletters",
         "/console/newsletters/1",
         "/console/jobs/1",
+        "/console/policies",
+        "/console/policies/default-template/status",
+        "/console/bounces",
+        "/console/suppressions",
+        "/console/events",
+        "/console/events/stream",
         "/console/no-such-page",
     ] {
         let response = client.get(format!("{base}{path}")).send().await.unwrap();
@@ -214,6 +220,29 @@ async fn the_console_needs_a_session_and_refuses_forged_forms() {
     assert_eq!(cross.status(), StatusCode::FORBIDDEN);
     let (_, listed) = server.api.get("/v1/newsletters").await;
     assert_eq!(listed["items"].as_array().unwrap().len(), 0, "{listed}");
+    // An upload (the script's request, its token in a header) without the token, or
+    // from another site: refused, and nothing stored.
+    let upload = |token: Option<&str>, site: &str| {
+        let mut request = client
+            .post(format!("{base}/console/policies?kind=template&name=forged"))
+            .header(COOKIE, &cookie)
+            .header("content-type", "application/wasm")
+            .header("sec-fetch-site", site.to_string())
+            .body(crate::support::wasm("ab_subject"));
+        if let Some(token) = token {
+            request = request.header("x-csrf-token", token.to_string());
+        }
+        request.send()
+    };
+    assert_eq!(
+        upload(None, "same-origin").await.unwrap().status(),
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        upload(Some(&csrf), "cross-site").await.unwrap().status(),
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(server.api.get("/v1/plugins/forged").await.0, 404);
     // With it, from this site: done.
     let made = post(
         fields(Some(&csrf)),
@@ -578,6 +607,13 @@ async fn every_page_passes_axe_in_dark_mode() {
     let job = api.send(letter, serde_json::json!({})).await;
     api.wait_job(job, Duration::from_secs(30)).await;
     let ann = api.subscriber_ids(newsletter).await["ann@example.org"];
+    // A complaint: a report, a suppression and events for those pages to show.
+    api.post_ok(
+        "/v1/bounces",
+        serde_json::json!({ "type": "complaint", "subscriber": ann, "raw": "Feedback-Type: abuse" }),
+        201,
+    )
+    .await;
 
     browser.goto(&format!("{base}/console/sign-in")).await;
     assert_eq!(
@@ -603,6 +639,11 @@ async fn every_page_passes_axe_in_dark_mode() {
         ("jobs", "/console/jobs".to_string()),
         ("job", format!("/console/jobs/{job}")),
         ("health", "/console/health".to_string()),
+        ("policies", "/console/policies".to_string()),
+        ("policy", "/console/policies/default-template".to_string()),
+        ("bounces", "/console/bounces".to_string()),
+        ("suppressions", "/console/suppressions".to_string()),
+        ("events", "/console/events".to_string()),
         ("not-found", "/console/no-such-page".to_string()),
     ] {
         browser.goto(&format!("{base}{path}")).await;

@@ -64,6 +64,11 @@ impl SubscriberStatus {
             SubscriberStatus::Unconfirmed => "unconfirmed",
         }
     }
+
+    /// The status `as_str` names.
+    pub fn parse(text: &str) -> Option<SubscriberStatus> {
+        SubscriberStatus::ALL.into_iter().find(|s| s.as_str() == text)
+    }
 }
 
 /// A change to one subscriber; absent fields stay as they are.

@@ -268,3 +268,60 @@ async fn bounces_suppressions_and_the_event_log_in_a_browser() {
     browser.assert_accessible().await;
     browser.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_letter_sent_at_a_local_time_is_scheduled_for_that_moment() {
+    // India is UTC+05:30 all year: 09:30 there is 04:00 UTC.
+    let Some(mut browser) = Browser::start_in_zone("scheduled", false, Some("Asia/Kolkata")).await else {
+        return;
+    };
+    let server = TestServer::start(None).await;
+    let (base, api) = (server.api.base.clone(), &server.api);
+    let newsletter = api.newsletter().await;
+    api.add_subscribers(newsletter, json!([{ "email": "ann@example.org" }]))
+        .await;
+    let letter = api
+        .letter(newsletter, json!({ "subject": "Later", "text": "Hello" }))
+        .await;
+    signed_in(&browser, &base).await;
+    assert_eq!(
+        browser
+            .eval("return new Date('2030-01-15T09:30').getTimezoneOffset()")
+            .await,
+        -330,
+        "the browser is not in the zone asked for"
+    );
+
+    browser.goto(&format!("{base}/console/letters/{letter}")).await;
+    browser.click("input[name=when][value=later]").await;
+    // A datetime-local field's typing depends on the locale: set its value as a
+    // picker would.
+    browser
+        .eval("document.getElementById('f-send_at').value = '2030-01-15T09:30'; return null")
+        .await;
+    browser.click("form[action$='/send'] button[type=submit]").await;
+    browser
+        .wait_text("the job's page", |t| t.contains("sends at"))
+        .await;
+    let job: u64 = browser
+        .path()
+        .await
+        .trim_start_matches("/console/jobs/")
+        .split('?')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let (_, view) = api.get(&format!("/v1/jobs/{job}")).await;
+    assert_eq!(view["state"], "scheduled", "{view}");
+    assert_eq!(
+        view["send_at"], 1_894_680_000u64,
+        "09:30 in Kolkata is 04:00 UTC: {view}"
+    );
+    // The page shows it back in the browser's zone.
+    let shown = browser.text("p.meta").await;
+    assert!(shown.contains("9:30"), "{shown}");
+    browser.assert_accessible().await;
+    browser.screenshots("scheduled-job").await;
+    browser.close().await;
+}

@@ -63,9 +63,7 @@ async fn list(
     let status = match query.status.as_deref().filter(|s| !s.is_empty()) {
         None => None,
         Some(s) => Some(
-            SubscriberStatus::ALL
-                .into_iter()
-                .find(|x| x.as_str() == s)
+            SubscriberStatus::parse(s)
                 .ok_or_else(|| ApiError::field("status", format!("{s:?} is not a status")))?,
         ),
     };
@@ -217,9 +215,7 @@ async fn change(
     Form(session, form): Form,
 ) -> Result<Response, PageError> {
     let before = state.store.subscriber_by_id(id).await?;
-    let status = SubscriberStatus::ALL
-        .into_iter()
-        .find(|s| s.as_str() == field(&form, "status"));
+    let status = SubscriberStatus::parse(field(&form, "status"));
     let name = Some(Some(field(&form, "name").to_string()).filter(|n| !n.trim().is_empty()));
     let patch = attributes_patch(&before.attributes, field(&form, "attributes")).and_then(|attributes| {
         subscriber_patch(

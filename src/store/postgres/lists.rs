@@ -15,9 +15,7 @@ use crate::store::{Lists, StoreError, busy, normalise_email};
 pub(super) const SUBSCRIBER_COLUMNS: &str = "id, newsletter_id, email, name, attributes, status, created_at";
 
 fn status_of(text: &str) -> Result<SubscriberStatus, StoreError> {
-    SubscriberStatus::ALL
-        .into_iter()
-        .find(|s| s.as_str() == text)
+    SubscriberStatus::parse(text)
         .ok_or_else(|| StoreError::Inconsistent(format!("unknown subscriber status {text:?}")))
 }
 

@@ -33,6 +33,12 @@ impl Browser {
     /// A browser for `test` (the screenshots' prefix), or `None` (skip) without one.
     /// `dark`: the system asks for dark mode.
     pub async fn start(test: &str, dark: bool) -> Option<Browser> {
+        Browser::start_in_zone(test, dark, None).await
+    }
+
+    /// As `start`, with the browser's time zone set to `zone` (`TZ`, e.g.
+    /// `Asia/Kolkata`) rather than the machine's.
+    pub async fn start_in_zone(test: &str, dark: bool, zone: Option<&str>) -> Option<Browser> {
         if !std::path::Path::new(CHROMEDRIVER).exists() || !std::path::Path::new(CHROMIUM).exists() {
             assert!(
                 std::env::var("LETTERBOX_REQUIRE_BROWSER").is_err(),
@@ -42,7 +48,12 @@ impl Browser {
             return None;
         }
         let port = super::free_port();
-        let driver = Command::new(CHROMEDRIVER)
+        let mut driver = Command::new(CHROMEDRIVER);
+        if let Some(zone) = zone {
+            // chromium, started by chromedriver, inherits it.
+            driver.env("TZ", zone);
+        }
+        let driver = driver
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -154,7 +154,7 @@ pub(super) async fn newsletter(client: &Client, command: NewsletterCommand) -> R
                 for n in &items {
                     out.push_str(&format!(
                         "\n{:>6}  {:<30}  {}",
-                        n["id"],
+                        n["id"].as_u64().unwrap_or_default(),
                         text(&n["name"]),
                         text(&n["from"])
                     ));
@@ -230,7 +230,7 @@ pub(super) async fn letter(client: &Client, command: LetterCommand) -> Result<()
                 for l in &items {
                     out.push_str(&format!(
                         "\n{:>6}  {:<40}  {:<20}  {}",
-                        l["id"],
+                        l["id"].as_u64().unwrap_or_default(),
                         text(&l["subject"]),
                         text(&l["filter"]),
                         text(&l["template"])

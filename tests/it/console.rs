@@ -174,6 +174,30 @@ async fn the_console_needs_a_session_and_refuses_forged_forms() {
     assert_eq!(page.status(), StatusCode::OK);
     assert_eq!(page.headers()["cache-control"], "no-store");
     let csrf = csrf_of(&page.text().await.unwrap());
+    // An address or query the console cannot read is a page that says so, not a blank
+    // or axum's plain text.
+    for path in [
+        "/console/jobs/abc",
+        "/console/bounces?before=abc",
+        "/console/newsletters/1/subscribers?after=-1",
+    ] {
+        let response = client
+            .get(format!("{base}{path}"))
+            .header(COOKIE, &cookie)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{path}");
+        assert!(
+            response.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("text/html"),
+            "{path}: {:?}",
+            response.headers()["content-type"]
+        );
+        assert!(response.text().await.unwrap().contains("400"), "{path}");
+    }
 
     let post =
         |fields: Vec<(&'static str, String)>, origin: Option<&'static str>, site: Option<&'static str>| {

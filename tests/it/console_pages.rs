@@ -265,6 +265,11 @@ async fn bounces_suppressions_and_the_event_log_in_a_browser() {
         .await;
     let refused = browser.text("#e-type").await;
     assert!(!refused.is_empty(), "the bad type is named at its field");
+    browser
+        .goto(&format!("{base}/console/events?subscriber=nobody@example.org"))
+        .await;
+    let refused = browser.text("#e-subscriber").await;
+    assert!(refused.contains("nobody@example.org"), "{refused}");
     browser.assert_accessible().await;
     browser.close().await;
 }

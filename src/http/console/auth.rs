@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 
 use axum::Router;
-use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Query, Request, State};
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::http::{Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -15,7 +15,7 @@ use axum::routing::get;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{PageError, cookie, flash, render, see_other};
+use super::{PageError, Query, cookie, flash, render, see_other};
 use crate::console::session::{COOKIE, LIFETIME, SessionSecret};
 use crate::domain::now;
 use crate::http::{ApiError, AppState};

@@ -4,7 +4,7 @@
 //! changes the store through the API's own code (`http::bounces`, `http::events`).
 
 use axum::Router;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::sse::{KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::auth::{Form, Session};
-use super::{FlashQuery, PageError, field, form_problems, page, see_other};
+use super::{FlashQuery, PageError, Query, field, form_problems, page, see_other};
 use crate::bounces::BounceFilter;
 use crate::events::EventFilter;
 use crate::http::{ApiError, AppState, bounces, events};
@@ -165,7 +165,21 @@ impl EventQuery {
             .as_deref()
             .map(str::trim)
             .filter(|s| !s.is_empty());
-        events::filter(&state.store, types, subscriber, None).await
+        events::filter(&state.store, types, subscriber, None)
+            .await
+            .map_err(|e| match e {
+                // An address no list has is a mistake in the form, shown at its field.
+                ApiError::NotFound(detail) => ApiError::field("subscriber", detail),
+                // The API asks for a newsletter; this form takes an id instead.
+                ApiError::Conflict(_) => ApiError::field(
+                    "subscriber",
+                    format!(
+                        "{} is on more than one list: give the subscriber's id (shown on their page)",
+                        subscriber.unwrap_or_default()
+                    ),
+                ),
+                other => other,
+            })
     }
 }
 

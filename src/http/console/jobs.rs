@@ -6,7 +6,7 @@ use std::convert::Infallible;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::sse::{KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -16,7 +16,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::auth::{Form, Session};
-use super::{PageError, flash, page, see_other};
+use super::{PageError, Path, Query, flash, page, see_other};
 use crate::domain::{Delivery, DeliveryState, JobState, StateKind};
 use crate::http::jobs::{job_stream, with_progress};
 use crate::http::{ApiError, AppState};

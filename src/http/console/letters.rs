@@ -6,14 +6,14 @@ use std::collections::HashMap;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Map, Value, json};
 
 use super::auth::{Form, Session};
-use super::{FlashQuery, PageError, field, form_problems, page, see_other};
+use super::{FlashQuery, PageError, Path, Query, field, form_problems, page, see_other};
 use crate::domain::{Letter, PluginKind, now};
 use crate::http::letters::{check_subject, parse_rfc3339};
 use crate::http::{ApiError, AppState, FieldError};

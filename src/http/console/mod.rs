@@ -178,6 +178,28 @@ fn see_other(location: &str) -> Response {
     (StatusCode::SEE_OTHER, [(header::LOCATION, location.to_string())]).into_response()
 }
 
+/// `axum::extract::Query` whose refusal (`?after=abc`) is a page, not axum's plain text.
+#[derive(axum::extract::FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(PageError))]
+pub(super) struct Query<T>(pub T);
+
+/// `axum::extract::Path` whose refusal (`/console/jobs/abc`) is a page.
+#[derive(axum::extract::FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(PageError))]
+pub(super) struct Path<T>(pub T);
+
+impl From<axum::extract::rejection::QueryRejection> for PageError {
+    fn from(e: axum::extract::rejection::QueryRejection) -> Self {
+        PageError(e.into())
+    }
+}
+
+impl From<axum::extract::rejection::PathRejection> for PageError {
+    fn from(e: axum::extract::rejection::PathRejection) -> Self {
+        PageError(e.into())
+    }
+}
+
 /// An error as a page: the problem's status, title and detail (never a blank page).
 /// Internal causes are logged by `ApiError`'s own response and not shown.
 pub(super) struct PageError(ApiError);

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use axum::Router;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
 use axum::routing::{get, post};
@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::auth::{Form, Session};
-use super::{FlashQuery, PageError, field, flash, form_problems, page, see_other};
+use super::{FlashQuery, PageError, Path, Query, field, flash, form_problems, page, see_other};
 use crate::domain::Newsletter;
 use crate::http::AppState;
 use crate::http::newsletters::check_newsletter;

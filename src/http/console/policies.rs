@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::auth::{Form, HeaderChecked, Session};
-use super::{FlashQuery, PageError, form_problems, page, see_other};
+use super::{FlashQuery, PageError, Path, Query, form_problems, page, see_other};
 use crate::domain::PluginKind;
 use crate::http::{ApiError, AppState, plugins};
 

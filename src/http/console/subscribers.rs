@@ -4,7 +4,7 @@
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -14,7 +14,7 @@ use serde_json::{Map, Value, json};
 use tokio_util::io::{StreamReader, SyncIoBridge};
 
 use super::auth::{Form, HeaderChecked, Session};
-use super::{FlashQuery, PageError, field, flash, form_problems, page, see_other};
+use super::{FlashQuery, PageError, Path, Query, field, flash, form_problems, page, see_other};
 use crate::domain::{Subscriber, SubscriberPatch, SubscriberStatus};
 use crate::http::newsletters::{SEARCH_SCAN, subscriber_filter, subscriber_patch};
 use crate::http::{ApiError, AppState};

@@ -2,7 +2,7 @@
 
 use serde_json::{Value, json};
 
-use super::commands::{print, text};
+use super::output::{print, text};
 use super::{Client, ClientError};
 
 #[derive(Debug, clap::Subcommand)]

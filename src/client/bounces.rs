@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde_json::{Value, json};
 
-use super::commands::{encode, print, text};
+use super::output::{encode, print, text};
 use super::{Client, ClientError};
 
 #[derive(Debug, clap::Args)]

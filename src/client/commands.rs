@@ -9,6 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use reqwest::Method;
 use serde_json::{Map, Value, json};
 
+use super::output::{encode, print, read, text};
 use super::{Client, ClientError, Target, events};
 use crate::domain::PluginKind;
 use crate::project::{self, Lang};
@@ -421,29 +422,6 @@ pub async fn run(target: Target, command: Command) -> Result<(), ClientError> {
     Ok(())
 }
 
-/// Prints `value` as JSON with `--json`, else the human text.
-pub(super) fn print(client: &Client, value: &Value, human: impl FnOnce() -> String) {
-    if client.json_output() {
-        println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
-    } else {
-        println!("{}", human());
-    }
-}
-
-/// `value` for a query string.
-pub(super) fn encode(value: &str) -> percent_encoding::PercentEncode<'_> {
-    percent_encoding::utf8_percent_encode(value, percent_encoding::NON_ALPHANUMERIC)
-}
-
-/// A JSON string without its quotes (other values as JSON).
-pub(super) fn text(value: &Value) -> String {
-    value
-        .as_str()
-        .map(str::to_string)
-        .unwrap_or_else(|| value.to_string())
-}
-
-/// A preview: the policies, their decision and, when it sends, the rendered parts.
 /// A job in a few lines.
 fn describe(job: &Value) -> String {
     let c = &job["counts"];
@@ -564,17 +542,6 @@ fn summarise(client: &Client, job: &Value) -> Result<(), ClientError> {
         )));
     }
     Ok(())
-}
-
-async fn read(path: &Path) -> Result<Vec<u8>, ClientError> {
-    tokio::fs::read(path)
-        .await
-        .map_err(|e| ClientError::Io(format!("cannot read {}: {e}", path.display())))
-}
-
-pub(super) async fn read_text(path: &Path) -> Result<String, ClientError> {
-    String::from_utf8(read(path).await?)
-        .map_err(|_| ClientError::Io(format!("{} is not UTF-8 text", path.display())))
 }
 
 /// Streams a CSV file (or sends a `.json` array) to the import route, with a bar of rows

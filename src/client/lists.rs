@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde_json::{Map, Value, json};
 
-use super::commands::{print, read_text, text};
+use super::output::{print, read_text, text};
 use super::{Client, ClientError};
 
 #[derive(Debug, clap::Subcommand)]
@@ -340,7 +340,8 @@ fn describe_letter(l: &Value) -> String {
     out
 }
 
-pub(super) fn describe_preview(p: &Value) -> String {
+/// A preview: the policies, their decision and, when it sends, the rendered parts.
+fn describe_preview(p: &Value) -> String {
     let version = |v: &Value| {
         let id: String = text(&v["id"]).chars().take(12).collect();
         format!("{}@{id}", text(&v["name"]))

@@ -10,6 +10,7 @@ mod commands;
 mod events;
 mod lists;
 mod log;
+mod output;
 
 use std::time::Duration;
 

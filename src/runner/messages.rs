@@ -7,7 +7,7 @@ use std::sync::Arc;
 use serde_json::Map;
 use tokio_util::sync::CancellationToken;
 
-use super::supervisor::{Attempt, admitted};
+use super::deliver::{Attempt, admitted};
 use super::{RetryPolicy, Runner, RunnerError, outgoing};
 use crate::domain::{Letter, Outcome, PluginKind, now, now_ms};
 use crate::messages::{Message, MessageContent};

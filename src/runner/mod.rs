@@ -25,7 +25,9 @@
 //! `FailureLimit`) the job pauses until someone resumes it.
 
 mod automations;
+mod batches;
 mod compile;
+mod deliver;
 mod fleet;
 mod health;
 mod housekeeping;

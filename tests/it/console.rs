@@ -364,7 +364,9 @@ async fn a_newcomer_signs_in_and_manages_newsletters_in_a_browser() {
         .await;
     browser.fill("#f-from", "not an address").await;
     browser.click("section form button.primary").await;
-    let error = browser.text("#e-from").await;
+    // The page the form answers with (the list's own #e-from is there, hidden, until it
+    // arrives).
+    let error = browser.wait_shown("#e-from").await;
     assert!(!error.is_empty(), "no error at the From field");
     assert_eq!(
         browser

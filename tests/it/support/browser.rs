@@ -155,8 +155,20 @@ impl Browser {
             .unwrap_or_else(|e| panic!("click {css}: {e}"));
     }
 
+    /// The text of `css`, read again if the page was replaced between finding and
+    /// reading it.
     pub async fn text(&self, css: &str) -> String {
-        self.find(css).await.text().await.unwrap()
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match self.find(css).await.text().await {
+                Ok(text) => return text,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("text of {css}: {e}"),
+            }
+        }
     }
 
     /// Waits until `check` holds of the page's text (the `main` element's).
@@ -182,8 +194,12 @@ impl Browser {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let element = self.find(css).await;
-            if element.attr("hidden").await.ok().flatten().is_none() {
-                return element.text().await.unwrap_or_default();
+            // An element of the page being replaced (a form's answer arriving) is stale:
+            // read the new page's.
+            if let Ok(None) = element.attr("hidden").await
+                && let Ok(text) = element.text().await
+            {
+                return text;
             }
             assert!(Instant::now() < deadline, "{css} stayed hidden");
             tokio::time::sleep(Duration::from_millis(100)).await;

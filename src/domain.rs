@@ -236,6 +236,13 @@ pub enum PluginKind {
 }
 
 impl PluginKind {
+    pub const ALL: [PluginKind; 3] = [PluginKind::Filter, PluginKind::Template, PluginKind::Automation];
+
+    /// The kind `as_str` names.
+    pub fn parse(text: &str) -> Option<PluginKind> {
+        PluginKind::ALL.into_iter().find(|k| k.as_str() == text)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             PluginKind::Filter => "filter",

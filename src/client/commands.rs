@@ -648,12 +648,7 @@ fn count_lines(path: &Path) -> std::io::Result<u64> {
 }
 
 fn plugin_kind(s: &str) -> Result<PluginKind, String> {
-    match s {
-        "filter" => Ok(PluginKind::Filter),
-        "template" => Ok(PluginKind::Template),
-        "automation" => Ok(PluginKind::Automation),
-        _ => Err("expected filter, template or automation".into()),
-    }
+    PluginKind::parse(s).ok_or_else(|| "expected filter, template or automation".into())
 }
 
 /// Builds the project in `dir`, its tool's output shown as it runs.

@@ -329,14 +329,7 @@ fn describe_letter(l: &Value) -> String {
     if l["params"].as_object().is_some_and(|p| !p.is_empty()) {
         out.push_str(&format!("\nparams {}", l["params"]));
     }
-    out.push_str(&format!("\n\n{}", text(&l["text"]).trim_end()));
-    if let Some(html) = l["html"].as_str() {
-        out.push_str(&format!(
-            "\n\n--- html ({} bytes) ---\n{}",
-            html.len(),
-            html.trim_end()
-        ));
-    }
+    push_body(&mut out, l);
     out
 }
 
@@ -361,13 +354,18 @@ fn describe_preview(p: &Value) -> String {
     for h in r["headers"].as_array().into_iter().flatten() {
         out.push_str(&format!("\n{}: {}", text(&h["name"]), text(&h["value"])));
     }
-    out.push_str(&format!("\n\n{}", text(&r["text"]).trim_end()));
-    if let Some(html) = r["html"].as_str() {
+    push_body(&mut out, r);
+    out
+}
+
+/// A letter's or rendered message's text, then its HTML (if any) under a rule.
+fn push_body(out: &mut String, parts: &Value) {
+    out.push_str(&format!("\n\n{}", text(&parts["text"]).trim_end()));
+    if let Some(html) = parts["html"].as_str() {
         out.push_str(&format!(
             "\n\n--- html ({} bytes) ---\n{}",
             html.len(),
             html.trim_end()
         ));
     }
-    out
 }

@@ -389,12 +389,18 @@ async fn add_suppressions(
         if json.emails.is_empty() {
             return Err(ApiError::field("emails", "must not be empty"));
         }
-        if json.note.as_ref().is_some_and(|n| n.chars().count() > 500) {
-            return Err(ApiError::field("note", "must be at most 500 characters"));
-        }
+        check_note(json.note.as_deref())?;
         json.emails.into_iter().map(|e| (e, json.note.clone())).collect()
     };
     Ok(Json(suppress(&state, rows).await?))
+}
+
+/// A suppression's note: at most 500 characters.
+pub(super) fn check_note(note: Option<&str>) -> Result<(), ApiError> {
+    match note {
+        Some(n) if n.chars().count() > 500 => Err(ApiError::field("note", "must be at most 500 characters")),
+        _ => Ok(()),
+    }
 }
 
 /// Puts each row's address (with its note) on the suppression list, in batches; the

@@ -40,44 +40,70 @@ function problemText(xhr) {
   return `the server answered ${xhr.status} ${xhr.statusText}`;
 }
 
+// A field's problem shown next to it (the form's `data-error-for` paragraph).
+function fieldProblem(form, name, message) {
+  const p = form.querySelector(`[data-error-for="${name}"]`);
+  if (!p) return false;
+  p.textContent = message;
+  p.hidden = false;
+  p.closest(".field")?.classList.add("has-error");
+  form.querySelector(`[name="${name}"]`)?.setAttribute("aria-invalid", "true");
+  return true;
+}
+
+function clearProblems(form) {
+  for (const p of form.querySelectorAll("[data-error-for]")) {
+    p.hidden = true;
+    p.textContent = "";
+    p.closest(".field")?.classList.remove("has-error");
+    form.querySelector(`[name="${p.dataset.errorFor}"]`)?.removeAttribute("aria-invalid");
+  }
+}
+
+// Sends `file` as the body of a POST to `url` for `form` (its CSRF token in a header),
+// with the upload's progress in the form's bar and `label` in `out` meanwhile; then
+// `done(xhr, bar)` with the answer.
+function sendFile(form, url, contentType, file, out, label, done) {
+  const bar = form.querySelector("progress");
+  const button = form.querySelector("button[type=submit]");
+  const xhr = new XMLHttpRequest();
+  xhr.open("POST", url);
+  xhr.setRequestHeader("content-type", contentType);
+  xhr.setRequestHeader("x-csrf-token", form.querySelector("input[name=_csrf]").value);
+  bar.hidden = false;
+  bar.max = file.size || 1;
+  bar.value = 0;
+  button.disabled = true;
+  out.append(el("p", label, { role: "status" }));
+  xhr.upload.addEventListener("progress", (e) => {
+    if (e.lengthComputable) { bar.max = e.total; bar.value = e.loaded; }
+  });
+  xhr.addEventListener("loadend", () => {
+    button.disabled = false;
+    out.replaceChildren();
+    done(xhr, bar);
+  });
+  xhr.send(file);
+}
+
 // CSV import: the file is the request's body (streamed into the store as it arrives),
 // so the upload's progress is the import's; the answer lists what was refused.
 function imports(root) {
   for (const form of root.querySelectorAll("form[data-import]")) {
     const input = form.querySelector("input[type=file]");
-    const bar = form.querySelector("progress");
-    const button = form.querySelector("button[type=submit]");
-    const error = form.querySelector("[data-error-for=file]");
     const out = document.getElementById(form.dataset.import);
     form.addEventListener("submit", (event) => {
       event.preventDefault();
       const file = input.files[0];
       out.replaceChildren();
+      clearProblems(form);
       if (!file) {
-        error.textContent = "choose a CSV file first";
-        error.hidden = false;
-        input.setAttribute("aria-invalid", "true");
+        fieldProblem(form, "file", "choose a CSV file first");
         input.focus();
         return;
       }
-      error.hidden = true;
-      input.removeAttribute("aria-invalid");
-      const xhr = new XMLHttpRequest();
-      xhr.open("POST", form.action);
-      xhr.setRequestHeader("content-type", "text/csv");
-      xhr.setRequestHeader("x-csrf-token", form.querySelector("input[name=_csrf]").value);
-      bar.hidden = false;
-      bar.max = file.size || 1;
-      bar.value = 0;
-      button.disabled = true;
-      out.append(el("p", `Importing ${file.name}…`, { role: "status" }));
-      xhr.upload.addEventListener("progress", (e) => {
-        if (e.lengthComputable) { bar.max = e.total; bar.value = e.loaded; }
-      });
-      xhr.addEventListener("loadend", () => {
-        button.disabled = false;
+      sendFile(form, form.action, "text/csv", file, out, `Importing ${file.name}…`, (xhr, bar) => {
         bar.value = bar.max;
-        out.replaceChildren();
         if (xhr.status === 201) {
           const summary = JSON.parse(xhr.responseText);
           out.append(el("p", `Imported ${file.name}.`, { role: "status", class: "flash" }));
@@ -113,28 +139,7 @@ function imports(root) {
           out.append(box);
         }
       });
-      xhr.send(file);
     });
-  }
-}
-
-// A field's problem shown next to it (the form's `data-error-for` paragraph).
-function fieldProblem(form, name, message) {
-  const p = form.querySelector(`[data-error-for="${name}"]`);
-  if (!p) return false;
-  p.textContent = message;
-  p.hidden = false;
-  p.closest(".field")?.classList.add("has-error");
-  form.querySelector(`[name="${name}"]`)?.setAttribute("aria-invalid", "true");
-  return true;
-}
-
-function clearProblems(form) {
-  for (const p of form.querySelectorAll("[data-error-for]")) {
-    p.hidden = true;
-    p.textContent = "";
-    p.closest(".field")?.classList.remove("has-error");
-    form.querySelector(`[name="${p.dataset.errorFor}"]`)?.removeAttribute("aria-invalid");
   }
 }
 
@@ -143,8 +148,6 @@ function clearProblems(form) {
 function uploads(root) {
   for (const form of root.querySelectorAll("form[data-upload]")) {
     const input = form.querySelector("input[type=file]");
-    const bar = form.querySelector("progress");
-    const button = form.querySelector("button[type=submit]");
     const out = document.getElementById("upload-result");
     form.addEventListener("submit", (event) => {
       event.preventDefault();
@@ -158,21 +161,8 @@ function uploads(root) {
         return;
       }
       const kind = form.querySelector("select[name=kind]").value;
-      const xhr = new XMLHttpRequest();
-      xhr.open("POST", `${form.action}?${new URLSearchParams({ kind, name })}`);
-      xhr.setRequestHeader("content-type", "application/wasm");
-      xhr.setRequestHeader("x-csrf-token", form.querySelector("input[name=_csrf]").value);
-      bar.hidden = false;
-      bar.max = file.size || 1;
-      bar.value = 0;
-      button.disabled = true;
-      out.append(el("p", `Uploading ${file.name}…`, { role: "status" }));
-      xhr.upload.addEventListener("progress", (e) => {
-        if (e.lengthComputable) { bar.max = e.total; bar.value = e.loaded; }
-      });
-      xhr.addEventListener("loadend", () => {
-        button.disabled = false;
-        out.replaceChildren();
+      const url = `${form.action}?${new URLSearchParams({ kind, name })}`;
+      sendFile(form, url, "application/wasm", file, out, `Uploading ${file.name}…`, (xhr, bar) => {
         if (xhr.status === 200 || xhr.status === 201) {
           const plugin = JSON.parse(xhr.responseText);
           window.location.assign(`/console/policies/${encodeURIComponent(plugin.name)}?ok=uploaded`);
@@ -193,7 +183,6 @@ function uploads(root) {
           out.append(el("p", "The upload was refused: see the field marked.", { role: "alert" }));
         }
       });
-      xhr.send(file);
     });
   }
 }

@@ -111,10 +111,8 @@ async fn add(State(state): State<AppState>, Form(session, form): Form) -> Result
         .collect();
     let checked = if rows.is_empty() {
         Err(ApiError::field("emails", "give at least one address"))
-    } else if note.chars().count() > 500 {
-        Err(ApiError::field("note", "must be at most 500 characters"))
     } else {
-        Ok(rows)
+        bounces::check_note(Some(note)).map(|()| rows)
     };
     let added = match checked {
         Ok(rows) => bounces::suppress(&state, rows).await,
@@ -195,9 +193,9 @@ async fn list_events(
         Ok(filter) => filter,
         Err(e) => {
             let (status, errors, detail) = form_problems(e)?;
+            // The form with its problems; no log (the page shows none for a bad filter).
             let context = json!({
-                "events": [], "query": query_values(&query), "errors": errors, "detail": detail,
-                "section": "events", "head": 0, "upper": 0, "lower": 0, "live": false,
+                "query": query_values(&query), "errors": errors, "detail": detail, "section": "events",
             });
             return Ok(page(&state, status, "events.html", &session, context));
         }
@@ -219,7 +217,6 @@ async fn list_events(
     let context = json!({
         "events": events,
         "query": query_values(&query),
-        "head": head,
         "upper": upper,
         "lower": lower,
         // Following the log makes sense at its head only.

@@ -150,16 +150,12 @@ async fn list(
     let context = json!({
         "policies": rows,
         "partial": partial,
-        "kinds": kinds(),
+        "kinds": PluginKind::ALL.map(PluginKind::as_str),
         "form": { "name": "", "kind": "template" },
         "flash": query.message(),
         "section": "policies",
     });
     Ok(page(&state, StatusCode::OK, "policies.html", &session, context))
-}
-
-fn kinds() -> Vec<&'static str> {
-    vec!["filter", "template", "automation"]
 }
 
 #[derive(Deserialize)]
@@ -178,11 +174,8 @@ async fn upload(
     Query(query): Query<UploadQuery>,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
-    let kind: PluginKind = match serde_json::from_value(json!(query.kind)) {
-        Ok(kind) => kind,
-        Err(_) => {
-            return ApiError::field("kind", format!("{:?} is not a policy kind", query.kind)).into_response();
-        }
+    let Some(kind) = PluginKind::parse(&query.kind) else {
+        return ApiError::field("kind", format!("{:?} is not a policy kind", query.kind)).into_response();
     };
     let body = match body {
         Ok(body) => body,

@@ -82,6 +82,10 @@ pub struct Config {
     /// address.
     pub public_url: Option<String>,
     pub policy_limits: PolicyLimits,
+    /// The letterbox binary that compiles policies in child processes
+    /// (`letterbox compile-policy`, under `policy_limits.compile_memory_bytes`). `None`
+    /// compiles in this process: for embedders without the binary.
+    pub policy_compiler: Option<PathBuf>,
     /// More policy failures than this within its window pause a job.
     pub policy_failures: FailureLimit,
     /// Panics a test injects (see `crate::faults`); never set outside tests.
@@ -122,6 +126,7 @@ impl Config {
             providers: Default::default(),
             public_url: None,
             policy_limits: PolicyLimits::default(),
+            policy_compiler: None,
             policy_failures: FailureLimit::default(),
             faults: Default::default(),
         }
@@ -170,6 +175,7 @@ impl std::fmt::Debug for Config {
             .field("providers", &self.providers)
             .field("public_url", &self.public_url)
             .field("policy_limits", &self.policy_limits)
+            .field("policy_compiler", &self.policy_compiler)
             .field("policy_failures", &self.policy_failures)
             .field("faults", &self.faults)
             .finish()

@@ -119,7 +119,13 @@ pub async fn run(
              Send it as `Authorization: Bearer TOKEN`; set LETTERBOX_API_TOKEN to choose your own.\n"
         );
     }
-    let policies = PolicyHost::new(config.policy_limits.clone(), Some(data_dir.join("compiled")))?;
+    let mut policies = PolicyHost::new(config.policy_limits.clone(), Some(data_dir.join("compiled")))?;
+    if let Some(exe) = &config.policy_compiler {
+        policies = policies.compile_with(crate::policy::Compiler {
+            exe: exe.clone(),
+            memory_bytes: config.policy_limits.compile_memory_bytes as u64,
+        });
+    }
     let dkim = config.dkim.as_ref().map(Dkim::new).transpose()?.map(Arc::new);
     let mut transports = vec![match &config.smtp {
         Some(smtp) => Transport::smtp(DEFAULT_TRANSPORT, smtp, dkim.clone())?,
@@ -176,7 +182,7 @@ pub async fn run(
         ),
     ] {
         runner
-            .install_plugin(name.to_string(), kind, bytes.to_vec())
+            .install_plugin(name.to_string(), kind, bytes::Bytes::from_static(bytes))
             .await?;
     }
     // Compiled in the background, one at a time: the server answers meanwhile.

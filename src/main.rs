@@ -48,11 +48,39 @@ enum Command {
     Migrate(MigrateArgs),
     #[command(flatten)]
     Client(letterbox::client::Command),
+    /// A policy compile in a child process of the server (policy/compiler.rs).
+    #[command(hide = true)]
+    CompilePolicy(CompilePolicyArgs),
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+#[derive(clap::Args)]
+struct CompilePolicyArgs {
+    /// Where the compiled component is written.
+    #[arg(long)]
+    out: PathBuf,
+    /// The address space the compile may use.
+    #[arg(long)]
+    memory_bytes: u64,
+}
+
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // Before any runtime or logging: the child is small, single-purpose and reports on
+    // its pipes.
+    if let Command::CompilePolicy(args) = &cli.command {
+        std::process::exit(letterbox::policy::compiler::child_main(
+            &args.out,
+            args.memory_bytes,
+        ));
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("LETTERBOX_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Held to the end: dropping it writes the lines still queued.
@@ -69,6 +97,7 @@ async fn main() -> anyhow::Result<()> {
             serve(cli.config, *args).await
         }
         Command::Migrate(args) => migrate(args).await,
+        Command::CompilePolicy(_) => unreachable!("handled before the runtime starts"),
         Command::Client(command) => {
             // The settings file fills in what flags and variables leave out.
             let (file, file_token) = match letterbox::settings::file_to_read(cli.config.as_deref()) {
@@ -305,6 +334,11 @@ struct ServeArgs {
     /// policy.toml, `plugin upload --memory-mib`), in MiB [default: 512].
     #[arg(long, env = "LETTERBOX_POLICY_MEMORY_MAX_MIB")]
     policy_memory_max_mib: Option<usize>,
+    /// The memory a policy's compilation may use, in MiB [default: 1024]. Each compile
+    /// runs in a child process limited to this much address space; a component that
+    /// needs more is refused with that reason, and the server never grows for it.
+    #[arg(long, env = "LETTERBOX_COMPILE_MEMORY_MIB")]
+    compile_memory_mib: Option<usize>,
     /// Largest policy component accepted at upload, in MiB [default: 64].
     #[arg(long, env = "LETTERBOX_PLUGIN_MAX_MIB")]
     plugin_max_mib: Option<usize>,
@@ -383,6 +417,10 @@ impl ServeArgs {
                 self.policy_memory_max_mib.map(|n| n.to_string()),
             ),
             (
+                "policy.compile_memory_mib",
+                self.compile_memory_mib.map(|n| n.to_string()),
+            ),
+            (
                 "policy.max_upload_mib",
                 self.plugin_max_mib.map(|n| n.to_string()),
             ),
@@ -406,8 +444,16 @@ async fn serve(config: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<()> {
     if let Some(path) = &file {
         tracing::info!(file = %path.display(), "reading settings");
     }
-    let settings =
+    let mut settings =
         letterbox::settings::load(file.as_deref(), args.overrides()).context("invalid settings")?;
+    // This very binary compiles policies in child processes. /proc/self/exe stays this
+    // binary even when an upgrade replaced or deleted the file it was started from.
+    let exe = PathBuf::from("/proc/self/exe");
+    settings.config.policy_compiler = Some(if exe.exists() {
+        exe
+    } else {
+        std::env::current_exe().context("cannot find the letterbox binary to compile policies with")?
+    });
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("cannot listen on {}", settings.listen))?;

@@ -115,6 +115,7 @@ struct Policy {
     timeout_ms: u64,
     memory_mib: usize,
     memory_max_mib: usize,
+    compile_memory_mib: usize,
     max_upload_mib: usize,
     max_failures: u32,
     failure_window: String,
@@ -183,6 +184,7 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("policy.timeout_ms", "100"),
     ("policy.memory_mib", "64"),
     ("policy.memory_max_mib", "512"),
+    ("policy.compile_memory_mib", "1024"),
     ("policy.max_upload_mib", "64"),
     ("policy.max_failures", "20"),
     ("policy.failure_window", "10s"),
@@ -510,6 +512,8 @@ fn resolve(
     // below the default, so raising only memory_mib does what it says.
     config.policy_limits.max_memory_bytes =
         in_range("policy.memory_max_mib", p.memory_max_mib, 1, 4096)?.max(p.memory_mib) << 20;
+    config.policy_limits.compile_memory_bytes =
+        in_range("policy.compile_memory_mib", p.compile_memory_mib, 64, 1 << 20)? << 20;
     config.policy_limits.max_upload_bytes =
         in_range("policy.max_upload_mib", p.max_upload_mib, 1, 1024)? << 20;
     config.policy_failures.max = p.max_failures;

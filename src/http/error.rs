@@ -205,6 +205,7 @@ impl From<PolicyError> for ApiError {
             PolicyError::InvalidComponent(_)
             | PolicyError::RefusedImport { .. }
             | PolicyError::TooMuchMemory { .. }
+            | PolicyError::CompileMemory { .. }
             | PolicyError::WrongWorld { .. } => ApiError::invalid(e.to_string()),
             // A stored policy failing when run for a request (e.g. a preview).
             PolicyError::Trap { .. }
@@ -321,6 +322,44 @@ where
         }
         let Json(value) = Json::<T>::from_bytes(&bytes)?;
         Ok(ApiJson(value))
+    }
+}
+
+/// A large body (a policy component, tens of MB) read into one buffer sized by its
+/// `Content-Length`. `Bytes`' own extractor gathers the chunks and then copies them
+/// into one, holding the body twice at its peak. The route's `DefaultBodyLimit`
+/// applies as to any extractor.
+pub struct UploadBody(pub axum::body::Bytes);
+
+/// The most an upload's buffer is sized ahead by what a client says it will send.
+const MAX_PRESIZE: usize = 256 << 20;
+
+impl<S: Send + Sync> FromRequest<S> for UploadBody {
+    type Rejection = ApiError;
+
+    async fn from_request(request: axum::extract::Request, _: &S) -> Result<Self, ApiError> {
+        use axum::RequestExt;
+        use futures_util::StreamExt;
+        let announced = request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+            .unwrap_or(0);
+        let mut chunks = request.into_limited_body().into_data_stream();
+        let mut body = Vec::with_capacity(announced.min(MAX_PRESIZE));
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk.map_err(|e| {
+                let too_large = std::error::Error::source(&e)
+                    .is_some_and(|inner| inner.is::<http_body_util::LengthLimitError>());
+                if too_large {
+                    ApiError::PayloadTooLarge(format!("request body too large: {e}"))
+                } else {
+                    ApiError::BadRequest(format!("failed to read the request body: {e}"))
+                }
+            })?;
+            body.extend_from_slice(&chunk);
+        }
+        Ok(UploadBody(body.into()))
     }
 }
 

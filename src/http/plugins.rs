@@ -9,7 +9,7 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::error::{ApiPath, ApiQuery};
+use super::error::{ApiPath, ApiQuery, UploadBody};
 use super::{ApiError, AppState};
 use crate::domain::{Plugin, PluginKind, PluginSummary, PluginVersion};
 use crate::policy::builtin::{DEFAULT_FILTER_NAME, DEFAULT_TEMPLATE_NAME};
@@ -211,7 +211,7 @@ async fn upload(
     State(state): State<AppState>,
     ApiQuery(query): ApiQuery<UploadQuery>,
     headers: HeaderMap,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+    body: Result<UploadBody, ApiError>,
 ) -> Result<(StatusCode, Json<PluginView>), ApiError> {
     if let Some(content_type) = headers.get(header::CONTENT_TYPE) {
         let content_type = content_type.to_str().unwrap_or_default();
@@ -221,7 +221,7 @@ async fn upload(
             )));
         }
     }
-    let body = body?;
+    let UploadBody(body) = body?;
     store(&state, &query.name, query.kind, body).await
 }
 
@@ -254,10 +254,7 @@ pub(super) async fn store(
     if body.is_empty() {
         return Err(ApiError::invalid("the body is empty: send the component's bytes"));
     }
-    let (plugin, created) = state
-        .runner
-        .install_plugin(name.to_string(), kind, body.to_vec())
-        .await?;
+    let (plugin, created) = state.runner.install_plugin(name.to_string(), kind, body).await?;
     let status = if created {
         StatusCode::CREATED
     } else {

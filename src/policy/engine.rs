@@ -10,6 +10,7 @@ use tokio::sync::Semaphore;
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
 
+use super::compiler::Compiler;
 use super::letter::{v1, v2};
 use super::sandbox::{self, EPOCH_TICK, HostState, PolicyLimits};
 use super::{PolicyError, automation, inspect};
@@ -71,6 +72,8 @@ pub struct PolicyHost {
     compiled: Arc<Mutex<HashMap<String, Arc<Policy>>>>,
     /// Where serialized compiled components are kept across restarts.
     cache_dir: Option<PathBuf>,
+    /// Compiles in a child process (into `cache_dir`) when set; in process otherwise.
+    compiler: Option<Compiler>,
     /// The engine's compatibility hash: part of cache file names, so a new wasmtime or
     /// different settings never load stale code.
     compat: String,
@@ -87,11 +90,7 @@ impl PolicyHost {
     /// the linker and the epoch ticker. `cache_dir` keeps compiled code across restarts.
     pub fn new(limits: PolicyLimits, cache_dir: Option<PathBuf>) -> Result<Self, PolicyError> {
         let engine_error = |e: wasmtime::Error| PolicyError::Engine(format!("{e:#}"));
-        let mut config = Config::new();
-        config.epoch_interruption(true);
-        if std::env::var_os("LETTERBOX_PERFMAP").is_some() {
-            config.profiler(wasmtime::ProfilingStrategy::PerfMap);
-        }
+        let mut config = compile_config();
         let mut pool = PoolingAllocationConfig::default();
         pool.max_memory_size(limits.max_memory_bytes.max(limits.memory_bytes));
         // An instance is replaced every 1,000 recipients: keeping its first pages
@@ -143,10 +142,20 @@ impl PolicyHost {
             limits: Arc::new(limits),
             compiled: Arc::new(Mutex::new(HashMap::new())),
             cache_dir,
+            compiler: None,
             compat,
             evaluations: Arc::new(Semaphore::new(parallel_evaluations)),
             parallel_evaluations,
         })
+    }
+
+    /// Compiles components in child processes run by `compiler` (see `compiler`),
+    /// where the host has a cache directory to receive their work.
+    pub fn compile_with(mut self, compiler: Compiler) -> Self {
+        if self.cache_dir.is_some() {
+            self.compiler = Some(compiler);
+        }
+        self
     }
 
     pub fn limits(&self) -> &PolicyLimits {
@@ -202,9 +211,34 @@ impl PolicyHost {
             }
         });
         let fresh = cached.is_none();
-        let component = match cached {
-            Some(component) => component,
-            None => Component::new(&self.engine, bytes)
+        let component = match (cached, &self.compiler, &cache_file) {
+            (Some(component), _, _) => component,
+            (None, Some(compiler), Some(file)) => {
+                let started = std::time::Instant::now();
+                let report = compiler.compile(bytes, file)?;
+                tracing::info!(
+                    plugin = name,
+                    bytes = bytes.len(),
+                    seconds = started.elapsed().as_secs_f64(),
+                    child_peak_rss_mib = report.peak_rss_kib >> 10,
+                    "compiled in a child process"
+                );
+                // SAFETY: written by our own binary's compile-policy with this engine's
+                // compilation settings, into our data directory; wasmtime checks the
+                // header (version, target, settings) and refuses a mismatch.
+                return self.finish(
+                    id,
+                    name,
+                    kind,
+                    v2,
+                    memory_bytes,
+                    wit_version,
+                    unsafe { Component::deserialize_file(&self.engine, file) }.map_err(|e| {
+                        PolicyError::Engine(format!("cannot load what the compiling child wrote: {e:#}"))
+                    })?,
+                );
+            }
+            (None, _, _) => Component::new(&self.engine, bytes)
                 .map_err(|e| PolicyError::InvalidComponent(format!("{e:#}")))?,
         };
         let mut component = component;
@@ -225,6 +259,21 @@ impl PolicyHost {
                 Err(e) => tracing::warn!(file = %file.display(), error = %e, "cannot cache compiled policy"),
             }
         }
+        self.finish(id, name, kind, v2, memory_bytes, wit_version, component)
+    }
+
+    /// Links a compiled component and keeps it as `id`.
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        &self,
+        id: &str,
+        name: &str,
+        kind: PluginKind,
+        v2: bool,
+        memory_bytes: usize,
+        wit_version: &'static str,
+        component: Component,
+    ) -> Result<Arc<Policy>, PolicyError> {
         let pre = self.check(&component, kind, v2)?;
         let policy = Arc::new(Policy {
             label: format!("{name}@{}", &id[..id.len().min(12)]),
@@ -282,6 +331,18 @@ impl PolicyHost {
     }
 }
 
+/// The engine settings that decide compiled code: the server's engine and a compiling
+/// child's both start from these, so what a child writes is what the server would have
+/// compiled (wasmtime checks this when it loads the file).
+pub(super) fn compile_config() -> Config {
+    let mut config = Config::new();
+    config.epoch_interruption(true);
+    if std::env::var_os("LETTERBOX_PERFMAP").is_some() {
+        config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+    }
+    config
+}
+
 fn write_cache(file: &std::path::Path, component: &Component) -> std::io::Result<()> {
     let bytes = component
         .serialize()
@@ -289,4 +350,44 @@ fn write_cache(file: &std::path::Path, component: &Component) -> std::io::Result
     let tmp = file.with_extension("tmp");
     std::fs::write(&tmp, bytes)?;
     std::fs::rename(&tmp, file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::builtin;
+
+    /// A compiling child's engine has no pooling allocator (it would reserve gigabytes
+    /// of address space under the child's limit): what it compiles must still load in
+    /// the server's pooling engine, and run there.
+    #[test]
+    fn what_a_compiling_child_writes_loads_in_the_server_engine() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = PolicyHost::new(PolicyLimits::default(), Some(dir.path().to_path_buf())).unwrap();
+        let id = "f".repeat(64);
+        let compiled = Engine::new(&compile_config())
+            .unwrap()
+            .precompile_component(builtin::DEFAULT_FILTER)
+            .unwrap();
+        let file = dir.path().join(format!("{id}-{}.cwasm", host.compat));
+        std::fs::write(&file, compiled).unwrap();
+        // SAFETY: written just above by wasmtime's own serializer.
+        unsafe { Component::deserialize_file(&host.engine, &file) }.expect("the server's engine loads it");
+        let before = std::fs::metadata(&file).unwrap().modified().unwrap();
+        // `prepare` finds the file in its cache and links it, compiling nothing.
+        let policy = host
+            .prepare(&id, "default-filter", PluginKind::Filter, builtin::DEFAULT_FILTER)
+            .unwrap();
+        assert_eq!(policy.kind(), PluginKind::Filter);
+        assert_eq!(
+            std::fs::metadata(&file).unwrap().modified().unwrap(),
+            before,
+            "not rewritten"
+        );
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "nothing else was written"
+        );
+    }
 }

@@ -21,6 +21,7 @@
 //! blocking pool under a process-wide limit of concurrent evaluations.
 //!
 //! The files: `engine` (the engine, compiling, checking and caching components),
+//! `compiler` (compiling in a child process under a memory limit),
 //! `sandbox` (the limits and the store every call runs in), `letter` (the filter and
 //! template worlds' bindings, 0.1 to 0.3, with their conversions), `evaluator` (warm
 //! instances and batches for one job), `automation` (the automation world's bindings,
@@ -29,6 +30,7 @@
 
 pub mod automation;
 pub mod builtin;
+pub mod compiler;
 mod engine;
 mod evaluator;
 pub mod inspect;
@@ -39,6 +41,7 @@ mod template_check;
 
 use crate::domain::PluginKind;
 pub use automation::{Action, Automaton, Reaction, Trigger, When};
+pub use compiler::Compiler;
 pub use engine::{Policy, PolicyHost};
 pub use evaluator::Evaluator;
 pub use letter::LetterInput;
@@ -85,6 +88,12 @@ pub enum PolicyError {
          {allowed} (policy.memory_max_mib)"
     )]
     TooMuchMemory { asked: u32, allowed: u32 },
+    /// Compiling the component took more memory than a compile may.
+    #[error(
+        "compiling the component needs more than {limit_mib} MiB of memory, the limit of a \
+         compile on this server (policy.compile_memory_mib, --compile-memory-mib)"
+    )]
+    CompileMemory { limit_mib: u64 },
     #[error("policy engine: {0}")]
     Engine(String),
 }

@@ -35,6 +35,8 @@ pub struct PolicyLimits {
     pub max_upload_bytes: usize,
     /// Most bytes a template may return (subject + text + html + headers).
     pub max_output_bytes: usize,
+    /// The address space a compile's child process may use (see `compiler`).
+    pub compile_memory_bytes: usize,
 }
 
 impl Default for PolicyLimits {
@@ -47,6 +49,8 @@ impl Default for PolicyLimits {
             // 12 and 18 MB before the policy's own code.
             max_upload_bytes: 64 << 20,
             max_output_bytes: 1 << 20,
+            // A 41.5 MB Python component compiled at 508 MiB resident.
+            compile_memory_bytes: 1024 << 20,
         }
     }
 }

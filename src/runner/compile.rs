@@ -10,11 +10,16 @@
 //! node-local), and since compiling the same bytes with the same letterbox gives the
 //! same answer everywhere, a node asked about a plugin it has not compiled yet starts
 //! compiling it and says `compiling`. A failure is remembered for the bytes; a store that
-//! could not give the bytes is not (the next request tries again).
+//! could not give the bytes, or an engine failure (the compiling child could not run),
+//! is not (the next request tries again).
+//!
+//! Each compile runs in a child process under `policy.compile_memory_mib`
+//! (`policy::compiler`), so the server's memory never holds a compiler's.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use futures_util::FutureExt;
 use tokio::sync::{Semaphore, watch};
 
@@ -72,7 +77,7 @@ impl Runner {
         id: &str,
         name: &str,
         kind: PluginKind,
-        bytes: Option<Vec<u8>>,
+        bytes: Option<Bytes>,
     ) -> watch::Receiver<Option<Outcome>> {
         let compiles = &self.inner.compiles;
         let mut states = compiles.states.lock().unwrap_or_else(|e| e.into_inner());
@@ -104,7 +109,10 @@ impl Runner {
                 };
                 tracing::warn!(plugin = %name, id = %&id[..id.len().min(12)], %reason, "policy cannot be used");
             }
-            if let Err(Failure::Store(_)) = &outcome {
+            // A store that could not give the bytes, or a node that could not run the
+            // compile (no process to spare, a child stopped): not the bytes' fault,
+            // so not remembered. The next request tries again.
+            if let Err(Failure::Store(_) | Failure::Policy(PolicyError::Engine(_))) = &outcome {
                 runner
                     .inner
                     .compiles
@@ -118,7 +126,7 @@ impl Runner {
         rx
     }
 
-    async fn compile(&self, id: &str, name: &str, kind: PluginKind, bytes: Option<Vec<u8>>) -> Outcome {
+    async fn compile(&self, id: &str, name: &str, kind: PluginKind, bytes: Option<Bytes>) -> Outcome {
         let host = self.inner.policies.clone();
         if let Some(policy) = host.cached(id) {
             return Ok(policy);
@@ -131,7 +139,8 @@ impl Runner {
                 .store
                 .plugin_bytes(id.to_string())
                 .await
-                .map_err(|e| Failure::Store(e.to_string()))?,
+                .map_err(|e| Failure::Store(e.to_string()))?
+                .into(),
         };
         let (id, name) = (id.to_string(), name.to_string());
         let started = std::time::Instant::now();
@@ -184,7 +193,7 @@ impl Runner {
 
     /// Starts compiling bytes just stored, so the first letter that uses them finds
     /// them ready (or failed) sooner.
-    pub(super) fn compile_in_background(&self, id: &str, name: &str, kind: PluginKind, bytes: Vec<u8>) {
+    pub(super) fn compile_in_background(&self, id: &str, name: &str, kind: PluginKind, bytes: Bytes) {
         drop(self.compilation(id, name, kind, Some(bytes)));
     }
 

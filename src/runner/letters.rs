@@ -24,7 +24,7 @@ impl Runner {
         &self,
         name: String,
         kind: PluginKind,
-        bytes: Vec<u8>,
+        bytes: bytes::Bytes,
     ) -> Result<(Plugin, bool), RunnerError> {
         use sha2::Digest;
         // Milliseconds even for tens of MB, but not nothing: off the async threads.
@@ -119,9 +119,26 @@ impl Runner {
     /// accept it; the built-in template's subject, text and HTML must parse
     /// (`policy::check_default_template`); a custom template must render the letter for
     /// a sample recipient, as a preview would, into a message that can be built.
+    ///
+    /// A letter with both built-ins is checked natively, by the same rules their guests
+    /// apply (`policy::check_default_template`, `letterbox_segment`): it does not wait
+    /// for their compilation, which a new installation's first minute would.
     pub async fn check_letter(&self, letter: &Letter) -> Result<(), RunnerError> {
-        let builtin = letter.template == DEFAULT_TEMPLATE_NAME
-            || letter.template.starts_with(&format!("{DEFAULT_TEMPLATE_NAME}@"));
+        let builtin = is_builtin(&letter.template, DEFAULT_TEMPLATE_NAME);
+        if builtin && is_builtin(&letter.filter, policy::builtin::DEFAULT_FILTER_NAME) {
+            // They must still be the versions they name, of their kinds.
+            self.resolve(&letter.filter, PluginKind::Filter).await?;
+            self.resolve(&letter.template, PluginKind::Template).await?;
+            let mut problems = builtin_template_problems(letter);
+            let params = serde_json::Value::Object(letter.params.clone()).to_string();
+            if let Err(message) = letterbox_segment::segment_of(&params) {
+                problems.insert(0, ("params.segment".to_string(), message));
+            }
+            if !problems.is_empty() {
+                return Err(RunnerError::InvalidFields(problems));
+            }
+            return Ok(());
+        }
         // Both must exist and be able to run: their compilations are awaited.
         let ((_, filter), (_, template)) = self.resolve_letter(letter).await?;
         let newsletter = self.inner.store.newsletter(letter.newsletter_id).await?;
@@ -146,16 +163,7 @@ impl Runner {
             .map(|p| (p.field, p.message))
             .collect();
         if builtin {
-            problems.extend(
-                policy::check_default_template(
-                    &letter.subject,
-                    &letter.text,
-                    letter.html.as_deref(),
-                    &letter.params,
-                )
-                .into_iter()
-                .map(|p| (p.field.to_string(), p.message)),
-            );
+            problems.extend(builtin_template_problems(letter));
         }
         if !problems.is_empty() {
             return Err(RunnerError::InvalidFields(problems));
@@ -259,4 +267,25 @@ pub struct Preview {
     pub verdict: Verdict,
     /// The complete message (RFC 5322) when the filter says send.
     pub message: Option<String>,
+}
+
+/// Whether a policy reference names built-in `name`, its latest version or a pinned one.
+fn is_builtin(reference: &str, name: &str) -> bool {
+    reference == name
+        || reference
+            .strip_prefix(name)
+            .is_some_and(|rest| rest.starts_with('@'))
+}
+
+/// What the built-in template would find wrong with a letter, by field.
+fn builtin_template_problems(letter: &Letter) -> Vec<(String, String)> {
+    policy::check_default_template(
+        &letter.subject,
+        &letter.text,
+        letter.html.as_deref(),
+        &letter.params,
+    )
+    .into_iter()
+    .map(|p| (p.field.to_string(), p.message))
+    .collect()
 }

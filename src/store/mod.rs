@@ -365,7 +365,7 @@ pub trait Plugins: Send + Sync {
     /// are already the name's latest version is idempotent. Returns the plugin and
     /// whether these bytes were new to the store. A name keeps one kind, and bytes keep
     /// the kind they were first stored as (`Conflict`).
-    async fn put_plugin(&self, plugin: Plugin, bytes: Vec<u8>) -> Result<(Plugin, bool), StoreError>;
+    async fn put_plugin(&self, plugin: Plugin, bytes: bytes::Bytes) -> Result<(Plugin, bool), StoreError>;
 
     /// The latest version of the plugin called `name`, if any.
     async fn plugin_by_name(&self, name: String) -> Result<Option<Plugin>, StoreError>;

@@ -770,3 +770,46 @@ async fn older_versions_are_compiled_only_when_needed() {
     assert_eq!(history["versions"][0]["status"], "ready", "{history}");
     server.stop().await;
 }
+
+/// Every compile runs in a child process under `policy.compile_memory_mib`: one that
+/// needs more fails that version with the reason, the server goes on serving, and a
+/// higher limit after a restart compiles it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compile_over_its_memory_limit_fails_in_its_child_and_the_server_goes_on() {
+    let data = tempfile::tempdir().unwrap();
+    let mut config = letterbox::Config::new(data.path());
+    // Enough to start the binary, not for Cranelift to compile a 1 MB template.
+    config.policy_limits.compile_memory_bytes = SMALL_COMPILE_LIMIT_MIB << 20;
+    let server = TestServer::start_with(config, data).await;
+    let api = &server.api;
+    let (status, body) = api.upload("template", "tpl", wasm("ab_subject")).await;
+    assert_eq!(status, 201, "{body}");
+    let version = api.compiled("tpl").await;
+    assert_eq!(version["status"], "failed", "{version}");
+    let error = version["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains(&format!("needs more than {SMALL_COMPILE_LIMIT_MIB} MiB"))
+            && error.contains("--compile-memory-mib"),
+        "{version}"
+    );
+    // A letter naming it is refused with that reason; the server answers as before.
+    let newsletter = api.newsletter().await;
+    let (status, body) = api
+        .post(
+            &format!("/v1/newsletters/{newsletter}/letters"),
+            json!({ "subject": "S", "text": "T", "template": "tpl" }),
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert!(detail_of(&body).contains("--compile-memory-mib"), "{body}");
+    assert_eq!(api.get("/healthz").await.0, 200);
+
+    let server = server
+        .restart_with(|config| config.policy_limits.compile_memory_bytes = 1024 << 20)
+        .await;
+    assert_eq!(server.api.compiled("tpl").await["status"], "ready");
+    server.stop().await;
+}
+
+/// ab_subject (1 MB, minijinja inside) compiles at ~70 MiB resident.
+const SMALL_COMPILE_LIMIT_MIB: usize = 64;

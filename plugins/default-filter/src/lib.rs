@@ -2,7 +2,8 @@
 //!
 //! Sends to every recipient the host offers (the host only offers active subscribers),
 //! unless the letter's params carry a segment, in which case only matching recipients
-//! get the letter:
+//! get the letter (the rules are `letterbox-segment`'s, which the host checks letters
+//! with too):
 //!
 //! ```json
 //! {"segment": {"attribute": "plan", "equals": "pro"}}
@@ -30,14 +31,7 @@ thread_local! {
 
 /// The segment of a letter's params, if any, checked for shape.
 fn segment_of(letter: &Letter) -> Result<Option<Value>, String> {
-    let params: Value =
-        serde_json::from_str(&letter.params).map_err(|e| format!("letter params are not JSON: {e}"))?;
-    let Some(segment) = params.get("segment") else {
-        return Ok(None);
-    };
-    // An empty object matches nothing and everything alike: check the shape now.
-    matches(segment, &Value::Object(Default::default()))?;
-    Ok(Some(segment.clone()))
+    letterbox_segment::segment_of(&letter.params)
 }
 
 impl Guest for DefaultFilter {
@@ -67,7 +61,7 @@ impl Guest for DefaultFilter {
                     };
                     let attributes: Value = serde_json::from_str(&recipient.attributes)
                         .map_err(|e| format!("recipient attributes are not JSON: {e}"))?;
-                    if matches(segment, &attributes)? {
+                    if letterbox_segment::matches(segment, &attributes)? {
                         Ok(Decision::Send)
                     } else {
                         Ok(Decision::Skip("not in segment".to_string()))
@@ -76,28 +70,6 @@ impl Guest for DefaultFilter {
                 .collect()
         })
     }
-}
-
-/// Whether `attributes` fall inside `segment`. Errors name what is wrong with the segment,
-/// so an author sees it in the recipient's failure reason (and in a preview).
-fn matches(segment: &Value, attributes: &Value) -> Result<bool, String> {
-    let name = segment
-        .get("attribute")
-        .and_then(Value::as_str)
-        .ok_or("segment needs an \"attribute\" string")?;
-    let value = attributes.get(name);
-    if let Some(expected) = segment.get("equals") {
-        return Ok(value == Some(expected));
-    }
-    if let Some(options) = segment.get("in") {
-        let options = options.as_array().ok_or("segment \"in\" must be an array")?;
-        return Ok(value.is_some_and(|v| options.contains(v)));
-    }
-    if let Some(exists) = segment.get("exists") {
-        let exists = exists.as_bool().ok_or("segment \"exists\" must be a boolean")?;
-        return Ok(value.is_some_and(|v| !v.is_null()) == exists);
-    }
-    Err("segment needs one of \"equals\", \"in\" or \"exists\"".to_string())
 }
 
 export!(DefaultFilter);

@@ -7,7 +7,6 @@
 use std::collections::BTreeMap;
 
 use axum::Router;
-use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -18,6 +17,7 @@ use serde_json::{Value, json};
 use super::auth::{Form, HeaderChecked, Session};
 use super::{FlashQuery, PageError, Path, Query, form_problems, page, see_other};
 use crate::domain::PluginKind;
+use crate::http::error::UploadBody;
 use crate::http::{ApiError, AppState, plugins};
 
 /// At most this many letters are read to find which ones name a policy: a listing
@@ -172,14 +172,14 @@ async fn upload(
     State(state): State<AppState>,
     _checked: HeaderChecked,
     Query(query): Query<UploadQuery>,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+    body: Result<UploadBody, ApiError>,
 ) -> Response {
     let Some(kind) = PluginKind::parse(&query.kind) else {
         return ApiError::field("kind", format!("{:?} is not a policy kind", query.kind)).into_response();
     };
     let body = match body {
-        Ok(body) => body,
-        Err(e) => return ApiError::from(e).into_response(),
+        Ok(UploadBody(body)) => body,
+        Err(e) => return e.into_response(),
     };
     match plugins::store(&state, &query.name, kind, body).await {
         Ok(answer) => answer.into_response(),

@@ -60,7 +60,7 @@ async fn lock_name(tx: &impl GenericClient, name: &str) -> Result<(), StoreError
 
 #[async_trait::async_trait]
 impl Plugins for PgStore {
-    async fn put_plugin(&self, plugin: Plugin, bytes: Vec<u8>) -> Result<(Plugin, bool), StoreError> {
+    async fn put_plugin(&self, plugin: Plugin, bytes: bytes::Bytes) -> Result<(Plugin, bool), StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         lock_name(&tx, &plugin.name).await?;
@@ -101,7 +101,7 @@ impl Plugins for PgStore {
                     &plugin.name,
                     &sql_int(plugin.size),
                     &sql_int(plugin.created_at),
-                    &bytes,
+                    &&bytes[..],
                 ],
             )
             .await?;

@@ -32,7 +32,7 @@ impl Plugins for RedbStore {
     /// Stores a plugin and makes it the latest version of its name. Storing bytes that
     /// are already the name's latest version is idempotent. Returns the plugin and
     /// whether these bytes were new to the store.
-    async fn put_plugin(&self, plugin: Plugin, bytes: Vec<u8>) -> Result<(Plugin, bool), StoreError> {
+    async fn put_plugin(&self, plugin: Plugin, bytes: bytes::Bytes) -> Result<(Plugin, bool), StoreError> {
         self.write(move |txn| {
             let mut metas = txn.open_table(PLUGINS)?;
             let mut names = txn.open_table(PLUGIN_NAMES)?;
@@ -90,7 +90,7 @@ impl Plugins for RedbStore {
                 None => {
                     metas.insert(plugin.id.as_str(), encode(&plugin).as_slice())?;
                     txn.open_table(PLUGIN_BLOBS)?
-                        .insert(plugin.id.as_str(), bytes.as_slice())?;
+                        .insert(plugin.id.as_str(), &bytes[..])?;
                     Ok((plugin, true))
                 }
             }

@@ -5,22 +5,22 @@ use super::*;
 
 async fn plugins_keep_versions_kinds_and_bytes(store: Store) {
     let (p1, new) = store
-        .put_plugin(plugin("aa", "seg", PluginKind::Filter), b"one".to_vec())
+        .put_plugin(plugin("aa", "seg", PluginKind::Filter), b"one".to_vec().into())
         .await
         .unwrap();
     assert!(new);
     let (_, new) = store
-        .put_plugin(plugin("aa", "seg", PluginKind::Filter), b"one".to_vec())
+        .put_plugin(plugin("aa", "seg", PluginKind::Filter), b"one".to_vec().into())
         .await
         .unwrap();
     assert!(!new, "the same bytes again");
     store
-        .put_plugin(plugin("bb", "seg", PluginKind::Filter), b"two".to_vec())
+        .put_plugin(plugin("bb", "seg", PluginKind::Filter), b"two".to_vec().into())
         .await
         .unwrap();
     // The same bytes under a second name share them.
     let (shared, new) = store
-        .put_plugin(plugin("aa", "alias", PluginKind::Filter), b"one".to_vec())
+        .put_plugin(plugin("aa", "alias", PluginKind::Filter), b"one".to_vec().into())
         .await
         .unwrap();
     assert!(!new);
@@ -29,12 +29,15 @@ async fn plugins_keep_versions_kinds_and_bytes(store: Store) {
         ("alias", p1.created_at)
     );
     let err = store
-        .put_plugin(plugin("cc", "seg", PluginKind::Template), b"three".to_vec())
+        .put_plugin(
+            plugin("cc", "seg", PluginKind::Template),
+            b"three".to_vec().into(),
+        )
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Conflict(_)), "a name keeps its kind");
     let err = store
-        .put_plugin(plugin("aa", "tpl", PluginKind::Template), b"one".to_vec())
+        .put_plugin(plugin("aa", "tpl", PluginKind::Template), b"one".to_vec().into())
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Conflict(_)), "bytes keep their kind");
@@ -88,7 +91,7 @@ async fn plugins_keep_versions_kinds_and_bytes(store: Store) {
     ));
     // Re-uploading starts the history again.
     store
-        .put_plugin(plugin("bb", "seg", PluginKind::Filter), b"two".to_vec())
+        .put_plugin(plugin("bb", "seg", PluginKind::Filter), b"two".to_vec().into())
         .await
         .unwrap();
     let (_, versions) = store.plugin_versions("seg".into()).await.unwrap().unwrap();
@@ -97,7 +100,10 @@ async fn plugins_keep_versions_kinds_and_bytes(store: Store) {
 
 async fn a_plugin_in_use_by_an_unfinished_job_cannot_be_deleted(store: Store) {
     store
-        .put_plugin(plugin("aa", "default-filter", PluginKind::Filter), b"f".to_vec())
+        .put_plugin(
+            plugin("aa", "default-filter", PluginKind::Filter),
+            b"f".to_vec().into(),
+        )
         .await
         .unwrap();
     let (_, job) = job_with(&store, 1).await;

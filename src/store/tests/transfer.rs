@@ -51,15 +51,18 @@ async fn transfer_copies_everything_ids_and_all(store: Store) {
     };
     let letter = store.create_letter(letter).await.unwrap();
     store
-        .put_plugin(plugin("aa", "seg", PluginKind::Filter), b"one".to_vec())
+        .put_plugin(plugin("aa", "seg", PluginKind::Filter), b"one".to_vec().into())
         .await
         .unwrap();
     store
-        .put_plugin(plugin("bb", "seg", PluginKind::Filter), b"two".to_vec())
+        .put_plugin(plugin("bb", "seg", PluginKind::Filter), b"two".to_vec().into())
         .await
         .unwrap();
     store
-        .put_plugin(plugin("cc", "tpl", PluginKind::Template), b"three".to_vec())
+        .put_plugin(
+            plugin("cc", "tpl", PluginKind::Template),
+            b"three".to_vec().into(),
+        )
         .await
         .unwrap();
     let claimed = ids(&store.claim(NODE, job.id, 5, now_ms()).await.unwrap());

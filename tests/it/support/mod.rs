@@ -82,6 +82,10 @@ impl TestServer {
     /// Starts with `config`; its API token is `TEST_TOKEN` unless it names one.
     pub async fn start_with(mut config: letterbox::Config, data: tempfile::TempDir) -> TestServer {
         config.api_token.get_or_insert_with(|| TEST_TOKEN.to_string());
+        // Policies compile as the binary compiles them: in its child process.
+        config
+            .policy_compiler
+            .get_or_insert_with(|| env!("CARGO_BIN_EXE_letterbox").into());
         if config.database_url.is_none() {
             config.database_url = test_database().await;
             // What a killed node held comes back after its lease: keep tests quick.

@@ -89,6 +89,12 @@ pub(super) struct Backoff {
     next: Duration,
 }
 
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff::new()
+    }
+}
+
 impl Backoff {
     const FIRST: Duration = Duration::from_millis(250);
     const MAX: Duration = Duration::from_secs(2);

@@ -85,6 +85,22 @@ pub(super) struct Report {
     pub(super) retry_at_ms: Option<u64>,
 }
 
+/// What a job's send loop keeps between its turns (`Runner::send_all`).
+#[derive(Default)]
+struct Sending {
+    /// The delivery tasks, and for each its subscriber and the node it was claimed under.
+    running: JoinSet<Result<Report, StoreError>>,
+    in_flight: HashMap<tokio::task::Id, (u64, String)>,
+    /// The last claim came back short: nothing is pending until a retry falls due or
+    /// someone requeues recipients.
+    dry: bool,
+    next_retry: Option<u64>,
+    /// The store failed a claim: claim again after a pause, meanwhile letting what is
+    /// in flight finish and be recorded.
+    store_backoff: Backoff,
+    claim_after: Option<tokio::time::Instant>,
+}
+
 impl Runner {
     fn stopping(&self, control: &mut watch::Receiver<Control>) -> bool {
         *control.borrow_and_update() != Control::Run || self.inner.shutdown.is_cancelled()
@@ -314,23 +330,51 @@ impl Runner {
         }
     }
 
-    /// Runs the job until it has nothing left to do or is told to stop.
+    /// Runs the job until it has nothing left to do or is told to stop: its start time,
+    /// a job slot, the tasks it sends with, its recipients' snapshot, then the sending.
     async fn drive(
         &self,
         job_id: u64,
         control: &mut watch::Receiver<Control>,
         meter: &Arc<std::sync::Mutex<RateMeter>>,
     ) -> Result<JobEnd, RunnerError> {
-        let inner = &self.inner;
-        let store = &inner.store;
-        let mut job = store.job(job_id).await?;
+        let mut job = self.inner.store.job(job_id).await?;
         if self.stopping(control) || !job.state.is_unfinished() {
             return Ok(JobEnd::Stopped);
         }
-        // Nothing of this job is in flight here now: a claim this node still holds was
-        // left by a supervisor that stopped on a store error. Give it back.
+        self.release_stale_claims(&job).await?;
+        if job.state == JobState::Scheduled {
+            let Some(queued) = self.wait_for_send_at(job, control).await? else {
+                return Ok(JobEnd::Stopped);
+            };
+            job = queued;
+        }
+        let Some(running) = self.take_slot(job, control).await? else {
+            return Ok(JobEnd::Stopped);
+        };
+        job = running;
+        let ctx = self.start_job_tasks(&job).await?;
+        if !job.prepared {
+            let Some(prepared) = self.snapshot(job, control).await? else {
+                return Ok(JobEnd::Stopped);
+            };
+            job = prepared;
+        }
+        if job.state != JobState::Running {
+            return Ok(JobEnd::Stopped);
+        }
+        self.send_all(&job, ctx, control, meter).await
+    }
+
+    /// Nothing of this job is in flight here now: a claim this node still holds was
+    /// left by a supervisor that stopped on a store error. Give it back.
+    async fn release_stale_claims(&self, job: &Job) -> Result<(), RunnerError> {
         if job.counts.sending > 0 {
-            let released = store.release_claims(&inner.node.id(), job_id).await?;
+            let released = self
+                .inner
+                .store
+                .release_claims(&self.inner.node.id(), job.id)
+                .await?;
             if released > 0 {
                 tracing::warn!(
                     released,
@@ -338,46 +382,62 @@ impl Runner {
                 );
             }
         }
+        Ok(())
+    }
 
-        if job.state == JobState::Scheduled {
-            let at_ms = job.send_at.unwrap_or(0).saturating_mul(1000);
-            let wait = std::time::Duration::from_millis(at_ms.saturating_sub(now_ms()));
-            tracing::info!(?wait, "job scheduled");
-            if self
-                .until_stopped(control, tokio::time::sleep(wait))
-                .await
-                .is_none()
-            {
-                return Ok(JobEnd::Stopped);
-            }
-            // A name means the latest version at the moment the job starts.
-            let letter = store.letter(job.letter_id).await?;
-            let ((filter, _), (template, _)) = self.resolve_letter(&letter).await?;
-            job = match store
-                .update_job_from(job_id, &[JobState::Scheduled], move |job| {
-                    job.state = JobState::Queued;
-                    job.filter = filter;
-                    job.template = template;
-                })
-                .await
-            {
-                Ok(job) => job,
-                // Another node started it, or someone paused or cancelled it.
-                Err(StoreError::Conflict(_)) => {
-                    let job = store.job(job_id).await?;
-                    if !matches!(job.state, JobState::Queued | JobState::Running) {
-                        return Ok(JobEnd::Stopped);
-                    }
-                    job
-                }
-                Err(e) => return Err(e.into()),
-            };
+    /// Waits for a scheduled job's time, then queues it with the policy versions its
+    /// letter names then. `None`: stopped, or another node or a person moved it on.
+    async fn wait_for_send_at(
+        &self,
+        job: Job,
+        control: &mut watch::Receiver<Control>,
+    ) -> Result<Option<Job>, RunnerError> {
+        let store = &self.inner.store;
+        let job_id = job.id;
+        let at_ms = job.send_at.unwrap_or(0).saturating_mul(1000);
+        let wait = std::time::Duration::from_millis(at_ms.saturating_sub(now_ms()));
+        tracing::info!(?wait, "job scheduled");
+        if self
+            .until_stopped(control, tokio::time::sleep(wait))
+            .await
+            .is_none()
+        {
+            return Ok(None);
         }
+        // A name means the latest version at the moment the job starts.
+        let letter = store.letter(job.letter_id).await?;
+        let ((filter, _), (template, _)) = self.resolve_letter(&letter).await?;
+        match store
+            .update_job_from(job_id, &[JobState::Scheduled], move |job| {
+                job.state = JobState::Queued;
+                job.filter = filter;
+                job.template = template;
+            })
+            .await
+        {
+            Ok(job) => Ok(Some(job)),
+            // Another node started it, or someone paused or cancelled it.
+            Err(StoreError::Conflict(_)) => {
+                let job = store.job(job_id).await?;
+                Ok(matches!(job.state, JobState::Queued | JobState::Running).then_some(job))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
 
-        // A job slot, counted across every node of the store: the job is `running`
-        // while it holds one, until its end is recorded.
+    /// A job slot, counted across every node of the store: the job is `running` while
+    /// it holds one, until its end is recorded. `None`: stopped, or no longer running.
+    async fn take_slot(
+        &self,
+        mut job: Job,
+        control: &mut watch::Receiver<Control>,
+    ) -> Result<Option<Job>, RunnerError> {
+        let inner = &self.inner;
         while job.state == JobState::Queued {
-            let (now, started) = store.start_job(job_id, inner.config.max_running_jobs).await?;
+            let (now, started) = inner
+                .store
+                .start_job(job.id, inner.config.max_running_jobs)
+                .await?;
             job = now;
             if started || job.state != JobState::Queued {
                 break;
@@ -387,13 +447,18 @@ impl Runner {
             let freed =
                 tokio::time::timeout(std::time::Duration::from_millis(500), inner.slot_freed.notified());
             if self.until_stopped(control, freed).await.is_none() {
-                return Ok(JobEnd::Stopped);
+                return Ok(None);
             }
         }
-        if job.state != JobState::Running {
-            return Ok(JobEnd::Stopped);
-        }
+        Ok((job.state == JobState::Running).then_some(job))
+    }
 
+    /// What every delivery of a running job shares: its letter, newsletter, transport
+    /// and policies, and the job's recorder and evaluator tasks, started here.
+    async fn start_job_tasks(&self, job: &Job) -> Result<Arc<JobContext>, RunnerError> {
+        let inner = &self.inner;
+        let store = &inner.store;
+        let job_id = job.id;
         let letter = store.letter(job.letter_id).await?;
         let newsletter = store.newsletter(job.newsletter_id).await?;
         let transport = inner
@@ -435,7 +500,7 @@ impl Runner {
             }
             .in_current_span(),
         );
-        let ctx = Arc::new(JobContext {
+        Ok(Arc::new(JobContext {
             job_id,
             letter_id: job.letter_id,
             recorder: record_tx,
@@ -448,33 +513,51 @@ impl Runner {
             retry: job.retry,
             slots: Arc::new(Semaphore::new(job.concurrency as usize)),
             stop,
-        });
+        }))
+    }
 
-        if !job.prepared {
-            let mut after = 0;
-            loop {
-                if self.stopping(control) {
-                    return Ok(JobEnd::Stopped);
-                }
-                let page = store
-                    .subscribers_after(job.newsletter_id, after, SNAPSHOT_PAGE)
-                    .await?;
-                let Some(last) = page.last() else { break };
-                after = last.id;
-                let recipients = page
-                    .into_iter()
-                    .filter(|s| s.status == SubscriberStatus::Active)
-                    .map(|s| (s.id, s.email))
-                    .collect();
-                store.add_recipients(job_id, recipients).await?;
+    /// The job's recipients: its newsletter's active subscribers when it starts, read a
+    /// page at a time. `None`: stopped meanwhile (a restart snapshots again; adding a
+    /// recipient twice adds it once).
+    async fn snapshot(
+        &self,
+        job: Job,
+        control: &mut watch::Receiver<Control>,
+    ) -> Result<Option<Job>, RunnerError> {
+        let store = &self.inner.store;
+        let mut after = 0;
+        loop {
+            if self.stopping(control) {
+                return Ok(None);
             }
-            job = store.update_job(job_id, |job| job.prepared = true).await?;
-            tracing::info!(recipients = job.counts.total(), "job started");
+            let page = store
+                .subscribers_after(job.newsletter_id, after, SNAPSHOT_PAGE)
+                .await?;
+            let Some(last) = page.last() else { break };
+            after = last.id;
+            let recipients = page
+                .into_iter()
+                .filter(|s| s.status == SubscriberStatus::Active)
+                .map(|s| (s.id, s.email))
+                .collect();
+            store.add_recipients(job.id, recipients).await?;
         }
-        if job.state != JobState::Running {
-            return Ok(JobEnd::Stopped);
-        }
+        let job = store.update_job(job.id, |job| job.prepared = true).await?;
+        tracing::info!(recipients = job.counts.total(), "job started");
+        Ok(Some(job))
+    }
 
+    /// Claims recipients and delivers each in a task of its own, within the job's
+    /// window, until none are left, the job stops or pauses.
+    async fn send_all(
+        &self,
+        job: &Job,
+        ctx: Arc<JobContext>,
+        control: &mut watch::Receiver<Control>,
+        meter: &Arc<std::sync::Mutex<RateMeter>>,
+    ) -> Result<JobEnd, RunnerError> {
+        let inner = &self.inner;
+        let job_id = job.id;
         let concurrency = job.concurrency as usize;
         // Recipients claimed and not yet recorded: at most `concurrency + 2 × CLAIM_BATCH`,
         // refilled a batch at a time. Behind a rate limit, at most two seconds' worth
@@ -486,16 +569,7 @@ impl Runner {
             window = window.min(concurrency.max(two_seconds.ceil() as usize));
         }
         let batch = CLAIM_BATCH.min(window / 2).max(1);
-        let mut running: JoinSet<Result<Report, StoreError>> = JoinSet::new();
-        let mut in_flight: HashMap<tokio::task::Id, (u64, String)> = HashMap::new();
-        // The last claim came back short: nothing is pending until a retry falls due or
-        // someone requeues recipients.
-        let mut dry = false;
-        let mut next_retry: Option<u64> = None;
-        // The store failed a claim: claim again after a pause, meanwhile letting what
-        // is in flight finish and be recorded.
-        let mut store_backoff = Backoff::new();
-        let mut claim_after: Option<tokio::time::Instant> = None;
+        let mut sending = Sending::default();
         loop {
             let pausing = ctx.guard.pausing();
             let stopping = self.stopping(control) || pausing.is_some();
@@ -505,61 +579,13 @@ impl Runner {
             // Claims are made only under a fresh lease (see `fleet`).
             let node = inner.node.id();
             let leased = inner.node.holds(&node);
-            let store_waits = claim_after.is_some_and(|at| tokio::time::Instant::now() < at);
-            if !stopping && !dry && leased && !store_waits && running.len() + batch <= window {
-                let want = window - running.len();
-                // Read before the claim reads the subscribers: see `Store::status_epoch`.
-                let epoch = store.status_epoch();
-                let claimed = match store.claim(&node, job_id, want, now_ms()).await {
-                    Ok(claimed) => claimed,
-                    Err(e) if e.is_unavailable() => {
-                        inner.stalls.stall(job_id, &e);
-                        claim_after = Some(tokio::time::Instant::now() + store_backoff.next());
-                        continue;
-                    }
-                    Err(e) => return Err(e.into()),
-                };
-                if claim_after.take().is_some() {
-                    store_backoff.reset();
-                    inner.stalls.clear(job_id);
-                }
-                if claimed.len() < want {
-                    dry = true;
-                    next_retry = match store.next_retry_at(job_id).await {
-                        Ok(at) => at,
-                        // Look again soon: the claim's own errors stall the job.
-                        Err(e) if e.is_unavailable() => Some(now_ms() + 1000),
-                        Err(e) => return Err(e.into()),
-                    };
-                }
-                // One read for the batch; a failed read leaves each delivery to read its own.
-                let emails = claimed.iter().map(|(d, _)| d.email.clone()).collect();
-                let suppressed: Option<HashMap<String, Suppression>> = match store.suppressed(emails).await {
-                    Ok(list) => Some(list.into_iter().map(|s| (normalise_email(&s.email), s)).collect()),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "could not read the suppression list for a claim");
-                        None
-                    }
-                };
-                for (delivery, subscriber) in claimed {
-                    let subscriber_id = delivery.subscriber_id;
-                    let runner = self.clone();
-                    let ctx = ctx.clone();
-                    let suppression = suppressed
-                        .as_ref()
-                        .map(|list| list.get(&normalise_email(&delivery.email)).cloned());
-                    let claimed = Claimed {
-                        delivery,
-                        subscriber,
-                        suppression,
-                        epoch,
-                        node: node.clone(),
-                    };
-                    let span = tracing::info_span!("delivery", subscriber = subscriber_id);
-                    let handle =
-                        running.spawn(async move { runner.deliver(&ctx, claimed).await }.instrument(span));
-                    in_flight.insert(handle.id(), (subscriber_id, node.clone()));
-                }
+            let store_waits = sending
+                .claim_after
+                .is_some_and(|at| tokio::time::Instant::now() < at);
+            if !stopping && !sending.dry && leased && !store_waits && sending.running.len() + batch <= window
+            {
+                let want = window - sending.running.len();
+                self.claim(&ctx, node, want, &mut sending).await?;
                 // A test's injected crash, with deliveries in flight: the worst moment.
                 inner.config.faults.check(crate::faults::Point::JobSupervisor);
                 continue;
@@ -573,15 +599,16 @@ impl Runner {
                         .stalls
                         .stall(job_id, format!("this node's lease is not renewed: {why}"));
                     // So that the next claim that succeeds clears the stall.
-                    claim_after.get_or_insert_with(tokio::time::Instant::now);
+                    sending.claim_after.get_or_insert_with(tokio::time::Instant::now);
                 }
-                let wait = match claim_after {
+                let wait = match sending.claim_after {
                     Some(at) if store_waits => at.saturating_duration_since(tokio::time::Instant::now()),
                     _ => std::time::Duration::from_millis(100),
                 };
+                let running = &mut sending.running;
                 tokio::select! {
                     Some(joined) = running.join_next_with_id(), if !running.is_empty() => {
-                        self.joined(joined, &mut in_flight, meter, &mut next_retry, job_id).await?;
+                        self.joined(joined, &mut sending.in_flight, meter, &mut sending.next_retry, job_id).await?;
                     }
                     _ = tokio::time::sleep(wait) => {}
                     _ = control.changed() => {}
@@ -589,14 +616,14 @@ impl Runner {
                 }
                 continue;
             }
-            if running.is_empty() {
+            if sending.running.is_empty() {
                 if stopping {
                     return Ok(match pausing {
                         Some(reason) => JobEnd::Paused(reason),
                         None => JobEnd::Stopped,
                     });
                 }
-                let Some(at) = next_retry else {
+                let Some(at) = sending.next_retry else {
                     return Ok(JobEnd::Drained);
                 };
                 let wait = std::time::Duration::from_millis(at.saturating_sub(now_ms()));
@@ -605,28 +632,105 @@ impl Runner {
                     _ = control.changed() => {}
                     _ = inner.shutdown.cancelled() => {}
                 }
-                dry = false;
+                sending.dry = false;
                 continue;
             }
-            let retry_wait = match next_retry {
-                Some(at) if dry => std::time::Duration::from_millis(at.saturating_sub(now_ms())),
+            let retry_wait = match sending.next_retry {
+                Some(at) if sending.dry => std::time::Duration::from_millis(at.saturating_sub(now_ms())),
                 _ => std::time::Duration::MAX,
             };
             let joined = tokio::select! {
-                joined = running.join_next_with_id() => joined,
+                joined = sending.running.join_next_with_id() => joined,
                 // A stop or a nudge (recipients were requeued).
-                _ = control.changed() => { dry = false; continue }
+                _ = control.changed() => { sending.dry = false; continue }
                 _ = inner.shutdown.cancelled(), if !inner.shutdown.is_cancelled() => continue,
                 // Drain timed out: dropping `running` aborts what is left, which stays
                 // `sending` and is sent again at the next start.
                 _ = inner.abandon.cancelled() => return Ok(JobEnd::Stopped),
-                _ = tokio::time::sleep(retry_wait), if retry_wait != std::time::Duration::MAX => { dry = false; continue }
+                _ = tokio::time::sleep(retry_wait), if retry_wait != std::time::Duration::MAX => { sending.dry = false; continue }
             };
             if let Some(joined) = joined {
-                self.joined(joined, &mut in_flight, meter, &mut next_retry, job_id)
-                    .await?;
+                self.joined(
+                    joined,
+                    &mut sending.in_flight,
+                    meter,
+                    &mut sending.next_retry,
+                    job_id,
+                )
+                .await?;
             }
         }
+    }
+
+    /// Claims up to `want` recipients under `node`'s lease, reads their addresses'
+    /// suppressions once, and starts a delivery task for each. A store that is
+    /// unavailable stalls the job and sets when to claim again.
+    async fn claim(
+        &self,
+        ctx: &Arc<JobContext>,
+        node: String,
+        want: usize,
+        sending: &mut Sending,
+    ) -> Result<(), RunnerError> {
+        let inner = &self.inner;
+        let store = &inner.store;
+        let job_id = ctx.job_id;
+        // Read before the claim reads the subscribers: see `Store::status_epoch`.
+        let epoch = store.status_epoch();
+        let claimed = match store.claim(&node, job_id, want, now_ms()).await {
+            Ok(claimed) => claimed,
+            Err(e) if e.is_unavailable() => {
+                inner.stalls.stall(job_id, &e);
+                sending.claim_after = Some(tokio::time::Instant::now() + sending.store_backoff.next());
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if sending.claim_after.take().is_some() {
+            sending.store_backoff.reset();
+            inner.stalls.clear(job_id);
+        }
+        if claimed.len() < want {
+            sending.dry = true;
+            sending.next_retry = match store.next_retry_at(job_id).await {
+                Ok(at) => at,
+                // Look again soon: the claim's own errors stall the job.
+                Err(e) if e.is_unavailable() => Some(now_ms() + 1000),
+                Err(e) => return Err(e.into()),
+            };
+        }
+        // One read for the batch; a failed read leaves each delivery to read its own.
+        let emails = claimed.iter().map(|(d, _)| d.email.clone()).collect();
+        let suppressed: Option<HashMap<String, Suppression>> = match store.suppressed(emails).await {
+            Ok(list) => Some(list.into_iter().map(|s| (normalise_email(&s.email), s)).collect()),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the suppression list for a claim");
+                None
+            }
+        };
+        for (delivery, subscriber) in claimed {
+            let subscriber_id = delivery.subscriber_id;
+            let runner = self.clone();
+            let ctx = ctx.clone();
+            let suppression = suppressed
+                .as_ref()
+                .map(|list| list.get(&normalise_email(&delivery.email)).cloned());
+            let claimed = Claimed {
+                delivery,
+                subscriber,
+                suppression,
+                epoch,
+                node: node.clone(),
+            };
+            let span = tracing::info_span!("delivery", subscriber = subscriber_id);
+            let handle = sending
+                .running
+                .spawn(async move { runner.deliver(&ctx, claimed).await }.instrument(span));
+            sending
+                .in_flight
+                .insert(handle.id(), (subscriber_id, node.clone()));
+        }
+        Ok(())
     }
 
     /// Takes in a finished delivery task.

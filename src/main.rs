@@ -7,6 +7,13 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+/// mimalloc instead of glibc's malloc: a send spends ~20% less CPU (malloc and free were
+/// ~12% of it), at the same peak memory, with its arenas committed as they are used
+/// (.cargo/config.toml). glibc's per-thread arenas held what they freed; capping them
+/// at two cut that, but cost ~17% of the send rate (ARCHITECTURE, "Memory").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(version, about = "Self-hosted newsletter delivery runner")]
 struct Cli {

@@ -60,11 +60,11 @@ impl Compiler {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            // An address-space limit counts what malloc reserves, not what it uses: each
-            // arena reserves 64 MiB or more, and glibc makes one per thread that
-            // contends. Two keep the compile's two busiest threads apart and the
-            // reservation (what the limit sees) close to the memory really used.
-            .env("MALLOC_ARENA_MAX", "2")
+            // An address-space limit counts what the allocator reserves, not what it
+            // uses: mimalloc (the binary's allocator, main.rs) reserves 1 GiB per arena
+            // up front, which the limit would refuse at the first thread. Without
+            // arenas it maps segments as it needs them.
+            .env("MIMALLOC_ARENA_RESERVE", "0")
             .spawn()
             .map_err(|e| engine(format!("cannot start {}: {e}", self.exe.display())))?;
         // Readers first, so a chatty child never blocks on a full pipe while we write.
@@ -147,6 +147,22 @@ fn out_of_memory(status: ExitStatus, stderr: &str) -> bool {
 
 /// The child: `letterbox compile-policy --out FILE --memory-bytes N`. Returns the exit code.
 pub fn child_main(out: &Path, memory_bytes: u64) -> i32 {
+    // A panic says what it was and nothing more. The default hook may print a
+    // backtrace, whose symbols it reads into memory under a lock; out of memory there,
+    // the allocation-failure handler waits for that same lock, and the child would hang
+    // instead of dying (seen: rayon's thread pool failing under the limit).
+    std::panic::set_hook(Box::new(|info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("a panic");
+        let mut stderr = std::io::stderr().lock();
+        let _ = stderr.write_all(b"the compile panicked: ");
+        let _ = stderr.write_all(message.as_bytes());
+        let _ = stderr.write_all(b"\n");
+    }));
     if let Err(e) = limit_address_space(memory_bytes) {
         eprintln!("cannot limit the compile's memory: {e}");
         return 1;

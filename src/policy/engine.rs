@@ -210,9 +210,10 @@ impl PolicyHost {
                 }
             }
         });
-        let fresh = cached.is_none();
-        let component = match (cached, &self.compiler, &cache_file) {
-            (Some(component), _, _) => component,
+        // Whether `component` came from its file (mapped from it) or still has to be
+        // written there.
+        let (mut component, from_file) = match (cached, &self.compiler, &cache_file) {
+            (Some(component), _, _) => (component, true),
             (None, Some(compiler), Some(file)) => {
                 let started = std::time::Instant::now();
                 let report = compiler.compile(bytes, file)?;
@@ -226,23 +227,18 @@ impl PolicyHost {
                 // SAFETY: written by our own binary's compile-policy with this engine's
                 // compilation settings, into our data directory; wasmtime checks the
                 // header (version, target, settings) and refuses a mismatch.
-                return self.finish(
-                    id,
-                    name,
-                    kind,
-                    v2,
-                    memory_bytes,
-                    wit_version,
-                    unsafe { Component::deserialize_file(&self.engine, file) }.map_err(|e| {
-                        PolicyError::Engine(format!("cannot load what the compiling child wrote: {e:#}"))
-                    })?,
-                );
+                let component = unsafe { Component::deserialize_file(&self.engine, file) }.map_err(|e| {
+                    PolicyError::Engine(format!("cannot load what the compiling child wrote: {e:#}"))
+                })?;
+                (component, true)
             }
-            (None, _, _) => Component::new(&self.engine, bytes)
-                .map_err(|e| PolicyError::InvalidComponent(format!("{e:#}")))?,
+            (None, _, _) => {
+                let component = Component::new(&self.engine, bytes)
+                    .map_err(|e| PolicyError::InvalidComponent(format!("{e:#}")))?;
+                (component, false)
+            }
         };
-        let mut component = component;
-        if fresh && let Some(file) = &cache_file {
+        if !from_file && let Some(file) = &cache_file {
             match write_cache(file, &component) {
                 // Used from the file, as after a restart: its code and its memories'
                 // initial images are then mapped from the file (shared, evictable),
@@ -259,21 +255,6 @@ impl PolicyHost {
                 Err(e) => tracing::warn!(file = %file.display(), error = %e, "cannot cache compiled policy"),
             }
         }
-        self.finish(id, name, kind, v2, memory_bytes, wit_version, component)
-    }
-
-    /// Links a compiled component and keeps it as `id`.
-    #[allow(clippy::too_many_arguments)]
-    fn finish(
-        &self,
-        id: &str,
-        name: &str,
-        kind: PluginKind,
-        v2: bool,
-        memory_bytes: usize,
-        wit_version: &'static str,
-        component: Component,
-    ) -> Result<Arc<Policy>, PolicyError> {
         let pre = self.check(&component, kind, v2)?;
         let policy = Arc::new(Policy {
             label: format!("{name}@{}", &id[..id.len().min(12)]),

@@ -27,8 +27,9 @@ const INVALID: i32 = 2;
 /// Longer than any compile seen here (a 41.5 MB component: 5.6 s), short enough that a
 /// stuck child does not hold the node's one compile slot for good.
 const TIMEOUT: Duration = Duration::from_secs(600);
-/// What the server keeps of a child's stderr.
-const MAX_STDERR: u64 = 16 << 10;
+/// What the server keeps of each of a child's pipes (its report on stdout, its reason on
+/// stderr).
+const MAX_PIPE: u64 = 16 << 10;
 
 /// How this process compiles components: in a child, or (without a binary to run, as in
 /// the library's own tests) in process.
@@ -95,12 +96,12 @@ impl Compiler {
     }
 }
 
-/// Reads a child's pipe to its end, keeping the first `MAX_STDERR` bytes.
+/// Reads a child's pipe to its end, keeping the first `MAX_PIPE` bytes.
 fn read_capped(pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
     std::thread::spawn(move || {
         let mut kept = Vec::new();
         let mut pipe = pipe;
-        let _ = pipe.by_ref().take(MAX_STDERR).read_to_end(&mut kept);
+        let _ = pipe.by_ref().take(MAX_PIPE).read_to_end(&mut kept);
         let _ = std::io::copy(&mut pipe, &mut std::io::sink());
         String::from_utf8_lossy(&kept).into_owned()
     })

@@ -168,6 +168,13 @@ def db_counters(url, statements):
         calls = psql(url, "SELECT coalesce(sum(calls), 0) FROM pg_stat_statements "
                           "WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())")
         out["statements"] = int(calls[0][0])
+        # Per statement, to show where the database's time goes (diffed over the send).
+        out["by_statement"] = {
+            row[0]: (int(row[1]), float(row[2]), "|".join(row[3:]))
+            for row in psql(url, "SELECT queryid, calls, total_exec_time, "
+                                 "regexp_replace(left(query, 90), '\\s+', ' ', 'g') FROM pg_stat_statements "
+                                 "WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())")
+        }
     return out
 
 
@@ -284,8 +291,18 @@ def run_letterbox(binary, n, c, sink_port, database=None, nodes=1, statements=Fa
         # The nodes have exited, so their backends have reported their statistics.
         time.sleep(1.0)
         after = db_counters(database, statements)
-        result["db"] = {k: after[k] - db_before[k] for k in after}
+        result["db"] = {k: after[k] - db_before[k] for k in after if k != "by_statement"}
+        if "by_statement" in after:
+            spent = []
+            for qid, (calls, ms, text) in after["by_statement"].items():
+                c0, ms0, _ = db_before["by_statement"].get(qid, (0, 0.0, text))
+                if calls > c0:
+                    spent.append((ms - ms0, calls - c0, text))
+            result["by_statement"] = sorted(spent, reverse=True)
     return result
+
+
+TOP_STATEMENTS = 0
 
 
 def report(label, n, r):
@@ -302,6 +319,8 @@ def report(label, n, r):
                   f"{per['deleted']:.2f} deleted, {per['wal']:.0f} WAL bytes; "
                   f"{r['postgres_cpu'] * 1e6 / n:.0f} us postgres CPU")
         print(line)
+        for ms, calls, text in r.get("by_statement", [])[:TOP_STATEMENTS]:
+            print(f"{'':<24}{ms:9.0f} ms {calls:8d} calls  {text}")
 
 
 def main():
@@ -314,7 +333,11 @@ def main():
     parser.add_argument("--nodes", type=int, default=None, help="letterbox nodes on the database")
     parser.add_argument("--compare", action="store_true",
                         help="redb, PostgreSQL 1 node and N nodes, smtp-source, in one run")
+    parser.add_argument("--statements", type=int, default=0,
+                        help="print the N statements PostgreSQL spent most time on during the send")
     args = parser.parse_args()
+    global TOP_STATEMENTS
+    TOP_STATEMENTS = args.statements
     n, c, binary = args.recipients, args.concurrency, args.binary
     if not os.path.exists(binary):
         sys.exit("build first: cargo build --release")

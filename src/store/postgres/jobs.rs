@@ -559,16 +559,21 @@ impl Jobs for PgStore {
         outcomes: Vec<(u64, Outcome)>,
     ) -> Result<Job, StoreError> {
         let mut client = self.client().await?;
+        let ids: Vec<u64> = outcomes.iter().map(|(id, _)| *id).collect();
         let tx = client.transaction().await?;
         match record_in(&tx, node, job_id, outcomes).await {
-            Ok((job, appended)) => {
+            Ok(Some((job, appended))) => {
                 commit(tx).await?;
                 self.published(&appended);
                 Ok(job)
             }
-            // The rows it locked are released before the refusal is returned, not
+            // The rows it changed are released before the refusal is returned, not
             // whenever the dropped transaction's ROLLBACK reaches the server: a claim
             // right after (another connection, SKIP LOCKED) would pass over them.
+            Ok(None) => {
+                tx.rollback().await?;
+                Err(record_refused(&client, node, job_id, &ids).await)
+            }
             Err(e) => {
                 let _ = tx.rollback().await;
                 Err(e)
@@ -698,90 +703,145 @@ impl Jobs for PgStore {
 
 /// `Jobs::record`'s work inside its transaction: the job as it is after, and the events
 /// appended.
+///
+/// One statement records every outcome, and only where the delivery is still in flight
+/// and claimed by `node` (fencing): no row lock is taken before it, and a record costs two
+/// statements (this and the job's counts), not four. When fewer rows than outcomes
+/// change, the caller rolls back and `record_refused` says why.
 async fn record_in(
     tx: &impl GenericClient,
     node: &str,
     job_id: u64,
     outcomes: Vec<(u64, Outcome)>,
-) -> Result<(Job, Vec<crate::events::Event>), StoreError> {
-    job_basics(tx, job_id).await?;
-    let ids: Vec<i64> = outcomes.iter().map(|(id, _)| sql_int(*id)).collect();
+) -> Result<Option<(Job, Vec<crate::events::Event>)>, StoreError> {
+    let at = now();
+    let n = outcomes.len();
+    let (mut sids, mut states, mut attempted, mut dues, mut details) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let mut delta = Delta::default();
+    let mut reasons = std::collections::HashMap::new();
+    for (sid, outcome) in outcomes {
+        attempted.push(outcome.is_attempt());
+        let new = outcome.into_state(at);
+        delta.moved(StateKind::Sending, new.kind(), 1);
+        sids.push(sql_int(sid));
+        states.push(state_code(new.kind()));
+        dues.push(due_ms(&new));
+        details.push(serde_json::to_value(&new)?);
+        if let DeliveryState::Failed { reason, .. } = new {
+            reasons.insert(sid, reason);
+        }
+    }
+    // An outcome that was not an attempt (the message never left) gives its attempt back.
+    // The fencing test is one expression so that no index can serve it: the rows are
+    // found by their key. Matched on `state` instead, the planner walks the job's range of
+    // `deliveries_by_state` for in-flight rows, where every recipient sent so far has
+    // left a dead entry (measured: 9.5 ms a record at 100k recipients, against 0.5).
     let rows = query(
         tx,
-        "SELECT subscriber_id, state, attempts, claimed_by, email FROM deliveries
-             WHERE job_id = $1 AND subscriber_id = ANY($2) ORDER BY subscriber_id FOR UPDATE",
-        &[&sql_int(job_id), &ids],
+        "UPDATE deliveries d
+            SET state = u.state, due_ms = u.due, detail = u.detail, claimed_by = NULL,
+                attempts = CASE WHEN u.attempted THEN d.attempts ELSE greatest(d.attempts - 1, 0) END
+         FROM unnest($2::bigint[], $3::smallint[], $4::bool[], $5::bigint[], $6::jsonb[])
+              AS u(id, state, attempted, due, detail)
+         WHERE d.job_id = $1 AND d.subscriber_id = u.id AND coalesce(d.state = $7 AND d.claimed_by = $8, false)
+         RETURNING d.subscriber_id, d.email, d.attempts",
+        &[
+            &sql_int(job_id),
+            &sids,
+            &states,
+            &attempted,
+            &dues,
+            &details,
+            &state_code(StateKind::Sending),
+            &node,
+        ],
     )
     .await?;
+    if rows.len() != n {
+        return Ok(None);
+    }
+    let job = apply_counts(tx, job_id, &delta, 0).await?;
+    let failed = rows.iter().filter_map(|row| {
+        let sid = domain_int(row.get(0));
+        let reason = reasons.get(&sid)?;
+        let tries: i32 = row.get(2);
+        Some(delivery_failed(
+            &job,
+            sid,
+            row.get(1),
+            reason,
+            u32::try_from(tries).unwrap_or(0),
+        ))
+    });
+    let appended = events::append(tx, failed).await?;
+    Ok(Some((job, appended)))
+}
+
+/// Why `record_in` changed fewer deliveries than it had outcomes for, read after its
+/// transaction rolled back: the job is gone, a delivery was taken over by another node
+/// (its lease expired), is not in flight, or does not exist.
+async fn record_refused(
+    client: &impl GenericClient,
+    node: &str,
+    job_id: u64,
+    ids: &[u64],
+) -> StoreError {
+    if let Err(e) = job_basics(client, job_id).await {
+        return e;
+    }
+    let sql_ids: Vec<i64> = ids.iter().map(|id| sql_int(*id)).collect();
+    let rows = match query(
+        client,
+        "SELECT subscriber_id, state, claimed_by FROM deliveries
+         WHERE job_id = $1 AND subscriber_id = ANY($2) ORDER BY subscriber_id",
+        &[&sql_int(job_id), &sql_ids],
+    )
+    .await
+    {
+        Ok(rows) => rows,
+        Err(e) => return e,
+    };
     let mut current = std::collections::HashMap::with_capacity(rows.len());
     for row in &rows {
         let sid = domain_int(row.get(0));
         let state: i16 = row.get(1);
         // Fencing: a claim that is no longer this node's was taken over after its
-        // lease expired (put back to pending and claimed again elsewhere). One that
-        // is not in flight at all is a `Conflict` below.
-        if state == state_code(StateKind::Sending) && row.get::<_, Option<&str>>(3) != Some(node) {
-            return Err(StoreError::TakenOver(format!(
+        // lease expired (put back to pending and claimed again elsewhere).
+        if state == state_code(StateKind::Sending) && row.get::<_, Option<&str>>(2) != Some(node) {
+            return StoreError::TakenOver(format!(
                 "delivery {sid} of job {job_id} is no longer claimed by node {node}: its lease expired \
-                     and another node took the recipient over"
-            )));
+                 and another node took the recipient over"
+            ));
         }
-        current.insert(sid, (state, row.get::<_, i32>(2), row.get::<_, String>(4)));
+        current.insert(sid, state);
     }
-    let at = now();
-    let (mut sids, mut states, mut attempts, mut dues, mut details) = (
-        Vec::with_capacity(outcomes.len()),
-        Vec::with_capacity(outcomes.len()),
-        Vec::with_capacity(outcomes.len()),
-        Vec::with_capacity(outcomes.len()),
-        Vec::with_capacity(outcomes.len()),
-    );
-    let mut delta = Delta::default();
-    let mut failed = Vec::new();
-    for (sid, outcome) in outcomes {
-        let Some((state, tries, email)) = current.get(&sid) else {
-            return Err(StoreError::Inconsistent(format!(
-                "job {job_id} has no delivery {sid}"
-            )));
+    let mut seen = std::collections::HashSet::with_capacity(ids.len());
+    for sid in ids {
+        let Some(state) = current.get(sid) else {
+            return StoreError::Inconsistent(format!("job {job_id} has no delivery {sid}"));
         };
-        let (state, tries) = (*state, *tries);
-        if state != state_code(StateKind::Sending) {
-            let kind = StateKind::ALL.into_iter().find(|k| state_code(*k) == state);
-            return Err(StoreError::Conflict(format!(
+        if !seen.insert(*sid) {
+            return StoreError::Conflict(format!(
+                "delivery {sid} of job {job_id} has two outcomes in one record"
+            ));
+        }
+        if *state != state_code(StateKind::Sending) {
+            let kind = StateKind::ALL.into_iter().find(|k| state_code(*k) == *state);
+            return StoreError::Conflict(format!(
                 "delivery {sid} of job {job_id} is not in flight ({})",
                 kind.map_or("unknown", StateKind::as_str)
-            )));
+            ));
         }
-        let tries = if !outcome.is_attempt() {
-            (tries - 1).max(0)
-        } else {
-            tries
-        };
-        let new = outcome.into_state(at);
-        if let DeliveryState::Failed { reason, .. } = &new {
-            failed.push((sid, email.clone(), reason.clone(), tries));
-        }
-        delta.moved(StateKind::Sending, new.kind(), 1);
-        sids.push(sql_int(sid));
-        states.push(state_code(new.kind()));
-        attempts.push(tries);
-        dues.push(due_ms(&new));
-        details.push(serde_json::to_value(&new)?);
     }
-    execute(
-            tx,
-            "UPDATE deliveries d
-                SET state = u.state, attempts = u.attempts, due_ms = u.due, detail = u.detail, claimed_by = NULL
-             FROM unnest($2::bigint[], $3::smallint[], $4::int[], $5::bigint[], $6::jsonb[])
-                  AS u(id, state, attempts, due, detail)
-             WHERE d.job_id = $1 AND d.subscriber_id = u.id",
-            &[&sql_int(job_id), &sids, &states, &attempts, &dues, &details],
-        )
-        .await?;
-    let job = apply_counts(tx, job_id, &delta, 0).await?;
-    let failed = failed.into_iter().map(|(sid, email, reason, tries)| {
-        delivery_failed(&job, sid, &email, &reason, u32::try_from(tries).unwrap_or(0))
-    });
-    let appended = events::append(tx, failed).await?;
-    Ok((job, appended))
+    // Every delivery is in flight and this node's now: it changed between the record
+    // and this reading (released and claimed again by this node). Nothing was written.
+    StoreError::Conflict(format!(
+        "the deliveries of job {job_id} changed while their outcomes were recorded; nothing was recorded"
+    ))
 }

@@ -79,6 +79,8 @@ impl Fleet for PgStore {
         if dead.is_empty() {
             return Ok(Rescued::default());
         }
+        // Their claims become pending behind where this node's claims look next.
+        self.claim_hints.forget_all();
         let pending = serde_json::to_value(DeliveryState::Pending)?;
         let rows = query(
             &tx,

@@ -129,6 +129,8 @@ pub struct PgStore {
     shared_epoch: Arc<AtomicI64>,
     /// The newest event id this node knows committed (see `Events::event_head`).
     event_head: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Where this node's next claim of each job starts looking (`jobs::ClaimHints`).
+    claim_hints: Arc<jobs::ClaimHints>,
 }
 
 impl PgStore {
@@ -166,6 +168,7 @@ impl PgStore {
             status_epoch: Default::default(),
             shared_epoch: Arc::new(AtomicI64::new(-1)),
             event_head: Arc::new(tokio::sync::watch::Sender::new(0)),
+            claim_hints: Default::default(),
         };
         let mut client = store.client().await?;
         schema::migrate(&mut client).await?;

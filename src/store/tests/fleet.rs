@@ -98,6 +98,45 @@ async fn release_claims_returns_a_nodes_own_claims(store: Store) {
     assert_counts_match_index(&store, job.id).await;
 }
 
+/// A node's claims start after the last recipient it claimed (`ClaimHints`), and still
+/// find every pending recipient: rows that became pending behind that point through
+/// another node (which this node cannot know of) are claimed once the rows ahead run
+/// out, and a release made through this node puts its own claims first again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_claims_find_recipients_pending_behind_where_they_look() {
+    let Some(fixture) = postgres().await else { return };
+    let store = fixture.store.clone();
+    let other = Store::open(Location::Postgres(fixture.url.as_deref().unwrap()))
+        .await
+        .unwrap();
+    let (_, job) = job_with(&store, 6).await;
+    let first = ids(&store.claim("n-a", job.id, 2, now_ms()).await.unwrap());
+    let second = ids(&store.claim("n-a", job.id, 2, now_ms()).await.unwrap());
+    assert!(first.iter().max() < second.iter().min(), "{first:?} {second:?}");
+    // Another node's process gives n-a's claims back: four pending behind n-a's hint.
+    assert_eq!(other.release_claims("n-a", job.id).await.unwrap(), 4);
+    let ahead = ids(&store.claim("n-a", job.id, 1, now_ms()).await.unwrap());
+    assert!(ahead[0] > second[1], "{ahead:?} {second:?}");
+    let mut rest = ids(&store.claim("n-a", job.id, 10, now_ms()).await.unwrap());
+    let mut expected: Vec<u64> = (store.deliveries(job.id, None, 0, 10).await.unwrap())
+        .into_iter()
+        .map(|d| d.subscriber_id)
+        .filter(|id| *id != ahead[0])
+        .collect();
+    rest.sort();
+    expected.sort();
+    assert_eq!(
+        rest, expected,
+        "every pending recipient, the ones behind included"
+    );
+    assert_eq!(counts(&store, job.id).await.pending, 0);
+    // A release through this node: the next claim starts from the front.
+    assert_eq!(store.release_claims("n-a", job.id).await.unwrap(), 6);
+    let front = ids(&store.claim("n-a", job.id, 2, now_ms()).await.unwrap());
+    assert_eq!(front, first);
+    assert_counts_match_index(&store, job.id).await;
+}
+
 /// A node frozen (SIGSTOP, a stalled VM) in the middle of a transaction keeps its rows
 /// locked. The rescue of its claims must not wait for them, or the rescuing node's own
 /// heartbeat would stop too: it gives up within about a second, and succeeds once the

@@ -13,6 +13,7 @@
 
 mod automations;
 mod bounces;
+mod deliveries;
 mod events;
 mod fleet;
 mod jobs;
@@ -129,8 +130,8 @@ pub struct PgStore {
     shared_epoch: Arc<AtomicI64>,
     /// The newest event id this node knows committed (see `Events::event_head`).
     event_head: Arc<tokio::sync::watch::Sender<u64>>,
-    /// Where this node's next claim of each job starts looking (`jobs::ClaimHints`).
-    claim_hints: Arc<jobs::ClaimHints>,
+    /// Where this node's next claim of each job starts looking (`deliveries::ClaimHints`).
+    claim_hints: Arc<deliveries::ClaimHints>,
 }
 
 impl PgStore {

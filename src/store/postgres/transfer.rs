@@ -6,7 +6,8 @@
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use super::jobs::{JOB_COLUMNS, delivery, due_ms, job, put_job, state_code};
+use super::deliveries::{delivery, due_ms, state_code};
+use super::jobs::{JOB_COLUMNS, job, put_job};
 use super::lists::{SUBSCRIBER_COLUMNS, newsletter, subscriber};
 use super::plugins::{plugin, version};
 use super::{PgStore, commit, domain_int, events, execute, query, sql_int};

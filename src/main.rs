@@ -71,11 +71,11 @@ struct CompilePolicyArgs {
 }
 
 /// How long mimalloc keeps freed memory before giving it back to the system: 2 ms
-/// instead of its default 1 s (10 s for arena memory), unless `MIMALLOC_PURGE_DELAY`
-/// says otherwise. A send frees and reallocates its messages' memory constantly; with
-/// 1 s, peak RSS over a 300k send was 104-112 MiB, with 1-2 ms 88-92 MiB, at the same
-/// rate within noise (ARCHITECTURE, "Memory"). Unlike the arena's commit policy this
-/// can be set from `main`: it is read each time memory is freed.
+/// instead of its default 1 s, unless `MIMALLOC_PURGE_DELAY` says otherwise. A send
+/// frees and reallocates its messages' memory constantly; with 1 s, peak RSS over a
+/// 300k send was 104-112 MiB, with 2 ms set here 95-97 MiB, at the same rate within
+/// noise (ARCHITECTURE, "Memory"). Unlike the arena's commit policy this can be set
+/// from `main`: it is read each time memory is freed.
 fn shorten_purge_delay() {
     // mimalloc 3's `mi_option_purge_delay`. libmimalloc-sys's named constants follow
     // mimalloc 2's numbering, so the index is checked by its default (1000 ms, no other

@@ -48,7 +48,7 @@ pub(super) async fn job_basics(tx: &impl GenericClient, id: u64) -> Result<JobBa
 /// them.
 ///
 /// Only a place to start, never a promise: rows can become pending again behind it (a
-/// release, retry-failed, another node's claims), so a claim that finds fewer rows than
+/// release, retry-failed, the rescue of a dead node's claims), so a claim that finds fewer rows than
 /// it wants while the job's count says more are pending looks again from the start.
 /// Releases made through this node forget the hints, so those rows go out first.
 #[derive(Default)]
@@ -198,7 +198,7 @@ impl PgStore {
             delta.moved(StateKind::Retrying, StateKind::Sending, rows.len() as i64);
         }
         let hint = self.claim_hints.after(job_id);
-        let (mut from, mut taken) = (hint, 0);
+        let (mut from, mut taken, mut ahead) = (hint, 0, hint);
         loop {
             let room = max - claimed.len();
             if room == 0 || pending == 0 {
@@ -219,7 +219,7 @@ impl PgStore {
             for row in &rows {
                 let d = delivery(job_id, row)?;
                 if from == hint {
-                    self.claim_hints.claimed_up_to(job_id, d.subscriber_id);
+                    ahead = ahead.max(d.subscriber_id);
                 }
                 claimed.push((i64::MAX, d));
             }
@@ -252,6 +252,11 @@ impl PgStore {
         }
         apply_counts(&tx, job_id, &delta, 0).await?;
         commit(tx).await?;
+        // Only once they are claimed: a claim that fails leaves its rows pending, and
+        // they stay in front of where the next one looks.
+        if ahead > hint {
+            self.claim_hints.claimed_up_to(job_id, ahead);
+        }
         Ok(claimed
             .into_iter()
             .map(|(_, d)| {

@@ -151,14 +151,10 @@ pub fn child_main(out: &Path, memory_bytes: u64) -> i32 {
     // A panic says what it was and nothing more. The default hook may print a
     // backtrace, whose symbols it reads into memory under a lock; out of memory there,
     // the allocation-failure handler waits for that same lock, and the child would hang
-    // instead of dying (seen: rayon's thread pool failing under the limit).
+    // instead of dying (seen: rayon's thread pool failing under the limit). Nothing
+    // here allocates.
     std::panic::set_hook(Box::new(|info| {
-        let payload = info.payload();
-        let message = payload
-            .downcast_ref::<&str>()
-            .copied()
-            .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
-            .unwrap_or("a panic");
+        let message = crate::logging::panic_message(info.payload());
         let mut stderr = std::io::stderr().lock();
         let _ = stderr.write_all(b"the compile panicked: ");
         let _ = stderr.write_all(message.as_bytes());

@@ -95,6 +95,11 @@ pub(super) fn state_code(kind: StateKind) -> i16 {
     i16::from(kind.code())
 }
 
+/// The state a `state` column holds; `None` for a code this binary does not know.
+fn state_kind(code: i16) -> Option<StateKind> {
+    StateKind::ALL.into_iter().find(|k| state_code(*k) == code)
+}
+
 /// The retry time a state is indexed under.
 pub(super) fn due_ms(state: &DeliveryState) -> Option<i64> {
     match state {
@@ -144,10 +149,7 @@ pub(super) async fn move_state(
     rows.iter()
         .map(|row| {
             let code: i16 = row.get(0);
-            StateKind::ALL
-                .into_iter()
-                .find(|k| state_code(*k) == code)
-                .ok_or_else(|| StoreError::Inconsistent(format!("unknown delivery state {code}")))
+            state_kind(code).ok_or_else(|| StoreError::Inconsistent(format!("unknown delivery state {code}")))
         })
         .collect()
 }
@@ -422,10 +424,9 @@ async fn record_refused(client: &impl GenericClient, node: &str, job_id: u64, id
             ));
         }
         if *state != state_code(StateKind::Sending) {
-            let kind = StateKind::ALL.into_iter().find(|k| state_code(*k) == *state);
             return StoreError::Conflict(format!(
                 "delivery {sid} of job {job_id} is not in flight ({})",
-                kind.map_or("unknown", StateKind::as_str)
+                state_kind(*state).map_or("unknown", StateKind::as_str)
             ));
         }
     }
